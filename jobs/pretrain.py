@@ -1,0 +1,24 @@
+"""Pretrain a backbone on a source task; its run directory is a valid `model.weights` for jobs.finetune.
+
+    python -m jobs.pretrain --config configs/demo-pretrain.yaml [--set k=v ...] [--resume]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import guarded, load_and_check, parse_args, run_trainer, write_result
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, description=__doc__.splitlines()[0])
+    cfg = load_and_check(args)  # pretrain.method: supervised trains the classifier end to end
+    result = write_result(cfg, run_trainer(cfg))
+    print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']}; "
+          f"fine-tune from it with model.weights={result['best_checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tl_core.config import METRIC_NAMES, RunConfig, from_dict, load_config, with_overrides
+from tl_core.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+MINIMAL = {"experiment": "exp", "data": {"root": "data/x"}}
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_document_their_launch_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "python -m jobs." in first, first
+    load_config(path)
+
+
+def test_configs_directory_is_not_empty():
+    assert len(CONFIGS) >= 2
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    cfg = load_config(path, ["optim.lr=0.5", "train.early_stopping.patience=3", "model.weights=null", "scaling.use_gpu=true"])
+    assert cfg.optim.lr == 0.5
+    assert cfg.train.early_stopping.patience == 3
+    assert cfg.model.weights is None and cfg.scaling.use_gpu is True
+    assert cfg.storage.root == "./runs" and cfg.model.backbone == "resnet18"
+
+
+def test_round_trips_through_yaml():
+    cfg = from_dict({**MINIMAL, "optim": {"name": "adamw", "lr": 3e-4}, "train": {"clip_grad_norm": 1.0}})
+    assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_config_is_frozen():
+    cfg = from_dict(MINIMAL)
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_with_overrides_revalidates():
+    cfg = with_overrides(from_dict(MINIMAL), ["experiment=other"])
+    assert cfg.experiment == "other"
+    with pytest.raises(ConfigError, match="optim.lr"):
+        with_overrides(cfg, ["optim.lr=-1"])
+
+
+def test_endpoint_credentials_never_reach_the_saved_config():
+    cfg = from_dict({**MINIMAL, "storage": {"endpoint_url": "http://AKIAKEY:s3cr3t@127.0.0.1:9000"}})
+    text = cfg.to_yaml()
+    assert "s3cr3t" not in text and "AKIAKEY" not in text and "127.0.0.1:9000" in text
+
+
+BAD = [
+    ({"optim": {"lrr": 0.1}}, "optim.lrr: unknown key; allowed: name, lr"),
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
+    ({"optim": {"lr": -0.1}}, "optim.lr: Input should be greater than 0"),
+    ({"optim": {"lr": 0}}, "optim.lr: Input should be greater than 0"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+    ({"model": {"backbone": "resnet9000"}}, "model.backbone: unknown backbone 'resnet9000'; allowed: resnet18"),
+    ({"optim": {"name": "lion"}}, "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad' or 'rmsprop'"),
+    ({"optim": {"scheduler": "poly"}}, "optim.scheduler: Input should be 'constant', 'step', 'cosine' or 'onecycle'"),
+    ({"model": {"strategy": "lora"}}, "model.strategy: Input should be 'full', 'linear_probe' or 'gradual_unfreeze'"),
+    ({"checkpoint": {"metric": "val/auc"}}, "checkpoint.metric: unknown metric 'val/auc'"),
+    ({"train": {"early_stopping": {"metric": "acc"}}}, "train.early_stopping.metric: unknown metric"),
+    ({"experiment": "../escape"}, "experiment: String should match pattern"),
+    ({"data": {}}, "data.root: required key is missing"),
+    ({"optim": {"nesterov": True, "name": "adam"}}, "nesterov: needs name: sgd"),
+]
+
+
+@pytest.mark.parametrize("patch,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_values_name_the_field(patch, message):
+    raw = {**MINIMAL, **patch}
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, source="run.yaml")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "experiment: x\ndata:\n  root: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: not valid YAML at line \d+"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["optim.lr"])
+    with pytest.raises(ConfigError, match="experiment is a value, not a section"):
+        load_config(path, ["experiment.name=3"])
+
+
+def test_metric_names_cover_what_the_loop_reports():
+    assert {"val/acc", "val/f1", "train/loss", "epoch"} <= set(METRIC_NAMES)
+    assert RunConfig.model_fields.keys() >= {"data", "model", "optim", "train", "scaling", "checkpoint", "storage"}

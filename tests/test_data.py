@@ -1,0 +1,106 @@
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from helpers import make_image_folder
+from tl_core.config import DataConfig
+from tl_core.data import ShardSampler, build_loaders, build_transforms, index_image_folder, stratified_split
+from tl_core.errors import DataError
+from tl_core.models import IMAGENET_MEAN, IMAGENET_STD
+
+
+def cfg(root, **kw) -> DataConfig:
+    return DataConfig(root=str(root), image_size=16, loader_workers=0, **kw)
+
+
+def test_class_folders_get_a_stratified_seeded_split(image_folder):
+    index = index_image_folder(cfg(image_folder, val_fraction=0.25), seed=0)
+    assert index.classes == ["class_0", "class_1", "class_2"]
+    assert Counter(label for _, label in index.val) == {0: 3, 1: 3, 2: 3}
+    assert Counter(label for _, label in index.train) == {0: 9, 1: 9, 2: 9}
+    assert not set(index.train) & set(index.val)
+    again = index_image_folder(cfg(image_folder, val_fraction=0.25), seed=0)
+    other = index_image_folder(cfg(image_folder, val_fraction=0.25), seed=1)
+    assert again.val == index.val and other.val != index.val
+
+
+def test_train_and_val_folders_are_used_as_given(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_classes=2, per_class=8, layout="split")
+    index = index_image_folder(cfg(root), seed=0)
+    assert len(index.val) == 4 and len(index.train) == 12
+    assert all("/val/" in path for path, _ in index.val)
+
+
+def test_unreadable_images_are_skipped_and_counted(image_folder, caplog):
+    (image_folder / "class_0" / "broken.png").write_bytes(b"not an image at all")
+    good = (image_folder / "class_1" / "000.png").read_bytes()
+    (image_folder / "class_1" / "truncated.png").write_bytes(good[: len(good) // 2])
+    index = index_image_folder(cfg(image_folder), seed=0)
+    assert sorted(p.rsplit("/", 1)[1] for p in index.unreadable) == ["broken.png", "truncated.png"]
+    assert len(index.train) + len(index.val) == 36
+    assert "skipped 2 unreadable" in caplog.text
+
+
+def test_exact_duplicates_are_dropped_even_across_classes(image_folder):
+    shutil.copy(image_folder / "class_0" / "000.png", image_folder / "class_0" / "copy.png")
+    shutil.copy(image_folder / "class_0" / "001.png", image_folder / "class_2" / "mislabelled_copy.png")
+    index = index_image_folder(cfg(image_folder), seed=0)
+    assert index.duplicates == 2
+    assert len(index.train) + len(index.val) == 36
+    assert "dropped 2 duplicates" in index.summary()
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda root: shutil.rmtree(root), "data.root: directory .* does not exist"),
+    (lambda root: [shutil.rmtree(root / "class_1"), shutil.rmtree(root / "class_2")], "found 1 class folder"),
+    (lambda root: [p.unlink() for p in (root / "class_2").iterdir()], "no readable images: class_2"),
+    (lambda root: [p.write_bytes(b"junk") for p in (root / "class_1").iterdir()], "no readable images: class_1"),
+])
+def test_unusable_datasets_are_user_errors(image_folder, setup, message):
+    setup(image_folder)
+    with pytest.raises(DataError, match=message):
+        index_image_folder(cfg(image_folder), seed=0)
+
+
+def test_val_classes_must_exist_in_train(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_classes=2, per_class=8, layout="split")
+    shutil.copytree(root / "val" / "class_0", root / "val" / "class_9")
+    with pytest.raises(DataError, match="val/ has class folders not in train/: class_9"):
+        index_image_folder(cfg(root), seed=0)
+
+
+def test_split_keeps_one_of_each_class_for_training():
+    samples = [("a0", 0), ("a1", 0), ("b0", 1)]
+    train, val = stratified_split(samples, 0.9, seed=0)
+    assert Counter(l for _, l in train) == {0: 1, 1: 1} and val in ([("a0", 0)], [("a1", 0)])
+
+
+def test_transforms_normalise_and_augment_only_for_training(image_folder):
+    from PIL import Image
+
+    img = Image.open(image_folder / "class_0" / "000.png").convert("RGB")
+    evaluate = build_transforms(24, IMAGENET_MEAN, IMAGENET_STD, train=False, augment=True, hflip=True)
+    train = build_transforms(24, IMAGENET_MEAN, IMAGENET_STD, train=True, augment=True, hflip=True)
+    a, b = evaluate(img), evaluate(img)
+    assert a.shape == (3, 24, 24) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert a.min() < 0  # normalised, not in [0, 1]
+    torch.manual_seed(0)
+    assert any(not torch.equal(train(img), a) for _ in range(5))
+
+
+def test_loaders_shard_validation_exactly_once(image_folder):
+    index = index_image_folder(cfg(image_folder, val_fraction=0.3), seed=0)
+    seen = []
+    for rank in range(2):
+        loaders = build_loaders(index, cfg(image_folder), batch_size=4, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0,
+                                rank=rank, world_size=2)
+        seen += list(loaders.val.sampler)
+        images, labels = next(iter(loaders.train))
+        assert images.shape[1:] == (3, 16, 16)
+    assert sorted(seen) == list(range(len(index.val)))
+
+
+def test_shard_sampler_is_uneven_without_padding():
+    assert [list(ShardSampler(5, r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]

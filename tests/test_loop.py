@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from tl_core.checkpoint import LocalReporter, load_checkpoint
+from tl_core.config import EarlyStoppingConfig, from_dict
+from tl_core.loop import EarlyStopping, fit
+
+METRICS = {"epoch", "train/loss", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "lr"}
+
+
+def config(root, **sections):
+    base = {
+        "experiment": "unit",
+        "data": {"root": str(root), "image_size": 16, "loader_workers": 0, "val_fraction": 0.25},
+        "model": {"backbone": "resnet18"},
+        "optim": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": 4, "batch_size": 8},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return from_dict(base)
+
+
+def test_fit_learns_and_checkpoints_every_epoch(image_folder, tmp_path):
+    reporter = LocalReporter(tmp_path / "run")
+    history = fit(config(image_folder, train={"epochs": 5}), reporter)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert METRICS <= set(history[-1])
+    assert max(h["val/acc"] for h in history) > 0.5  # 3 classes: chance is 1/3
+    assert len(reporter.checkpoints) == 5
+    ckpt = load_checkpoint(reporter.latest)
+    assert ckpt.meta["classes"] == ["class_0", "class_1", "class_2"]
+    assert len(ckpt.meta["confusion_matrix"]) == 3 and len(ckpt.meta["per_class"]["f1"]) == 3
+    assert not any(k.startswith("module.") for k in ckpt.model_state)
+
+
+def test_early_stopping_rule():
+    stopper = EarlyStopping(EarlyStoppingConfig(metric="val/loss", mode="min", patience=2, min_delta=0.01))
+    assert [stopper.step(v) for v in (1.0, 0.5, 0.495, 0.6, 0.4, 0.45, 0.41)] == [False, False, False, True, False, False, True]
+    never = EarlyStopping(EarlyStoppingConfig())
+    assert not any(never.step(0.0) for _ in range(10))
+
+
+def test_early_stopping_ends_the_run_and_a_resume_does_not_restart_it(image_folder, tmp_path):
+    cfg = config(image_folder, optim={"lr": 1e-9}, train={"epochs": 8, "early_stopping": {"metric": "val/loss", "mode": "min", "patience": 1, "min_delta": 1.0}})
+    reporter = LocalReporter(tmp_path / "run")
+    history = fit(cfg, reporter)
+    assert len(history) == 2
+    assert fit(cfg, LocalReporter(tmp_path / "again"), resume_from=reporter.latest) == []
+
+
+def test_gradient_accumulation_takes_fewer_optimizer_steps(image_folder, tmp_path):
+    reporter = LocalReporter(tmp_path / "run")
+    fit(config(image_folder, train={"epochs": 1, "batch_size": 4, "grad_accum": 3}), reporter)
+    batches = math.ceil(27 / 4)
+    assert load_checkpoint(reporter.latest).train_state["global_step"] == math.ceil(batches / 3)
+
+
+@pytest.mark.parametrize("options", [
+    {"train": {"amp": "bf16", "label_smoothing": 0.1, "clip_grad_norm": 1.0}},
+    {"optim": {"name": "adamw", "lr": 1e-3, "l1": 1e-5, "scheduler": "onecycle"}},
+    {"model": {"strategy": "linear_probe", "dropout": 0.3, "head_init": "xavier"}},
+])
+def test_training_options_run(image_folder, tmp_path, options):
+    history = fit(config(image_folder, train={"epochs": 1, **options.get("train", {})},
+                         **{k: v for k, v in options.items() if k != "train"}), LocalReporter(tmp_path / "run"))
+    assert math.isfinite(history[0]["train/loss"]) and math.isfinite(history[0]["val/loss"])
+
+
+def test_resume_mid_gradual_unfreeze_matches_an_unbroken_run(image_folder, tmp_path):
+    """Stop after 2 of 4 epochs, resume: same frozen state, param groups, LR per epoch, and weights."""
+    cfg = config(image_folder, model={"strategy": "gradual_unfreeze", "unfreeze_every": 1},
+                 optim={"name": "sgd", "lr": 0.05, "scheduler": "cosine", "warmup_epochs": 1})
+    full = LocalReporter(tmp_path / "full")
+    unbroken = fit(cfg, full)
+
+    first = LocalReporter(tmp_path / "first")
+    with pytest.raises(_Interrupted):
+        fit(cfg, _StopAfter(first, 2))
+    second = LocalReporter(tmp_path / "second")
+    resumed = fit(cfg, second, resume_from=first.checkpoints[1])
+
+    assert [h["epoch"] for h in resumed] == [3, 4]
+    assert [h["lr"] for h in resumed] == pytest.approx([h["lr"] for h in unbroken[2:]])
+    assert [h["val/loss"] for h in resumed] == pytest.approx([h["val/loss"] for h in unbroken[2:]], rel=1e-4)
+    a, b = load_checkpoint(full.latest), load_checkpoint(second.latest)
+    assert all(torch.allclose(a.model_state[k].float(), b.model_state[k].float(), atol=1e-5) for k in a.model_state)
+    groups_a = [(g["lr"], g["weight_decay"], len(g["params"])) for g in a.train_state["optimizer"]["param_groups"]]
+    groups_b = [(g["lr"], g["weight_decay"], len(g["params"])) for g in b.train_state["optimizer"]["param_groups"]]
+    assert groups_a == groups_b
+    # the frozen/unfrozen state at the resumed epoch: momentum exists only for parameters that were trained
+    assert sorted(a.train_state["optimizer"]["state"]) == sorted(b.train_state["optimizer"]["state"])
+
+
+class _StopAfter:
+    """Reporter that interrupts the run after `n` epochs, like a killed job."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def __call__(self, metrics, checkpoint_dir):
+        self.inner(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.n:
+            raise _Interrupted
+
+
+class _Interrupted(Exception):
+    pass

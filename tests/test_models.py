@@ -1,0 +1,158 @@
+import logging
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tl_core.config import ModelConfig
+from tl_core.errors import ConfigError
+from tl_core.models import (BACKBONES, ClassifierHead, apply_strategy, backbone_blocks, build_model, find_head,
+                            normalization, set_train_mode)
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_builds_with_a_new_head(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=name, dropout=0.1), CLASSES, image_size=32).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3)
+    head_name, head = find_head(model)
+    assert isinstance(head, ClassifierHead) and head.dropout.p == 0.1
+    blocks = backbone_blocks(model)
+    ids = [id(p) for block in blocks for p in block]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(head_name + ".")]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in backbone}  # each backbone parameter once
+    assert len(blocks) >= 3
+    assert len(normalization(name)[0]) == 3
+
+
+def test_issue_backbones_are_registered():
+    assert {"resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16"} <= set(BACKBONES)
+
+
+def test_vit_needs_a_patch_multiple():
+    with pytest.raises(ConfigError, match="data.image_size: vision transformers need a multiple of 16"):
+        build_model(ModelConfig(backbone="vit_b_16"), CLASSES, image_size=40)
+
+
+@pytest.mark.parametrize("method", ["xavier", "kaiming"])
+def test_head_init(method):
+    torch.manual_seed(0)
+    head = find_head(build_model(ModelConfig(head_init=method), ["x"] * 100, image_size=32))[1]
+    assert torch.count_nonzero(head.linear.bias) == 0
+    fan_in, fan_out = 512, 100
+    expected_std = (2 / (fan_in + fan_out)) ** 0.5 if method == "xavier" else (2 / fan_in) ** 0.5
+    assert head.linear.weight.std().item() == pytest.approx(expected_std, rel=0.1)
+
+
+def save_source(tmp_path, num_classes: int, backbone=torchvision.models.resnet18, name="source.pt"):
+    torch.manual_seed(1)
+    source = backbone(num_classes=num_classes)
+    path = tmp_path / name
+    torch.save(source.state_dict(), path)
+    return path, source
+
+
+def test_source_with_another_head_loads_backbone_and_reinitialises_head(tmp_path, caplog):
+    path, source = save_source(tmp_path, num_classes=10)
+    caplog.set_level(logging.INFO, logger="tl_core")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights=str(path)), CLASSES, image_size=32)
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert torch.equal(model.bn1.running_var, source.bn1.running_var)
+    assert model.fc.linear.weight.shape == (3, 512)
+    assert "head re-initialised (skipped fc.linear.weight (10, 512), fc.linear.bias (10,))" in caplog.text
+
+
+def test_source_with_the_same_head_keeps_it(tmp_path):
+    path, source = save_source(tmp_path, num_classes=3)
+    model = build_model(ModelConfig(weights=str(path)), CLASSES, image_size=32)
+    assert torch.equal(model.fc.linear.weight, source.fc.weight)
+
+
+def test_other_shape_mismatch_names_the_key(tmp_path):
+    path, source = save_source(tmp_path, num_classes=3)
+    state = source.state_dict()
+    state["layer2.0.conv1.weight"] = torch.zeros(7, 64, 3, 3)
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"layer2.0.conv1.weight has shape \(7, 64, 3, 3\), model expects \(128, 64, 3, 3\)"):
+        build_model(ModelConfig(weights=str(path)), CLASSES, image_size=32)
+
+
+def test_weights_of_another_backbone_are_rejected(tmp_path):
+    path, _ = save_source(tmp_path, num_classes=3, backbone=torchvision.models.resnet50)
+    with pytest.raises(ConfigError, match=f"model.weights: {path} does not match the backbone"):
+        build_model(ModelConfig(backbone="resnet18", weights=str(path)), CLASSES, image_size=32)
+
+
+def test_weights_that_are_not_a_state_dict(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ConfigError, match="is not a PyTorch state dict"):
+        build_model(ModelConfig(weights=str(bad)), CLASSES, image_size=32)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), CLASSES, image_size=32)
+
+
+def test_torchvision_weights_come_only_from_the_local_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ConfigError, match="ResNet18_Weights.IMAGENET1K_V1 is not in the local torch hub cache"):
+        build_model(ModelConfig(weights="ResNet18_Weights.IMAGENET1K_V1"), CLASSES, image_size=32)
+    with pytest.raises(ConfigError, match="are not weights for resnet18"):
+        build_model(ModelConfig(weights="ResNet50_Weights.IMAGENET1K_V2"), CLASSES, image_size=32)
+    # A file placed where torch.hub would have downloaded it is loaded, with the 1000-class head replaced.
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    _, source = save_source(cache, num_classes=1000, name=url.rsplit("/", 1)[1])
+    model = build_model(ModelConfig(weights="IMAGENET1K_V1"), CLASSES, image_size=32)
+    assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.linear.out_features == 3
+
+
+def backbone_bn_stats(model):
+    return {n: b.clone() for n, b in model.named_buffers() if "running" in n and not n.startswith("fc.")}
+
+
+def test_linear_probe_freezes_backbone_weights_and_batchnorm_statistics():
+    torch.manual_seed(0)
+    cfg = ModelConfig(strategy="linear_probe")
+    model = build_model(cfg, CLASSES, image_size=32)
+    apply_strategy(model, cfg, epoch=0)
+    before = backbone_bn_stats(model)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        set_train_mode(model)
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32) * 3 + 1), torch.randint(0, 3, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = backbone_bn_stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
+    assert changed == {"fc.linear.weight", "fc.linear.bias"}
+
+
+def test_full_training_does_move_batchnorm_statistics():
+    model = build_model(ModelConfig(strategy="full"), CLASSES, image_size=32)
+    apply_strategy(model, ModelConfig(strategy="full"), epoch=0)
+    before = backbone_bn_stats(model)
+    set_train_mode(model)
+    model(torch.randn(4, 3, 32, 32) + 2)
+    assert not torch.equal(before["bn1.running_mean"], model.bn1.running_mean)
+
+
+def test_gradual_unfreeze_opens_one_block_per_stage_from_the_top():
+    cfg = ModelConfig(strategy="gradual_unfreeze", unfreeze_every=2)
+    model = build_model(cfg, CLASSES, image_size=32)
+    blocks = backbone_blocks(model)
+    trainable = lambda: [all(p.requires_grad for p in b) for b in blocks]  # noqa: E731
+    assert apply_strategy(model, cfg, epoch=1) == 0 and not any(trainable())
+    assert all(p.requires_grad for p in model.fc.parameters())
+    assert apply_strategy(model, cfg, epoch=2) == 1 and trainable() == [False] * (len(blocks) - 1) + [True]
+    assert apply_strategy(model, cfg, epoch=5) == 2 and trainable()[-2:] == [True, True]
+    assert apply_strategy(model, cfg, epoch=100) == len(blocks) and all(trainable())

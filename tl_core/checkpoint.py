@@ -1,0 +1,119 @@
+"""The checkpoint directory format: model.pt, train_state.pt and meta.json (with the .pt files' sha256).
+
+A checkpoint is written under a temporary name and renamed into place, and meta.json is written last,
+so a directory either verifies completely or is rejected; loading never executes pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from tl_core.errors import CheckpointError
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+RESULT_FILE = "result.json"  # written by jobs next to a run; names its best checkpoint
+
+
+@dataclass
+class Checkpoint:
+    model_state: dict[str, torch.Tensor]
+    train_state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict, meta: dict) -> Path:
+    """Write a complete checkpoint at `directory` (which must not exist yet), atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        torch.save(model_state, tmp / MODEL_FILE)
+        torch.save(train_state, tmp / STATE_FILE)
+        full_meta = {
+            **meta,
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()},
+            "sha256": {MODEL_FILE: sha256(tmp / MODEL_FILE), STATE_FILE: sha256(tmp / STATE_FILE)},
+        }
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint; CheckpointError naming the file if anything is missing or altered."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is missing (incomplete checkpoint)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = meta["sha256"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is unreadable") from None
+    for name in (MODEL_FILE, STATE_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {name} is missing")
+        if sha256(path) != expected.get(name):
+            raise CheckpointError(f"checkpoint {directory}: {name} fails its sha256 check (corrupt or partial)")
+    return meta
+
+
+def load_model_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, meta) of a verified checkpoint, without its training state."""
+    meta = verify_checkpoint(directory)
+    return torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True), meta
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    meta = verify_checkpoint(directory)
+    directory = Path(directory)
+    return Checkpoint(
+        model_state=torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True),
+        train_state=torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True),
+        meta=meta,
+    )
+
+
+class LocalReporter:
+    """A reporter for runs without Ray: keeps every epoch's metrics and copies checkpoints under `root`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.history: list[dict[str, float]] = []
+        self.checkpoints: list[Path] = []
+
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self.history.append(dict(metrics))
+        if checkpoint_dir is not None:
+            target = self.root / f"checkpoint_{int(metrics['epoch']):06d}"
+            shutil.copytree(checkpoint_dir, target)
+            self.checkpoints.append(target)
+
+    @property
+    def latest(self) -> Path | None:
+        return self.checkpoints[-1] if self.checkpoints else None

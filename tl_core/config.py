@@ -1,0 +1,248 @@
+"""The run config: one typed, validated, frozen object loaded from YAML plus `--set a.b=c` overrides.
+
+Every job turns its YAML file into a `RunConfig` here and passes it one way, down into the core.
+Validation errors become one `ConfigError` line that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tl_core.errors import ConfigError
+
+#: Every metric the loop reports; anything that monitors a metric must name one of these.
+METRIC_NAMES = ("train/loss", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "epoch")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_metric(name: str) -> str:
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}; allowed: {', '.join(METRIC_NAMES)}")
+    return name
+
+
+MetricName = Annotated[str, AfterValidator(_check_metric)]
+
+
+class DataConfig(_Section):
+    root: str
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: int = Field(224, ge=8, le=1024)
+    augment: bool = True
+    hflip: bool = True  # part of `augment`; off for data where mirroring changes the label (digits, text)
+    loader_workers: int = Field(2, ge=0, le=64)
+
+
+class ModelConfig(_Section):
+    backbone: str = "resnet18"
+    weights: Optional[str] = None
+    strategy: Literal["full", "linear_probe", "gradual_unfreeze"] = "full"
+    unfreeze_every: int = Field(2, ge=1)
+    backbone_lr_mult: float = Field(1.0, ge=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    head_init: Literal["default", "xavier", "kaiming"] = "default"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from tl_core.models import backbone_names  # torchvision import only when a config is validated
+
+        names = backbone_names()
+        if name not in names:
+            raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(names)}")
+        return name
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1.0e-4, ge=0.0)
+    l1: float = Field(0.0, ge=0.0)
+    scheduler: Literal["constant", "step", "cosine", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    step_size: int = Field(10, ge=1)  # epochs between decays, `step` only
+    gamma: float = Field(0.1, gt=0.0, le=1.0)  # decay factor, `step` only
+    min_lr_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # floor of `cosine`/`onecycle`, as a fraction of lr
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0.0):
+            raise ValueError("nesterov: needs name: sgd and momentum > 0")
+        return self
+
+
+class EarlyStoppingConfig(_Section):
+    metric: MetricName = "val/acc"
+    mode: Literal["max", "min"] = "max"
+    patience: Optional[int] = Field(None, ge=1)  # epochs without improvement; null = never stop early
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    grad_accum: int = Field(1, ge=1)
+    clip_grad_norm: Optional[float] = Field(None, gt=0.0)
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    seed: int = 0
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    max_failures: int = Field(0, ge=-1)  # -1 = retry forever
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _non_negative(cls, resources: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in resources.items() if v < 0]
+        if bad:
+            raise ValueError(f"resource amounts must be >= 0 (got {bad[0]}={resources[bad[0]]})")
+        return resources
+
+
+class CheckpointConfig(_Section):
+    keep: Optional[int] = Field(2, ge=1)  # null keeps every checkpoint
+    metric: MetricName = "val/acc"
+    mode: Literal["max", "min"] = "max"
+
+
+class StorageConfig(_Section):
+    root: str = "./runs"
+    endpoint_url: Optional[str] = None
+
+
+class PretrainConfig(_Section):
+    method: Literal["supervised"] = "supervised"
+
+
+class RunConfig(_Section):
+    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    storage: StorageConfig = StorageConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-safe dict with secrets removed: what is written next to a run."""
+        data = self.model_dump(mode="json")
+        if data["storage"]["endpoint_url"]:
+            data["storage"]["endpoint_url"] = _strip_userinfo(data["storage"]["endpoint_url"])
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config from YAML, apply `a.b=c` overrides, validate."""
+    return from_dict(_read_yaml(path), overrides, source=str(path))
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:
+    data = _apply_overrides(raw, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A new config: `cfg` with `a.b=c` overrides applied and validated again."""
+    return from_dict(cfg.model_dump(mode="json"), overrides)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    data = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=0.01")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML") from None
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first validation error as `field: problem (got value)`."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key{_allowed_keys(err['loc'])}"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{loc}: {msg}{shown}{more}"
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    return "; allowed: " + ", ".join(model.model_fields)

@@ -1,0 +1,215 @@
+"""Image datasets: index an ImageFolder, clean it, split it, and build sharded loaders.
+
+Layouts accepted under `data.root`: `train/` (+ optional `val/`) of class folders, or class
+folders directly (then a stratified, seeded split makes the validation set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from tl_core.config import DataConfig
+from tl_core.errors import DataError
+
+logger = logging.getLogger("tl_core")
+
+Sample = tuple[str, int]  # (file path, class index)
+
+
+@dataclass
+class DatasetIndex:
+    """What the loaders read: cleaned, split samples and the class names they index."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    unreadable: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.classes)} classes, {len(self.train)} train / {len(self.val)} val images; "
+            f"skipped {len(self.unreadable)} unreadable, dropped {self.duplicates} duplicates"
+        )
+
+
+def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
+    """Scan, clean (unreadable skipped, duplicates by content hash dropped) and split `cfg.root`."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: directory {cfg.root} does not exist")
+    train_dir = root / "train"
+    has_split = train_dir.is_dir()
+    classes = _class_folders(train_dir if has_split else root)
+    if len(classes) < 2:
+        raise DataError(f"data.root: found {len(classes)} class folder(s) in {train_dir if has_split else root}; need at least 2")
+
+    train_files = _list_files(train_dir if has_split else root, classes)
+    val_files: list[Sample] = []
+    if has_split and (root / "val").is_dir():
+        extra = sorted(set(_class_folders(root / "val")) - set(classes))
+        if extra:
+            raise DataError(f"data.root: val/ has class folders not in train/: {', '.join(extra)}")
+        val_files = _list_files(root / "val", classes)
+
+    kept, unreadable, duplicates = _clean(train_files + val_files)
+    train = [s for s in kept[: len(train_files)] if s is not None]
+    val = [s for s in kept[len(train_files):] if s is not None]
+
+    counts = Counter(label for _, label in train + val)
+    empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+    if empty:
+        raise DataError(f"data.root: class folder(s) with no readable images: {', '.join(empty)}")
+    if not val_files:
+        train, val = stratified_split(train, cfg.val_fraction, seed)
+    if not val:
+        raise DataError(f"data.root: too few images for a validation split (val_fraction={cfg.val_fraction})")
+    index = DatasetIndex(classes, train, val, unreadable, duplicates)
+    if unreadable:
+        logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
+    return index
+
+
+def _class_folders(directory: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def _list_files(directory: Path, classes: Sequence[str]) -> list[Sample]:
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = directory / name
+        if not class_dir.is_dir():
+            continue
+        for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
+            for fname in sorted(files):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, fname), label))
+    return samples
+
+
+def _clean(samples: list[Sample]) -> tuple[list[Sample | None], list[str], int]:
+    """Same order as `samples`, with None where a file is unreadable or repeats an earlier file."""
+
+    def inspect(path: str) -> str | None:
+        try:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # a full decode: truncated files fail here, not in the middle of training
+        except Exception:  # noqa: BLE001 - any decoder failure means "unreadable"
+            return None
+        return hashlib.sha256(data).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+        digests = list(pool.map(inspect, [path for path, _ in samples]))
+    seen: set[str] = set()
+    kept: list[Sample | None] = []
+    unreadable: list[str] = []
+    duplicates = 0
+    for sample, digest in zip(samples, digests):
+        if digest is None:
+            unreadable.append(sample[0])
+            kept.append(None)
+        elif digest in seen:
+            duplicates += 1
+            kept.append(None)
+        else:
+            seen.add(digest)
+            kept.append(sample)
+    return kept, unreadable, duplicates
+
+
+def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per class, a seeded shuffle then `val_fraction` (at least 1 when a class has 2+ images) to val."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        n_val = min(max(round(len(items) * val_fraction), 1), len(items) - 1) if len(items) > 1 else 0
+        val += items[:n_val]
+        train += items[n_val:]
+    return train, val
+
+
+def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool, augment: bool, hflip: bool) -> v2.Compose:
+    """Resize and normalise with the backbone's statistics; random crops (and flips) for training only."""
+    if train and augment:
+        geometry = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True)]
+        if hflip:
+            geometry.append(v2.RandomHorizontalFlip())
+    else:
+        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+class ImageListDataset(Dataset):
+    def __init__(self, samples: list[Sample], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+        return self.transform(image), label
+
+
+class ShardSampler(Sampler[int]):
+    """Every `world_size`-th index from `rank`, no padding: each sample is evaluated exactly once."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: DistributedSampler
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Make the shuffle and the loader workers' augmentation a function of (seed, epoch)."""
+        self.train_sampler.set_epoch(epoch)
+        self.train.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean, std, seed: int,
+                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Loaders:
+    """Train loader sharded like DistributedSampler (padded, shuffled); val loader sharded without padding."""
+    train_set = ImageListDataset(index.train, build_transforms(cfg.image_size, mean, std, train=True, augment=cfg.augment, hflip=cfg.hflip))
+    val_set = ImageListDataset(index.val, build_transforms(cfg.image_size, mean, std, train=False, augment=False, hflip=False))
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    # A final batch of one image breaks BatchNorm in training mode; drop it only in that case.
+    drop_last = len(sampler) % batch_size == 1 and len(sampler) > 1
+    common = dict(num_workers=cfg.loader_workers, pin_memory=pin_memory)
+    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                       generator=torch.Generator().manual_seed(seed), **common)
+    val = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world_size), **common)
+    return Loaders(train, val, sampler)

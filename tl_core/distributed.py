@@ -1,0 +1,58 @@
+"""The few places the core touches torch.distributed. The caller sets up the process group."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger("tl_core")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def log_rank0(msg: str, *args) -> None:
+    if is_main_process():
+        logger.info(msg, *args)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (a no-op in a single process)."""
+    if is_distributed():
+        # gloo has no all-reduce for int64 on every build path we care about; doubles are exact to 2**53.
+        work = tensor.double()
+        dist.all_reduce(work)
+        tensor.copy_(work)
+    return tensor
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the parameters that currently require grad; the bare model in a single process.
+
+    DDP fixes its set of synchronised parameters at construction, so callers wrap again whenever
+    they change which parameters are trainable (gradual unfreezing).
+    """
+    if not is_distributed():
+        return model
+    device_ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

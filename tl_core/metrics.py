@@ -1,0 +1,54 @@
+"""Classification metrics from a confusion matrix, summed over DDP ranks before they are computed."""
+
+from __future__ import annotations
+
+import torch
+
+from tl_core.distributed import all_reduce_sum
+
+
+class ClassificationMeter:
+    """Accumulates loss, top-5 hits and the confusion matrix (rows: true class, columns: predicted)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.totals = torch.zeros(2, dtype=torch.float64)  # [sum of per-sample loss, top-5 hits]
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float) -> None:
+        logits, labels = logits.detach().float().cpu(), labels.cpu()
+        preds = logits.argmax(dim=1)
+        self.confusion += torch.bincount(labels * self.num_classes + preds, minlength=self.num_classes ** 2).view(
+            self.num_classes, self.num_classes)
+        k = min(5, self.num_classes)
+        hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+        self.totals += torch.tensor([float(loss_sum), float(hits)], dtype=torch.float64)
+
+    def reduce(self) -> "ClassificationMeter":
+        """Sum over all ranks: the exact metrics of the whole dataset, however unevenly it was sharded."""
+        all_reduce_sum(self.confusion)
+        all_reduce_sum(self.totals)
+        return self
+
+    def compute(self) -> dict:
+        cm = self.confusion.double()
+        count = cm.sum()
+        tp = cm.diag()
+        precision = torch.where(cm.sum(0) > 0, tp / cm.sum(0).clamp(min=1), torch.zeros_like(tp))
+        recall = torch.where(cm.sum(1) > 0, tp / cm.sum(1).clamp(min=1), torch.zeros_like(tp))
+        denom = precision + recall
+        f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+        n = max(count.item(), 1.0)
+        return {
+            "loss": self.totals[0].item() / n,
+            "acc": tp.sum().item() / n,
+            "acc5": self.totals[1].item() / n,
+            "precision": precision.mean().item(),
+            "recall": recall.mean().item(),
+            "f1": f1.mean().item(),
+            "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                          "support": cm.sum(1).long().tolist()},
+            "confusion_matrix": self.confusion.tolist(),
+            "count": int(count.item()),
+        }

@@ -1,0 +1,113 @@
+"""Optimiser and LR-schedule factories, parameter groups, and the L1 penalty."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from tl_core.config import OptimConfig
+from tl_core.models import find_head
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
+    """Four groups: (backbone | head) x (decay | no decay). Norm weights and biases (ndim <= 1) get no
+    weight decay; the backbone's LR is `lr * backbone_lr_mult` (discriminative LR).
+
+    Frozen parameters are included too: freezing changes over a run (gradual unfreezing) but the groups,
+    and so the optimiser state that a resume restores, do not.
+    """
+    head_name, _ = find_head(model)
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        part = "head" if name.startswith(head_name + ".") else "backbone"
+        decay = "decay" if param.ndim > 1 else "no_decay"
+        key = f"{part}/{decay}"
+        if key not in groups:
+            groups[key] = {
+                "name": key,
+                "params": [],
+                "lr": lr * (backbone_lr_mult if part == "backbone" else 1.0),
+                "weight_decay": weight_decay if decay == "decay" else 0.0,
+            }
+        groups[key]["params"].append(param)
+    return [groups[k] for k in ("backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay") if k in groups]
+
+
+def _sgd(groups, *, lr, momentum, nesterov, betas, weight_decay):
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def _adam(groups, *, lr, momentum, nesterov, betas, weight_decay):
+    return torch.optim.Adam(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def _adamw(groups, *, lr, momentum, nesterov, betas, weight_decay):
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def _adagrad(groups, *, lr, momentum, nesterov, betas, weight_decay):
+    return torch.optim.Adagrad(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _rmsprop(groups, *, lr, momentum, nesterov, betas, weight_decay):
+    return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adamw,
+    "adagrad": _adagrad,
+    "rmsprop": _rmsprop,
+}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: float = 1.0) -> Optimizer:
+    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult)
+    return OPTIMIZERS[cfg.name](groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
+              step_size: int = 10, gamma: float = 0.1, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at optimiser step `step` (0-based): linear warmup, then the schedule."""
+    if schedule == "onecycle":
+        warmup_steps = warmup_steps or max(1, int(0.3 * total_steps))
+        if step < warmup_steps:
+            start = 1.0 / 25.0  # torch's OneCycleLR div_factor
+            return start + (1.0 - start) * step / warmup_steps
+        return _cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** (step // (step_size * steps_per_epoch))
+    if schedule == "cosine":
+        return _cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _cosine(step: int, start: int, total: int, floor: float) -> float:
+    progress = min(1.0, (step - start) / max(1, total - start))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> LambdaLR:
+    """A per-optimiser-step LambdaLR over `lr_factor`; its state is one integer, so resume is exact."""
+    total = steps_per_epoch * epochs
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return LambdaLR(optimizer, lambda step: lr_factor(
+        step, schedule=cfg.scheduler, total_steps=total, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
+        step_size=cfg.step_size, gamma=cfg.gamma, min_lr_ratio=cfg.min_lr_ratio))
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of |w| over trainable weight matrices and kernels (the parameters that get weight decay)."""
+    terms = [p.abs().sum() for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
