@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -55,14 +56,19 @@ def experiment_dir(cfg: RunConfig) -> Path:
 def load_and_check(args: argparse.Namespace) -> RunConfig:
     """The config, with everything a user can get wrong checked before Ray or storage is touched."""
     cfg = load_config(args.config, args.overrides)
+    check_run(cfg, resume=args.resume)
+    return cfg
+
+
+def check_run(cfg: RunConfig, resume: bool) -> None:
+    """Experiment name, data and source weights, checked before anything is written."""
     exp = experiment_dir(cfg)
-    if args.resume and not exp.is_dir():
+    if resume and not exp.is_dir():
         raise ConfigError(f"--resume: there is no experiment {cfg.experiment} under {cfg.storage.root}")
-    if not args.resume and exp.exists():
+    if not resume and exp.exists():
         raise ConfigError(f"experiment: {exp} already exists; pass --resume to continue it or choose another experiment name")
     index = index_image_folder(cfg.data, seed=cfg.train.seed)
     build_model(cfg.model, index.classes, cfg.data.image_size)  # unknown or mismatched weights fail here
-    return cfg
 
 
 def connect_ray() -> None:
@@ -111,7 +117,7 @@ def train_worker(loop_config: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+        ray.train.report({**metrics, "timestamp": time.time()}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
 
     fit(cfg, report, resume_from=resume, device=ray.train.torch.get_device())
 

@@ -108,3 +108,43 @@ class _StopAfter:
 
 class _Interrupted(Exception):
     pass
+
+
+
+def _ddp_rank(rank, world_size, init_file, data_root, out):
+    """One rank of a 2-process gloo run: records its model's digest each time the loop evaluates."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    import tl_core.loop as loop
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    digests, evaluate = [], loop.evaluate
+
+    def evaluate_and_record(model, *args, **kwargs):
+        digest = hashlib.sha256()
+        for value in model.state_dict().values():  # parameters and rank 0's BatchNorm statistics
+            digest.update(value.detach().cpu().numpy().tobytes())
+        digests.append(digest.hexdigest())
+        return evaluate(model, *args, **kwargs)
+
+    loop.evaluate = evaluate_and_record
+    cfg = config(data_root, model={"strategy": "gradual_unfreeze", "unfreeze_every": 1}, train={"epochs": 3})
+    history = loop.fit(cfg, lambda metrics, checkpoint_dir: None)
+    out[rank] = {"digests": digests, "history": history}
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_stay_identical_through_gradual_unfreezing(image_folder, tmp_path):
+    """DDP is rebuilt when a block unfreezes; if it were not, the new block's gradients would not be
+    averaged and the ranks' weights would drift apart."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(image_folder), out), nprocs=2, join=True)
+    assert len(out[0]["digests"]) == 3
+    assert out[0]["digests"] == out[1]["digests"]
+    drop_time = lambda history: [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]  # noqa: E731
+    assert drop_time(out[0]["history"]) == drop_time(out[1]["history"])  # metrics are reduced over both shards

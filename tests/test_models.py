@@ -146,6 +146,15 @@ def test_full_training_does_move_batchnorm_statistics():
     assert not torch.equal(before["bn1.running_mean"], model.bn1.running_mean)
 
 
+def test_freeze_bn_stats_keeps_every_batchnorm_in_eval_mode():
+    model = build_model(ModelConfig(freeze_bn_stats=True), CLASSES, image_size=32)
+    set_train_mode(model, freeze_bn_stats=True)
+    before = backbone_bn_stats(model)
+    model(torch.randn(4, 3, 32, 32) + 2)
+    assert all(torch.equal(before[k], v) for k, v in backbone_bn_stats(model).items())
+    assert model.training and model.fc.training
+
+
 def test_gradual_unfreeze_opens_one_block_per_stage_from_the_top():
     cfg = ModelConfig(strategy="gradual_unfreeze", unfreeze_every=2)
     model = build_model(cfg, CLASSES, image_size=32)

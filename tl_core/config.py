@@ -49,6 +49,7 @@ class ModelConfig(_Section):
     unfreeze_every: int = Field(2, ge=1)
     backbone_lr_mult: float = Field(1.0, ge=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze_bn_stats: bool = False  # keep the source model's BatchNorm statistics (helps few-shot fine-tuning)
     head_init: Literal["default", "xavier", "kaiming"] = "default"
 
     @field_validator("backbone")

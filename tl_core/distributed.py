@@ -42,6 +42,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), so that evaluation uses the checkpointed model."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the parameters that currently require grad; the bare model in a single process.
 

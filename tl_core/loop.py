@@ -22,7 +22,7 @@ from torch import nn
 from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tl_core.config import EarlyStoppingConfig, RunConfig, TrainConfig
 from tl_core.data import build_loaders, index_image_folder
-from tl_core.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process, log_rank0, unwrap, wrap_ddp
+from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_main_process, log_rank0, unwrap, wrap_ddp
 from tl_core.metrics import ClassificationMeter
 from tl_core.models import apply_strategy, build_model, normalization, set_train_mode
 from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
@@ -72,9 +72,9 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cri
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion, device: torch.device,
-                    amp_dtype: torch.dtype | None, cfg: TrainConfig, l1: float = 0.0) -> float:
+                    amp_dtype: torch.dtype | None, cfg: TrainConfig, l1: float = 0.0, freeze_bn_stats: bool = False) -> float:
     """One pass over the loader with gradient accumulation and clipping; returns the mean loss over all ranks."""
-    set_train_mode(model)
+    set_train_mode(model, freeze_bn_stats)
     n_batches = len(loader)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-sample loss, samples]
     optimizer.zero_grad(set_to_none=True)
@@ -195,7 +195,8 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
         loaders.set_epoch(epoch, cfg.train.seed)
         started = time.perf_counter()
         train_loss = train_one_epoch(ddp_model, loaders.train, optimizer, scheduler, scaler, criterion, device,
-                                     amp_dtype, cfg.train, l1=cfg.optim.l1)
+                                     amp_dtype, cfg.train, l1=cfg.optim.l1, freeze_bn_stats=cfg.model.freeze_bn_stats)
+        broadcast_buffers(model)
         val = evaluate(model, loaders.val, criterion, device, amp_dtype, len(index.classes))
         metrics = {
             "epoch": epoch + 1,

@@ -264,11 +264,12 @@ def apply_strategy(model: nn.Module, cfg: ModelConfig, epoch: int) -> int:
     return n_trainable
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """`model.train()`, except that BatchNorm layers whose parameters are frozen keep their running statistics."""
+def set_train_mode(model: nn.Module, freeze_bn_stats: bool = False) -> None:
+    """`model.train()`, except that BatchNorm layers keep their running statistics when their parameters
+    are frozen, or everywhere with `freeze_bn_stats`."""
     model.train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
+            if freeze_bn_stats or (params and not any(p.requires_grad for p in params)):
                 module.eval()

@@ -1,0 +1,137 @@
+"""jobs.finetune / jobs.pretrain end to end on the shared local Ray cluster, and their bad-input contract."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from helpers import make_image_folder
+from jobs import finetune, pretrain
+from tl_core.checkpoint import META_FILE, MODEL_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
+
+
+def write_config(tmp_path, data_root, name="run.yaml", **sections) -> Path:
+    cfg = {
+        "experiment": "tiny",
+        "data": {"root": str(data_root), "image_size": 16, "loader_workers": 0, "val_fraction": 0.25},
+        "model": {"backbone": "resnet18"},
+        "optim": {"name": "adam", "lr": 1e-3, "scheduler": "constant"},
+        "train": {"epochs": 2, "batch_size": 8},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"keep": 2, "metric": "val/acc", "mode": "max"},
+        "storage": {"root": str(tmp_path / "runs")},
+    }
+    for key, values in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.integration
+def test_finetune_with_two_ddp_workers_then_resume(ray_cluster, image_folder, tmp_path):
+    config = write_config(tmp_path, image_folder)
+    assert finetune.main(["--config", str(config)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    result = json.loads((run / "result.json").read_text())
+    assert result["epochs_completed"] == 2 and result["classes"] == ["class_0", "class_1", "class_2"]
+    assert result["final_metrics"]["val/acc"] > 0.5  # chance is 1/3
+    assert set(result["config"]) >= {"data", "model", "optim", "train", "scaling", "checkpoint", "storage"}
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_epoch_*"))
+    assert checkpoints == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    best = Path(result["best_checkpoint"])
+    assert sorted(p.name for p in best.iterdir()) == sorted([META_FILE, MODEL_FILE, STATE_FILE])
+    assert verify_checkpoint(best)["metrics"]["val/acc"] == result["best_metric"]["val/acc"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["experiment"] == "tiny"
+
+    # The experiment exists: a plain re-run is refused; --resume continues with epochs 3 and 4 only.
+    assert finetune.main(["--config", str(config)]) == 2
+    assert finetune.main(["--config", str(config), "--resume", "--set", "train.epochs=4"]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["epochs_completed"] == 4
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*"))[-2:] == ["checkpoint_epoch_0003", "checkpoint_epoch_0004"]
+    last = load_checkpoint(run / "checkpoint_epoch_0004")
+    steps_per_epoch = math.ceil(math.ceil(27 / 2) / 8)  # 27 train images over 2 ranks, batch 8
+    assert last.train_state["global_step"] == 4 * steps_per_epoch
+    adam_steps = {int(s["step"]) for s in last.train_state["optimizer"]["state"].values()}
+    assert adam_steps == {4 * steps_per_epoch}  # the optimizer state was restored, not restarted
+
+
+@pytest.mark.integration
+def test_pretrain_run_is_a_source_for_finetune(ray_cluster, tmp_path, caplog):
+    source = make_image_folder(tmp_path / "source", n_classes=2, per_class=8, seed=1)
+    target = make_image_folder(tmp_path / "target", n_classes=3, per_class=8, seed=2)
+    pre = write_config(tmp_path, source, "pre.yaml", experiment="pre", train={"epochs": 1}, scaling={"num_workers": 1})
+    assert pretrain.main(["--config", str(pre)]) == 0
+    ft = write_config(tmp_path, target, "ft.yaml", experiment="ft", train={"epochs": 1}, scaling={"num_workers": 1},
+                      model={"weights": str(tmp_path / "runs" / "pre")})
+    caplog.set_level("INFO", logger="tl_core")
+    assert finetune.main(["--config", str(ft)]) == 0
+    assert "head re-initialised (skipped fc.linear.weight (2, 512), fc.linear.bias (2,))" in caplog.text
+    assert json.loads((tmp_path / "runs" / "ft" / "result.json").read_text())["epochs_completed"] == 1
+
+
+def bad_weights(tmp_path, data_root):
+    path = tmp_path / "resnet34.pt"
+    torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), path)
+    return {"model": {"weights": str(path)}}
+
+
+BAD_INPUTS = {
+    "unknown key": (lambda t, d: {"optim": {"learning_rate": 0.1}}, "optim.learning_rate: unknown key"),
+    "wrong type": (lambda t, d: {"train": {"epochs": "many"}}, "train.epochs: Input should be a valid integer"),
+    "negative lr": (lambda t, d: {"optim": {"lr": -1.0}}, "optim.lr: Input should be greater than 0"),
+    "zero lr": (lambda t, d: {"optim": {"lr": 0.0}}, "optim.lr: Input should be greater than 0"),
+    "batch size 0": (lambda t, d: {"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+    "unknown backbone": (lambda t, d: {"model": {"backbone": "resnet7"}}, "model.backbone: unknown backbone 'resnet7'"),
+    "unknown optimizer": (lambda t, d: {"optim": {"name": "lamb"}}, "optim.name: Input should be"),
+    "unknown scheduler": (lambda t, d: {"optim": {"scheduler": "linear"}}, "optim.scheduler: Input should be"),
+    "unknown strategy": (lambda t, d: {"model": {"strategy": "half"}}, "model.strategy: Input should be"),
+    "missing data": (lambda t, d: {"data": {"root": str(t / "nowhere")}}, "data.root: directory"),
+    "one class": (lambda t, d: {"data": {"root": str(make_image_folder(t / "one", n_classes=1, per_class=4))}}, "found 1 class folder"),
+    "empty class": (lambda t, d: [(d / "class_1" / f.name).unlink() for f in list((d / "class_1").iterdir())] and {},
+                    "no readable images: class_1"),
+    "weights mismatch": (bad_weights, "does not match the backbone"),
+    "missing weights": (lambda t, d: {"model": {"weights": str(t / "gone.pt")}}, "model.weights: "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, image_folder, tmp_path, capsys):
+    make_patch, message = BAD_INPUTS[case]
+    patch = make_patch(tmp_path, image_folder)
+    config = write_config(tmp_path, image_folder, **patch)
+    assert finetune.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unparsable_yaml(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("experiment: x\n  data: [\n")
+    assert finetune.main(["--config", str(config)]) == 2
+    assert "broken.yaml: not valid YAML at line" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_more_workers_than_the_cluster_has_is_an_error_not_a_hang(ray_cluster, image_folder, tmp_path, capsys):
+    config = write_config(tmp_path, image_folder, scaling={"num_workers": 16})
+    assert finetune.main(["--config", str(config)]) == 2
+    assert "scaling.num_workers: 16 workers x 1 CPU need 16 CPU, but the Ray cluster has 2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_exit_status_and_single_line(tmp_path, image_folder):
+    config = write_config(tmp_path, image_folder, optim={"lr": -3})
+    proc = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {config}: optim.lr: Input should be greater than 0 (got -3)"]
