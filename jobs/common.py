@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from tl_core.checkpoint import RESULT_FILE, verify_checkpoint
-from tl_core.config import RunConfig, load_config
+from tl_core.config import RunConfig, load_config, with_overrides
 from tl_core.data import index_image_folder
 from tl_core.errors import CheckpointError, ConfigError, UserError
 from tl_core.models import build_model
-
-logger = logging.getLogger("jobs")
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -30,8 +28,13 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class RunFailed(Exception):
+    """Training started but failed (after Ray's retries); the message is the workers' first error."""
+
+
 def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Turn a user mistake into one line on stderr and exit status 2; bugs still raise."""
+    """Turn a user mistake into one line on stderr and exit status 2, a failed run into one line and
+    exit status 1; bugs still raise."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         setup_logging()
@@ -40,13 +43,32 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except RunFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
 
     wrapper.__doc__ = main.__doc__
     return wrapper
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+def setup_logging(in_worker: bool = False) -> None:
+    """Our own progress lines at INFO on stderr.
+
+    In a Ray worker the root logger already prints at INFO (Ray sets it up), so our loggers stop there
+    instead of printing twice, and Ray Train's line-per-report echo of every metric is turned down.
+    """
+    for name in ("tl_core", "jobs"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        log.propagate = not in_worker
+    if in_worker:
+        from ray.train.v2._internal.execution import context  # its logger is named after its file
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def experiment_dir(cfg: RunConfig) -> Path:
@@ -55,13 +77,13 @@ def experiment_dir(cfg: RunConfig) -> Path:
 
 def load_and_check(args: argparse.Namespace) -> RunConfig:
     """The config, with everything a user can get wrong checked before Ray or storage is touched."""
-    cfg = load_config(args.config, args.overrides)
-    check_run(cfg, resume=args.resume)
-    return cfg
+    return check_run(load_config(args.config, args.overrides), resume=args.resume)
 
 
-def check_run(cfg: RunConfig, resume: bool) -> None:
-    """Experiment name, data and source weights, checked before anything is written."""
+def check_run(cfg: RunConfig, resume: bool) -> RunConfig:
+    """`cfg` with local paths made absolute (workers do not share the driver's working directory), after
+    checking the experiment name, data and source weights, before anything is written."""
+    cfg = with_absolute_paths(cfg)
     exp = experiment_dir(cfg)
     if resume and not exp.is_dir():
         raise ConfigError(f"--resume: there is no experiment {cfg.experiment} under {cfg.storage.root}")
@@ -69,6 +91,15 @@ def check_run(cfg: RunConfig, resume: bool) -> None:
         raise ConfigError(f"experiment: {exp} already exists; pass --resume to continue it or choose another experiment name")
     index = index_image_folder(cfg.data, seed=cfg.train.seed)
     build_model(cfg.model, index.classes, cfg.data.image_size)  # unknown or mismatched weights fail here
+    return cfg
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
+    overrides = [f"data.root={absolute(cfg.data.root)}", f"storage.root={absolute(cfg.storage.root)}"]
+    if cfg.model.weights and Path(cfg.model.weights).expanduser().exists():
+        overrides.append(f"model.weights={absolute(cfg.model.weights)}")
+    return with_overrides(cfg, overrides)
 
 
 def connect_ray() -> None:
@@ -108,7 +139,7 @@ def train_worker(loop_config: dict) -> None:
     from tl_core.config import from_dict
     from tl_core.loop import fit
 
-    setup_logging()
+    setup_logging(in_worker=True)
     cfg = from_dict(loop_config["config"])
     resume = None
     if (latest := ray.train.get_checkpoint()) is not None:
@@ -144,7 +175,19 @@ def run_trainer(cfg: RunConfig):
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RunFailed(f"experiment {cfg.experiment} failed: {_first_error(exc)}; "
+                        f"continue it with --resume once the cause is fixed") from exc
+
+
+def _first_error(exc: Exception) -> str:
+    failures = getattr(exc, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), exc)
+    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 def write_result(cfg: RunConfig, result) -> dict:

@@ -135,3 +135,13 @@ def test_command_line_exit_status_and_single_line(tmp_path, image_folder):
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {config}: optim.lr: Input should be greater than 0 (got -3)"]
+
+
+def test_a_worker_failure_becomes_one_line():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from jobs.common import _first_error
+    from tl_core.errors import DataError
+
+    failure = WorkerGroupError("rank 0 failed", {0: DataError("data.root: directory /x does not exist")})
+    assert _first_error(failure) == "DataError: data.root: directory /x does not exist"

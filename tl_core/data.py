@@ -211,5 +211,6 @@ def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean
     common = dict(num_workers=cfg.loader_workers, pin_memory=pin_memory)
     train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                        generator=torch.Generator().manual_seed(seed), **common)
-    val = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world_size), **common)
+    # No activations are kept for a backward pass in evaluation, so twice the training batch fits.
+    val = DataLoader(val_set, batch_size=max(2 * batch_size, 32), sampler=ShardSampler(len(val_set), rank, world_size), **common)
     return Loaders(train, val, sampler)
