@@ -158,6 +158,7 @@ def run_trainer(cfg: RunConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = with_absolute_paths(cfg)  # workers do not share the driver's working directory
     connect_ray()
     check_capacity(cfg)
     trainer = TorchTrainer(
