@@ -1,5 +1,10 @@
 """The checkpoint directory format: model.pt, train_state.pt and meta.json (with the .pt files' sha256).
 
+model.pt is the unwrapped model's state dict; train_state.pt holds the optimizer, scheduler, grad scaler,
+epoch, global step and early-stopping state (random state needs no saving: the loop derives it from
+(seed, epoch, rank) at every epoch); meta.json holds the config, class names, metrics, per-class metrics,
+the confusion matrix and library versions.
+
 A checkpoint is written under a temporary name and renamed into place, and meta.json is written last,
 so a directory either verifies completely or is rejected; loading never executes pickled code.
 """

@@ -122,23 +122,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 def default_device(use_gpu: bool) -> torch.device:
@@ -161,7 +146,9 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
                             rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
 
     torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
-    model = build_model(cfg.model, index.classes, cfg.data.image_size).to(device)
+    # A resumed run takes every weight from its checkpoint; the source weights need not exist any more.
+    model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"weights": None})
+    model = build_model(model_cfg, index.classes, cfg.data.image_size).to(device)
     optimizer = build_optimizer(model, cfg.optim, backbone_lr_mult=cfg.model.backbone_lr_mult)
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.train.grad_accum)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
@@ -169,7 +156,6 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     stopper = EarlyStopping(cfg.train.early_stopping)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    seed_everything(cfg.train.seed + rank)  # ranks augment differently
     start_epoch = 0
 
     if resume_from is not None:
@@ -179,7 +165,6 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
         scheduler.load_state_dict(ckpt.train_state["scheduler"])
         scaler.load_state_dict(ckpt.train_state["scaler"])
         stopper.load_state_dict(ckpt.train_state["early_stopping"])
-        set_rng_state(ckpt.train_state["rng"])
         start_epoch = ckpt.train_state["epoch"]
         log_rank0("resumed at epoch %d", start_epoch)
         if ckpt.train_state.get("stopped_early"):
@@ -192,6 +177,9 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
         if trainable != n_trainable:  # DDP must be rebuilt whenever the set of trainable parameters changes
             n_trainable, ddp_model = trainable, wrap_ddp(model, device)
             log_rank0("epoch %d: %d backbone block(s) trainable", epoch + 1, trainable)
+        # Random state is a function of (seed, epoch, rank): a resumed run draws exactly what an unbroken
+        # one would, on every rank, and ranks augment differently.
+        seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
         loaders.set_epoch(epoch, cfg.train.seed)
         started = time.perf_counter()
         train_loss = train_one_epoch(ddp_model, loaders.train, optimizer, scheduler, scaler, criterion, device,
@@ -210,7 +198,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
                   "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
         train_state = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "early_stopping": stopper.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
+            "early_stopping": stopper.state_dict(), "epoch": epoch + 1,
             "global_step": scheduler.last_epoch, "stopped_early": stop,
         }
         meta = {"config": cfg.to_dict(), "classes": index.classes, "epoch": epoch + 1, "metrics": metrics,
