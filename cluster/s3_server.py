@@ -90,7 +90,7 @@ def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: f
         "name": "tl-finetune", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     identities.chmod(0o600)
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     command = [weed_binary(), "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-admin.ui=false", f"-s3.config={identities}",
                *(f"-{flag}={port}" for flag, port in ports.items())]

@@ -4,8 +4,15 @@ import pickle
 import pytest
 import torch
 
-from tl_core.checkpoint import (META_FILE, MODEL_FILE, STATE_FILE, LocalReporter, load_checkpoint, save_checkpoint,
-                                verify_checkpoint)
+from tl_core.checkpoint import (
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    LocalReporter,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from tl_core.errors import CheckpointError
 
 

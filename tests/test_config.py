@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from tl_core.config import METRIC_NAMES, RunConfig, from_dict, load_config, with_overrides
 from tl_core.errors import ConfigError
@@ -43,7 +44,7 @@ def test_round_trips_through_yaml():
 
 def test_config_is_frozen():
     cfg = from_dict(MINIMAL)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.optim.lr = 1.0  # type: ignore[misc]
 
 

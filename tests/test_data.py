@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from helpers import make_image_folder
+
 from tl_core.config import DataConfig
 from tl_core.data import ShardSampler, build_loaders, build_transforms, index_image_folder, stratified_split
 from tl_core.errors import DataError
@@ -74,7 +74,7 @@ def test_val_classes_must_exist_in_train(tmp_path):
 def test_split_keeps_one_of_each_class_for_training():
     samples = [("a0", 0), ("a1", 0), ("b0", 1)]
     train, val = stratified_split(samples, 0.9, seed=0)
-    assert Counter(l for _, l in train) == {0: 1, 1: 1} and val in ([("a0", 0)], [("a1", 0)])
+    assert Counter(label for _, label in train) == {0: 1, 1: 1} and val in ([("a0", 0)], [("a1", 0)])
 
 
 def test_transforms_normalise_and_augment_only_for_training(image_folder):

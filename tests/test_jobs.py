@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 import yaml
-
 from helpers import make_image_folder
+
 from jobs import finetune, pretrain
 from tl_core.checkpoint import META_FILE, MODEL_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
 

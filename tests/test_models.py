@@ -7,8 +7,16 @@ from torch import nn
 
 from tl_core.config import ModelConfig
 from tl_core.errors import ConfigError
-from tl_core.models import (BACKBONES, ClassifierHead, apply_strategy, backbone_blocks, build_model, find_head,
-                            normalization, set_train_mode)
+from tl_core.models import (
+    BACKBONES,
+    ClassifierHead,
+    apply_strategy,
+    backbone_blocks,
+    build_model,
+    find_head,
+    normalization,
+    set_train_mode,
+)
 
 CLASSES = ["a", "b", "c"]
 

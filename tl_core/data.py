@@ -120,7 +120,7 @@ def _clean(samples: list[Sample]) -> tuple[list[Sample | None], list[str], int]:
     kept: list[Sample | None] = []
     unreadable: list[str] = []
     duplicates = 0
-    for sample, digest in zip(samples, digests):
+    for sample, digest in zip(samples, digests, strict=True):
         if digest is None:
             unreadable.append(sample[0])
             kept.append(None)

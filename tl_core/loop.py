@@ -22,7 +22,16 @@ from torch import nn
 from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tl_core.config import EarlyStoppingConfig, RunConfig, TrainConfig
 from tl_core.data import build_loaders, index_image_folder
-from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_main_process, log_rank0, unwrap, wrap_ddp
+from tl_core.distributed import (
+    all_reduce_sum,
+    broadcast_buffers,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    log_rank0,
+    unwrap,
+    wrap_ddp,
+)
 from tl_core.metrics import ClassificationMeter
 from tl_core.models import apply_strategy, build_model, normalization, set_train_mode
 from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
