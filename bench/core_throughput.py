@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
 
     def core_epoch(epoch: int) -> int:
-        loaders.set_epoch(epoch, 0)
+        loaders.set_epoch(epoch, augment_seed=epoch)
         train_one_epoch(core_model, loaders.train, optimizer, scheduler, scaler, criterion, device,
                         amp_dtype_for("auto", device), cfg.train)
         return n_images

@@ -194,10 +194,10 @@ class Loaders:
     val: DataLoader
     train_sampler: DistributedSampler
 
-    def set_epoch(self, epoch: int, seed: int) -> None:
-        """Make the shuffle and the loader workers' augmentation a function of (seed, epoch)."""
+    def set_epoch(self, epoch: int, augment_seed: int) -> None:
+        """Shuffle for `epoch` (the same order on every rank) and seed the loader workers' augmentation."""
         self.train_sampler.set_epoch(epoch)
-        self.train.generator.manual_seed(seed * 100_003 + epoch)
+        self.train.generator.manual_seed(augment_seed)
 
 
 def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean, std, seed: int,

@@ -186,10 +186,11 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
         if trainable != n_trainable:  # DDP must be rebuilt whenever the set of trainable parameters changes
             n_trainable, ddp_model = trainable, wrap_ddp(model, device)
             log_rank0("epoch %d: %d backbone block(s) trainable", epoch + 1, trainable)
-        # Random state is a function of (seed, epoch, rank): a resumed run draws exactly what an unbroken
-        # one would, on every rank, and ranks augment differently.
-        seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
-        loaders.set_epoch(epoch, cfg.train.seed)
+        # Random state, in this process and in the loader workers, is a function of (seed, epoch, rank):
+        # a resumed run draws exactly what an unbroken one would, on every rank, and ranks augment differently.
+        seed = epoch_seed(cfg.train.seed, epoch, rank)
+        seed_everything(seed)
+        loaders.set_epoch(epoch, augment_seed=seed)
         started = time.perf_counter()
         train_loss = train_one_epoch(ddp_model, loaders.train, optimizer, scheduler, scaler, criterion, device,
                                      amp_dtype, cfg.train, l1=cfg.optim.l1, freeze_bn_stats=cfg.model.freeze_bn_stats)
