@@ -34,6 +34,7 @@ class S3Server:
     secret_key: str = field(repr=False)
     process: subprocess.Popen = field(repr=False)
     log_path: Path
+    command: list[str] = field(repr=False)
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point boto3, pyarrow and our jobs at this server."""
@@ -55,6 +56,14 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start the stopped server again: same data, ports and credentials."""
+        self.stop()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_until_ready(self, timeout)
 
 
 def weed_binary() -> str:
@@ -80,11 +89,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: float = 90.0) -> S3Server:
-    """Start `weed mini` with authentication on; anonymous requests are refused. Creates `bucket` if given."""
+def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: float = 90.0,
+                    credentials: tuple[str, str] | None = None) -> S3Server:
+    """Start `weed mini` with authentication on; anonymous requests are refused. Creates `bucket` if given.
+    The identity's (access key, secret) are fresh random ones unless `credentials` gives them."""
     directory = Path(directory)
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    access_key, secret_key = "TL" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
+    access_key, secret_key = credentials or ("TL" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24))
     identities = directory / "identities.json"
     identities.write_text(json.dumps({"identities": [{
         "name": "tl-finetune", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
@@ -97,7 +108,7 @@ def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: f
     log_path = directory / "weed.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, process, log_path)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, process, log_path, command)
     try:
         _wait_until_ready(server, timeout)
         if bucket:
@@ -124,8 +135,8 @@ def _wait_until_ready(server: S3Server, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def s3_server(directory: str | Path, bucket: str | None = None) -> Iterator[S3Server]:
-    server = start_s3_server(directory, bucket)
+def s3_server(directory: str | Path, bucket: str | None = None, **kwargs) -> Iterator[S3Server]:
+    server = start_s3_server(directory, bucket, **kwargs)
     try:
         yield server
     finally:

@@ -2,23 +2,34 @@
 
 Credentials come only from the standard AWS chain (environment, profile, instance role); the endpoint
 from `storage.endpoint_url` or `AWS_ENDPOINT_URL`. Nothing here ever logs or stores a key.
+
+Every S3 request made here goes through botocore's standard retry mode: transient errors (connection
+refused, throttling, 5xx) are retried with exponential backoff and jitter, `AWS_MAX_ATTEMPTS` times in all
+(default 6), before the error reaches the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import pyarrow.fs
 
 from tl_core.errors import StorageError
 
+DEFAULT_MAX_ATTEMPTS = 6
+
 
 @dataclass(frozen=True)
 class Location:
-    """A parsed storage root: `bucket` and `path` ("bucket/prefix") for S3, an absolute `path` locally."""
+    """A local directory or an S3 prefix. `path` is what pyarrow takes ("bucket/prefix" for S3, an
+    absolute path locally); `uri` is what users read and configs hold."""
 
     uri: str
     is_s3: bool
@@ -26,36 +37,69 @@ class Location:
     bucket: str | None = None
     endpoint_url: str | None = None
 
+    @property
+    def key(self) -> str:
+        """The S3 key prefix inside the bucket ("" at the bucket's top)."""
+        return self.path.partition("/")[2] if self.is_s3 else self.path
 
-def parse(root: str, endpoint_url: str | None = None) -> Location:
+    def child(self, *parts: str) -> Location:
+        tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        if not tail:
+            return self
+        return Location(f"{self.uri.rstrip('/')}/{tail}", self.is_s3, f"{self.path.rstrip('/')}/{tail}",
+                        self.bucket, self.endpoint_url)
+
+
+def parse(root: str, endpoint_url: str | None = None, field: str = "storage.root") -> Location:
     if root.startswith("s3://"):
         parts = urlsplit(root)
         bucket, prefix = parts.netloc, parts.path.strip("/")
         if len(bucket) < 3:
-            raise StorageError(f"storage.root: {root} names no valid bucket (expected s3://bucket/prefix)")
+            raise StorageError(f"{field}: {root} names no valid bucket (expected s3://bucket/prefix)")
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-        return Location(root, True, f"{bucket}/{prefix}".rstrip("/"), bucket, endpoint)
+        uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        return Location(uri, True, f"{bucket}/{prefix}".rstrip("/"), bucket, endpoint)
     if "://" in root:
-        raise StorageError(f"storage.root: {root} is neither a local path nor s3://bucket/prefix")
-    return Location(root, False, str(Path(root).expanduser().resolve()))
+        raise StorageError(f"{field}: {root} is neither a local path nor s3://bucket/prefix")
+    path = str(Path(root).expanduser().resolve())
+    return Location(path, False, path)
+
+
+def is_uri(value: str | None) -> bool:
+    return bool(value) and "://" in value
 
 
 def filesystem(location: Location) -> pyarrow.fs.FileSystem:
     """The pyarrow filesystem Ray Train writes through (`RunConfig(storage_filesystem=...)`)."""
     if not location.is_s3:
         return pyarrow.fs.LocalFileSystem()
-    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
-    if location.endpoint_url:
-        parts = urlsplit(location.endpoint_url)
+    return _s3_filesystem(location.endpoint_url, _region())
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint_url: str | None, region: str) -> pyarrow.fs.S3FileSystem:
+    kwargs = {"region": region}
+    if endpoint_url:
+        parts = urlsplit(endpoint_url)
         kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
     return pyarrow.fs.S3FileSystem(**kwargs)  # credentials: the default AWS chain
 
 
-def s3_client(location: Location):
-    import boto3
+def _region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
 
+
+def s3_client(location: Location):
+    """A boto3 client with standard-mode retries (exponential backoff with jitter)."""
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    config = Config(retries={"mode": "standard", "total_max_attempts": max(attempts, 1)},
+                    connect_timeout=5, read_timeout=60)
     # A fresh session reads the credential chain now; boto3's default session caches what it found first.
-    return boto3.session.Session().client("s3", endpoint_url=location.endpoint_url)
+    return boto3.session.Session().client("s3", endpoint_url=location.endpoint_url, region_name=_region(),
+                                          config=config)
 
 
 def check_access(location: Location) -> None:
@@ -63,24 +107,122 @@ def check_access(location: Location) -> None:
     or the endpoint cannot be reached. Never names a key."""
     if not location.is_s3:
         return
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-
-    where = location.endpoint_url or "AWS S3"
-    try:
+    with s3_errors(location, "storage.root"):
         # A listing, not HeadBucket: some S3 servers answer HEAD without checking the signature.
         s3_client(location).list_objects_v2(Bucket=location.bucket, MaxKeys=1)
+
+
+@contextlib.contextmanager
+def s3_errors(location: Location, field: str) -> Iterator[None]:
+    """Turn boto3's exceptions into one-line StorageErrors naming `field` and the bucket, never a key."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    where, bucket = location.endpoint_url or "AWS S3", location.bucket
+    try:
+        yield
     except EndpointConnectionError:
-        raise StorageError(f"storage.endpoint_url: cannot reach {where}") from None
+        raise StorageError(f"storage.endpoint_url: cannot reach {where} (for {field} {location.uri})") from None
     except NoCredentialsError:
-        raise StorageError("storage.root: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                           "a profile, or an instance role)") from None
+        raise StorageError(f"{field}: no AWS credentials found for {location.uri} (set AWS_ACCESS_KEY_ID/"
+                           "AWS_SECRET_ACCESS_KEY, a profile, or an instance role)") from None
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(f"storage.root: bucket {location.bucket} does not exist at {where}") from None
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and not location.key):
+            raise StorageError(f"{field}: bucket {bucket} does not exist at {where}") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
-            raise StorageError(f"storage.root: {where} refused the credentials for bucket {location.bucket} "
+            raise StorageError(f"{field}: {where} refused the credentials for bucket {bucket} "
                                "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
-        raise StorageError(f"storage.root: {where} answered {code} for bucket {location.bucket}") from None
+        raise StorageError(f"{field}: {where} answered {code} for {location.uri}") from None
     except BotoCoreError as exc:
-        raise StorageError(f"storage.endpoint_url: cannot reach {where} ({type(exc).__name__})") from None
+        raise StorageError(f"storage.endpoint_url: cannot reach {where} (for {field} {location.uri}: "
+                           f"{type(exc).__name__})") from None
+
+
+def exists(location: Location, field: str = "storage.root") -> bool:
+    """Whether anything (a file, a directory, an object or a prefix) is at `location`."""
+    if not location.is_s3:
+        return Path(location.path).exists()
+    with s3_errors(location, field):
+        found = s3_client(location).list_objects_v2(Bucket=location.bucket, Prefix=location.key.rstrip("/"), MaxKeys=1)
+    return any(o["Key"] == location.key or o["Key"].startswith(location.key + "/") for o in found.get("Contents", []))
+
+
+def is_object(location: Location, field: str = "storage") -> bool:
+    """Whether `location` is one S3 object (as opposed to a prefix, or nothing)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3_client(location).head_object(Bucket=location.bucket, Key=location.key)
+        return True
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        with s3_errors(location, field):
+            raise
+
+
+def list_objects(location: Location, field: str = "storage") -> Iterator[dict]:
+    """Every object under the prefix `location` ({"Key", "Size", "ETag", ...}), keys relative to it."""
+    prefix = location.key.rstrip("/") + "/" if location.key else ""
+    client = s3_client(location)
+    with s3_errors(location, field):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    yield {**obj, "Key": obj["Key"][len(prefix):]}
+
+
+def read_text(location: Location, field: str = "storage") -> str:
+    if not location.is_s3:
+        return Path(location.path).read_text()
+    with s3_errors(location, field):
+        return s3_client(location).get_object(Bucket=location.bucket, Key=location.key)["Body"].read().decode()
+
+
+def write_text(location: Location, text: str) -> None:
+    """Write a whole file: a local file is renamed into place, an S3 PUT is atomic by itself."""
+    if location.is_s3:
+        with s3_errors(location, "storage.root"):
+            s3_client(location).put_object(Bucket=location.bucket, Key=location.key, Body=text.encode())
+        return
+    path = Path(location.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def upload_dir(local_dir: str | Path, location: Location, last: str | None = None) -> None:
+    """Upload every file of `local_dir` under the prefix `location` (retried with backoff), the file named
+    `last` after all others, so that its presence means the upload is complete."""
+    local_dir = Path(local_dir)
+    files = sorted((p for p in local_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    client = s3_client(location)
+    with s3_errors(location, "storage.root"):
+        for path in files:
+            client.upload_file(str(path), location.bucket, f"{location.key}/{path.relative_to(local_dir).as_posix()}")
+
+
+def download(location: Location, target: str | Path, field: str = "storage") -> None:
+    """One object to a local file, written under a temporary name and renamed into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        with s3_errors(location, field):
+            s3_client(location).download_file(location.bucket, location.key, tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def delete(location: Location) -> None:
+    """Remove everything at `location` (a run directory or an S3 prefix)."""
+    fs = filesystem(location)
+    if location.is_s3:
+        with s3_errors(location, "storage.root"):
+            fs.delete_dir_contents(location.path, missing_dir_ok=True)
+    elif Path(location.path).exists():
+        fs.delete_dir(location.path)

@@ -12,11 +12,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tl_core.checkpoint import RESULT_FILE, verify_checkpoint
+from cluster import cache, storage
+from cluster.storage import Location
+from tl_core.checkpoint import META_FILE, RESULT_FILE
 from tl_core.config import RunConfig, load_config, with_overrides
 from tl_core.data import index_image_folder
-from tl_core.errors import CheckpointError, ConfigError, UserError
+from tl_core.errors import CheckpointError, ConfigError, DataError, UserError
 from tl_core.models import build_model
+
+log = logging.getLogger("jobs")
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -71,8 +76,13 @@ def setup_logging(in_worker: bool = False) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def experiment_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.storage.root).expanduser().resolve() / cfg.experiment
+def root_location(cfg: RunConfig) -> Location:
+    return storage.parse(cfg.storage.root, cfg.storage.endpoint_url)
+
+
+def experiment_location(cfg: RunConfig) -> Location:
+    """ROOT/EXPERIMENT, where Ray Train lays out the run and we add result.json and config.yaml."""
+    return root_location(cfg).child(cfg.experiment)
 
 
 def load_and_check(args: argparse.Namespace) -> RunConfig:
@@ -82,24 +92,63 @@ def load_and_check(args: argparse.Namespace) -> RunConfig:
 
 def check_run(cfg: RunConfig, resume: bool) -> RunConfig:
     """`cfg` with local paths made absolute (workers do not share the driver's working directory), after
-    checking the experiment name, data and source weights, before anything is written."""
+    checking storage access, the experiment name, data and source weights, before anything is written."""
     cfg = with_absolute_paths(cfg)
-    exp = experiment_dir(cfg)
-    if resume and not exp.is_dir():
-        raise ConfigError(f"--resume: there is no experiment {cfg.experiment} under {cfg.storage.root}")
-    if not resume and exp.exists():
-        raise ConfigError(f"experiment: {exp} already exists; pass --resume to continue it or choose another experiment name")
-    index = index_image_folder(cfg.data, seed=cfg.train.seed)
-    build_model(cfg.model, index.classes, cfg.data.image_size)  # unknown or mismatched weights fail here
+    root = root_location(cfg)
+    storage.check_access(root)
+    present = storage.exists(root.child(cfg.experiment))
+    if resume and not present:
+        raise ConfigError(f"--resume: there is no experiment {cfg.experiment} under {root.uri}")
+    if not resume and present:
+        raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
+                          "or choose another experiment name")
+    local = localize(cfg)
+    try:
+        index = index_image_folder(local.data, seed=cfg.train.seed)
+    except DataError as exc:  # name the user's s3:// prefix, not this node's cache
+        raise DataError(str(exc).replace(local.data.root, cfg.data.root)) from None
+    build_model(local.model, index.classes, cfg.data.image_size)  # unknown or mismatched weights fail here
     return cfg
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
+    """Local paths made absolute, and the S3 endpoint pinned from AWS_ENDPOINT_URL so workers get it too."""
+    absolute = lambda path: path if storage.is_uri(path) else str(Path(path).expanduser().resolve())  # noqa: E731
     overrides = [f"data.root={absolute(cfg.data.root)}", f"storage.root={absolute(cfg.storage.root)}"]
-    if cfg.model.weights and Path(cfg.model.weights).expanduser().exists():
-        overrides.append(f"model.weights={absolute(cfg.model.weights)}")
+    weights = cfg.model.weights
+    if weights and not storage.is_uri(weights) and Path(weights).expanduser().exists():
+        overrides.append(f"model.weights={absolute(weights)}")
+    uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights))
+    if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
+        overrides.append(f"storage.endpoint_url={os.environ['AWS_ENDPOINT_URL']}")
     return with_overrides(cfg, overrides)
+
+
+def localize(cfg: RunConfig) -> RunConfig:
+    """`cfg` as this node reads it: s3:// data and weights replaced by their node-local cached copies.
+    (The config kept in storage holds the URIs.)"""
+    overrides = []
+    if cfg.data.root.startswith("s3://"):
+        data = storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
+        overrides.append(f"data.root={cache.sync_prefix(data, 'data.root')}")
+    if cfg.model.weights and cfg.model.weights.startswith("s3://"):
+        overrides.append(f"model.weights={fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)}")
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def fetch_weights(uri: str, endpoint_url: str | None) -> Path:
+    """The local copy of source weights on S3: a state-dict object, a checkpoint prefix, or a finished run
+    (whose result.json names its best checkpoint)."""
+    location = storage.parse(uri, endpoint_url, field="model.weights")
+    if location.key and storage.is_object(location, "model.weights"):
+        return cache.fetch_object(location, "model.weights")
+    result = location.child(RESULT_FILE)
+    if storage.is_object(result, "model.weights"):
+        best = json.loads(storage.read_text(result, "model.weights")).get("best_checkpoint") or ""
+        if not best.startswith("s3://"):
+            raise ConfigError(f"model.weights: run {uri} names no s3:// best_checkpoint in {RESULT_FILE}")
+        location = storage.parse(best, endpoint_url, field="model.weights")
+    return cache.sync_prefix(location, "model.weights")
 
 
 def connect_ray() -> None:
@@ -135,22 +184,63 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from tl_core.checkpoint import load_checkpoint
     from tl_core.config import from_dict
     from tl_core.loop import fit
 
     setup_logging(in_worker=True)
     cfg = from_dict(loop_config["config"])
-    resume = None
-    if (latest := ray.train.get_checkpoint()) is not None:
-        with latest.as_directory() as directory:
-            resume = load_checkpoint(directory)
+    local_cfg = localize(cfg)
+    upload = checkpoint_uploader(experiment_location(cfg)) if root_location(cfg).is_s3 else None
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**metrics, "timestamp": time.time()}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+        ray.train.report({**metrics, "timestamp": time.time()}, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):04d}", checkpoint_upload_fn=upload)
 
-    fit(cfg, report, resume_from=resume, device=ray.train.torch.get_device())
+    fit(local_cfg, report, resume_from=latest_valid_checkpoint(), device=ray.train.torch.get_device())
+
+
+def latest_valid_checkpoint():
+    """The newest checkpoint of this run that verifies; a missing or corrupt one is skipped with a warning."""
+    import pyarrow.fs
+    import ray.train
+
+    from tl_core.checkpoint import load_checkpoint
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None
+    run = ray.train.get_context().get_storage()
+    fs = run.storage_filesystem
+    listed = fs.get_file_info(pyarrow.fs.FileSelector(run.experiment_fs_path))
+    older = sorted((info.path for info in listed if info.type == pyarrow.fs.FileType.Directory
+                    and info.base_name.startswith(CHECKPOINT_PREFIX) and info.base_name < Path(latest.path).name), reverse=True)
+    for path in [latest.path, *older]:
+        try:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
+                checkpoint = load_checkpoint(directory)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", Path(path).name, exc)
+            continue
+        if path != latest.path:
+            log.warning("resuming from the older checkpoint %s", Path(path).name)
+        return checkpoint
+    log.warning("no checkpoint of this run verifies; starting from the beginning")
+    return None
+
+
+def checkpoint_uploader(experiment: Location) -> Callable:
+    """Ray Train's `checkpoint_upload_fn` for S3: our upload, retried with backoff, meta.json last (so a
+    checkpoint cut short by a failure has no meta.json and never verifies)."""
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        destination = experiment.child(checkpoint_dir_name)
+        storage.upload_dir(checkpoint.path, destination, last=META_FILE)
+        return ray.train.Checkpoint(destination.path, filesystem=storage.filesystem(destination))
+
+    return upload
 
 
 def run_trainer(cfg: RunConfig):
@@ -161,6 +251,7 @@ def run_trainer(cfg: RunConfig):
     cfg = with_absolute_paths(cfg)  # workers do not share the driver's working directory
     connect_ray()
     check_capacity(cfg)
+    root = root_location(cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict()},
@@ -168,7 +259,8 @@ def run_trainer(cfg: RunConfig):
                                                resources_per_worker=dict(cfg.scaling.resources_per_worker)),
         run_config=ray.train.RunConfig(
             name=cfg.experiment,
-            storage_path=str(experiment_dir(cfg).parent),
+            storage_path=root.path,
+            storage_filesystem=storage.filesystem(root) if root.is_s3 else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep,
                                                          checkpoint_score_attribute=cfg.checkpoint.metric,
                                                          checkpoint_score_order=cfg.checkpoint.mode),
@@ -192,23 +284,28 @@ def _first_error(exc: Exception) -> str:
 
 
 def write_result(cfg: RunConfig, result) -> dict:
-    """ROOT/EXPERIMENT/result.json: where the best checkpoint is and what the run reached."""
+    """ROOT/EXPERIMENT/result.json (where the best checkpoint is and what the run reached) and config.yaml."""
     best = result.get_best_checkpoint(cfg.checkpoint.metric, cfg.checkpoint.mode) or result.checkpoint
     if best is None:
         raise CheckpointError(f"experiment {cfg.experiment}: the run finished without a checkpoint")
-    best_meta = verify_checkpoint(best.path)
-    final = dict(result.metrics) if result.metrics else verify_checkpoint(result.checkpoint.path)["metrics"]
+    best_meta = read_meta(best)
+    final = dict(result.metrics) if result.metrics else read_meta(result.checkpoint)["metrics"]
+    root = root_location(cfg)
     summary = {
-        "best_checkpoint": best.path,
+        "best_checkpoint": f"s3://{best.path}" if root.is_s3 else best.path,
         "best_metric": {cfg.checkpoint.metric: best_meta["metrics"][cfg.checkpoint.metric], "epoch": best_meta["epoch"]},
         "final_metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))},
         "epochs_completed": int(final["epoch"]),
         "classes": best_meta["classes"],
         "config": cfg.to_dict(),
     }
-    path = experiment_dir(cfg) / RESULT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
-    (experiment_dir(cfg) / "config.yaml").write_text(cfg.to_yaml())
+    experiment = experiment_location(cfg)
+    storage.write_text(experiment.child(RESULT_FILE), json.dumps(summary, indent=2))
+    storage.write_text(experiment.child("config.yaml"), cfg.to_yaml())
     return summary
+
+
+def read_meta(checkpoint) -> dict:
+    """meta.json of a Ray checkpoint, read where it lies (local or S3) without downloading the weights."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_FILE}") as f:
+        return json.loads(f.read())

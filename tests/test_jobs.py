@@ -10,33 +10,16 @@ import pytest
 import torch
 import torchvision
 import yaml
-from helpers import make_image_folder
+from helpers import make_image_folder, write_config
 
 from jobs import finetune, pretrain
 from tl_core.checkpoint import META_FILE, MODEL_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
-
-
-def write_config(tmp_path, data_root, name="run.yaml", **sections) -> Path:
-    cfg = {
-        "experiment": "tiny",
-        "data": {"root": str(data_root), "image_size": 16, "loader_workers": 0, "val_fraction": 0.25},
-        "model": {"backbone": "resnet18"},
-        "optim": {"name": "adam", "lr": 1e-3, "scheduler": "constant"},
-        "train": {"epochs": 2, "batch_size": 8},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"keep": 2, "metric": "val/acc", "mode": "max"},
-        "storage": {"root": str(tmp_path / "runs")},
-    }
-    for key, values in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tl_core.errors import CheckpointError
 
 
 @pytest.mark.integration
 def test_finetune_with_two_ddp_workers_then_resume(ray_cluster, image_folder, tmp_path):
-    config = write_config(tmp_path, image_folder)
+    config = write_config(tmp_path, image_folder, checkpoint={"keep": None})
     assert finetune.main(["--config", str(config)]) == 0
     run = tmp_path / "runs" / "tiny"
     result = json.loads((run / "result.json").read_text())
@@ -50,12 +33,18 @@ def test_finetune_with_two_ddp_workers_then_resume(ray_cluster, image_folder, tm
     assert verify_checkpoint(best)["metrics"]["val/acc"] == result["best_metric"]["val/acc"]
     assert yaml.safe_load((run / "config.yaml").read_text())["experiment"] == "tiny"
 
-    # The experiment exists: a plain re-run is refused; --resume continues with epochs 3 and 4 only.
+    # The experiment exists: a plain re-run is refused.
     assert finetune.main(["--config", str(config)]) == 2
+    # The latest checkpoint is damaged: --resume skips it, goes back to epoch 1's and trains epochs 2-4.
+    with open(run / "checkpoint_epoch_0002" / MODEL_FILE, "ab") as f:
+        f.write(b"bit rot")
+    with pytest.raises(CheckpointError, match="fails its sha256 check"):
+        verify_checkpoint(run / "checkpoint_epoch_0002")
     assert finetune.main(["--config", str(config), "--resume", "--set", "train.epochs=4"]) == 0
     result = json.loads((run / "result.json").read_text())
     assert result["epochs_completed"] == 4
-    assert sorted(p.name for p in run.glob("checkpoint_epoch_*"))[-2:] == ["checkpoint_epoch_0003", "checkpoint_epoch_0004"]
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == [f"checkpoint_epoch_000{i}" for i in (1, 2, 3, 4)]
+    assert verify_checkpoint(run / "checkpoint_epoch_0002")["epoch"] == 2  # retrained and rewritten whole
     last = load_checkpoint(run / "checkpoint_epoch_0004")
     steps_per_epoch = math.ceil(math.ceil(27 / 2) / 8)  # 27 train images over 2 ranks, batch 8
     assert last.train_state["global_step"] == 4 * steps_per_epoch

@@ -3,30 +3,22 @@
 import pytest
 
 from cluster import storage
-from cluster.s3_server import free_ports, s3_server
+from cluster.s3_server import free_ports
 from tl_core.errors import StorageError
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("s3"), bucket="tl-runs") as srv:
-        yield srv
-
-
 @pytest.fixture
-def aws_env(server, monkeypatch):
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    return server
+def aws_env(s3):
+    return s3
 
 
 def test_parse_local_and_s3(tmp_path, monkeypatch):
     local = storage.parse(str(tmp_path / "runs"))
     assert not local.is_s3 and local.path == str(tmp_path / "runs")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    s3 = storage.parse("s3://tl-runs/team/a/")
-    assert (s3.bucket, s3.path, s3.endpoint_url) == ("tl-runs", "tl-runs/team/a", "http://127.0.0.1:9")
-    assert storage.parse("s3://tl-runs", endpoint_url="http://127.0.0.1:1").endpoint_url == "http://127.0.0.1:1"
+    s3 = storage.parse("s3://tl-test/team/a/")
+    assert (s3.bucket, s3.path, s3.endpoint_url) == ("tl-test", "tl-test/team/a", "http://127.0.0.1:9")
+    assert storage.parse("s3://tl-test", endpoint_url="http://127.0.0.1:1").endpoint_url == "http://127.0.0.1:1"
     with pytest.raises(StorageError, match="names no valid bucket"):
         storage.parse("s3://x/y")
     with pytest.raises(StorageError, match="neither a local path nor s3://"):
@@ -34,13 +26,13 @@ def test_parse_local_and_s3(tmp_path, monkeypatch):
 
 
 def test_filesystem_writes_into_the_bucket(aws_env):
-    location = storage.parse("s3://tl-runs/exp")
+    location = storage.parse("s3://tl-test/storage-test/exp")
     storage.check_access(location)
     fs = storage.filesystem(location)
     with fs.open_output_stream(f"{location.path}/result.json") as f:
         f.write(b"{}")
-    keys = [o["Key"] for o in aws_env.client().list_objects_v2(Bucket="tl-runs")["Contents"]]
-    assert "exp/result.json" in keys
+    keys = [o["Key"] for o in aws_env.client().list_objects_v2(Bucket="tl-test")["Contents"]]
+    assert "storage-test/exp/result.json" in keys
 
 
 def test_missing_bucket(aws_env):
@@ -51,7 +43,7 @@ def test_missing_bucket(aws_env):
 def test_wrong_credentials_never_print_the_key(aws_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
     with pytest.raises(StorageError) as err:
-        storage.check_access(storage.parse("s3://tl-runs/x"))
+        storage.check_access(storage.parse("s3://tl-test/x"))
     message = str(err.value)
     assert "refused the credentials" in message
     assert aws_env.access_key not in message and "definitely-wrong-secret" not in message
@@ -61,4 +53,4 @@ def test_unreachable_endpoint(aws_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError, match="storage.endpoint_url: cannot reach http://127.0.0.1:"):
-        storage.check_access(storage.parse("s3://tl-runs/x"))
+        storage.check_access(storage.parse("s3://tl-test/x"))

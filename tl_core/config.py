@@ -6,6 +6,7 @@ Validation errors become one `ConfigError` line that names the field and what is
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -162,8 +163,33 @@ def _strip_userinfo(url: str) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a run config from YAML, apply `a.b=c` overrides, validate."""
-    return from_dict(_read_yaml(path), overrides, source=str(path))
+    """Read a run config from YAML, expand `${VAR}` / `${VAR:-default}` in its strings from the
+    environment, apply `a.b=c` overrides, validate."""
+    return from_dict(_expand_env(_read_yaml(path), str(path), ()), overrides, source=str(path))
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, source: str, where: tuple) -> Any:
+    """Environment references in string values, so that one config serves a laptop and a cluster
+    (`storage.root: ${TL_STORAGE_ROOT:-./runs}`)."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, source, (*where, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, source, (*where, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name) or default
+        if found is None:
+            raise ConfigError(f"{source}: {'.'.join(map(str, where))}: environment variable {name} is not set "
+                              f"(write ${{{name}:-default}} to give a default)")
+        return found
+
+    return _ENV_REF.sub(substitute, value)
 
 
 def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:

@@ -1,0 +1,78 @@
+"""A node-local copy of S3 data: datasets and source weights are read from local disk, synced once per node.
+
+The copy lives under `$TL_CACHE_DIR` (default ~/.cache/tl-finetune) and carries a manifest of every
+object's key, size and ETag. A sync lists the prefix, downloads only what is new or changed, deletes what
+is gone, and writes the manifest last; a file lock makes the workers of one node that start together wait
+for a single download instead of racing each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from cluster import storage
+from cluster.storage import Location
+from tl_core.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".tl-manifest.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune").expanduser()
+
+
+def local_path(location: Location) -> Path:
+    return cache_root() / "s3" / location.bucket / location.key
+
+
+def sync_prefix(location: Location, field: str) -> Path:
+    """The local directory mirroring every object under the S3 prefix `location`."""
+    target = local_path(location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        listing = {o["Key"]: {"size": o["Size"], "etag": o["ETag"]} for o in storage.list_objects(location, field)}
+        if not listing:
+            raise StorageError(f"{field}: there are no objects under {location.uri}")
+        manifest_path = target / MANIFEST
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        if old == listing:
+            return target
+        manifest_path.unlink(missing_ok=True)  # a sync cut short leaves no manifest and is redone
+        fetched = 0
+        for key, entry in listing.items():
+            path = target / key
+            if old.get(key) == entry and path.is_file() and path.stat().st_size == entry["size"]:
+                continue
+            storage.download(location.child(key), path, field)
+            fetched += 1
+        for path in [p for p in target.rglob("*") if p.is_file() and p.name != MANIFEST]:
+            if path.relative_to(target).as_posix() not in listing:
+                path.unlink()
+        manifest_path.write_text(json.dumps(listing))
+        log.info("synced %s to %s: %d of %d objects downloaded", location.uri, target, fetched, len(listing))
+    return target
+
+
+def fetch_object(location: Location, field: str) -> Path:
+    """The local copy of one S3 object, downloaded again when its size or ETag changed."""
+    target = local_path(location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        client = storage.s3_client(location)
+        with storage.s3_errors(location, field):
+            head = client.head_object(Bucket=location.bucket, Key=location.key)
+        entry = {"size": head["ContentLength"], "etag": head["ETag"]}
+        stamp = target.with_name(target.name + MANIFEST)
+        if target.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == entry:
+            return target
+        stamp.unlink(missing_ok=True)
+        storage.download(location, target, field)
+        stamp.write_text(json.dumps(entry))
+    return target
