@@ -201,31 +201,35 @@ def train_worker(loop_config: dict) -> None:
 
 
 def latest_valid_checkpoint():
-    """The newest checkpoint of this run that verifies; a missing or corrupt one is skipped with a warning."""
+    """The newest checkpoint of this run that verifies, or None for a fresh start.
+
+    Candidates are every checkpoint directory in the run's storage, not only those Ray Train registered: a
+    worker killed right after its upload finished leaves a complete checkpoint that Ray never heard of.
+    A missing or corrupt one is skipped with a warning.
+    """
     import pyarrow.fs
     import ray.train
 
     from tl_core.checkpoint import load_checkpoint
 
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return None
     run = ray.train.get_context().get_storage()
     fs = run.storage_filesystem
-    listed = fs.get_file_info(pyarrow.fs.FileSelector(run.experiment_fs_path))
-    older = sorted((info.path for info in listed if info.type == pyarrow.fs.FileType.Directory
-                    and info.base_name.startswith(CHECKPOINT_PREFIX) and info.base_name < Path(latest.path).name), reverse=True)
-    for path in [latest.path, *older]:
+    listed = fs.get_file_info(pyarrow.fs.FileSelector(run.experiment_fs_path, allow_not_found=True))
+    paths = {info.path for info in listed
+             if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)}
+    if (registered := ray.train.get_checkpoint()) is not None:
+        paths.add(registered.path)
+    for path in sorted(paths, key=lambda p: Path(p).name, reverse=True):
         try:
             with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
                 checkpoint = load_checkpoint(directory)
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", Path(path).name, exc)
             continue
-        if path != latest.path:
-            log.warning("resuming from the older checkpoint %s", Path(path).name)
+        log.info("resuming from %s (epoch %d)", Path(path).name, checkpoint.meta["epoch"])
         return checkpoint
-    log.warning("no checkpoint of this run verifies; starting from the beginning")
+    if paths:
+        log.warning("no checkpoint of this run verifies; starting from the beginning")
     return None
 
 
@@ -271,13 +275,20 @@ def run_trainer(cfg: RunConfig):
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise RunFailed(f"experiment {cfg.experiment} failed: {_first_error(exc)}; "
+        cause = _first_error(exc)
+        if root.is_s3 and "cannot reach" not in cause and any(token in cause for token in _UNREACHABLE):
+            cause = f"storage.endpoint_url: cannot reach {root.endpoint_url or 'AWS S3'} for {root.uri} ({cause})"
+        raise RunFailed(f"experiment {cfg.experiment} failed: {cause}; "
                         f"continue it with --resume once the cause is fixed") from exc
+
+
+# How pyarrow's S3 client (which Ray Train itself writes through) says the endpoint is down.
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Connection refused")
 
 
 def _first_error(exc: Exception) -> str:
     failures = getattr(exc, "worker_failures", None) or {}
-    cause = next(iter(failures.values()), exc)
+    cause = next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc)
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
