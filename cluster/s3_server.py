@@ -112,7 +112,9 @@ def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: f
     try:
         _wait_until_ready(server, timeout)
         if bucket:
-            server.client().create_bucket(Bucket=bucket)
+            client = server.client()
+            if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:  # data kept from before
+                client.create_bucket(Bucket=bucket)
     except BaseException:
         server.stop()
         raise

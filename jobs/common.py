@@ -70,6 +70,7 @@ def setup_logging(in_worker: bool = False) -> None:
             log.addHandler(handler)
             log.setLevel(logging.INFO)
         log.propagate = not in_worker
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." per client
     if in_worker:
         from ray.train.v2._internal.execution import context  # its logger is named after its file
 

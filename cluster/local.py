@@ -1,0 +1,220 @@
+"""A local Ray head (and, with --s3, the development S3 server) for `ray job submit` on one machine.
+
+    python -m cluster.local up [--s3] [--num-cpus N] [--dashboard-port 8265]
+    eval "$(python -m cluster.local env)"
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.finetune --config configs/demo.yaml
+    python -m cluster.local status
+    python -m cluster.local down
+
+Everything listens on 127.0.0.1 only. The head runs `ray start --head --block` in its own session; `down`
+stops exactly the processes `up` started, by PID. State (PIDs, ports, and the S3 server's generated
+credentials, mode 0600) lives in $TL_LOCAL_DIR, default ~/.cache/tl-finetune/local.
+
+With --s3 the head's environment carries the S3 endpoint and credentials, and TL_STORAGE_ROOT /
+TL_DATA_ROOT point at the bucket, so submitted jobs write their runs there (configs/demo.yaml reads them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cluster.s3_server import free_ports, start_s3_server
+
+BUCKET = "tl-local"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("TL_LOCAL_DIR") or Path.home() / ".cache" / "tl-finetune" / "local").expanduser()
+
+
+def read_state() -> dict | None:
+    path = state_dir() / "cluster.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_state(state: dict) -> None:
+    path = state_dir() / "cluster.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the local S3 secret
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=2)
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def job_env(state: dict) -> dict[str, str]:
+    """What a shell (and the head) exports to use this cluster."""
+    # Token authentication on (Ray's token is ~/.ray/auth_token, made by `ray start` if missing); clients
+    # such as `ray job submit` send it only when RAY_AUTH_MODE says so.
+    env = {"RAY_ADDRESS": state["gcs_address"], "RAY_AUTH_MODE": "token"}
+    if state.get("s3"):
+        s3 = state["s3"]
+        env.update(AWS_ACCESS_KEY_ID=s3["access_key"], AWS_SECRET_ACCESS_KEY=s3["secret_key"],
+                   AWS_ENDPOINT_URL=s3["endpoint_url"], AWS_DEFAULT_REGION="us-east-1",
+                   TL_STORAGE_ROOT=f"s3://{BUCKET}/runs", TL_DATA_ROOT=f"s3://{BUCKET}/data")
+    return env
+
+
+def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, timeout: float = 120.0) -> dict:
+    state = read_state()
+    if state and alive(state.get("ray_pid")):
+        return state
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"gcs_address": None, "dashboard_url": f"http://127.0.0.1:{dashboard_port}", "ray_pid": None, "s3": None}
+    if with_s3:
+        server = start_s3_server(directory / "s3", bucket=BUCKET)
+        state["s3"] = {"pid": server.process.pid, "endpoint_url": server.endpoint_url, "access_key": server.access_key,
+                       "secret_key": server.secret_key, "bucket": BUCKET}
+    # Free ports for everything Ray would otherwise take from a fixed default, so that this head can run
+    # beside another Ray instance on the machine (a test session's, say).
+    gcs_port, agent_port, client_port = free_ports(3)
+    state["gcs_address"] = f"127.0.0.1:{gcs_port}"
+    state["agent_url"] = f"http://127.0.0.1:{agent_port}"
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
+               "--disable-usage-stats", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]
+    env = {**os.environ, **{k: v for k, v in job_env(state).items() if k != "RAY_ADDRESS"}}
+    env.pop("RAY_ADDRESS", None)
+    with open(directory / "ray.log", "ab") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state["ray_pid"] = head.pid
+    write_state(state)
+    _wait_for_dashboard(state, head, timeout)
+    return state
+
+
+def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float) -> None:
+    """Until the dashboard and the head's job agent (which runs submitted jobs) both answer."""
+    deadline = time.monotonic() + timeout
+    for url in (f"{state['dashboard_url']}/api/version", f"{state['agent_url']}/api/local_raylet_healthz"):
+        while not _answers(url):
+            if head.poll() is not None:
+                down()
+                raise SystemExit(f"error: ray start exited with {head.returncode}; see {state_dir() / 'ray.log'}")
+            if time.monotonic() > deadline:
+                down()
+                raise SystemExit(f"error: {url} did not answer within {timeout:.0f}s; see {state_dir() / 'ray.log'}")
+            time.sleep(1)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:  # an answer all the same (401 without the token)
+        return True
+    except OSError:
+        return False
+
+
+def down() -> None:
+    """Stop what `up` started: the `ray start --block` process (which stops its Ray processes) and the S3
+    server, each by the PID recorded at start, escalating to SIGKILL of its own process group."""
+    state = read_state()
+    if not state:
+        return
+    for pid in (state.get("ray_pid"), (state.get("s3") or {}).get("pid")):
+        if alive(pid):
+            _stop_group(pid)
+    _forget_ray_address(state["gcs_address"])
+    (state_dir() / "cluster.json").unlink(missing_ok=True)
+
+
+def _forget_ray_address(gcs_address: str) -> None:
+    """`ray start` records its address for `ray.init()` to find; `ray stop` would remove it, so we do, or
+    the next plain `ray.init()` on this machine tries to join the stopped head."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    if path.is_file() and path.read_text().strip().rpartition(":")[2] == gcs_address.rpartition(":")[2]:
+        path.unlink(missing_ok=True)
+
+
+def _stop_group(pid: int, timeout: float = 30.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def describe(state: dict | None) -> str:
+    if not state:
+        return "no local cluster (python -m cluster.local up [--s3])"
+    lines = [f"Ray head   {state['gcs_address']}  ({'running' if alive(state['ray_pid']) else 'stopped'}, pid {state['ray_pid']})",
+             f"dashboard  {state['dashboard_url']}   (ray job submit --address {state['dashboard_url']} ...)"]
+    if state.get("s3"):
+        s3 = state["s3"]
+        lines.append(f"S3         {s3['endpoint_url']}  bucket {s3['bucket']}  "
+                     f"({'running' if alive(s3['pid']) else 'stopped'}, pid {s3['pid']})")
+    return "\n".join(lines)
+
+
+def exports(state: dict) -> str:
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(state).items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("up", help="start a Ray head on 127.0.0.1 (and the S3 server with --s3)")
+    start.add_argument("--s3", action="store_true", help="also start the local S3 server and point jobs at it")
+    start.add_argument("--num-cpus", type=int, default=None)
+    start.add_argument("--dashboard-port", type=int, default=8265)
+    sub.add_parser("down", help="stop what `up` started")
+    sub.add_parser("status", help="what is running")
+    sub.add_parser("env", help="the exports for this shell: eval \"$(python -m cluster.local env)\"")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        state = up(args.num_cpus, args.dashboard_port, args.s3)
+        print(describe(state), file=sys.stderr)
+        print("\n# to use it from this shell:", file=sys.stderr)
+        print(exports(state))
+    elif args.command == "down":
+        down()
+        print("stopped", file=sys.stderr)
+    elif args.command == "status":
+        print(describe(read_state()))
+    elif (state := read_state()) is not None:
+        print(exports(state))
+    else:
+        print(describe(None), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
