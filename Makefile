@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-s3 test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
+
+# The same demo with every dataset, checkpoint and result on a local S3 server, run through a local Ray head.
+demo-s3: $(STAMP)
+	$(PY) -m cluster.local up --s3 > /dev/null
+	eval "$$($(PY) -m cluster.local env)"; $(PY) -m jobs.demo; status=$$?; $(PY) -m cluster.local down; exit $$status
 
 test: $(STAMP)
 	$(PY) -m pytest

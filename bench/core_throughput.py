@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     minimal_epoch(plain_model, plain_loader, plain_opt)
     core_rates, plain_rates = [], []
     for epoch in range(1, args.epochs + 1):
-        for rates, run in ((core_rates, lambda: core_epoch(epoch)), (plain_rates, lambda: minimal_epoch(plain_model, plain_loader, plain_opt))):
+        for rates, run in ((core_rates, lambda epoch=epoch: core_epoch(epoch)), (plain_rates, lambda: minimal_epoch(plain_model, plain_loader, plain_opt))):
             start = time.perf_counter()
             seen = run()
             rates.append(seen / (time.perf_counter() - start))

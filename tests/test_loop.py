@@ -44,7 +44,8 @@ def test_early_stopping_rule():
 
 
 def test_early_stopping_ends_the_run_and_a_resume_does_not_restart_it(image_folder, tmp_path):
-    cfg = config(image_folder, optim={"lr": 1e-9}, train={"epochs": 8, "early_stopping": {"metric": "val/loss", "mode": "min", "patience": 1, "min_delta": 1.0}})
+    stopping = {"metric": "val/loss", "mode": "min", "patience": 1, "min_delta": 1.0}
+    cfg = config(image_folder, optim={"lr": 1e-9}, train={"epochs": 8, "early_stopping": stopping})
     reporter = LocalReporter(tmp_path / "run")
     history = fit(cfg, reporter)
     assert len(history) == 2

@@ -1,0 +1,131 @@
+"""Checkpoints on S3: what our save + upload costs against boto3 alone, and how long a resume takes.
+
+1. Save + upload of a resnet50-sized checkpoint (weights plus SGD momentum, ~200 MB) to the local S3
+   server: `tl_core.checkpoint.save_checkpoint` then `cluster.storage.upload_dir` (meta.json last, retries
+   on), against boto3 `upload_file` of the same files, in the same run, alternating, median of --repeats.
+   Target: ratio (ours / boto3) <= 1.2.
+2. Resume latency: a one-worker TorchTrainer run of resnet50 on S3 is stopped after epoch 1 and started
+   again with --resume; the latency is from the restart to the first training step of epoch 2 (the
+   epoch-2 report's timestamp minus its epoch time: an upper bound, it includes saving that checkpoint).
+   The restore alone (download, sha256 check, load) is timed too.
+
+    python -m bench.s3_checkpoint [--repeats 3] [--skip-resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from bench.common import write_result
+from cluster import storage
+from cluster.s3_server import s3_server
+from tl_core.checkpoint import META_FILE, load_checkpoint, save_checkpoint
+
+BUCKET = "tl-bench"
+
+
+def resnet50_checkpoint() -> tuple[dict, dict]:
+    model = torchvision.models.resnet50()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # fills the momentum buffers, as in a real checkpoint
+    return model.state_dict(), {"optimizer": optimizer.state_dict(), "epoch": 1, "global_step": 1}
+
+
+def time_upload(model_state: dict, train_state: dict, work: Path, n: int) -> dict:
+    ours, plain = [], []
+    client = storage.s3_client(storage.parse(f"s3://{BUCKET}"))
+    for i in range(n):
+        started = time.perf_counter()
+        path = save_checkpoint(work / f"ours-{i}", model_state, train_state, {"epoch": 1})
+        storage.upload_dir(path, storage.parse(f"s3://{BUCKET}/ours/{i}"), last=META_FILE)
+        ours.append(time.perf_counter() - started)
+
+        files = sorted(p for p in path.iterdir())  # the same bytes, already on disk
+        started = time.perf_counter()
+        for f in files:
+            client.upload_file(str(f), BUCKET, f"plain/{i}/{f.name}")
+        plain.append(time.perf_counter() - started)
+    size = sum(p.stat().st_size for p in (work / "ours-0").iterdir())
+    return {"checkpoint_mb": round(size / 2**20, 1), "ours_s": ours, "boto3_upload_file_s": plain,
+            "ratio": statistics.median(ours) / statistics.median(plain), "target": 1.2}
+
+
+def time_restore(n: int) -> list[float]:
+    import ray.train
+
+    fs = storage.filesystem(storage.parse(f"s3://{BUCKET}"))
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        with ray.train.Checkpoint(f"{BUCKET}/ours/{i}", filesystem=fs).as_directory() as directory:
+            load_checkpoint(directory)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="tl-bench-s3-") as tmp, s3_server(Path(tmp) / "s3", bucket=BUCKET) as server:
+        os.environ.update(server.env())
+        work = Path(tmp) / "work"
+        model_state, train_state = resnet50_checkpoint()
+        upload = time_upload(model_state, train_state, work, args.repeats)
+        restore = time_restore(args.repeats)
+        result = {"upload": upload, "restore_s": restore}
+        if not args.skip_resume:
+            result["resume"] = resume_latency(Path(tmp))
+        write_result("s3_checkpoint", result)
+    return 0
+
+
+def resume_latency(tmp: Path) -> dict:
+    """Run 1 epoch of resnet50 on S3, then --resume to 2 epochs; time restart -> first step of epoch 2."""
+    import ray
+
+    from bench.common import digits_source
+    from jobs.common import check_run, run_trainer
+    from jobs.common import write_result as write_run_result
+    from tl_core.config import from_dict, with_overrides
+
+    cfg = from_dict({
+        "experiment": "resume-bench",
+        "data": {"root": str(digits_source()), "image_size": 32, "loader_workers": 0},
+        "model": {"backbone": "resnet50"},
+        "optim": {"name": "sgd", "lr": 0.01, "scheduler": "constant"},
+        "train": {"epochs": 1, "batch_size": 64},
+        "scaling": {"num_workers": 1},
+        "checkpoint": {"keep": 2},
+        "storage": {"root": f"s3://{BUCKET}/runs"},
+    })
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        first = check_run(cfg, resume=False)
+        write_run_result(first, run_trainer(first))
+        again = check_run(with_overrides(cfg, ["train.epochs=2"]), resume=True)
+        restarted = time.time()
+        result = run_trainer(again)
+    finally:
+        ray.shutdown()
+    epoch2 = result.metrics
+    first_step = epoch2["timestamp"] - epoch2["epoch_time_s"]
+    return {"latency_s": first_step - restarted, "epoch_time_s": epoch2["epoch_time_s"],
+            "note": "restart = the second TorchTrainer.fit(); includes worker-group start-up and the checkpoint restore"}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
