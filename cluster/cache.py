@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from filelock import FileLock
@@ -45,18 +46,16 @@ def sync_prefix(location: Location, field: str) -> Path:
         if old == listing:
             return target
         manifest_path.unlink(missing_ok=True)  # a sync cut short leaves no manifest and is redone
-        fetched = 0
-        for key, entry in listing.items():
-            path = target / key
-            if old.get(key) == entry and path.is_file() and path.stat().st_size == entry["size"]:
-                continue
-            storage.download(location.child(key), path, field)
-            fetched += 1
+        wanted = [key for key, entry in listing.items()
+                  if not (old.get(key) == entry and (target / key).is_file() and (target / key).stat().st_size == entry["size"])]
+        client = storage.s3_client(location)
+        with ThreadPoolExecutor(max_workers=storage.TRANSFER_THREADS) as pool:
+            list(pool.map(lambda key: storage.download(location.child(key), target / key, field, client), wanted))
         for path in [p for p in target.rglob("*") if p.is_file() and p.name != MANIFEST]:
             if path.relative_to(target).as_posix() not in listing:
                 path.unlink()
         manifest_path.write_text(json.dumps(listing))
-        log.info("synced %s to %s: %d of %d objects downloaded", location.uri, target, fetched, len(listing))
+        log.info("synced %s to %s: %d of %d objects downloaded", location.uri, target, len(wanted), len(listing))
     return target
 
 

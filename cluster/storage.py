@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,7 @@ import pyarrow.fs
 from tl_core.errors import StorageError
 
 DEFAULT_MAX_ATTEMPTS = 6
+TRANSFER_THREADS = 8  # concurrent object transfers: datasets are many small files
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def s3_client(location: Location):
 
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
     config = Config(retries={"mode": "standard", "total_max_attempts": max(attempts, 1)},
-                    connect_timeout=5, read_timeout=60)
+                    connect_timeout=5, read_timeout=60, max_pool_connections=4 * TRANSFER_THREADS)
     # A fresh session reads the credential chain now; boto3's default session caches what it found first.
     return boto3.session.Session().client("s3", endpoint_url=location.endpoint_url, region_name=_region(),
                                           config=config)
@@ -194,17 +196,24 @@ def write_text(location: Location, text: str) -> None:
 
 
 def upload_dir(local_dir: str | Path, location: Location, last: str | None = None) -> None:
-    """Upload every file of `local_dir` under the prefix `location` (retried with backoff), the file named
-    `last` after all others, so that its presence means the upload is complete."""
+    """Upload every file of `local_dir` under the prefix `location` (in parallel, each retried with backoff),
+    the file named `last` after all others, so that its presence means the upload is complete."""
     local_dir = Path(local_dir)
-    files = sorted((p for p in local_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    files = [p for p in sorted(local_dir.rglob("*")) if p.is_file()]
+    first, final = [p for p in files if p.name != last], [p for p in files if p.name == last]
     client = s3_client(location)
+
+    def put(path: Path) -> None:
+        client.upload_file(str(path), location.bucket, f"{location.key}/{path.relative_to(local_dir).as_posix()}".lstrip("/"))
+
     with s3_errors(location, "storage.root"):
-        for path in files:
-            client.upload_file(str(path), location.bucket, f"{location.key}/{path.relative_to(local_dir).as_posix()}")
+        with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+            list(pool.map(put, first))
+        for path in final:
+            put(path)
 
 
-def download(location: Location, target: str | Path, field: str = "storage") -> None:
+def download(location: Location, target: str | Path, field: str = "storage", client=None) -> None:
     """One object to a local file, written under a temporary name and renamed into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +221,7 @@ def download(location: Location, target: str | Path, field: str = "storage") -> 
     os.close(fd)
     try:
         with s3_errors(location, field):
-            s3_client(location).download_file(location.bucket, location.key, tmp)
+            (client or s3_client(location)).download_file(location.bucket, location.key, tmp)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -161,7 +161,7 @@ def connect_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(logging_level=logging.WARNING, dashboard_host="127.0.0.1")
+        ray.init(address="local", logging_level=logging.WARNING, dashboard_host="127.0.0.1")
 
 
 def check_capacity(cfg: RunConfig) -> None:
@@ -190,12 +190,13 @@ def train_worker(loop_config: dict) -> None:
 
     setup_logging(in_worker=True)
     cfg = from_dict(loop_config["config"])
+    extras = loop_config.get("extra_metrics", {})
     local_cfg = localize(cfg)
     upload = checkpoint_uploader(experiment_location(cfg)) if root_location(cfg).is_s3 else None
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**metrics, "timestamp": time.time()}, checkpoint=checkpoint,
+        ray.train.report({**metrics, **extras, "timestamp": time.time()}, checkpoint=checkpoint,
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):04d}", checkpoint_upload_fn=upload)
 
     fit(local_cfg, report, resume_from=latest_valid_checkpoint(), device=ray.train.torch.get_device())
@@ -248,8 +249,9 @@ def checkpoint_uploader(experiment: Location) -> Callable:
     return upload
 
 
-def run_trainer(cfg: RunConfig):
-    """Fit `cfg` on the Ray cluster; a second call with the same experiment continues from its latest checkpoint."""
+def run_trainer(cfg: RunConfig, callbacks: list | None = None, extra_metrics: dict | None = None):
+    """Fit `cfg` on the Ray cluster; a second call with the same experiment continues from its latest checkpoint.
+    `extra_metrics` are added to every report (a sweep's batch sizes); `callbacks` go to Ray Train's RunConfig."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -259,7 +261,7 @@ def run_trainer(cfg: RunConfig):
     root = root_location(cfg)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "extra_metrics": extra_metrics or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=dict(cfg.scaling.resources_per_worker)),
         run_config=ray.train.RunConfig(
@@ -271,6 +273,7 @@ def run_trainer(cfg: RunConfig):
                                                          checkpoint_score_order=cfg.checkpoint.mode),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -45,6 +45,6 @@ def ray_cluster(s3):
     """One local Ray cluster for the whole test session (2 CPUs, dashboard on 127.0.0.1 only)."""
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     yield ray
     ray.shutdown()

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tl_core.config import METRIC_NAMES, RunConfig, from_dict, load_config, with_overrides
+from tl_core.config import METRIC_NAMES, RunConfig, from_dict, load_config, load_sweep, with_overrides
 from tl_core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -21,7 +21,10 @@ def write(tmp_path, text: str) -> Path:
 def test_shipped_configs_load_and_document_their_launch_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "python -m jobs." in first, first
-    load_config(path)
+    if "python -m jobs.sweep" in first:
+        load_sweep(path)
+    else:
+        load_config(path)
 
 
 def test_configs_directory_is_not_empty():

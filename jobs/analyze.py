@@ -1,0 +1,294 @@
+"""Report on a sweep: what won, what ASHA stopped and when, and a ready-to-run config for the winner.
+
+    python -m jobs.analyze ROOT/EXPERIMENT          (a local path or s3://bucket/prefix/EXPERIMENT)
+
+Reads the experiment through Ray Tune's ResultGrid and writes ROOT/EXPERIMENT/report/: report.html (one
+self-contained file), curves.png, params.png, confusion.png, per_class.json and best.yaml, which
+`python -m jobs.finetune --config best.yaml` retrains. Prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cluster import storage
+from jobs.common import guarded, read_meta
+from jobs.sweep import SWEEP_FILE, trial_config
+from tl_core.config import RunConfig, SearchConfig, from_dict
+from tl_core.errors import ConfigError
+
+
+@dataclass
+class Trial:
+    name: str
+    params: dict
+    epochs: list[int]
+    curve: list[float]  # the sweep metric at each reported epoch
+    best: float
+    status: str  # "max_t" | "stopped at rung N" | "error"
+    batch: dict
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", help="the sweep's directory: ROOT/EXPERIMENT, local or s3://")
+    args = parser.parse_args(argv)
+
+    location = storage.parse(args.experiment, field="experiment")
+    base, search, results = load_experiment(location)
+    trials = summarize(results, search)
+    winner = pick_best(trials, search.mode)
+    best_result = next(r for r in results if _trial_name(r) == winner.name)
+    best_cfg = trial_config(base.to_dict(), search.model_dump(), winner.params)
+    best_cfg = with_best_name(best_cfg, base.experiment)
+    meta = read_meta(best_result.get_best_checkpoint(search.metric, search.mode) or best_result.checkpoint)
+
+    with tempfile.TemporaryDirectory(prefix="tl-report-") as tmp:
+        out = Path(tmp)
+        write_report(out, trials, winner, search, best_cfg, meta, location.uri)
+        published = publish(out, location.child("report"))
+    print_summary(trials, winner, search)
+    print(f"report: {published}/report.html\nretrain the winner: python -m jobs.finetune --config {published}/best.yaml")
+    return 0
+
+
+def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig, object]:
+    from ray import tune
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    fs = storage.filesystem(location)
+    if not tune.Tuner.can_restore(location.path, storage_filesystem=fs if location.is_s3 else None):
+        raise ConfigError(f"experiment: there is no Ray Tune experiment at {location.uri}")
+    try:
+        raw = yaml.safe_load(storage.read_text(location.child(SWEEP_FILE), "experiment"))
+    except FileNotFoundError:
+        raise ConfigError(f"experiment: {location.uri} has no {SWEEP_FILE}; was it made by jobs.sweep?") from None
+    search = SearchConfig.model_validate(raw.pop("search"))
+    analysis = ExperimentAnalysis(location.path, storage_filesystem=fs if location.is_s3 else None,
+                                  default_metric=search.metric, default_mode=search.mode)
+    return from_dict(raw), search, ResultGrid(analysis)
+
+
+def _trial_name(result) -> str:
+    return result.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def rungs(search: SearchConfig) -> list[int]:
+    """ASHA's milestones: grace_period x reduction_factor^k up to max_t."""
+    s = search.scheduler
+    if s.name != "asha":
+        return []
+    out, k = [], 0
+    while (t := int(s.grace_period * s.reduction_factor**k)) < s.max_t:
+        out.append(t)
+        k += 1
+    return out
+
+
+def summarize(results, search: SearchConfig) -> list[Trial]:
+    trials, milestones = [], rungs(search)
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or search.metric not in frame:
+            continue
+        frame = frame.dropna(subset=[search.metric]).sort_values("epoch")
+        epochs = [int(e) for e in frame["epoch"]]
+        curve = [float(v) for v in frame[search.metric]]
+        last = epochs[-1]
+        if result.error is not None:
+            status = "error"
+        elif last >= search.scheduler.max_t:
+            status = "ran to max_t"
+        else:
+            status = f"stopped at rung {milestones.index(last) + 1} (epoch {last})" if last in milestones else f"stopped at epoch {last}"
+        row = frame.iloc[-1]
+        batch = {k: int(row[k]) for k in ("batch_size_per_worker", "global_batch_size") if k in row}
+        trials.append(Trial(_trial_name(result), {k: result.config[k] for k in search.space}, epochs, curve,
+                            max(curve) if search.mode == "max" else min(curve), status, batch))
+    if not trials:
+        raise ConfigError(f"experiment: no trial has reported {search.metric} yet")
+    return sorted(trials, key=lambda t: t.name)
+
+
+def pick_best(trials: list[Trial], mode: str) -> Trial:
+    return (max if mode == "max" else min)(trials, key=lambda t: t.best)
+
+
+def with_best_name(cfg: RunConfig, sweep_name: str) -> RunConfig:
+    from tl_core.config import with_overrides
+
+    return with_overrides(cfg, [f"experiment={sweep_name}-best"])
+
+
+# --- plots -----------------------------------------------------------------------------------------------------
+
+
+def plot_curves(trials: list[Trial], winner: Trial, search: SearchConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for t in trials:
+        is_best = t is winner
+        ax.plot(t.epochs, t.curve, lw=2.8 if is_best else 1.0, color="tab:red" if is_best else "tab:gray",
+                alpha=1.0 if is_best else 0.6, zorder=3 if is_best else 2, label=f"best: {t.name}" if is_best else None)
+        if t.status.startswith("stopped"):
+            ax.plot(t.epochs[-1], t.curve[-1], "x", color="black", ms=7, zorder=4)
+    for r in rungs(search):
+        ax.axvline(r, ls=":", color="tab:blue", lw=0.8)
+    ax.plot([], [], "x", color="black", label="stopped by ASHA")
+    ax.set(xlabel="epoch", ylabel=search.metric, title=f"{search.metric} of every trial (dotted: ASHA rungs)")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(search.space)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        kind = next(iter(search.space[key]))
+        values = [t.params[key] for t in trials]
+        finals = [t.curve[-1] for t in trials]
+        colors = ["tab:orange" if t.status.startswith("stopped") else "tab:green" for t in trials]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and kind != "choice":
+            ax.scatter(values, finals, c=colors)
+            if kind == "loguniform":
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], finals, c=colors)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(xlabel=key, ylabel=f"final {search.metric}")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("final metric against each tuned value (orange: stopped early, green: ran to max_t)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix, classes = meta["confusion_matrix"], meta["classes"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(int(count)), ha="center", va="center", color="white" if count > top / 2 else "black", fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=f"best checkpoint (epoch {meta['epoch']}): confusion matrix")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+
+
+def write_report(out: Path, trials: list[Trial], winner: Trial, search: SearchConfig, best_cfg: RunConfig, meta: dict,
+                 uri: str) -> None:
+    plot_curves(trials, winner, search, out / "curves.png")
+    plot_params(trials, search, out / "params.png")
+    plot_confusion(meta, out / "confusion.png")
+    (out / "best.yaml").write_text(f"# python -m jobs.finetune --config best.yaml   (the winner of sweep {uri})\n"
+                                   + best_cfg.to_yaml())
+    per_class = {"classes": meta["classes"], "per_class": meta["per_class"], "confusion_matrix": meta["confusion_matrix"],
+                 "epoch": meta["epoch"], "metrics": meta["metrics"]}
+    (out / "per_class.json").write_text(json.dumps(per_class, indent=2))
+    (out / "report.html").write_text(render_html(out, trials, winner, search, best_cfg, meta, uri))
+
+
+def render_html(out: Path, trials, winner: Trial, search: SearchConfig, best_cfg: RunConfig, meta: dict, uri: str) -> str:
+    esc = html.escape
+    spent = sum(t.epochs[-1] for t in trials)
+    full = len(trials) * search.scheduler.max_t
+    head = "".join(f"<th>{esc(h)}</th>" for h in ["trial", *search.space, "global batch", f"best {search.metric}", "epochs", "stopped"])
+    rows = []
+    for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
+        cells = [t.name, *(_fmt(t.params[k]) for k in search.space), str(t.batch.get("global_batch_size", "")),
+                 f"{t.best:.4f}", str(t.epochs[-1]), t.status]
+        style = ' class="best"' if t is winner else ""
+        rows.append(f"<tr{style}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    per_class = meta["per_class"]
+    class_rows = "".join(
+        f"<tr><td>{esc(str(name))}</td>" + "".join(f"<td>{per_class[k][i]:.3f}</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{per_class['support'][i]}</td></tr>" for i, name in enumerate(meta["classes"]))
+    image = lambda name: f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>sweep report: {esc(uri)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}} tr.best{{background:#fde2e2;font-weight:bold}}
+img{{max-width:100%;margin:1em 0}} pre{{background:#f6f6f6;padding:1em}}</style></head><body>
+<h1>Sweep report</h1>
+<p>{esc(uri)}: {len(trials)} trials, metric <b>{esc(search.metric)}</b> ({search.mode}), scheduler {esc(search.scheduler.name)}
+(max_t {search.scheduler.max_t}, grace_period {search.scheduler.grace_period}, reduction_factor {search.scheduler.reduction_factor:g}).</p>
+<p><b>Epochs spent: {spent}</b> against {full} had every trial run to max_t ({spent / full:.0%}).</p>
+<p>Best: <b>{esc(winner.name)}</b>, {esc(search.metric)} {winner.best:.4f}, with
+{esc(", ".join(f"{k}={_fmt(v)}" for k, v in winner.params.items()))}. Retrain it: <code>python -m jobs.finetune --config best.yaml</code>.</p>
+<h2>Trials</h2><table><tr>{head}</tr>{"".join(rows)}</table>
+<h2>Learning curves</h2>{image("curves.png")}
+<h2>Final metric against each hyperparameter</h2>{image("params.png")}
+<h2>Best checkpoint: per-class metrics (epoch {meta["epoch"]})</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{class_rows}</table>
+{image("confusion.png")}
+<h2>best.yaml</h2><pre>{esc(best_cfg.to_yaml())}</pre>
+</body></html>
+"""
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def publish(local: Path, target: storage.Location) -> str:
+    """Put the report beside the experiment (a local copy, or an upload to S3)."""
+    if target.is_s3:
+        storage.upload_dir(local, target)
+    else:
+        destination = Path(target.path)
+        destination.mkdir(parents=True, exist_ok=True)
+        for f in local.iterdir():
+            (destination / f.name).write_bytes(f.read_bytes())
+    return target.uri
+
+
+def print_summary(trials: list[Trial], winner: Trial, search: SearchConfig) -> None:
+    print(f"{'trial':<28}{'best ' + search.metric:>14}{'epochs':>8}  stopped")
+    for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
+        mark = "*" if t is winner else " "
+        print(f"{mark}{t.name:<27}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status}")
+    spent, full = sum(t.epochs[-1] for t in trials), len(trials) * search.scheduler.max_t
+    print(f"epochs spent {spent} of {full} without early stopping ({spent / full:.0%})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Sweep hyperparameters with Ray Tune, stopping the losers early with ASHA.
+
+    python -m jobs.sweep --config configs/sweep-demo.yaml [--set search.num_samples=12 ...] [--resume]
+    python -m jobs.analyze ROOT/EXPERIMENT      # then: the report, plots and best.yaml
+
+A trial with `scaling.num_workers: 1` runs the core loop inside the Tune trial; with more it starts a
+TorchTrainer (DDP) that reports to Tune through TuneReportCallback. The experiment lives under
+`storage.root` in Ray Tune's own layout, so `--resume` (Tuner.restore) continues it without rerunning
+finished trials.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+from jobs.common import RunFailed, check_run, connect_ray, experiment_location, guarded, localize, parse_args, root_location
+from tl_core.config import RunConfig, SearchConfig, from_dict, load_sweep, with_overrides
+
+SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, description=__doc__.splitlines()[0])
+    base, search = load_sweep(args.config, args.overrides)
+    base = check_run(with_overrides(base, [f"train.epochs={search.scheduler.max_t}"]), resume=args.resume)
+    results = run_sweep(base, search, resume=args.resume)
+    best = results.get_best_result(search.metric, search.mode, scope="all")
+    print(f"{base.experiment}: {len(results)} trials, best {search.metric} {best.metrics_dataframe[search.metric].agg(search.mode):.4f} "
+          f"({best.path.rsplit('/', 1)[-1]}: {best.config})")
+    print(f"report: python -m jobs.analyze {experiment_location(base).uri}")
+    return 0
+
+
+def param_space(search: SearchConfig) -> dict:
+    from ray import tune
+
+    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+            "randint": lambda v: tune.randint(*v), "choice": tune.choice, "grid": tune.grid_search}
+    return {key: make[kind](values) for key, spec in search.space.items() for kind, values in spec.items()}
+
+
+def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
+    """The run config of one trial: the base with the sampled values, LR scaled with the global batch if asked."""
+    cfg = with_overrides(from_dict(base), [f"{k}={v}" for k, v in params.items()])
+    if search["scale_lr"] == "linear":
+        cfg = with_overrides(cfg, [f"optim.lr={cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size']}"])
+    return cfg
+
+
+def global_batch_size(cfg: RunConfig) -> int:
+    return cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum
+
+
+def trial(params: dict, base: dict, search: dict) -> None:
+    """One Tune trial: every epoch's metrics (and checkpoint) go to Tune, so ASHA can stop it at a rung."""
+    import ray.tune
+
+    cfg = trial_config(base, search, params)
+    sizes = {"batch_size_per_worker": cfg.train.batch_size, "global_batch_size": global_batch_size(cfg), "trial_lr": cfg.optim.lr}
+    if cfg.scaling.num_workers > 1:
+        return _ddp_trial(cfg, sizes)
+
+    import torch
+
+    from tl_core.checkpoint import load_checkpoint
+    from tl_core.loop import fit
+
+    resume = None
+    if (checkpoint := ray.tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            resume = load_checkpoint(directory)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        saved = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report({**metrics, **sizes}, checkpoint=saved)
+
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    fit(localize(cfg), report, resume_from=resume, device=device)
+
+
+def _ddp_trial(cfg: RunConfig, sizes: dict) -> None:
+    """A TorchTrainer named after the trial, in the sweep's storage, reporting each epoch to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.common import run_trainer
+
+    context = ray.tune.get_context()
+    cfg = with_overrides(cfg, [f"experiment={context.get_trial_id()}",
+                               f"storage.root={experiment_location(cfg).uri}/ddp-trials"])
+    run_trainer(cfg, callbacks=[TuneReportCallback()], extra_metrics=sizes)
+
+
+def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from cluster import storage
+
+    connect_ray()
+    root = root_location(cfg)
+    fs = storage.filesystem(root) if root.is_s3 else None
+    trainable = tune.with_parameters(trial, base=cfg.to_dict(), search=search.model_dump())
+    trainable = tune.with_resources(trainable, trial_resources(cfg))
+    experiment = experiment_location(cfg)
+    if resume and tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(experiment.path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        # What jobs.analyze needs besides Ray's own files: the base config and the search section.
+        storage.write_text(experiment.child(SWEEP_FILE), yaml.safe_dump({**cfg.to_dict(), "search": search.model_dump()}, sort_keys=False))
+        s = search.scheduler
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                     if s.name == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(search),
+            tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
+                                        max_concurrent_trials=search.max_concurrent_trials, scheduler=scheduler,
+                                        search_alg=BasicVariantGenerator(random_state=search.seed)),
+            run_config=tune.RunConfig(
+                name=cfg.experiment, storage_path=root.path, storage_filesystem=fs, verbose=1,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=search.metric,
+                                                        checkpoint_score_order=search.mode),
+                failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
+        )
+    results = tuner.fit()
+    if results.errors and len(results.errors) == len(results):
+        raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {type(results.errors[0]).__name__}: "
+                        f"{str(results.errors[0]).strip().splitlines()[-1]}")
+    return results
+
+
+def trial_resources(cfg: RunConfig) -> dict:
+    """What one trial holds: a one-worker trial is the worker; a DDP trial only drives its TorchTrainer,
+    whose workers ask for their own resources."""
+    if cfg.scaling.num_workers > 1:
+        return {"CPU": 0}
+    resources = {"CPU": 1.0, **cfg.scaling.resources_per_worker}
+    if cfg.scaling.use_gpu:
+        resources.setdefault("GPU", 1.0)
+    return resources
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""jobs.sweep (Ray Tune + ASHA) and jobs.analyze on the shared local Ray cluster, and their bad-input contract."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import make_image_folder
+from PIL import Image
+
+from jobs import analyze, finetune, sweep
+from tl_core.config import load_sweep
+
+REPO = Path(__file__).parent.parent
+
+
+def write_sweep(tmp_path, data_root, experiment="sweep", name="sweep.yaml", **search) -> Path:
+    cfg = {
+        "experiment": experiment,
+        "data": {"root": str(data_root), "image_size": 16, "loader_workers": 0, "val_fraction": 0.25},
+        "model": {"backbone": "resnet18"},
+        "optim": {"name": "adam", "lr": 1e-3, "scheduler": "constant"},
+        "train": {"batch_size": 8},
+        "scaling": {"num_workers": 1},
+        "checkpoint": {"keep": 1},
+        "storage": {"root": str(tmp_path / "runs")},
+        "search": {
+            "num_samples": 6, "max_concurrent_trials": 2, "seed": 0, "metric": "val/acc", "mode": "max",
+            "scheduler": {"name": "asha", "max_t": 6, "grace_period": 1, "reduction_factor": 2},
+            "space": {"optim.lr": {"loguniform": [1.0e-6, 3.0e-2]}, "train.batch_size": {"choice": [4, 8]},
+                      "model.dropout": {"uniform": [0.0, 0.5]}},
+        },
+    }
+    for key, value in search.items():
+        cfg["search"][key] = {**cfg["search"][key], **value} if isinstance(value, dict) and key != "space" else value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def trial_histories(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial's reported rows, read from Tune's own result.json files."""
+    out = {}
+    for result in experiment.glob("*/result.json"):
+        out[result.parent.name] = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
+    config = write_sweep(tmp_path, data)
+    assert sweep.main(["--config", str(config)]) == 0
+    experiment = tmp_path / "runs" / "sweep"
+    histories = trial_histories(experiment)
+    assert len(histories) == 6
+    last_epochs = {name: rows[-1]["epoch"] for name, rows in histories.items()}
+    assert min(last_epochs.values()) < 6 and max(last_epochs.values()) == 6  # ASHA stopped some, not all
+    for rows in histories.values():
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))  # one report per epoch
+        assert rows[-1]["global_batch_size"] == rows[-1]["batch_size_per_worker"] in (4, 8)
+
+    capsys.readouterr()
+    assert analyze.main([str(experiment)]) == 0
+    printed = capsys.readouterr().out
+    report = experiment / "report"
+    assert {p.name for p in report.iterdir()} >= {"report.html", "curves.png", "params.png", "confusion.png", "best.yaml",
+                                                  "per_class.json"}
+    for png in report.glob("*.png"):
+        with Image.open(png) as image:
+            image.verify()
+    page = (report / "report.html").read_text()
+    assert all(name in page for name in histories) and "data:image/png;base64," in page
+
+    # The analysis picked the trial with the best metric, and its best.yaml is that trial's config.
+    best_name = max(histories, key=lambda n: max(r["val/acc"] for r in histories[n]))
+    best_value = max(r["val/acc"] for r in histories[best_name])
+    starred = [line for line in printed.splitlines() if line.startswith("*")]
+    assert len(starred) == 1 and float(starred[0].split()[1]) == pytest.approx(best_value)
+    best_params = json.loads((experiment / starred[0].split()[0][1:] / "params.json").read_text())
+    best = yaml.safe_load((report / "best.yaml").read_text())
+    assert best["optim"]["lr"] == pytest.approx(best_params["optim.lr"])
+    assert best["train"]["batch_size"] == best_params["train.batch_size"] and best["train"]["epochs"] == 6
+    per_class = json.loads((report / "per_class.json").read_text())
+    assert per_class["classes"] == ["class_0", "class_1", "class_2"] and len(per_class["per_class"]["f1"]) == 3
+
+    assert finetune.main(["--config", str(report / "best.yaml"), "--set", "train.epochs=1",
+                          "--set", "scaling.num_workers=1"]) == 0
+    assert (tmp_path / "runs" / "sweep-best" / "result.json").is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_path):
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
+    config = write_sweep(tmp_path, data, experiment="resumed", num_samples=4, max_concurrent_trials=1,
+                         scheduler={"name": "fifo", "max_t": 3})
+    experiment = tmp_path / "runs" / "resumed"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--config", str(config)], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(finished := {n: h for n, h in trial_histories(experiment).items() if h and h[-1]["epoch"] == 3}) < 2:
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.5)
+        time.sleep(3)  # the experiment state is saved every second
+        finished = {n: h for n, h in trial_histories(experiment).items() if h and h[-1]["epoch"] == 3}
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert len(trial_histories(experiment)) < 4 or not all(h and h[-1]["epoch"] == 3 for h in trial_histories(experiment).values())
+
+    assert sweep.main(["--config", str(config), "--resume"]) == 0
+    after = trial_histories(experiment)
+    assert len(after) == 4 and all(h[-1]["epoch"] == 3 for h in after.values())
+    for name, rows in finished.items():
+        assert after[name] == rows  # finished before the kill: not run again
+
+
+def test_sweep_config_values_and_rungs(tmp_path):
+    config = write_sweep(tmp_path, tmp_path, space={"train.batch_size": {"choice": [16, 32]}, "optim.lr": {"uniform": [0.1, 0.2]}},
+                         scale_lr="linear", base_batch_size=64)
+    base, search = load_sweep(config)
+    cfg = sweep.trial_config(base.to_dict(), search.model_dump(), {"train.batch_size": 32, "optim.lr": 0.2})
+    assert cfg.train.batch_size == 32 and cfg.optim.lr == pytest.approx(0.2 * 32 / 64)  # the linear scaling rule
+    assert analyze.rungs(search) == [1, 2, 4]
+    space = sweep.param_space(search)
+    assert set(space) == {"train.batch_size", "optim.lr"}
+
+
+SWEEP_BAD_INPUTS = {
+    "empty space": ({"space": {}}, "search.space: the search space is empty"),
+    "unknown key": ({"space": {"optim.learning_rate": {"choice": [0.1]}}}, "optim.learning_rate: not a config key"),
+    "grace beyond max_t": ({"scheduler": {"grace_period": 9}}, "search.scheduler: grace_period: 9 is more than max_t 6"),
+    "unknown metric": ({"metric": "val/top1"}, "search.metric: unknown metric 'val/top1'"),
+    "no samples": ({"num_samples": 0}, "search.num_samples: Input should be greater than or equal to 1"),
+    "bad value in space": ({"space": {"optim.name": {"choice": ["sgd", "lamb"]}}}, "search.space.optim.name: value 'lamb'"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEP_BAD_INPUTS))
+def test_sweep_bad_input_is_one_line_exit_2_and_launches_nothing(case, tmp_path, capsys):
+    patch, message = SWEEP_BAD_INPUTS[case]
+    config = write_sweep(tmp_path, make_image_folder(tmp_path / "data", n_classes=2, per_class=4), **patch)
+    assert sweep.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_analyze_needs_an_experiment(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert analyze.main([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: experiment: there is no Ray Tune experiment at {tmp_path / 'empty'}"
