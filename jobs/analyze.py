@@ -30,7 +30,8 @@ from tl_core.errors import ConfigError
 
 @dataclass
 class Trial:
-    name: str
+    name: str  # Tune's trial id
+    directory: str
     params: dict
     epochs: list[int]
     curve: list[float]  # the sweep metric at each reported epoch
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     base, search, results = load_experiment(location)
     trials = summarize(results, search)
     winner = pick_best(trials, search.mode)
-    best_result = next(r for r in results if _trial_name(r) == winner.name)
+    best_result = next(r for r in results if _trial_name(r) == winner.directory)
     best_cfg = trial_config(base.to_dict(), search.model_dump(), winner.params)
     best_cfg = with_best_name(best_cfg, base.experiment)
     meta = read_meta(best_result.get_best_checkpoint(search.metric, search.mode) or best_result.checkpoint)
@@ -114,7 +115,8 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
             status = f"stopped at rung {milestones.index(last) + 1} (epoch {last})" if last in milestones else f"stopped at epoch {last}"
         row = frame.iloc[-1]
         batch = {k: int(row[k]) for k in ("batch_size_per_worker", "global_batch_size") if k in row}
-        trials.append(Trial(_trial_name(result), {k: result.config[k] for k in search.space}, epochs, curve,
+        trials.append(Trial(str(row.get("trial_id", _trial_name(result))), _trial_name(result),
+                            {k: result.config[k] for k in search.space}, epochs, curve,
                             max(curve) if search.mode == "max" else min(curve), status, batch))
     if not trials:
         raise ConfigError(f"experiment: no trial has reported {search.metric} yet")
@@ -151,7 +153,7 @@ def plot_curves(trials: list[Trial], winner: Trial, search: SearchConfig, path: 
         ax.axvline(r, ls=":", color="tab:blue", lw=0.8)
     ax.plot([], [], "x", color="black", label="stopped by ASHA")
     ax.set(xlabel="epoch", ylabel=search.metric, title=f"{search.metric} of every trial (dotted: ASHA rungs)")
-    ax.legend(loc="best")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -282,10 +284,11 @@ def publish(local: Path, target: storage.Location) -> str:
 
 
 def print_summary(trials: list[Trial], winner: Trial, search: SearchConfig) -> None:
-    print(f"{'trial':<28}{'best ' + search.metric:>14}{'epochs':>8}  stopped")
+    print(f"{'trial':<18}{'best ' + search.metric:>14}{'epochs':>8}  {'stopped':<28}values")
     for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
         mark = "*" if t is winner else " "
-        print(f"{mark}{t.name:<27}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status}")
+        values = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{values}")
     spent, full = sum(t.epochs[-1] for t in trials), len(trials) * search.scheduler.max_t
     print(f"epochs spent {spent} of {full} without early stopping ({spent / full:.0%})")
 

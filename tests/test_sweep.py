@@ -76,14 +76,15 @@ def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys
         with Image.open(png) as image:
             image.verify()
     page = (report / "report.html").read_text()
-    assert all(name in page for name in histories) and "data:image/png;base64," in page
+    trial_ids = {rows[-1]["trial_id"]: name for name, rows in histories.items()}
+    assert all(trial_id in page for trial_id in trial_ids) and "data:image/png;base64," in page
 
     # The analysis picked the trial with the best metric, and its best.yaml is that trial's config.
     best_name = max(histories, key=lambda n: max(r["val/acc"] for r in histories[n]))
     best_value = max(r["val/acc"] for r in histories[best_name])
     starred = [line for line in printed.splitlines() if line.startswith("*")]
     assert len(starred) == 1 and float(starred[0].split()[1]) == pytest.approx(best_value)
-    best_params = json.loads((experiment / starred[0].split()[0][1:] / "params.json").read_text())
+    best_params = json.loads((experiment / trial_ids[starred[0].split()[0][1:]] / "params.json").read_text())
     best = yaml.safe_load((report / "best.yaml").read_text())
     assert best["optim"]["lr"] == pytest.approx(best_params["optim.lr"])
     assert best["train"]["batch_size"] == best_params["train.batch_size"] and best["train"]["epochs"] == 6
