@@ -28,6 +28,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.core_throughput
 	$(PY) -m bench.trainer_overhead
+	$(PY) -m bench.s3_checkpoint
+	$(PY) -m bench.sweep_asha
 
 clean:
 	rm -rf runs data/digits .pytest_cache

@@ -24,6 +24,7 @@ import yaml
 from cluster import storage
 from jobs.common import guarded, read_meta
 from jobs.sweep import SWEEP_FILE, trial_config
+from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, SearchConfig, from_dict
 from tl_core.errors import ConfigError
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     best_result = next(r for r in results if _trial_name(r) == winner.directory)
     best_cfg = trial_config(base.to_dict(), search.model_dump(), winner.params)
     best_cfg = with_best_name(best_cfg, base.experiment)
-    meta = read_meta(best_result.get_best_checkpoint(search.metric, search.mode) or best_result.checkpoint)
+    meta = read_meta(best_checkpoint(best_result, search, location))
 
     with tempfile.TemporaryDirectory(prefix="tl-report-") as tmp:
         out = Path(tmp)
@@ -79,6 +80,24 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     analysis = ExperimentAnalysis(location.path, storage_filesystem=fs if location.is_s3 else None,
                                   default_metric=search.metric, default_mode=search.mode)
     return from_dict(raw), search, ResultGrid(analysis)
+
+
+def best_checkpoint(result, search: SearchConfig, location: storage.Location):
+    """The trial's best kept checkpoint: Tune's own, or for a DDP trial (whose checkpoints its TorchTrainer
+    kept) the best reported `checkpoint_path` that still exists."""
+    import ray.train
+
+    found = result.get_best_checkpoint(search.metric, search.mode) if result.best_checkpoints else None
+    if found is not None:
+        return found
+    frame = result.metrics_dataframe
+    if "checkpoint_path" in frame:
+        fs = storage.filesystem(location)
+        ranked = frame.dropna(subset=["checkpoint_path"]).sort_values(search.metric, ascending=search.mode == "min")
+        for path in ranked["checkpoint_path"]:
+            if fs.get_file_info(f"{path}/{META_FILE}").is_file:
+                return ray.train.Checkpoint(path, filesystem=fs)
+    raise ConfigError(f"experiment: trial {_trial_name(result)} kept no checkpoint to report on")
 
 
 def _trial_name(result) -> str:

@@ -48,3 +48,9 @@ def ray_cluster(s3):
     ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a second Ray cluster on this machine run last: Ray's processes look for "the" local
+    cluster in places a second one can confuse, so the shared cluster's tests run before it ever exists."""
+    items.sort(key=lambda item: item.get_closest_marker("second_ray_cluster") is not None)

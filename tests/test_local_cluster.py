@@ -49,6 +49,7 @@ def listening(pid: int) -> list[tuple[str, int]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.second_ray_cluster
 def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
     from ray.job_submission import JobSubmissionClient
 

@@ -160,3 +160,19 @@ def test_analyze_needs_an_experiment(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert analyze.main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.strip() == f"error: experiment: there is no Ray Tune experiment at {tmp_path / 'empty'}"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ddp_trials_run_a_torch_trainer_and_are_analyzed(ray_cluster, tmp_path):
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
+    config = write_sweep(tmp_path, data, experiment="ddp-sweep", num_samples=1, scheduler={"name": "fifo", "max_t": 2},
+                         space={"optim.lr": {"choice": [1.0e-3]}})
+    assert sweep.main(["--config", str(config), "--set", "scaling.num_workers=2"]) == 0
+    experiment = tmp_path / "runs" / "ddp-sweep"
+    (rows,) = trial_histories(experiment).values()
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["global_batch_size"] == 16 and rows[-1]["batch_size_per_worker"] == 8  # 2 workers x 8
+    assert rows[-1]["checkpoint_path"].startswith(str(experiment / "ddp-trials"))
+    assert analyze.main([str(experiment)]) == 0
+    assert json.loads((experiment / "report" / "per_class.json").read_text())["epoch"] in (1, 2)
