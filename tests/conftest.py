@@ -51,6 +51,17 @@ def ray_cluster(s3):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that start a second Ray cluster on this machine run last: Ray's processes look for "the" local
-    cluster in places a second one can confuse, so the shared cluster's tests run before it ever exists."""
-    items.sort(key=lambda item: item.get_closest_marker("second_ray_cluster") is not None)
+    """The order that keeps the shared Ray cluster healthy: first every test without Ray, then the tests on
+    the shared cluster, then the test that starts a second Ray head.
+
+    Starting processes with multiprocessing's spawn (as the gloo DDP tests do) from this driver process
+    after `ray.init` left Ray 2.60's driver unable to see its next TorchTrainer controller come alive (the
+    run hung before starting its worker group, reproducibly); a second Ray head beside the shared one
+    confuses the processes that look for "the" local cluster.
+    """
+    def rank(item) -> int:
+        if item.get_closest_marker("second_ray_cluster"):
+            return 2
+        return 1 if "ray_cluster" in item.fixturenames else 0
+
+    items.sort(key=rank)
