@@ -97,6 +97,8 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, timeout: float 
                "--disable-usage-stats", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]
     env = {**os.environ, **{k: v for k, v in job_env(state).items() if k != "RAY_ADDRESS"}}
     env.pop("RAY_ADDRESS", None)
+    # A job's `python -m jobs...` is this interpreter, with this project's dependencies, whatever the caller's PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with open(directory / "ray.log", "ab") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state["ray_pid"] = head.pid

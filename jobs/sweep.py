@@ -138,7 +138,7 @@ def trial_resources(cfg: RunConfig) -> dict:
     """What one trial holds: a one-worker trial is the worker; a DDP trial only drives its TorchTrainer,
     whose workers ask for their own resources."""
     if cfg.scaling.num_workers > 1:
-        return {"CPU": 0}
+        return {"memory": 2**20}  # a token: Tune refuses an empty request, and a CPU here would starve the workers
     resources = {"CPU": 1.0, **cfg.scaling.resources_per_worker}
     if cfg.scaling.use_gpu:
         resources.setdefault("GPU", 1.0)
