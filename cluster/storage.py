@@ -145,8 +145,12 @@ def exists(location: Location, field: str = "storage.root") -> bool:
     if not location.is_s3:
         return Path(location.path).exists()
     with s3_errors(location, field):
-        found = s3_client(location).list_objects_v2(Bucket=location.bucket, Prefix=location.key.rstrip("/"), MaxKeys=1)
-    return any(o["Key"] == location.key or o["Key"].startswith(location.key + "/") for o in found.get("Contents", []))
+        found = s3_client(location).list_objects_v2(Bucket=location.bucket, Prefix=location.key.rstrip("/") + "/", MaxKeys=20)
+        if not found.get("Contents"):
+            found = s3_client(location).list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=1)
+    # A key ending in "/" is a directory marker (pyarrow leaves them), not content.
+    return any((o["Key"] == location.key or o["Key"].startswith(location.key + "/")) and not o["Key"].endswith("/")
+               for o in found.get("Contents", []))
 
 
 def is_object(location: Location, field: str = "storage") -> bool:
@@ -228,10 +232,15 @@ def download(location: Location, target: str | Path, field: str = "storage", cli
 
 
 def delete(location: Location) -> None:
-    """Remove everything at `location` (a run directory or an S3 prefix)."""
-    fs = filesystem(location)
-    if location.is_s3:
-        with s3_errors(location, "storage.root"):
-            fs.delete_dir_contents(location.path, missing_dir_ok=True)
-    elif Path(location.path).exists():
-        fs.delete_dir(location.path)
+    """Remove everything at `location` (a run directory or an S3 prefix, directory markers included)."""
+    if not location.is_s3:
+        if Path(location.path).exists():
+            pyarrow.fs.LocalFileSystem().delete_dir(location.path)
+        return
+    client = s3_client(location)
+    prefix = location.key.rstrip("/") + "/"
+    with s3_errors(location, "storage.root"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=location.bucket, Delete={"Objects": keys, "Quiet": True})

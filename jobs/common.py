@@ -225,7 +225,7 @@ def latest_valid_checkpoint():
         try:
             with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
                 checkpoint = load_checkpoint(directory)
-        except CheckpointError as exc:
+        except (CheckpointError, FileNotFoundError) as exc:  # damaged, or an empty directory left by a delete
             log.warning("skipping checkpoint %s: %s", Path(path).name, exc)
             continue
         log.info("resuming from %s (epoch %d)", Path(path).name, checkpoint.meta["epoch"])

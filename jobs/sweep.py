@@ -15,7 +15,17 @@ import sys
 
 import yaml
 
-from jobs.common import RunFailed, check_run, connect_ray, experiment_location, guarded, localize, parse_args, root_location
+from jobs.common import (
+    RunFailed,
+    check_run,
+    connect_ray,
+    experiment_location,
+    guarded,
+    localize,
+    parse_args,
+    root_location,
+    with_absolute_paths,
+)
 from tl_core.config import RunConfig, SearchConfig, from_dict, load_sweep, with_overrides
 
 SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
@@ -101,6 +111,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
 
     from cluster import storage
 
+    cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
     root = root_location(cfg)
     fs = storage.filesystem(root) if root.is_s3 else None
