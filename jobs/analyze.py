@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -155,12 +156,18 @@ def with_best_name(cfg: RunConfig, sweep_name: str) -> RunConfig:
 # --- plots -----------------------------------------------------------------------------------------------------
 
 
-def plot_curves(trials: list[Trial], winner: Trial, search: SearchConfig, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(trials: list[Trial], winner: Trial, search: SearchConfig, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for t in trials:
         is_best = t is winner
@@ -179,11 +186,7 @@ def plot_curves(trials: list[Trial], winner: Trial, search: SearchConfig, path: 
 
 
 def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     keys = list(search.space)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
@@ -211,11 +214,7 @@ def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
 
 
 def plot_confusion(meta: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     matrix, classes = meta["confusion_matrix"], meta["classes"]
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
     image = ax.imshow(matrix, cmap="Blues")
@@ -295,10 +294,7 @@ def publish(local: Path, target: storage.Location) -> str:
     if target.is_s3:
         storage.upload_dir(local, target)
     else:
-        destination = Path(target.path)
-        destination.mkdir(parents=True, exist_ok=True)
-        for f in local.iterdir():
-            (destination / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(local, target.path, dirs_exist_ok=True)
     return target.uri
 
 

@@ -26,7 +26,7 @@ from jobs.common import (
     root_location,
     with_absolute_paths,
 )
-from tl_core.config import RunConfig, SearchConfig, from_dict, load_sweep, with_overrides
+from tl_core.config import RunConfig, SearchConfig, from_dict, load_sweep, override, with_overrides
 
 SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
 
@@ -54,7 +54,7 @@ def param_space(search: SearchConfig) -> dict:
 
 def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
     """The run config of one trial: the base with the sampled values, LR scaled with the global batch if asked."""
-    cfg = with_overrides(from_dict(base), [f"{k}={v}" for k, v in params.items()])
+    cfg = with_overrides(from_dict(base), [override(k, v) for k, v in params.items()])
     if search["scale_lr"] == "linear":
         cfg = with_overrides(cfg, [f"optim.lr={cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size']}"])
     return cfg

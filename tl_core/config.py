@@ -356,6 +356,11 @@ def _check_config_key(key: str) -> None:
         model = annotation
 
 
+def override(key: str, value: Any) -> str:
+    """`key=value` for `with_overrides`, with the value written as YAML (so None, lists and strings survive)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SearchConfig]:
     """A sweep file: the run config every trial starts from, and its `search:` section. Every edge of the
     space is applied to the run config and validated, so a bad range fails here, not in trial 7."""
@@ -373,7 +378,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for values in search.trial_values():
         key, value = next(iter(values.items()))
         try:
-            with_overrides(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+            with_overrides(base, [override(key, value)])
         except ConfigError as exc:
             raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {str(exc).split(': ', 1)[-1]}") from None
     return base, search
