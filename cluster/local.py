@@ -1,14 +1,18 @@
 """A local Ray head (and, with --s3, the development S3 server) for `ray job submit` on one machine.
 
-    python -m cluster.local up [--s3] [--num-cpus N] [--dashboard-port 8265]
+    python -m cluster.local up [--s3] [--num-cpus N | --autoscale [--max-workers 3]] [--dashboard-port 8265]
     eval "$(python -m cluster.local env)"
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.finetune --config configs/demo.yaml
     python -m cluster.local status
     python -m cluster.local down
 
-Everything listens on 127.0.0.1 only. The head runs `ray start --head --block` in its own session; `down`
+Everything listens on 127.0.0.1 only, Ray's GCS and raylets included. The head runs `ray start --head --block` in its own session; `down`
 stops exactly the processes `up` started, by PID. State (PIDs, ports, and the S3 server's generated
 credentials, mode 0600) lives in $TL_LOCAL_DIR, default ~/.cache/tl-finetune/local.
+
+With --autoscale the head has no CPUs and Ray's autoscaler adds 1-CPU worker nodes on demand (up to
+--max-workers) and removes them after --idle-timeout-minutes idle: cluster.yaml's behaviour, on one machine
+(cluster/autoscaling/fake-multinode.yaml).
 
 With --s3 the head's environment carries the S3 endpoint and credentials, and TL_STORAGE_ROOT /
 TL_DATA_ROOT point at the bucket, so submitted jobs write their runs there (configs/demo.yaml reads them).
@@ -28,9 +32,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from cluster.s3_server import free_ports, start_s3_server
 
 BUCKET = "tl-local"
+FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
 
 
 def state_dir() -> Path:
@@ -66,7 +73,9 @@ def job_env(state: dict) -> dict[str, str]:
     """What a shell (and the head) exports to use this cluster."""
     # Token authentication on (Ray's token is ~/.ray/auth_token, made by `ray start` if missing); clients
     # such as `ray job submit` send it only when RAY_AUTH_MODE says so.
-    env = {"RAY_ADDRESS": state["gcs_address"], "RAY_AUTH_MODE": "token"}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-host mode: every Ray process (the head's GCS and
+    # raylet, autoscaled worker nodes, drivers joining from this shell) binds and connects on 127.0.0.1.
+    env = {"RAY_ADDRESS": state["gcs_address"], "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if state.get("s3"):
         s3 = state["s3"]
         env.update(AWS_ACCESS_KEY_ID=s3["access_key"], AWS_SECRET_ACCESS_KEY=s3["secret_key"],
@@ -75,13 +84,16 @@ def job_env(state: dict) -> dict[str, str]:
     return env
 
 
-def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, timeout: float = 120.0) -> dict:
+def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict | None = None, timeout: float = 120.0) -> dict:
+    """Start the head (and the S3 server); `autoscale` ({"max_workers", "idle_timeout_minutes"}) makes it a
+    head with no CPUs whose autoscaler launches fake worker nodes."""
     state = read_state()
     if state and alive(state.get("ray_pid")):
         return state
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"gcs_address": None, "dashboard_url": f"http://127.0.0.1:{dashboard_port}", "ray_pid": None, "s3": None}
+    state = {"gcs_address": None, "dashboard_url": f"http://127.0.0.1:{dashboard_port}", "ray_pid": None, "s3": None,
+             "autoscale": autoscale}
     if with_s3:
         server = start_s3_server(directory / "s3", bucket=BUCKET)
         state["s3"] = {"pid": server.process.pid, "endpoint_url": server.endpoint_url, "access_key": server.access_key,
@@ -94,9 +106,16 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, timeout: float 
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
-               "--disable-usage-stats", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]
+               "--disable-usage-stats"]
     env = {**os.environ, **{k: v for k, v in job_env(state).items() if k != "RAY_ADDRESS"}}
     env.pop("RAY_ADDRESS", None)
+    if autoscale:
+        config = directory / "autoscaling.yaml"
+        config.write_text(yaml.safe_dump(fake_autoscaling_config(state["gcs_address"], **autoscale), sort_keys=False))
+        command += ["--num-cpus=0", f"--autoscaling-config={config}"]
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    elif num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
     # A job's `python -m jobs...` is this interpreter, with this project's dependencies, whatever the caller's PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with open(directory / "ray.log", "ab") as log:
@@ -105,6 +124,15 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, timeout: float 
     write_state(state)
     _wait_for_dashboard(state, head, timeout)
     return state
+
+
+def fake_autoscaling_config(gcs_address: str, max_workers: int, idle_timeout_minutes: float) -> dict:
+    """cluster/autoscaling/fake-multinode.yaml for a head at `gcs_address`, with its worker limits."""
+    config = yaml.safe_load(FAKE_AUTOSCALING.read_text())
+    config["provider"]["gcs_address"] = gcs_address
+    config["max_workers"] = config["available_node_types"]["worker.cpu"]["max_workers"] = max_workers
+    config["idle_timeout_minutes"] = idle_timeout_minutes
+    return config
 
 
 def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float) -> None:
@@ -177,6 +205,8 @@ def describe(state: dict | None) -> str:
         return "no local cluster (python -m cluster.local up [--s3])"
     lines = [f"Ray head   {state['gcs_address']}  ({'running' if alive(state['ray_pid']) else 'stopped'}, pid {state['ray_pid']})",
              f"dashboard  {state['dashboard_url']}   (ray job submit --address {state['dashboard_url']} ...)"]
+    if state.get("autoscale"):
+        lines.append("autoscale  0-{max_workers} worker nodes of 1 CPU, idle timeout {idle_timeout_minutes} min".format(**state["autoscale"]))
     if state.get("s3"):
         s3 = state["s3"]
         lines.append(f"S3         {s3['endpoint_url']}  bucket {s3['bucket']}  "
@@ -193,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("up", help="start a Ray head on 127.0.0.1 (and the S3 server with --s3)")
     start.add_argument("--s3", action="store_true", help="also start the local S3 server and point jobs at it")
-    start.add_argument("--num-cpus", type=int, default=None)
+    start.add_argument("--num-cpus", type=int, default=None, help="CPUs of the head (default: all)")
+    start.add_argument("--autoscale", action="store_true",
+                       help="a head with no CPUs plus autoscaled 1-CPU worker nodes on this machine (fake multi-node)")
+    start.add_argument("--max-workers", type=int, default=3, help="with --autoscale: the most worker nodes")
+    start.add_argument("--idle-timeout-minutes", type=float, default=0.2,
+                       help="with --autoscale: how long an idle worker node lives")
     start.add_argument("--dashboard-port", type=int, default=8265)
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="what is running")
@@ -201,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        state = up(args.num_cpus, args.dashboard_port, args.s3)
+        if args.autoscale and args.num_cpus is not None:
+            parser.error("--num-cpus and --autoscale: the autoscaled head has no CPUs; choose one")
+        if args.max_workers < 1 or args.idle_timeout_minutes <= 0:
+            parser.error("--max-workers must be >= 1 and --idle-timeout-minutes > 0")
+        autoscale = {"max_workers": args.max_workers, "idle_timeout_minutes": args.idle_timeout_minutes} if args.autoscale else None
+        state = up(args.num_cpus, args.dashboard_port, args.s3, autoscale)
         print(describe(state), file=sys.stderr)
         print("\n# to use it from this shell:", file=sys.stderr)
         print(exports(state))

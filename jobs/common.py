@@ -15,7 +15,7 @@ from typing import Callable
 from cluster import cache, storage
 from cluster.storage import Location
 from tl_core.checkpoint import META_FILE, RESULT_FILE
-from tl_core.config import RunConfig, load_config, with_overrides
+from tl_core.config import RunConfig, ScalingConfig, load_config, with_overrides
 from tl_core.data import index_image_folder
 from tl_core.errors import CheckpointError, ConfigError, DataError, UserError
 from tl_core.models import build_model
@@ -164,20 +164,40 @@ def connect_ray() -> None:
         ray.init(address="local", logging_level=logging.WARNING, dashboard_host="127.0.0.1")
 
 
-def check_capacity(cfg: RunConfig) -> None:
-    """Fail with a message, not a hang, when the cluster can never place all workers."""
-    import ray
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """What one training worker holds: `resources_per_worker`, a GPU with `use_gpu` unless it says how many,
+    and a sliver of Ray's `accelerator_type:X` resource, which only nodes with that accelerator have."""
+    resources = dict(scaling.resources_per_worker)
+    if scaling.use_gpu:
+        resources.setdefault("GPU", 1.0)
+    if scaling.accelerator_type:
+        resources[f"accelerator_type:{scaling.accelerator_type}"] = 0.001
+    return resources
 
-    per_worker = dict(cfg.scaling.resources_per_worker)
-    if cfg.scaling.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    available = ray.cluster_resources()
-    for name, amount in per_worker.items():
-        needed = amount * cfg.scaling.num_workers
-        if needed > available.get(name, 0.0) + 1e-9:
+
+def check_capacity(cfg: RunConfig) -> None:
+    """Fail with a message, not a hang, when the cluster can never place the workers a run needs (all of
+    them, or `min` of an elastic range). An autoscaling cluster is judged by what it can grow to."""
+    import ray
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    capacity = state.get_max_resources_from_cluster_config()  # autoscaler v2 publishes its node types' limits
+    if capacity is None:
+        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None:
+            # Autoscaler v1 runs but does not publish its limits: the run waits for the nodes it launches.
+            log.info("the cluster autoscales; waiting for %d worker(s) to be placed", cfg.scaling.min_workers)
+            return
+        capacity = ray.cluster_resources()
+    workers = cfg.scaling.min_workers
+    for name, amount in worker_resources(cfg.scaling).items():
+        needed = amount * workers
+        if needed > capacity.get(name, 0.0) + 1e-9:
+            what = "accelerator_type" if name.startswith("accelerator_type:") else "num_workers"
             raise ConfigError(
-                f"scaling.num_workers: {cfg.scaling.num_workers} workers x {amount:g} {name} need {needed:g} {name}, "
-                f"but the Ray cluster has {available.get(name, 0.0):g}")
+                f"scaling.{what}: {workers} workers x {amount:g} {name} need {needed:g} {name}, "
+                f"but the Ray cluster has {capacity.get(name, 0.0):g}")
 
 
 def train_worker(loop_config: dict) -> None:
@@ -262,8 +282,7 @@ def run_trainer(cfg: RunConfig, callbacks: list | None = None, extra_metrics: di
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "extra_metrics": extra_metrics or {}},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=dict(cfg.scaling.resources_per_worker)),
+        scaling_config=train_scaling(cfg.scaling),
         run_config=ray.train.RunConfig(
             name=cfg.experiment,
             storage_path=root.path,
@@ -284,6 +303,20 @@ def run_trainer(cfg: RunConfig, callbacks: list | None = None, extra_metrics: di
             cause = f"storage.endpoint_url: cannot reach {root.endpoint_url or 'AWS S3'} for {root.uri} ({cause})"
         raise RunFailed(f"experiment {cfg.experiment} failed: {cause}; "
                         f"continue it with --resume once the cause is fixed") from exc
+
+
+def train_scaling(scaling: ScalingConfig):
+    """Ray Train's ScalingConfig: every worker holds `worker_resources`; an elastic range becomes Ray Train's
+    (min, max), which starts once `min` workers fit and restarts from the latest checkpoint with more workers
+    as the cluster grows."""
+    import ray.train
+
+    resources = worker_resources(scaling)
+    resources.pop(f"accelerator_type:{scaling.accelerator_type}", None)  # Ray Train adds it from accelerator_type
+    num_workers = (scaling.min_workers, scaling.max_workers) if scaling.elastic else scaling.num_workers
+    return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                                   accelerator_type=scaling.accelerator_type,
+                                   elastic_resize_monitor_interval_s=scaling.resize_interval_s)
 
 
 # How pyarrow's S3 client (which Ray Train itself writes through) says the endpoint is down.

@@ -25,6 +25,7 @@ from jobs.common import (
     parse_args,
     root_location,
     with_absolute_paths,
+    worker_resources,
 )
 from tl_core.config import RunConfig, SearchConfig, from_dict, load_sweep, override, with_overrides
 
@@ -61,7 +62,7 @@ def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
 
 
 def global_batch_size(cfg: RunConfig) -> int:
-    return cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum
+    return cfg.train.batch_size * cfg.scaling.max_workers * cfg.train.grad_accum
 
 
 def trial(params: dict, base: dict, search: dict) -> None:
@@ -70,7 +71,7 @@ def trial(params: dict, base: dict, search: dict) -> None:
 
     cfg = trial_config(base, search, params)
     sizes = {"batch_size_per_worker": cfg.train.batch_size, "global_batch_size": global_batch_size(cfg), "trial_lr": cfg.optim.lr}
-    if cfg.scaling.num_workers > 1:
+    if cfg.scaling.max_workers > 1:
         return _ddp_trial(cfg, sizes)
 
     import torch
@@ -146,14 +147,12 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
 
 
 def trial_resources(cfg: RunConfig) -> dict:
-    """What one trial holds: a one-worker trial is the worker; a DDP trial only drives its TorchTrainer,
-    whose workers ask for their own resources."""
-    if cfg.scaling.num_workers > 1:
+    """What one trial holds: a one-worker trial is the worker (a whole one: its CPUs, GPU and accelerator type),
+    so the autoscaler launches a worker node per trial; a DDP trial only drives its TorchTrainer, whose workers
+    ask for their own resources."""
+    if cfg.scaling.max_workers > 1:
         return {"memory": 2**20}  # a token: Tune refuses an empty request, and a CPU here would starve the workers
-    resources = {"CPU": 1.0, **cfg.scaling.resources_per_worker}
-    if cfg.scaling.use_gpu:
-        resources.setdefault("GPU", 1.0)
-    return resources
+    return {"CPU": 1.0, **worker_resources(cfg.scaling)}
 
 
 if __name__ == "__main__":

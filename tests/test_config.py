@@ -80,6 +80,11 @@ BAD = [
     ({"experiment": "../escape"}, "experiment: String should match pattern"),
     ({"data": {}}, "data.root: required key is missing"),
     ({"optim": {"nesterov": True, "name": "adam"}}, "nesterov: needs name: sgd"),
+    ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1 (got 0)"),
+    ({"scaling": {"num_workers": {"min": 4, "max": 2}}}, "scaling.num_workers: {min, max} range: min (4) must not exceed max (2)"),
+    ({"scaling": {"num_workers": {"min": 1}}}, "scaling.num_workers: {min, max} range: max: required key is missing"),
+    ({"scaling": {"num_workers": "many"}}, "scaling.num_workers: expected a number of workers or {min: N, max: M} (got 'many')"),
+    ({"scaling": {"resources_per_worker": {"GPU": 1}}}, "scaling: resources_per_worker: GPU needs use_gpu: true"),
 ]
 
 
@@ -111,3 +116,11 @@ def test_missing_file_and_bad_override(tmp_path):
 def test_metric_names_cover_what_the_loop_reports():
     assert {"val/acc", "val/f1", "train/loss", "epoch"} <= set(METRIC_NAMES)
     assert RunConfig.model_fields.keys() >= {"data", "model", "optim", "train", "scaling", "checkpoint", "storage"}
+
+
+def test_num_workers_is_a_count_or_an_elastic_range():
+    fixed = from_dict({**MINIMAL, "scaling": {"num_workers": 3}}).scaling
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers) == (False, 3, 3)
+    elastic = from_dict({**MINIMAL, "scaling": {"num_workers": {"min": 1, "max": 4}, "accelerator_type": "A10G"}}).scaling
+    assert (elastic.elastic, elastic.min_workers, elastic.max_workers) == (True, 1, 4)
+    assert from_dict(yaml.safe_load(RunConfig.model_validate({**MINIMAL, "scaling": elastic.model_dump()}).to_yaml())).scaling == elastic

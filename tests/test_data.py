@@ -12,7 +12,7 @@ from tl_core.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 def cfg(root, **kw) -> DataConfig:
-    return DataConfig(root=str(root), image_size=16, loader_workers=0, **kw)
+    return DataConfig(root=str(root), image_size=16, **{"loader_workers": 0, **kw})
 
 
 def test_class_folders_get_a_stratified_seeded_split(image_folder):
@@ -104,3 +104,27 @@ def test_loaders_shard_validation_exactly_once(image_folder):
 
 def test_shard_sampler_is_uneven_without_padding():
     assert [list(ShardSampler(5, r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]
+
+
+def _epoch_batches(index, root, workers: int, epochs=(0, 1, 0)) -> list[torch.Tensor]:
+    loaders = build_loaders(index, cfg(root, loader_workers=workers), batch_size=4, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, seed=0)
+    batches = []
+    for epoch in epochs:
+        loaders.set_epoch(epoch, augment_seed=100 + epoch)
+        batches.append(torch.cat([images for images, _ in loaders.train]))
+    return batches
+
+
+def test_augmentation_is_a_function_of_the_epoch_seed_not_of_loader_workers(image_folder):
+    """Persistent loader workers keep their own random state across epochs; each sample's augmentation is
+    drawn from the epoch's seed instead, so 0 or 2 workers, first pass or repeat, give the same pixels."""
+    index = index_image_folder(cfg(image_folder), seed=0)
+    in_process = _epoch_batches(index, image_folder, workers=0)
+    persistent = _epoch_batches(index, image_folder, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, persistent, strict=True))
+    assert not torch.equal(in_process[0], in_process[1])  # a new epoch augments (and shuffles) anew
+    assert torch.equal(in_process[0], in_process[2])  # the same epoch again (a resumed run) is identical
+    loaders = build_loaders(index, cfg(image_folder, loader_workers=2), batch_size=4, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, seed=0)
+    assert loaders.train.persistent_workers and loaders.val.persistent_workers

@@ -17,6 +17,7 @@ from helpers import make_image_folder, write_config
 from cluster.s3_server import free_ports
 
 REPO = Path(__file__).parent.parent
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 
 def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -73,13 +74,17 @@ def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
                           aws_secret_access_key=secret, region_name="us-east-1")
         assert "running" in cli(["status"], env).stdout
 
-        # Loopback only: the dashboard and every port of the S3 server.
+        # Loopback only: the dashboard, every Ray process of the head (GCS and raylet included) and every port
+        # of the S3 server.
         dashboard = [c.laddr.ip for c in psutil.net_connections(kind="tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         assert dashboard and set(dashboard) == {"127.0.0.1"}
+        ray_ports = [a for p in psutil.Process(state["ray_pid"]).children(recursive=True) for a in listening(p.pid)]
+        gcs_port = int(state["gcs_address"].rpartition(":")[2])
+        assert gcs_port in {p for _, p in ray_ports} and {ip for ip, _ in ray_ports} <= LOOPBACK
         s3_ports = listening(state["s3"]["pid"]) + [a for child in psutil.Process(state["s3"]["pid"]).children(recursive=True)
                                                     for a in listening(child.pid)]
-        assert s3_ports and {ip for ip, _ in s3_ports} == {"127.0.0.1"}
+        assert s3_ports and {ip for ip, _ in s3_ports} <= LOOPBACK
 
         data = make_image_folder(tmp_path / "data", n_classes=3, per_class=8)
         for path in data.rglob("*.png"):

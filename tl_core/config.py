@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -103,11 +103,60 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class WorkerRange(_Section):
+    """`num_workers: {min: 2, max: 8}`: an elastic run starts once `min` workers fit and grows towards `max`."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WorkerRange":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    num_workers: Union[int, WorkerRange] = 2  # a fixed count, or {min, max} for an elastic run
+    use_gpu: bool = False  # one GPU per worker unless resources_per_worker says otherwise
+    accelerator_type: Optional[str] = None  # e.g. A10G, L4, H100: only nodes with that accelerator take workers
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    resize_interval_s: float = Field(60.0, gt=0.0)  # elastic runs: how often to consider growing the worker group
     max_failures: int = Field(0, ge=-1)  # -1 = retry forever
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_range(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("must be >= 1")
+            return value
+        if isinstance(value, dict):
+            try:
+                return WorkerRange.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError(f"{{min, max}} range: {_describe(exc, WorkerRange).removeprefix('config: ')}") from None
+        if isinstance(value, WorkerRange):
+            return value
+        raise ValueError("expected a number of workers or {min: N, max: M}")
+
+    @model_validator(mode="after")
+    def _gpus_need_use_gpu(self) -> "ScalingConfig":
+        if self.resources_per_worker.get("GPU", 0) > 0 and not self.use_gpu:
+            raise ValueError("resources_per_worker: GPU needs use_gpu: true")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers.min if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers.max if self.elastic else self.num_workers
 
     @field_validator("resources_per_worker")
     @classmethod

@@ -161,6 +161,9 @@ def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float
 
 
 class ImageListDataset(Dataset):
+    """Decoded, transformed images. A key of `(i, seed)` (see `SeededSampler`) draws the random augmentation
+    of sample `i` from `seed` alone, so it is the same whichever loader worker (persistent or not) loads it."""
+
     def __init__(self, samples: list[Sample], transform):
         self.samples = samples
         self.transform = transform
@@ -168,11 +171,31 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
         with Image.open(path) as img:
             image = img.convert("RGB")
-        return self.transform(image), label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """`sampler`'s indices, each paired with a seed derived from the epoch's augmentation seed and the index."""
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.augment_seed = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = self.augment_seed * 1_000_003
+        return ((i, (base + i) % 2**63) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ShardSampler(Sampler[int]):
@@ -192,25 +215,28 @@ class ShardSampler(Sampler[int]):
 class Loaders:
     train: DataLoader
     val: DataLoader
-    train_sampler: DistributedSampler
+    train_sampler: SeededSampler
 
     def set_epoch(self, epoch: int, augment_seed: int) -> None:
-        """Shuffle for `epoch` (the same order on every rank) and seed the loader workers' augmentation."""
-        self.train_sampler.set_epoch(epoch)
-        self.train.generator.manual_seed(augment_seed)
+        """Shuffle for `epoch` (the same order on every rank) and seed its augmentation."""
+        self.train_sampler.sampler.set_epoch(epoch)
+        self.train_sampler.augment_seed = augment_seed
 
 
 def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean, std, seed: int,
                   rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Loaders:
-    """Train loader sharded like DistributedSampler (padded, shuffled); val loader sharded without padding."""
+    """Train loader sharded like DistributedSampler (padded, shuffled); val loader sharded without padding.
+
+    Loader workers persist across epochs (no re-spawn, no re-import per epoch), which the per-sample seeds
+    allow: augmentation never depends on a worker's own random state.
+    """
     train_set = ImageListDataset(index.train, build_transforms(cfg.image_size, mean, std, train=True, augment=cfg.augment, hflip=cfg.hflip))
     val_set = ImageListDataset(index.val, build_transforms(cfg.image_size, mean, std, train=False, augment=False, hflip=False))
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = SeededSampler(DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
     # A final batch of one image breaks BatchNorm in training mode; drop it only in that case.
     drop_last = len(sampler) % batch_size == 1 and len(sampler) > 1
-    common = dict(num_workers=cfg.loader_workers, pin_memory=pin_memory)
-    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                       generator=torch.Generator().manual_seed(seed), **common)
+    common = dict(num_workers=cfg.loader_workers, pin_memory=pin_memory, persistent_workers=cfg.loader_workers > 0)
+    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
     # No activations are kept for a backward pass in evaluation, so twice the training batch fits.
     val = DataLoader(val_set, batch_size=max(2 * batch_size, 32), sampler=ShardSampler(len(val_set), rank, world_size), **common)
     return Loaders(train, val, sampler)

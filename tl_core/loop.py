@@ -81,14 +81,15 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cri
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion, device: torch.device,
-                    amp_dtype: torch.dtype | None, cfg: TrainConfig, l1: float = 0.0, freeze_bn_stats: bool = False) -> float:
+                    amp_dtype: torch.dtype | None, cfg: TrainConfig, l1: float = 0.0, freeze_bn_stats: bool = False,
+                    memory_format: torch.memory_format = torch.preserve_format) -> float:
     """One pass over the loader with gradient accumulation and clipping; returns the mean loss over all ranks."""
     set_train_mode(model, freeze_bn_stats)
     n_batches = len(loader)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-sample loss, samples]
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         group_start = i - i % cfg.grad_accum
         group_size = min(cfg.grad_accum, n_batches - group_start)  # the last group may be short
@@ -112,13 +113,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-             num_classes: int) -> dict:
+             num_classes: int, memory_format: torch.memory_format = torch.preserve_format) -> dict:
     """Metrics over the whole validation set (every rank's shard); call with the unwrapped model."""
     model.eval()
     meter = ClassificationMeter(num_classes)
     sum_criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=criterion.label_smoothing)
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images).float()
         meter.update(logits, labels, sum_criterion(logits, labels).item())
@@ -133,6 +135,13 @@ def seed_everything(seed: int) -> None:
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def memory_format_for(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last for convolutional nets on CUDA (tensor cores read NHWC without transposes); unchanged
+    on CPU and for transformers."""
+    is_conv_net = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1  # a ViT has one, its patch embedding
+    return torch.channels_last if device.type == "cuda" and is_conv_net else torch.preserve_format
 
 
 def default_device(use_gpu: bool) -> torch.device:
@@ -157,7 +166,9 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
     torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
     # A resumed run takes every weight from its checkpoint; the source weights need not exist any more.
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"weights": None})
-    model = build_model(model_cfg, index.classes, cfg.data.image_size).to(device)
+    model = build_model(model_cfg, index.classes, cfg.data.image_size)
+    memory_format = memory_format_for(model, device)
+    model = model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.optim, backbone_lr_mult=cfg.model.backbone_lr_mult)
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.train.grad_accum)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
@@ -193,9 +204,10 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
         loaders.set_epoch(epoch, augment_seed=seed)
         started = time.perf_counter()
         train_loss = train_one_epoch(ddp_model, loaders.train, optimizer, scheduler, scaler, criterion, device,
-                                     amp_dtype, cfg.train, l1=cfg.optim.l1, freeze_bn_stats=cfg.model.freeze_bn_stats)
+                                     amp_dtype, cfg.train, l1=cfg.optim.l1, freeze_bn_stats=cfg.model.freeze_bn_stats,
+                                     memory_format=memory_format)
         broadcast_buffers(model)
-        val = evaluate(model, loaders.val, criterion, device, amp_dtype, len(index.classes))
+        val = evaluate(model, loaders.val, criterion, device, amp_dtype, len(index.classes), memory_format)
         metrics = {
             "epoch": epoch + 1,
             "train/loss": train_loss,
