@@ -183,21 +183,19 @@ def _forget_ray_address(gcs_address: str) -> None:
 
 
 def _stop_group(pid: int, timeout: float = 30.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """SIGTERM to the process group, SIGKILL if it is still there after `timeout`; returns once it is gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
         try:
-            os.killpg(pid, 0)
+            os.killpg(pid, sig)
         except ProcessLookupError:
             return
-        time.sleep(0.5)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
 
 
 def describe(state: dict | None) -> str:

@@ -1,7 +1,11 @@
-"""Tiny, learnable image datasets made on the spot."""
+"""Tiny, learnable image datasets made on the spot, run configs for them, and driving `cluster.local`."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +52,40 @@ def write_config(tmp_path, data_root, name="run.yaml", **sections) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+REPO = Path(__file__).parent.parent
+
+
+def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.local", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    pairs = (shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in text.splitlines()
+             if line.startswith("export "))
+    return dict(pairs)
+
+
+def wait_for_job(client, job_id: str, timeout: float = 400) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            raise TimeoutError(f"job {job_id} still {status}")
+        time.sleep(2)
+    return status
+
+
+def job_client(dashboard_url: str):
+    """A JobSubmissionClient for a head started by `cluster.local up`, sending Ray's token (which `ray start`
+    keeps in ~/.ray/auth_token) whatever auth mode this process's Ray was imported with."""
+    import os
+
+    from ray.job_submission import JobSubmissionClient
+
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return JobSubmissionClient(dashboard_url, headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})

@@ -3,44 +3,17 @@ the bucket, a bad config that fails in one line, no secret in any object or log,
 and `down` stopping exactly what `up` started."""
 
 import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import boto3
 import psutil
 import pytest
-from helpers import make_image_folder, write_config
+from helpers import REPO, cli, job_client, make_image_folder, parse_exports, wait_for_job, write_config
 
 from cluster.s3_server import free_ports
 
-REPO = Path(__file__).parent.parent
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
-
-
-def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.local", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-
-
-def parse_exports(text: str) -> dict[str, str]:
-    pairs = (shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in text.splitlines()
-             if line.startswith("export "))
-    return dict(pairs)
-
-
-def wait_for_job(client, job_id: str, timeout: float = 400) -> str:
-    from ray.job_submission import JobStatus
-
-    deadline = time.monotonic() + timeout
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        if time.monotonic() > deadline:
-            client.stop_job(job_id)
-            raise TimeoutError(f"job {job_id} still {status}")
-        time.sleep(2)
-    return status
 
 
 def listening(pid: int) -> list[tuple[str, int]]:
@@ -52,8 +25,6 @@ def listening(pid: int) -> list[tuple[str, int]]:
 @pytest.mark.slow
 @pytest.mark.second_ray_cluster
 def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
-    from ray.job_submission import JobSubmissionClient
-
     started = time.time()
     env = {**os.environ, "TL_LOCAL_DIR": str(tmp_path / "local")}
     for key in ("RAY_ADDRESS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
@@ -94,7 +65,7 @@ def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
         bad = write_config(tmp_path, "s3://tl-local/data/tiny", "bad.yaml", experiment="submitted-bad",
                            optim={"lr": -1}, storage={"root": "${TL_STORAGE_ROOT}"})
 
-        client = JobSubmissionClient(state["dashboard_url"])
+        client = job_client(state["dashboard_url"])
         runtime_env = {"working_dir": str(REPO)}
         good_id = client.submit_job(entrypoint=f"python -m jobs.finetune --config {good}", runtime_env=runtime_env)
         bad_id = client.submit_job(entrypoint=f"python -m jobs.finetune --config {bad}", runtime_env=runtime_env)
