@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-s3 test bench clean
+.PHONY: install demo demo-s3 test bench wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ bench: $(STAMP)
 	$(PY) -m bench.s3_checkpoint
 	$(PY) -m bench.sweep_asha
 
+# The wheel that cluster.yaml installs on every node (file_mounts ~/wheels: dist/).
+wheel: $(STAMP)
+	rm -rf dist build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf runs data/digits .pytest_cache
+	rm -rf runs data/digits .pytest_cache dist build
