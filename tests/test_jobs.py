@@ -53,6 +53,17 @@ def test_finetune_with_two_ddp_workers_then_resume(ray_cluster, image_folder, tm
 
 
 @pytest.mark.integration
+def test_an_elastic_run_starts_with_the_workers_that_fit(ray_cluster, image_folder, tmp_path):
+    """num_workers {min: 1, max: 4} on a 2-CPU cluster: Ray Train starts with what fits instead of waiting for 4."""
+    config = write_config(tmp_path, image_folder, train={"epochs": 1},
+                          scaling={"num_workers": {"min": 1, "max": 4}, "resize_interval_s": 5})
+    assert finetune.main(["--config", str(config)]) == 0
+    result = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
+    assert result["epochs_completed"] == 1
+    assert result["config"]["scaling"]["num_workers"] == {"min": 1, "max": 4}
+
+
+@pytest.mark.integration
 def test_pretrain_run_is_a_source_for_finetune(ray_cluster, tmp_path, caplog):
     source = make_image_folder(tmp_path / "source", n_classes=2, per_class=8, seed=1)
     target = make_image_folder(tmp_path / "target", n_classes=3, per_class=8, seed=2)
