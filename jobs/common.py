@@ -16,9 +16,10 @@ from cluster import cache, storage
 from cluster.storage import Location
 from tl_core.checkpoint import META_FILE, RESULT_FILE
 from tl_core.config import RunConfig, ScalingConfig, load_config, with_overrides
-from tl_core.data import index_image_folder
+from tl_core.data import index_image_folder, index_unlabelled
 from tl_core.errors import CheckpointError, ConfigError, DataError, UserError
 from tl_core.models import build_model
+from tl_core.simclr import build_simclr_model
 
 log = logging.getLogger("jobs")
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
@@ -104,11 +105,15 @@ def check_run(cfg: RunConfig, resume: bool) -> RunConfig:
         raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
                           "or choose another experiment name")
     local = localize(cfg)
+    simclr = cfg.pretrain.method == "simclr"
     try:
-        index = index_image_folder(local.data, seed=cfg.train.seed)
+        index = (index_unlabelled if simclr else index_image_folder)(local.data, seed=cfg.train.seed)
     except DataError as exc:  # name the user's s3:// prefix, not this node's cache
         raise DataError(str(exc).replace(local.data.root, cfg.data.root)) from None
-    build_model(local.model, index.classes, cfg.data.image_size)  # unknown or mismatched weights fail here
+    if simclr:
+        build_simclr_model(local.model, cfg.pretrain, cfg.data.image_size)
+    else:
+        build_model(local.model, index.classes, cfg.data.image_size)  # unknown or mismatched weights fail here
     return cfg
 
 
@@ -207,6 +212,7 @@ def train_worker(loop_config: dict) -> None:
 
     from tl_core.config import from_dict
     from tl_core.loop import fit
+    from tl_core.simclr import fit_simclr
 
     setup_logging(in_worker=True)
     cfg = from_dict(loop_config["config"])
@@ -219,7 +225,8 @@ def train_worker(loop_config: dict) -> None:
         ray.train.report({**metrics, **extras, "timestamp": time.time()}, checkpoint=checkpoint,
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):04d}", checkpoint_upload_fn=upload)
 
-    fit(local_cfg, report, resume_from=latest_valid_checkpoint(), device=ray.train.torch.get_device())
+    train = fit_simclr if cfg.pretrain.method == "simclr" else fit
+    train(local_cfg, report, resume_from=latest_valid_checkpoint(), device=ray.train.torch.get_device())
 
 
 def latest_valid_checkpoint():

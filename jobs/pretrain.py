@@ -1,6 +1,10 @@
 """Pretrain a backbone on a source task; its run directory is a valid `model.weights` for jobs.finetune.
 
-    python -m jobs.pretrain --config configs/demo-pretrain.yaml [--set k=v ...] [--resume]
+    python -m jobs.pretrain --config configs/demo-pretrain.yaml [--set k=v ...] [--resume]   (supervised)
+    python -m jobs.pretrain --config configs/demo-simclr.yaml                                  (SimCLR, no labels)
+
+`pretrain.method: supervised` trains the classifier end to end on labelled images; `simclr` trains the
+backbone with a contrastive loss on unlabelled ones (tl_core.simclr) and keeps the backbone only.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from jobs.common import guarded, load_and_check, parse_args, run_trainer, write_
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
-    cfg = load_and_check(args)  # pretrain.method: supervised trains the classifier end to end
+    cfg = load_and_check(args)
     result = write_result(cfg, run_trainer(cfg))
     print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']}; "
           f"fine-tune from it with model.weights={result['best_checkpoint']}")

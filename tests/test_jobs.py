@@ -77,6 +77,31 @@ def test_pretrain_run_is_a_source_for_finetune(ray_cluster, tmp_path, caplog):
     assert json.loads((tmp_path / "runs" / "ft" / "result.json").read_text())["epochs_completed"] == 1
 
 
+@pytest.mark.integration
+def test_simclr_pretrain_on_unlabelled_images_then_a_linear_probe(ray_cluster, tmp_path, caplog):
+    """jobs.pretrain with method simclr on a flat folder over 2 DDP workers (negatives gathered from both), then
+    jobs.finetune's linear probe of that backbone: the projection head is gone, a classifier head is new."""
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for i, path in enumerate(sorted(make_image_folder(tmp_path / "src", n_classes=3, per_class=8, seed=3).rglob("*.png"))):
+        (unlabelled / f"{i:03d}.png").write_bytes(path.read_bytes())
+    target = make_image_folder(tmp_path / "target", n_classes=3, per_class=8, seed=2)
+    pre = write_config(tmp_path, unlabelled, "pre.yaml", experiment="simclr", train={"epochs": 2, "batch_size": 8},
+                       pretrain={"method": "simclr", "temperature": 0.2, "projection_dim": 16, "projection_hidden": 32})
+    assert pretrain.main(["--config", str(pre)]) == 0
+    result = json.loads((tmp_path / "runs" / "simclr" / "result.json").read_text())
+    assert result["epochs_completed"] == 2 and result["classes"] is None
+    assert 0.0 <= result["final_metrics"]["val/acc"] <= 1.0 and result["final_metrics"]["train/loss"] > 0
+    best = load_checkpoint(result["best_checkpoint"])
+    assert not any(k.startswith(("projection", "fc")) for k in best.model_state)  # the backbone alone
+    assert set(best.train_state["projection"]) >= {"0.weight", "3.weight"}  # kept for a resume only
+    ft = write_config(tmp_path, target, "probe.yaml", experiment="probe", train={"epochs": 1}, scaling={"num_workers": 1},
+                      model={"weights": str(tmp_path / "runs" / "simclr"), "strategy": "linear_probe"})
+    caplog.set_level("INFO", logger="tl_core")
+    assert finetune.main(["--config", str(ft)]) == 0
+    assert "head re-initialised (skipped fc.linear.weight absent, fc.linear.bias absent)" in caplog.text
+
+
 def bad_weights(tmp_path, data_root):
     path = tmp_path / "resnet34.pt"
     torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), path)

@@ -179,7 +179,16 @@ class StorageConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    method: Literal["supervised"] = "supervised"
+    """How jobs.pretrain trains a source model. `supervised`: the classifier on the labelled source task.
+    `simclr`: contrastive self-supervised learning on unlabelled images (an ImageFolder whose labels are
+    ignored, or a flat folder); its checkpoints hold the backbone only, the projection head is dropped."""
+
+    method: Literal["supervised", "simclr"] = "supervised"
+    temperature: float = Field(0.5, gt=0.0, le=10.0)  # NT-Xent softmax temperature
+    projection_dim: int = Field(128, ge=8)  # output of the projection head
+    projection_hidden: int = Field(512, ge=8)  # its hidden layer
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range of each view
+    color_jitter: float = Field(0.4, ge=0.0, le=1.0)  # brightness/contrast/saturation strength (hue: a quarter of it)
 
 
 class RunConfig(_Section):

@@ -43,7 +43,7 @@ class DatasetIndex:
 
     def summary(self) -> str:
         return (
-            f"{len(self.classes)} classes, {len(self.train)} train / {len(self.val)} val images; "
+            f"{f'{len(self.classes)} classes' if self.classes else 'unlabelled'}, {len(self.train)} train / {len(self.val)} val images; "
             f"skipped {len(self.unreadable)} unreadable, dropped {self.duplicates} duplicates"
         )
 
@@ -83,6 +83,25 @@ def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
     if unreadable:
         logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
     return index
+
+
+def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
+    """Every image under `cfg.root` (class folders, whose labels are ignored, or a flat folder), cleaned like
+    `index_image_folder` and split at random by `val_fraction`; labels are all 0 and `classes` is empty."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: directory {cfg.root} does not exist")
+    files = [(os.path.join(d, f), 0) for d, _, names in sorted(os.walk(root, followlinks=True))
+             for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    kept, unreadable, duplicates = _clean(files)
+    samples = [s for s in kept if s is not None]
+    if len(samples) < 4:
+        raise DataError(f"data.root: found {len(samples)} readable image(s) under {cfg.root}; need at least 4")
+    random.Random(seed).shuffle(samples)
+    n_val = min(max(round(len(samples) * cfg.val_fraction), 2), len(samples) - 2)
+    if unreadable:
+        logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
+    return DatasetIndex([], sorted(samples[n_val:]), sorted(samples[:n_val]), unreadable, duplicates)
 
 
 def _class_folders(directory: Path) -> list[str]:

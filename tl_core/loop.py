@@ -149,8 +149,10 @@ def default_device(use_gpu: bool) -> torch.device:
 
 
 def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpoint | None = None,
-        device: torch.device | None = None) -> list[dict]:
+        device: torch.device | None = None, checkpoints: bool = True) -> list[dict]:
     """Train and validate for `cfg.train.epochs` (or until early stopping); returns each epoch's metrics.
+
+    `checkpoints=False` reports metrics only (a study cell that keeps nothing but its accuracy).
 
     `resume_from` (a checkpoint directory, or one already loaded) continues a run where it stopped.
     """
@@ -225,7 +227,10 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
         }
         meta = {"config": cfg.to_dict(), "classes": index.classes, "epoch": epoch + 1, "metrics": metrics,
                 "per_class": val["per_class"], "confusion_matrix": val["confusion_matrix"]}
-        _report(reporter, metrics, model, train_state, meta)
+        if checkpoints:
+            report_epoch(reporter, metrics, model, train_state, meta)
+        else:
+            reporter(metrics, None)
         history.append(metrics)
         if stop:
             log_rank0("early stopping: %s has not improved for %d epoch(s)", cfg.train.early_stopping.metric,
@@ -234,7 +239,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, resume_from: str | Path | Checkpo
     return history
 
 
-def _report(reporter: Reporter, metrics: dict, model: nn.Module, train_state: dict, meta: dict) -> None:
+def report_epoch(reporter: Reporter, metrics: dict, model: nn.Module, train_state: dict, meta: dict) -> None:
     """Every rank reports; rank 0 also writes the checkpoint that goes with the report."""
     if not is_main_process():
         reporter(metrics, None)

@@ -81,7 +81,7 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Mod
     old = model.get_submodule(head_name)
     head = ClassifierHead(old.in_features, num_classes, cfg.dropout)
     init_head(head, cfg.head_init)
-    _set_submodule(model, head_name, head)
+    set_submodule(model, head_name, head)
     if cfg.weights:
         state, source_classes = read_source_state_dict(cfg.weights, cfg.backbone)
         load_source_weights(model, state, source=cfg.weights, keep_head=source_classes in (None, list(classes)))
@@ -110,7 +110,7 @@ def _last_linear_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 

