@@ -184,14 +184,12 @@ def check_capacity(cfg: RunConfig) -> None:
     """Fail with a message, not a hang, when the cluster can never place the workers a run needs (all of
     them, or `min` of an elastic range). An autoscaling cluster is judged by what it can grow to."""
     import ray
-    from ray._private import ray_constants
     from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
 
     capacity = state.get_max_resources_from_cluster_config()  # autoscaler v2 publishes its node types' limits
     if capacity is None:
-        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None:
-            # Autoscaler v1 runs but does not publish its limits: the run waits for the nodes it launches.
+        if _autoscaler_v1_can_add_nodes():
+            # It does not publish its limits: the run waits for the nodes it launches.
             log.info("the cluster autoscales; waiting for %d worker(s) to be placed", cfg.scaling.min_workers)
             return
         capacity = ray.cluster_resources()
@@ -203,6 +201,19 @@ def check_capacity(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"scaling.{what}: {workers} workers x {amount:g} {name} need {needed:g} {name}, "
                 f"but the Ray cluster has {capacity.get(name, 0.0):g}")
+
+
+def _autoscaler_v1_can_add_nodes() -> bool:
+    """Whether the cluster's (v1) autoscaler has node types to launch. Every Ray cluster runs one; without an
+    autoscaling config (`ray start` alone, `ray.init()`) it has a read-only provider whose only "node types"
+    are the running nodes themselves, named `node_<id>`."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    node_types = {*(report.get("active_nodes") or {}), *(report.get("node_type_mapping") or {}).values()}
+    return any(not name.startswith("node_") for name in node_types)
 
 
 def train_worker(loop_config: dict) -> None:
