@@ -48,14 +48,19 @@ class S3Server:
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop the server this helper started (its own process group, by PID)."""
+        """Stop the server this helper started (its own process group, by PID), children included: a process
+        of the group can outlive its leader's clean exit, so whatever is left of the group is killed."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
 
     def restart(self, timeout: float = 90.0) -> None:
