@@ -91,8 +91,7 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root: directory {cfg.root} does not exist")
-    files = [(os.path.join(d, f), 0) for d, _, names in sorted(os.walk(root, followlinks=True))
-             for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    files = [(path, 0) for path in _image_files(root) if not os.path.basename(path).startswith(".")]
     kept, unreadable, duplicates = _clean(files)
     samples = [s for s in kept if s is not None]
     if len(samples) < 4:
@@ -109,16 +108,14 @@ def _class_folders(directory: Path) -> list[str]:
 
 
 def _list_files(directory: Path, classes: Sequence[str]) -> list[Sample]:
-    samples = []
-    for label, name in enumerate(classes):
-        class_dir = directory / name
-        if not class_dir.is_dir():
-            continue
-        for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
-            for fname in sorted(files):
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, fname), label))
-    return samples
+    return [(path, label) for label, name in enumerate(classes) if (directory / name).is_dir()
+            for path in _image_files(directory / name)]
+
+
+def _image_files(directory: Path) -> list[str]:
+    """Every image file under `directory` (symlinks followed), in a stable order."""
+    return [os.path.join(dirpath, fname) for dirpath, _, files in sorted(os.walk(directory, followlinks=True))
+            for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS)]
 
 
 def _clean(samples: list[Sample]) -> tuple[list[Sample | None], list[str], int]:
