@@ -172,12 +172,14 @@ def connect_ray() -> None:
 def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
     """What one training worker holds: `resources_per_worker`, a GPU with `use_gpu` unless it says how many,
     and a sliver of Ray's `accelerator_type:X` resource, which only nodes with that accelerator have."""
-    resources = dict(scaling.resources_per_worker)
-    if scaling.use_gpu:
-        resources.setdefault("GPU", 1.0)
+    resources = _cpu_gpu_per_worker(scaling)
     if scaling.accelerator_type:
         resources[f"accelerator_type:{scaling.accelerator_type}"] = 0.001
     return resources
+
+
+def _cpu_gpu_per_worker(scaling: ScalingConfig) -> dict[str, float]:
+    return {**scaling.resources_per_worker, **({"GPU": scaling.resources_per_worker.get("GPU", 1.0)} if scaling.use_gpu else {})}
 
 
 def check_capacity(cfg: RunConfig) -> None:
@@ -329,8 +331,7 @@ def train_scaling(scaling: ScalingConfig):
     as the cluster grows."""
     import ray.train
 
-    resources = worker_resources(scaling)
-    resources.pop(f"accelerator_type:{scaling.accelerator_type}", None)  # Ray Train adds it from accelerator_type
+    resources = _cpu_gpu_per_worker(scaling)  # Ray Train adds the accelerator_type resource itself
     num_workers = (scaling.min_workers, scaling.max_workers) if scaling.elastic else scaling.num_workers
     return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
                                    accelerator_type=scaling.accelerator_type,
