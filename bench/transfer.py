@@ -40,18 +40,10 @@ TABLE_START, TABLE_END = "<!-- transfer-table -->", "<!-- /transfer-table -->"
 def write_study_data(root: Path, task: str, labels_per_class: int = 0, seed: int = 0) -> Path:
     """`task` "source": ROOT/source, digits 0-4. "target": ROOT/target/{train,val}, digits 5-9 (val fixed,
     train drawn by `seed`, `labels_per_class` 0 = all)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from tl_core.demo_data import load_digits_by_class, save_digit
 
-    digits = load_digits()
-    by_digit: dict[int, list[int]] = {}
-    for i, label in enumerate(digits.target):
-        by_digit.setdefault(int(label), []).append(i)
-
-    def save(folder: Path, i: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * (255.0 / 16.0)).round().astype("uint8"), mode="L").save(folder / f"{i:04d}.png")
-
+    digits, by_digit = load_digits_by_class()
+    save = lambda folder, i: save_digit(digits, i, folder)  # noqa: E731
     for digit, indices in sorted(by_digit.items()):
         if (digit < 5) != (task == "source"):
             continue

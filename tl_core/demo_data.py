@@ -16,15 +16,10 @@ from PIL import Image
 
 def write_digits(root: str | Path, *, labels_per_class: int = 3, seed: int = 0) -> tuple[Path, Path]:
     """Write ROOT/source/<digit>/ and ROOT/target/{train,val}/<digit>/; returns (source, target)."""
-    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
-
-    digits = load_digits()
+    digits, by_digit = load_digits_by_class()
     root = Path(root)
     source, target = root / "source", root / f"target-{labels_per_class}shot-seed{seed}"
     rng = random.Random(seed)
-    by_digit: dict[int, list[int]] = {}
-    for i, label in enumerate(digits.target):
-        by_digit.setdefault(int(label), []).append(i)
     for digit, indices in sorted(by_digit.items()):
         if digit < 5:
             placements = [(source / str(digit), i) for i in indices]
@@ -34,9 +29,24 @@ def write_digits(root: str | Path, *, labels_per_class: int = 3, seed: int = 0) 
             placements = [(target / ("train" if k < labels_per_class else "val") / str(digit), i)
                           for k, i in enumerate(shuffled)]
         for folder, i in placements:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{i:04d}.png"
-            if not path.exists():
-                pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
-                Image.fromarray(pixels, mode="L").save(path)
+            save_digit(digits, i, folder)
     return source, target
+
+
+def load_digits_by_class():
+    """scikit-learn's bundled digits (no download) and, per digit, the indices of its images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    by_digit: dict[int, list[int]] = {}
+    for i, label in enumerate(digits.target):
+        by_digit.setdefault(int(label), []).append(i)
+    return digits, by_digit
+
+
+def save_digit(digits, i: int, folder: Path) -> None:
+    """Image `i` as FOLDER/<i>.png (8-bit greyscale), unless it is already there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{i:04d}.png"
+    if not path.exists():
+        Image.fromarray((digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8), mode="L").save(path)
