@@ -19,9 +19,9 @@ from torch import nn
 from bench.common import digits_source, write_result
 from tl_core.config import from_dict
 from tl_core.data import build_loaders, build_transforms, index_image_folder
-from tl_core.loop import amp_dtype_for, train_one_epoch
-from tl_core.models import build_model, normalization
-from tl_core.optim import build_optimizer, build_scheduler
+from tl_core.loop import classification_step
+from tl_core.models import build_model, normalization, set_train_mode
+from tl_core.state import TrainingState
 
 
 def minimal_epoch(model, loader, optimizer) -> int:
@@ -59,17 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     core_model = build_model(cfg.model, index.classes, 32)
     plain_model = build_model(cfg.model, index.classes, 32)
-    optimizer = build_optimizer(core_model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=len(loaders.train), epochs=cfg.train.epochs)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    criterion = nn.CrossEntropyLoss()
+    state = TrainingState.create(cfg, core_model, torch.device("cpu"), steps_per_epoch=len(loaders.train))
+    step = classification_step(nn.CrossEntropyLoss())
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    device = torch.device("cpu")
 
     def core_epoch(epoch: int) -> int:
-        loaders.set_epoch(epoch, augment_seed=epoch)
-        train_one_epoch(core_model, loaders.train, optimizer, scheduler, scaler, criterion, device,
-                        amp_dtype_for("auto", device), cfg.train)
+        state.begin_epoch(epoch, loaders)
+        set_train_mode(core_model)
+        state.train_epoch(core_model, loaders.train, step)
         return n_images
 
     core_epoch(0)  # warm-up: allocator, first-touch of files

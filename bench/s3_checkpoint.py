@@ -27,7 +27,7 @@ import torchvision
 
 from bench.common import write_result
 from cluster import storage
-from cluster.s3_server import s3_server
+from cluster.local.s3_server import s3_server
 from tl_core.checkpoint import META_FILE, load_checkpoint, save_checkpoint
 
 BUCKET = "tl-bench"
@@ -101,8 +101,9 @@ def resume_latency(tmp: Path) -> dict:
     import ray
 
     from bench.common import digits_source
-    from jobs.common import check_run, run_trainer
-    from jobs.common import write_result as write_run_result
+    from jobs.preflight import check_run
+    from jobs.results import write_result as write_run_result
+    from jobs.runner import run_trainer
     from tl_core.config import from_dict, with_overrides
 
     cfg = from_dict({
@@ -118,10 +119,10 @@ def resume_latency(tmp: Path) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         first = check_run(cfg, resume=False)
-        write_run_result(first, run_trainer(first))
+        write_run_result(first, run_trainer(first, recipe="supervised"))
         again = check_run(with_overrides(cfg, ["train.epochs=2"]), resume=True)
         restarted = time.time()
-        result = run_trainer(again)
+        result = run_trainer(again, recipe="supervised")
     finally:
         ray.shutdown()
     epoch2 = result.metrics

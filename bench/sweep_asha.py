@@ -22,8 +22,9 @@ from pathlib import Path
 from bench.common import digits_source, write_result
 from jobs.analyze import summarize
 from jobs.sweep import run_sweep
+from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import LocalReporter
-from tl_core.config import SearchConfig, from_dict
+from tl_core.config import from_dict
 from tl_core.loop import fit
 
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         core_before = core_run()
         import ray
 
-        from jobs.common import run_trainer
+        from jobs.runner import run_trainer
 
         trainer = {}
         for dashboard in (False, True):  # the dashboard's agent is a real cost on a 2-core machine
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(num_cpus=2, include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
             ray_startup = time.perf_counter() - start
             start = time.time()
-            result = run_trainer(with_overrides(cfg, [f"experiment=trainer-dashboard-{dashboard}"]))
+            result = run_trainer(with_overrides(cfg, [f"experiment=trainer-dashboard-{dashboard}"]), recipe="supervised")
             frame = result.metrics_dataframe.sort_values("epoch")
             timestamps = list(frame["timestamp"])
             trainer[dashboard] = {

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from jobs.common import connect_ray
+    from jobs.runner import connect_ray
 
     started = time.perf_counter()
     connect_ray()

@@ -23,10 +23,12 @@ from pathlib import Path
 import yaml
 
 from cluster import storage
-from jobs.common import guarded, read_meta
+from jobs.cli import guarded
+from jobs.results import read_meta
 from jobs.sweep import SWEEP_FILE, trial_config
+from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
-from tl_core.config import RunConfig, SearchConfig, from_dict
+from tl_core.config import RunConfig, from_dict
 from tl_core.errors import ConfigError
 
 

@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 from cluster import storage
-from jobs.common import check_run, experiment_location, guarded, run_trainer, write_result
-from tl_core.config import load_config, with_overrides
+from jobs.cli import guarded
+from jobs.preflight import check_run
+from jobs.results import write_result
+from jobs.runner import run_trainer
+from jobs.staging import experiment_location
+from tl_core.config import with_overrides
+from tl_core.config_file import load_config
 from tl_core.demo_data import write_digits
 from tl_core.errors import ConfigError
 
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.delete(experiment_location(cfg))  # the demo's own outputs from an earlier run
         cfg = check_run(cfg, resume=False)
         print(f"\n=== {name}: {cfg.experiment} ({cfg.data.root}) ===", flush=True)
-        results[name] = write_result(cfg, run_trainer(cfg))
+        results[name] = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
     if not args.prepare:
         print_table(results, target)
     return 0

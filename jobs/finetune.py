@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import guarded, load_and_check, parse_args, run_trainer, write_result
+from jobs.cli import guarded, parse_args
+from jobs.preflight import load_and_check
+from jobs.results import write_result
+from jobs.runner import run_trainer
+from tl_core.errors import ConfigError
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
     cfg = load_and_check(args)
-    result = write_result(cfg, run_trainer(cfg))
+    if cfg.pretrain.method != "supervised":
+        raise ConfigError(f"pretrain.method: {cfg.pretrain.method} is a pretraining method; run it with python -m jobs.pretrain")
+    result = write_result(cfg, run_trainer(cfg, recipe="supervised"))
     print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']} "
           f"-> {result['best_checkpoint']}")
     return 0

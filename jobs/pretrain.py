@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import guarded, load_and_check, parse_args, run_trainer, write_result
+from jobs.cli import guarded, parse_args
+from jobs.preflight import load_and_check
+from jobs.results import write_result
+from jobs.runner import run_trainer
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
     cfg = load_and_check(args)
-    result = write_result(cfg, run_trainer(cfg))
+    result = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
     print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']}; "
           f"fine-tune from it with model.weights={result['best_checkpoint']}")
     return 0

@@ -12,22 +12,16 @@ finished trials.
 from __future__ import annotations
 
 import sys
+import time
 
 import yaml
 
-from jobs.common import (
-    RunFailed,
-    check_run,
-    connect_ray,
-    experiment_location,
-    guarded,
-    localize,
-    parse_args,
-    root_location,
-    with_absolute_paths,
-    worker_resources,
-)
-from tl_core.config import RunConfig, SearchConfig, from_dict, load_sweep, override, with_overrides
+from jobs.cli import RunFailed, guarded, parse_args
+from jobs.preflight import check_run, worker_resources
+from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
+from jobs.staging import experiment_location, root_location, with_absolute_paths
+from jobs.sweep_config import SearchConfig, load_sweep
+from tl_core.config import RunConfig, from_dict, override, with_overrides
 
 SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
 
@@ -69,27 +63,23 @@ def trial(params: dict, base: dict, search: dict) -> None:
     """One Tune trial: every epoch's metrics (and checkpoint) go to Tune, so ASHA can stop it at a rung."""
     import ray.tune
 
+    from jobs.cli import setup_logging
+    from tl_core.state import default_device
+
     cfg = trial_config(base, search, params)
     sizes = {"batch_size_per_worker": cfg.train.batch_size, "global_batch_size": global_batch_size(cfg), "trial_lr": cfg.optim.lr}
     if cfg.scaling.max_workers > 1:
         return _ddp_trial(cfg, sizes)
 
-    import torch
-
-    from tl_core.checkpoint import load_checkpoint
-    from tl_core.loop import fit
-
-    resume = None
-    if (checkpoint := ray.tune.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as directory:
-            resume = load_checkpoint(directory)
+    setup_logging(in_worker=True)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         saved = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report({**metrics, **sizes}, checkpoint=saved)
+        ray.tune.report({**metrics, **sizes, "timestamp": time.time()}, checkpoint=saved)
 
-    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    fit(localize(cfg), report, resume_from=resume, device=device)
+    trial_storage = ray.tune.get_context().get_storage()
+    run_recipe(cfg, cfg.pretrain.method, WorkerSession(report, trial_storage.storage_filesystem, trial_storage.trial_fs_path,
+                                                       ray.tune.get_checkpoint(), default_device(cfg.scaling.use_gpu)))
 
 
 def _ddp_trial(cfg: RunConfig, sizes: dict) -> None:
@@ -97,12 +87,10 @@ def _ddp_trial(cfg: RunConfig, sizes: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.common import run_trainer
-
     context = ray.tune.get_context()
     cfg = with_overrides(cfg, [f"experiment={context.get_trial_id()}",
                                f"storage.root={experiment_location(cfg).uri}/ddp-trials"])
-    run_trainer(cfg, callbacks=[TuneReportCallback()], extra_metrics=sizes)
+    run_trainer(cfg, cfg.pretrain.method, callbacks=[TuneReportCallback()], extra_metrics=sizes)
 
 
 def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):

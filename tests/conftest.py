@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_image_folder  # noqa: E402
 
-from cluster.s3_server import start_s3_server  # noqa: E402
+from cluster.local.s3_server import start_s3_server  # noqa: E402
 
 S3_BUCKET = "tl-test"
 

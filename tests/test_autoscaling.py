@@ -11,7 +11,7 @@ import psutil
 import pytest
 from helpers import cli, job_client, make_image_folder, wait_for_job, write_config
 
-from cluster.s3_server import free_ports
+from cluster.local.s3_server import free_ports
 
 
 class NodeWatch:

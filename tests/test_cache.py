@@ -4,7 +4,8 @@ import multiprocessing
 
 import pytest
 
-from cluster import cache, storage
+from cluster import storage
+from cluster.storage import cache
 from tl_core.errors import StorageError
 
 

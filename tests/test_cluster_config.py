@@ -11,7 +11,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cluster.local import fake_autoscaling_config
+from cluster.local.head import fake_autoscaling_config
 
 REPO = Path(__file__).parent.parent
 

@@ -4,7 +4,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tl_core.config import METRIC_NAMES, RunConfig, from_dict, load_config, load_sweep, with_overrides
+from jobs.sweep_config import load_sweep
+from tl_core.config import METRIC_NAMES, RunConfig, from_dict, with_overrides
+from tl_core.config_file import load_config
 from tl_core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -72,8 +74,8 @@ BAD = [
     ({"optim": {"lr": 0}}, "optim.lr: Input should be greater than 0"),
     ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
     ({"model": {"backbone": "resnet9000"}}, "model.backbone: unknown backbone 'resnet9000'; allowed: resnet18"),
-    ({"optim": {"name": "lion"}}, "optim.name: Input should be 'sgd', 'adam', 'adamw', 'adagrad' or 'rmsprop'"),
-    ({"optim": {"scheduler": "poly"}}, "optim.scheduler: Input should be 'constant', 'step', 'cosine' or 'onecycle'"),
+    ({"optim": {"name": "lion"}}, "optim.name: unknown name 'lion'; allowed: sgd, adam, adamw, adagrad, rmsprop"),
+    ({"optim": {"scheduler": "poly"}}, "optim.scheduler: unknown name 'poly'; allowed: constant, step, cosine, onecycle"),
     ({"model": {"strategy": "lora"}}, "model.strategy: Input should be 'full', 'linear_probe' or 'gradual_unfreeze'"),
     ({"checkpoint": {"metric": "val/auc"}}, "checkpoint.metric: unknown metric 'val/auc'"),
     ({"train": {"early_stopping": {"metric": "acc"}}}, "train.early_stopping.metric: unknown metric"),

@@ -111,7 +111,7 @@ def _epoch_batches(index, root, workers: int, epochs=(0, 1, 0)) -> list[torch.Te
                             std=IMAGENET_STD, seed=0)
     batches = []
     for epoch in epochs:
-        loaders.set_epoch(epoch, augment_seed=100 + epoch)
+        loaders.set_epoch(epoch, seed=100 + epoch)
         batches.append(torch.cat([images for images, _ in loaders.train]))
     return batches
 

@@ -115,8 +115,8 @@ BAD_INPUTS = {
     "zero lr": (lambda t, d: {"optim": {"lr": 0.0}}, "optim.lr: Input should be greater than 0"),
     "batch size 0": (lambda t, d: {"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
     "unknown backbone": (lambda t, d: {"model": {"backbone": "resnet7"}}, "model.backbone: unknown backbone 'resnet7'"),
-    "unknown optimizer": (lambda t, d: {"optim": {"name": "lamb"}}, "optim.name: Input should be"),
-    "unknown scheduler": (lambda t, d: {"optim": {"scheduler": "linear"}}, "optim.scheduler: Input should be"),
+    "unknown optimizer": (lambda t, d: {"optim": {"name": "lamb"}}, "optim.name: unknown name 'lamb'; allowed: sgd"),
+    "unknown scheduler": (lambda t, d: {"optim": {"scheduler": "linear"}}, "optim.scheduler: unknown name 'linear'; allowed: constant"),
     "unknown strategy": (lambda t, d: {"model": {"strategy": "half"}}, "model.strategy: Input should be"),
     "missing data": (lambda t, d: {"data": {"root": str(t / "nowhere")}}, "data.root: directory"),
     "one class": (lambda t, d: {"data": {"root": str(make_image_folder(t / "one", n_classes=1, per_class=4))}}, "found 1 class folder"),
@@ -124,6 +124,8 @@ BAD_INPUTS = {
                     "no readable images: class_1"),
     "weights mismatch": (bad_weights, "does not match the backbone"),
     "missing weights": (lambda t, d: {"model": {"weights": str(t / "gone.pt")}}, "model.weights: "),
+    "pretraining method": (lambda t, d: {"pretrain": {"method": "simclr"}}, "pretrain.method: simclr is a pretraining method"),
+    "key the recipe ignores": (lambda t, d: {"pretrain": {"temperature": 0.1}}, "pretrain.temperature: not used by pretrain.method: supervised"),
 }
 
 
@@ -165,8 +167,8 @@ def test_command_line_exit_status_and_single_line(tmp_path, image_folder):
 def test_a_worker_failure_becomes_one_line():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from jobs.common import _first_error
+    from jobs.runner import first_error
     from tl_core.errors import DataError
 
     failure = WorkerGroupError("rank 0 failed", {0: DataError("data.root: directory /x does not exist")})
-    assert _first_error(failure) == "DataError: data.root: directory /x does not exist"
+    assert first_error(failure) == "DataError: data.root: directory /x does not exist"

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from helpers import REPO, cli, job_client, make_image_folder, parse_exports, wait_for_job, write_config
 
-from cluster.s3_server import free_ports
+from cluster.local.s3_server import free_ports
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 

@@ -5,7 +5,8 @@ import torch
 
 from tl_core.checkpoint import LocalReporter, load_checkpoint
 from tl_core.config import EarlyStoppingConfig, from_dict
-from tl_core.loop import EarlyStopping, fit
+from tl_core.loop import fit
+from tl_core.state import EarlyStopping
 
 METRICS = {"epoch", "train/loss", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "lr"}
 
@@ -100,8 +101,8 @@ def test_resume_mid_gradual_unfreeze_matches_an_unbroken_run(image_folder, tmp_p
 
 def test_channels_last_on_cuda_for_conv_nets_only():
     from tl_core.config import ModelConfig
-    from tl_core.loop import memory_format_for
     from tl_core.models import build_model
+    from tl_core.state import memory_format_for
 
     resnet = build_model(ModelConfig(backbone="resnet18"), ["a", "b"], 32)
     vit = build_model(ModelConfig(backbone="vit_b_16"), ["a", "b"], 32)
@@ -116,9 +117,9 @@ def test_a_channels_last_epoch_computes_what_a_contiguous_one_does(image_folder)
 
     from tl_core.config import ModelConfig
     from tl_core.data import build_loaders, index_image_folder
-    from tl_core.loop import train_one_epoch
-    from tl_core.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-    from tl_core.optim import build_optimizer, build_scheduler
+    from tl_core.loop import classification_step
+    from tl_core.models import IMAGENET_MEAN, IMAGENET_STD, build_model, set_train_mode
+    from tl_core.state import TrainingState
 
     cfg = config(image_folder, train={"epochs": 1})
     index = index_image_folder(cfg.data, seed=0)
@@ -133,12 +134,12 @@ def test_a_channels_last_epoch_computes_what_a_contiguous_one_does(image_folder)
     for memory_format in (torch.preserve_format, torch.channels_last):
         torch.manual_seed(0)
         model = build_model(ModelConfig(backbone="resnet18"), index.classes, 16).to(memory_format=memory_format)
-        optimizer = build_optimizer(model, cfg.optim)
+        state = TrainingState.create(cfg, model, torch.device("cpu"), steps_per_epoch=4)
+        state.memory_format = memory_format  # the layout CUDA would choose, on the CPU
         loaders = build_loaders(index, cfg.data, batch_size=8, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0)
-        loaders.set_epoch(0, augment_seed=1)
-        loss = train_one_epoch(model, loaders.train, optimizer, build_scheduler(optimizer, cfg.optim, steps_per_epoch=4, epochs=1),
-                               torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), torch.device("cpu"),
-                               None, cfg.train, memory_format=memory_format)
+        loaders.set_epoch(0, seed=1)
+        set_train_mode(model)
+        loss = state.train_epoch(model, loaders.train, classification_step(nn.CrossEntropyLoss()))
         results.append((loss, model.state_dict()))
     (loss_a, state_a), (loss_b, state_b) = results
     # CPU kernels for the two layouts round differently, and Adam's steps amplify that; the losses agree.

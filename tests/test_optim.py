@@ -5,7 +5,7 @@ import torch
 
 from tl_core.config import ModelConfig, OptimConfig
 from tl_core.models import build_model
-from tl_core.optim import OPTIMIZERS, build_optimizer, build_scheduler, l1_penalty, lr_factor, param_groups
+from tl_core.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler, l1_penalty, lr_factor, param_groups
 
 CLASSES = ["a", "b"]
 
@@ -98,3 +98,14 @@ def test_l1_penalty_covers_trainable_weights_only():
     lin[0].weight.requires_grad_(False)
     assert l1_penalty(lin).item() == 0.0
     assert math.isfinite(l1_penalty(torch.nn.Linear(3, 3)).item())
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_schedule_is_a_valid_config_and_starts_at_the_base_lr_after_warmup(name):
+    cfg = OptimConfig(name="sgd", lr=0.1, scheduler=name, warmup_epochs=1)
+    model = torch.nn.Linear(2, 2)
+    factors = [lr_factor(step, schedule=name, total_steps=100, warmup_steps=10, steps_per_epoch=10) for step in range(100)]
+    assert all(0.0 <= f <= 1.0 + 1e-9 for f in factors)
+    assert max(factors) == pytest.approx(1.0)
+    scheduler = build_scheduler(torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg, steps_per_epoch=10, epochs=10)
+    assert scheduler.get_last_lr()[0] <= cfg.lr

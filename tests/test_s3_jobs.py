@@ -15,7 +15,7 @@ import pytest
 from helpers import make_image_folder, write_config
 
 from cluster import storage
-from cluster.s3_server import start_s3_server
+from cluster.local.s3_server import start_s3_server
 from jobs import finetune, pretrain
 from tl_core.checkpoint import META_FILE, verify_checkpoint
 
@@ -166,7 +166,7 @@ def s3_bad_input(case, tmp_path, s3, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
         return runs, "refused the credentials for bucket tl-test"
     if case == "unreachable endpoint":
-        from cluster.s3_server import free_ports
+        from cluster.local.s3_server import free_ports
 
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -8,7 +8,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from cluster.s3_server import s3_server
+from cluster.local.s3_server import s3_server
 
 
 @pytest.fixture(scope="module")

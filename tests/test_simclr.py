@@ -127,9 +127,73 @@ def test_a_short_simclr_pretrain_gives_a_better_linear_probe_than_random_weights
     assert not any(k.startswith("projection") for k in load_checkpoint(reporter.latest).model_state)
 
     def probe(weights):
-        cfg = from_dict({**base, "model": {"backbone": "resnet18", "strategy": "linear_probe", "weights": weights},
+        supervised = {k: v for k, v in base.items() if k != "pretrain"}  # the probe is a supervised run
+        cfg = from_dict({**supervised, "model": {"backbone": "resnet18", "strategy": "linear_probe", "weights": weights},
                          "optim": {"name": "adam", "lr": 1e-2, "scheduler": "constant"}, "train": {"epochs": 15, "batch_size": 16}})
         return fit(cfg, lambda metrics, checkpoint_dir: None, checkpoints=False)[-1]["val/acc"]
 
     random_init, pretrained = probe(None), probe(str(reporter.latest))
     assert pretrained > random_init + 0.1, (pretrained, random_init)
+
+
+def _simclr_config(root, **train):
+    return from_dict({"experiment": "simclr", "data": {"root": str(root), "image_size": 16, "loader_workers": 0, "val_fraction": 0.25},
+                      "model": {"backbone": "resnet18"}, "optim": {"name": "sgd", "lr": 0.05, "scheduler": "cosine", "warmup_epochs": 1},
+                      "train": {"epochs": 4, "batch_size": 8, **train}, "pretrain": {"method": "simclr", "projection_dim": 16, "projection_hidden": 32}})
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_and_resumed_simclr_pretrain_equals_an_unbroken_one(tmp_path):
+    """Stop after 2 of 4 epochs, resume from the checkpoint: the same LR, losses, backbone, projection head and
+    optimizer state as a run that never stopped (the projection travels in train_state.pt)."""
+    from tl_core.simclr import fit_simclr
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=12, size=16)
+    cfg = _simclr_config(data, grad_accum=2)
+    full = LocalReporter(tmp_path / "full")
+    unbroken = fit_simclr(cfg, full)
+
+    first = LocalReporter(tmp_path / "first")
+
+    def stop_after_two(metrics, checkpoint_dir):
+        first(metrics, checkpoint_dir)
+        if metrics["epoch"] == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        fit_simclr(cfg, stop_after_two)
+    second = LocalReporter(tmp_path / "second")
+    resumed = fit_simclr(cfg, second, resume_from=first.checkpoints[1])
+
+    assert [h["epoch"] for h in resumed] == [3, 4]
+    assert [h["lr"] for h in resumed] == pytest.approx([h["lr"] for h in unbroken[2:]])
+    assert [h["train/loss"] for h in resumed] == pytest.approx([h["train/loss"] for h in unbroken[2:]], rel=1e-4)
+    a, b = load_checkpoint(full.latest), load_checkpoint(second.latest)
+    assert all(torch.allclose(a.model_state[k].float(), b.model_state[k].float(), atol=1e-5) for k in a.model_state)
+    assert all(torch.allclose(a.train_state["projection"][k].float(), b.train_state["projection"][k].float(), atol=1e-5)
+               for k in a.train_state["projection"])
+    assert a.train_state["global_step"] == b.train_state["global_step"] == 4  # 18 images in 2 full batches of 8, accumulated by 2: one step an epoch
+    assert not any(k.startswith("projection") for k in a.model_state)  # model.pt holds the backbone only
+
+
+@pytest.mark.parametrize("key,value", [("train.label_smoothing", 0.1), ("model.strategy", "linear_probe"),
+                                       ("model.dropout", 0.2), ("model.head_init", "xavier")])
+def test_a_key_simclr_does_not_use_is_refused_not_ignored(tmp_path, key, value):
+    from tl_core.config import with_overrides
+    from tl_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}: not used by pretrain.method: simclr"):
+        with_overrides(_simclr_config(tmp_path), [f"{key}={value}"])
+
+
+def test_simclr_early_stopping_and_l1_are_used(tmp_path):
+    from tl_core.simclr import fit_simclr
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=12, size=16)
+    stopping = {"metric": "val/loss", "mode": "min", "patience": 1, "min_delta": 100.0}
+    history = fit_simclr(from_dict({**_simclr_config(data).to_dict(), "train": {"epochs": 6, "batch_size": 8, "early_stopping": stopping},
+                                    "optim": {"name": "sgd", "lr": 0.05, "l1": 1e-4}}), lambda metrics, checkpoint_dir: None)
+    assert len(history) == 2  # no improvement of 100 nats: stopped after the patience of one epoch

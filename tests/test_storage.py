@@ -3,7 +3,7 @@
 import pytest
 
 from cluster import storage
-from cluster.s3_server import free_ports
+from cluster.local.s3_server import free_ports
 from tl_core.errors import StorageError
 
 

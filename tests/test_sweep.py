@@ -14,7 +14,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 from jobs import analyze, finetune, sweep
-from tl_core.config import load_sweep
+from jobs.sweep_config import load_sweep
 
 REPO = Path(__file__).parent.parent
 

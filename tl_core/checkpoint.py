@@ -29,7 +29,6 @@ from tl_core.errors import CheckpointError
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
-RESULT_FILE = "result.json"  # written by jobs next to a run; names its best checkpoint
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from tl_core.config import DataConfig
+from tl_core.config import DataConfig, RunConfig
 from tl_core.errors import DataError
 
 logger = logging.getLogger("tl_core")
@@ -228,31 +228,72 @@ class ShardSampler(Sampler[int]):
 
 
 @dataclass
-class Loaders:
+class ImageData:
+    """`TaskData` over an indexed image folder: sharded loaders of (image tensor, label) batches."""
+
+    index: DatasetIndex
     train: DataLoader
     val: DataLoader
     train_sampler: SeededSampler
 
-    def set_epoch(self, epoch: int, augment_seed: int) -> None:
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
         """Shuffle for `epoch` (the same order on every rank) and seed its augmentation."""
         self.train_sampler.sampler.set_epoch(epoch)
-        self.train_sampler.augment_seed = augment_seed
+        self.train_sampler.augment_seed = seed
+
+    def summary(self) -> str:
+        return self.index.summary()
+
+
+def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> ImageData:
+    """The labelled image folder at `cfg.data.root`, indexed and cleaned, as this rank's loaders, normalised with
+    the backbone's own statistics."""
+    from tl_core.models import normalization
+
+    index = index_image_folder(cfg.data, seed=cfg.train.seed)
+    mean, std = normalization(cfg.model.backbone)
+    return build_loaders(index, cfg.data, batch_size=cfg.train.batch_size, mean=mean, std=std, seed=cfg.train.seed,
+                         rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
 def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean, std, seed: int,
-                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Loaders:
-    """Train loader sharded like DistributedSampler (padded, shuffled); val loader sharded without padding.
+                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> ImageData:
+    """Train loader sharded like DistributedSampler (padded, shuffled, augmented); val loader sharded without
+    padding, resized and centre-cropped."""
+    return loaders_for(index, cfg, build_transforms(cfg.image_size, mean, std, train=True, augment=cfg.augment, hflip=cfg.hflip),
+                       build_transforms(cfg.image_size, mean, std, train=False, augment=False, hflip=False),
+                       batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory)
+
+
+def loaders_for(index: DatasetIndex, cfg: DataConfig, train_transform, val_transform, *, batch_size: int, seed: int,
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False, equal_batches: bool = False) -> ImageData:
+    """Loaders over `index` with the given transforms.
+
+    `equal_batches`: every batch full and the same size on every rank, validation included, whose random
+    augmentation is then drawn from a fixed seed (SimCLR: its loss needs equal local batches, and its
+    validation views are random but must be comparable across epochs).
 
     Loader workers persist across epochs (no re-spawn, no re-import per epoch), which the per-sample seeds
     allow: augmentation never depends on a worker's own random state.
     """
-    train_set = ImageListDataset(index.train, build_transforms(cfg.image_size, mean, std, train=True, augment=cfg.augment, hflip=cfg.hflip))
-    val_set = ImageListDataset(index.val, build_transforms(cfg.image_size, mean, std, train=False, augment=False, hflip=False))
-    sampler = SeededSampler(DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
-    # A final batch of one image breaks BatchNorm in training mode; drop it only in that case.
-    drop_last = len(sampler) % batch_size == 1 and len(sampler) > 1
     common = dict(num_workers=cfg.loader_workers, pin_memory=pin_memory, persistent_workers=cfg.loader_workers > 0)
+    train_set = ImageListDataset(index.train, train_transform)
+    sampler = SeededSampler(DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
+    if equal_batches:
+        batch_size = min(batch_size, len(sampler))
+        drop_last = True
+    else:  # a final batch of one image breaks BatchNorm in training mode; drop it only in that case
+        drop_last = len(sampler) % batch_size == 1 and len(sampler) > 1
     train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
-    # No activations are kept for a backward pass in evaluation, so twice the training batch fits.
-    val = DataLoader(val_set, batch_size=max(2 * batch_size, 32), sampler=ShardSampler(len(val_set), rank, world_size), **common)
-    return Loaders(train, val, sampler)
+    val_set = ImageListDataset(index.val, val_transform)
+    if equal_batches:
+        val_sampler = SeededSampler(ShardSampler(len(val_set) // world_size * world_size, rank, world_size))
+        val_sampler.augment_seed = seed + 1
+        val = DataLoader(val_set, batch_size=min(2 * batch_size, max(len(val_sampler), 2)), sampler=val_sampler, drop_last=True, **common)
+    else:  # no activations are kept for a backward pass in evaluation, so twice the training batch fits
+        val = DataLoader(val_set, batch_size=max(2 * batch_size, 32), sampler=ShardSampler(len(val_set), rank, world_size), **common)
+    return ImageData(index, train, val, sampler)

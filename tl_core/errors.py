@@ -19,3 +19,7 @@ class StorageError(UserError):
 
 class CheckpointError(StorageError):
     """A checkpoint directory is incomplete or fails its checksums."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became non-finite: the run stops with one line naming the epoch (a failed run, exit 1)."""

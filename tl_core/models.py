@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -147,14 +146,13 @@ def _read_torchvision_weights(name: str, backbone: str) -> dict[str, torch.Tenso
 
 
 def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    from tl_core import checkpoint  # a checkpoint directory is one kind of source
+    from tl_core import checkpoint, run_dir  # a checkpoint directory and a finished run are kinds of source
 
     if path.is_dir():
-        if (path / checkpoint.RESULT_FILE).is_file():  # a finished run: take its best checkpoint
-            best = json.loads((path / checkpoint.RESULT_FILE).read_text()).get("best_checkpoint")
-            if not best or not Path(best).is_dir():
-                raise ConfigError(f"model.weights: run {source} names no readable best_checkpoint in {checkpoint.RESULT_FILE}")
-            path = Path(best)
+        if (path / run_dir.RESULT_FILE).is_file():  # a finished run: take its best checkpoint
+            path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), source))
+            if not path.is_dir():
+                raise ConfigError(f"model.weights: run {source}: its best checkpoint {path} is not a directory")
         if not (path / checkpoint.MODEL_FILE).is_file():
             raise ConfigError(f"model.weights: directory {source} is neither a checkpoint nor a finished run")
         state, meta = checkpoint.load_model_state(path)

@@ -58,6 +58,7 @@ def _rmsprop(groups, *, lr, momentum, nesterov, betas, weight_decay):
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+#: Optimizer name -> factory over parameter groups; `optim.name` is validated against these keys.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "sgd": _sgd,
     "adam": _adam,
@@ -73,29 +74,49 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: flo
                                 betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
+def _constant(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float,
+              min_lr_ratio: float) -> float:
+    return 1.0
+
+
+def _step(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float,
+          min_lr_ratio: float) -> float:
+    return gamma ** (step // (step_size * steps_per_epoch))
+
+
+def _cosine(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float,
+            min_lr_ratio: float) -> float:
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _onecycle(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float,
+              min_lr_ratio: float) -> float:
+    """torch's OneCycleLR shape: from lr/25 up to lr over the warmup (30% of the run unless set), then cosine."""
+    warmup_steps = warmup_steps or max(1, int(0.3 * total_steps))
+    if step < warmup_steps:
+        start = 1.0 / 25.0  # OneCycleLR's div_factor
+        return start + (1.0 - start) * step / warmup_steps
+    return _cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch,
+                   step_size=step_size, gamma=gamma, min_lr_ratio=min_lr_ratio)
+
+
+#: Schedule name -> LR multiplier after warmup, a pure function of the optimiser step (nanoGPT's get_lr).
+SCHEDULES: dict[str, Callable[..., float]] = {
+    "constant": _constant,
+    "step": _step,
+    "cosine": _cosine,
+    "onecycle": _onecycle,  # has its own warmup from lr/25
+}
+
+
 def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
               step_size: int = 10, gamma: float = 0.1, min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the base LR at optimiser step `step` (0-based): linear warmup, then the schedule."""
-    if schedule == "onecycle":
-        warmup_steps = warmup_steps or max(1, int(0.3 * total_steps))
-        if step < warmup_steps:
-            start = 1.0 / 25.0  # torch's OneCycleLR div_factor
-            return start + (1.0 - start) * step / warmup_steps
-        return _cosine(step, warmup_steps, total_steps, min_lr_ratio)
-    if step < warmup_steps:
+    if schedule != "onecycle" and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return gamma ** (step // (step_size * steps_per_epoch))
-    if schedule == "cosine":
-        return _cosine(step, warmup_steps, total_steps, min_lr_ratio)
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def _cosine(step: int, start: int, total: int, floor: float) -> float:
-    progress = min(1.0, (step - start) / max(1, total - start))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return SCHEDULES[schedule](step, total_steps=total_steps, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch,
+                               step_size=step_size, gamma=gamma, min_lr_ratio=min_lr_ratio)
 
 
 def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> LambdaLR:

@@ -8,7 +8,6 @@ DDP ranks). After pretraining the projection head is dropped: checkpoints hold t
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional
 
@@ -16,16 +15,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from tl_core.checkpoint import Checkpoint, load_checkpoint
+from tl_core.batches import TaskData, move_to
+from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
-from tl_core.data import ImageListDataset, SeededSampler, ShardSampler, index_unlabelled
+from tl_core.data import ImageData, index_unlabelled, loaders_for
 from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, unwrap, wrap_ddp
-from tl_core.loop import amp_dtype_for, default_device, epoch_seed, memory_format_for, report_epoch, seed_everything
-from tl_core.models import build_model, find_head, normalization, set_submodule
-from tl_core.optim import build_optimizer, build_scheduler
+from tl_core.models import build_model, find_head, normalization, set_submodule, set_train_mode
+from tl_core.optim import l1_penalty
+from tl_core.state import Reporter, TrainingState, default_device
 
 # ---------------------------------------------------------------- the loss
 
@@ -107,106 +106,76 @@ def view_transform(image_size: int, mean, std, pretrain: PretrainConfig, hflip: 
     return v2.Compose(steps)
 
 
-def build_view_loaders(cfg: RunConfig, index, mean, std, rank: int, world_size: int, pin_memory: bool):
-    """Train: shuffled, sharded like DistributedSampler, every batch full (the loss needs equal local batches).
-    Val: the same two-view augmentation drawn from a fixed seed, so val metrics are comparable across epochs."""
-    views = TwoViews(view_transform(cfg.data.image_size, mean, std, cfg.pretrain, cfg.data.hflip))
-    common = dict(num_workers=cfg.data.loader_workers, pin_memory=pin_memory, persistent_workers=cfg.data.loader_workers > 0)
-    train_set = ImageListDataset(index.train, views)
-    train_sampler = SeededSampler(DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed))
-    batch = min(cfg.train.batch_size, len(train_sampler))
-    train = DataLoader(train_set, batch_size=batch, sampler=train_sampler, drop_last=True, **common)
-    n_val = len(index.val) // world_size * world_size  # equal shards
-    val_sampler = SeededSampler(ShardSampler(n_val, rank, world_size))
-    val_sampler.augment_seed = cfg.train.seed + 1
-    val = DataLoader(ImageListDataset(index.val, views), batch_size=min(2 * batch, max(len(val_sampler), 2)),
-                     sampler=val_sampler, drop_last=True, **common)
-    return train, val, train_sampler
-
-
-# ---------------------------------------------------------------- the loop
-
-def fit_simclr(cfg: RunConfig, reporter, *, resume_from: str | Checkpoint | None = None,
-               device: Optional[torch.device] = None) -> list[dict]:
-    """Pretrain with SimCLR for `cfg.train.epochs`; every epoch reports train/loss, val/loss and val/acc (the
-    top-1 accuracy of finding each view's partner) with a checkpoint of the backbone."""
-    device = device or default_device(cfg.scaling.use_gpu)
-    rank, world_size = get_rank(), get_world_size()
+def view_data(cfg: RunConfig, *, rank: int, world_size: int, pin_memory: bool) -> ImageData:
+    """Unlabelled images as pairs of views: every batch full and equal on every rank (the loss needs equal
+    local batches); validation views drawn from a fixed seed, so val metrics are comparable across epochs."""
     index = index_unlabelled(cfg.data, seed=cfg.train.seed)
-    log_rank0("data: %s", index.summary())
     mean, std = normalization(cfg.model.backbone)
-    train_loader, val_loader, train_sampler = build_view_loaders(cfg, index, mean, std, rank, world_size, device.type == "cuda")
+    views = TwoViews(view_transform(cfg.data.image_size, mean, std, cfg.pretrain, cfg.data.hflip))
+    return loaders_for(index, cfg.data, views, views, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
+                       world_size=world_size, pin_memory=pin_memory, equal_batches=True)
+
+
+# ---------------------------------------------------------------- the recipe
+
+def contrastive_step(temperature: float, l1: float = 0.0):
+    """The train step: NT-Xent of the two views' projections (plus the L1 penalty), both views in one forward
+    pass so that BatchNorm sees them together. `accuracy` is how often a view finds its partner."""
+
+    def step(model: nn.Module, views: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> dict:
+        z1, z2 = model(torch.cat(views)).float().chunk(2)
+        nt, accuracy = nt_xent(z1, z2, temperature)
+        loss = nt + l1 * l1_penalty(unwrap(model)) if l1 > 0 else nt
+        return {"loss": loss, "logged": nt, "n": 1, "accuracy": accuracy}
+
+    return step
+
+
+def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, resume_from: str | Checkpoint | None = None,
+               device: Optional[torch.device] = None, checkpoints: bool = True) -> list[dict]:
+    """Pretrain with SimCLR for `cfg.train.epochs` (or until early stopping); every epoch reports train/loss,
+    val/loss and val/acc (the top-1 accuracy of finding each view's partner) with a checkpoint of the backbone."""
+    device = device or default_device(cfg.scaling.use_gpu)
+    if data is None:
+        data = view_data(cfg, rank=get_rank(), world_size=get_world_size(), pin_memory=device.type == "cuda")
+    log_rank0("data: %s", data.summary())
 
     torch.manual_seed(cfg.train.seed)
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"weights": None})
     model = build_simclr_model(model_cfg, cfg.pretrain, cfg.data.image_size)
-    memory_format = memory_format_for(model, device)
-    model = model.to(device, memory_format=memory_format)
     if is_distributed() and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
-    optimizer = build_optimizer(model, cfg.optim, backbone_lr_mult=cfg.model.backbone_lr_mult, head="projection")
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=len(train_loader), epochs=cfg.train.epochs)
-    amp_dtype = amp_dtype_for(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch = 0
+    state = TrainingState.create(cfg, model.encoder, device, steps_per_epoch=len(data.train), trained=model, head="projection",
+                                 extra={"projection": model.projection})
     if resume_from is not None:
-        ckpt = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
-        model.encoder.load_state_dict(ckpt.model_state)
-        model.projection.load_state_dict(ckpt.train_state["projection"])
-        optimizer.load_state_dict(ckpt.train_state["optimizer"])
-        scheduler.load_state_dict(ckpt.train_state["scheduler"])
-        scaler.load_state_dict(ckpt.train_state["scaler"])
-        start_epoch = ckpt.train_state["epoch"]
-        log_rank0("resumed at epoch %d", start_epoch)
+        state.load(resume_from)
     ddp_model = wrap_ddp(model, device)
-
-    def step(images: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x1, x2 = (x.to(device, non_blocking=True, memory_format=memory_format) for x in images)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            z = ddp_model(torch.cat([x1, x2]))  # one pass: BatchNorm sees both views together
-        z1, z2 = z.float().chunk(2)
-        return nt_xent(z1, z2, cfg.pretrain.temperature)
+    step = contrastive_step(cfg.pretrain.temperature, cfg.optim.l1)
 
     history = []
-    for epoch in range(start_epoch, cfg.train.epochs):
-        seed = epoch_seed(cfg.train.seed, epoch, rank)
-        seed_everything(seed)
-        train_sampler.sampler.set_epoch(epoch)
-        train_sampler.augment_seed = seed
+    for epoch in state.epochs():
+        state.begin_epoch(epoch, data)
         started = time.perf_counter()
-        model.train()
-        sums = torch.zeros(2, dtype=torch.float64)
-        for images, _ in train_loader:
-            loss, _ = step(images)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.train.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            sums += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        all_reduce_sum(sums)
+        set_train_mode(model, cfg.model.freeze_bn_stats)
+        train_loss = state.train_epoch(ddp_model, data.train, step)
         broadcast_buffers(model)
-        model.eval()
-        val = torch.zeros(3, dtype=torch.float64)
-        with torch.no_grad():
-            for images, _ in val_loader:
-                loss, acc = step(images)
-                val += torch.tensor([loss.item(), acc.item(), 1.0], dtype=torch.float64)
-        all_reduce_sum(val)
-        metrics = {"epoch": epoch + 1, "train/loss": (sums[0] / sums[1].clamp(min=1)).item(),
-                   "val/loss": (val[0] / val[2].clamp(min=1)).item(), "val/acc": (val[1] / val[2].clamp(min=1)).item(),
-                   "lr": optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started}
-        if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"epoch {epoch + 1}: the contrastive loss is {metrics['train/loss']}; lower optim.lr")
-        log_rank0("epoch %d/%d  %s", epoch + 1, cfg.train.epochs,
-                  "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        bare = unwrap(model)
-        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                       "global_step": scheduler.last_epoch, "projection": bare.projection.state_dict()}
-        meta = {"config": cfg.to_dict(), "classes": None, "method": "simclr", "epoch": epoch + 1, "metrics": metrics}
-        report_epoch(reporter, metrics, bare.encoder, train_state, meta)
+        val = evaluate_views(ddp_model, data.val, state, step)
+        metrics = {"epoch": epoch + 1, "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
+                   "lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started}
         history.append(metrics)
+        if state.end_epoch(epoch, metrics, {"classes": None, "method": "simclr"}, reporter, checkpoint=checkpoints):
+            break
     return history
+
+
+@torch.no_grad()
+def evaluate_views(model: nn.Module, batches, state: TrainingState, step) -> dict:
+    """Mean NT-Xent loss and partner-finding accuracy over the held-out views of every rank."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for views, labels in batches:
+        with state.autocast():
+            out = step(model, move_to(views, state.device, state.memory_format), labels)
+        sums += torch.tensor([out["loss"].item(), out["accuracy"].item(), 1.0], dtype=torch.float64)
+    all_reduce_sum(sums)
+    return {"loss": (sums[0] / sums[2].clamp(min=1)).item(), "acc": (sums[1] / sums[2].clamp(min=1)).item()}

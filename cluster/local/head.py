@@ -12,7 +12,7 @@ credentials, mode 0600) lives in $TL_LOCAL_DIR, default ~/.cache/tl-finetune/loc
 
 With --autoscale the head has no CPUs and Ray's autoscaler adds 1-CPU worker nodes on demand (up to
 --max-workers) and removes them after --idle-timeout-minutes idle: cluster.yaml's behaviour, on one machine
-(cluster/autoscaling/fake-multinode.yaml).
+(cluster/local/autoscaling/fake-multinode.yaml).
 
 With --s3 the head's environment carries the S3 endpoint and credentials, and TL_STORAGE_ROOT /
 TL_DATA_ROOT point at the bucket, so submitted jobs write their runs there (configs/demo.yaml reads them).
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.s3_server import free_ports, start_s3_server
+from cluster.local.s3_server import free_ports, start_s3_server
 
 BUCKET = "tl-local"
 FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
@@ -127,7 +127,7 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict
 
 
 def fake_autoscaling_config(gcs_address: str, max_workers: int, idle_timeout_minutes: float) -> dict:
-    """cluster/autoscaling/fake-multinode.yaml for a head at `gcs_address`, with its worker limits."""
+    """cluster/local/autoscaling/fake-multinode.yaml for a head at `gcs_address`, with its worker limits."""
     config = yaml.safe_load(FAKE_AUTOSCALING.read_text())
     config["provider"]["gcs_address"] = gcs_address
     config["max_workers"] = config["available_node_types"]["worker.cpu"]["max_workers"] = max_workers

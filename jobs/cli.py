@@ -1,0 +1,67 @@
+"""The command-line contract every job shares: arguments, logging, and errors as one line.
+
+A user mistake (`tl_core.errors.UserError`) is one line on stderr and exit status 2; a run that started
+and failed is one line and exit status 1; a bug raises with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from tl_core.errors import UserError
+
+
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=0.01 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the experiment from its latest checkpoint")
+    return parser.parse_args(argv)
+
+
+class RunFailed(Exception):
+    """Training started but failed (after Ray's retries); the message is the workers' first error."""
+
+
+def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Turn a user mistake into one line on stderr and exit status 2, a failed run into one line and
+    exit status 1; bugs still raise."""
+
+    def wrapper(argv: list[str] | None = None) -> int:
+        setup_logging()
+        try:
+            return main(argv)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RunFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    wrapper.__doc__ = main.__doc__
+    return wrapper
+
+
+def setup_logging(in_worker: bool = False) -> None:
+    """Our own progress lines at INFO on stderr.
+
+    In a Ray worker the root logger already prints at INFO (Ray sets it up), so our loggers stop there
+    instead of printing twice, and Ray Train's line-per-report echo of every metric is turned down.
+    """
+    for name in ("tl_core", "jobs"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        log.propagate = not in_worker
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." per client
+    if in_worker:
+        from jobs import ray_private
+
+        logging.getLogger(ray_private.train_report_logger_name()).setLevel(logging.WARNING)

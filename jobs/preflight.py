@@ -1,0 +1,79 @@
+"""Checks before anything is written or any worker starts: storage, the experiment name, the data, the model
+and its source weights, and whether the cluster can ever place the workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cluster import storage
+from jobs import ray_private
+from jobs.staging import localize, root_location, with_absolute_paths
+from tl_core.config import RunConfig, ScalingConfig
+from tl_core.config_file import load_config
+from tl_core.errors import ConfigError, DataError
+from tl_core.recipes import RECIPES
+
+log = logging.getLogger("jobs")
+
+
+def load_and_check(args: argparse.Namespace) -> RunConfig:
+    """The config, with everything a user can get wrong checked before Ray or storage is touched."""
+    return check_run(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def check_run(cfg: RunConfig, resume: bool) -> RunConfig:
+    """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
+    source weights, before anything is written."""
+    cfg = with_absolute_paths(cfg)
+    root = root_location(cfg)
+    storage.check_access(root)
+    present = storage.exists(root.child(cfg.experiment))
+    if resume and not present:
+        raise ConfigError(f"--resume: there is no experiment {cfg.experiment} under {root.uri}")
+    if not resume and present:
+        raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
+                          "or choose another experiment name")
+    local = localize(cfg)
+    recipe = RECIPES[cfg.pretrain.method]
+    try:
+        index = recipe.index(local.data, cfg.train.seed)
+    except DataError as exc:  # name the user's s3:// prefix, not this node's cache
+        raise DataError(str(exc).replace(local.data.root, cfg.data.root)) from None
+    recipe.build_model(local, index.classes)  # unknown or mismatched weights fail here
+    return cfg
+
+
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """What one training worker holds: `resources_per_worker`, a GPU with `use_gpu` unless it says how many,
+    and a sliver of Ray's `accelerator_type:X` resource, which only nodes with that accelerator have."""
+    resources = cpu_gpu_per_worker(scaling)
+    if scaling.accelerator_type:
+        resources[f"accelerator_type:{scaling.accelerator_type}"] = 0.001
+    return resources
+
+
+def cpu_gpu_per_worker(scaling: ScalingConfig) -> dict[str, float]:
+    return {**scaling.resources_per_worker, **({"GPU": scaling.resources_per_worker.get("GPU", 1.0)} if scaling.use_gpu else {})}
+
+
+def check_capacity(cfg: RunConfig) -> None:
+    """Fail with a message, not a hang, when the cluster can never place the workers a run needs (all of
+    them, or `min` of an elastic range). An autoscaling cluster is judged by what it can grow to."""
+    import ray
+
+    capacity = ray_private.autoscaler_max_resources()
+    if capacity is None:
+        if any(not name.startswith("node_") for name in ray_private.autoscaler_v1_node_types()):
+            # A v1 autoscaler with node types to launch does not publish its limits: the run waits for the nodes.
+            log.info("the cluster autoscales; waiting for %d worker(s) to be placed", cfg.scaling.min_workers)
+            return
+        capacity = ray.cluster_resources()
+    workers = cfg.scaling.min_workers
+    for name, amount in worker_resources(cfg.scaling).items():
+        needed = amount * workers
+        if needed > capacity.get(name, 0.0) + 1e-9:
+            what = "accelerator_type" if name.startswith("accelerator_type:") else "num_workers"
+            raise ConfigError(
+                f"scaling.{what}: {workers} workers x {amount:g} {name} need {needed:g} {name}, "
+                f"but the Ray cluster has {capacity.get(name, 0.0):g}")

@@ -1,0 +1,187 @@
+"""The one way the core runs on Ray.
+
+`run_recipe` runs a recipe on a Ray worker: the node-local config, the newest checkpoint that verifies (a
+damaged one is skipped), the device, and a reporter that hands every epoch to Ray. Both places the core
+runs call it: every worker of a `TorchTrainer` (`train_worker`, started by `run_trainer`) and a one-worker
+Ray Tune trial (jobs.sweep), so they resume, report and upload alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from cluster import storage
+from cluster.storage import Location
+from jobs.cli import RunFailed, setup_logging
+from jobs.preflight import check_capacity, cpu_gpu_per_worker
+from jobs.staging import experiment_location, localize, root_location, with_absolute_paths
+from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
+from tl_core.config import RunConfig, ScalingConfig, from_dict
+from tl_core.errors import CheckpointError
+
+log = logging.getLogger("jobs")
+CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
+EPOCH_CHECKPOINT = "checkpoint_epoch_{:04d}"
+
+# How pyarrow's S3 client (which Ray Train itself writes through) says the endpoint is down.
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Connection refused")
+
+
+@dataclass
+class WorkerSession:
+    """What differs between a Train worker and a Tune trial: how an epoch is handed to Ray, where this run's
+    checkpoints lie, and the device."""
+
+    report: Callable[[dict, Optional[str]], None]  # (metrics, checkpoint directory or None)
+    filesystem: object  # pyarrow filesystem of the run's storage
+    checkpoints_dir: str  # where this run's checkpoint directories are, on `filesystem`
+    registered: object  # the checkpoint Ray handed back (ray.train/tune.get_checkpoint()), or None
+    device: object
+
+
+def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
+    """Run recipe `recipe` (a key of tl_core.recipes.RECIPES) on this Ray worker, resuming where the run stopped."""
+    from tl_core.recipes import RECIPES
+
+    resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, session.registered)
+    RECIPES[recipe].fit(localize(cfg), session.report, resume_from=resume, device=session.device)
+
+
+def latest_valid_checkpoint(filesystem, directory: str, registered=None) -> Checkpoint | None:
+    """The newest checkpoint of this run that verifies, or None for a fresh start.
+
+    Candidates are every checkpoint directory in the run's storage, not only the one Ray registered: a worker
+    killed right after its upload finished leaves a complete checkpoint that Ray never heard of. A missing or
+    corrupt one is skipped with a warning.
+    """
+    import pyarrow.fs
+    import ray.train
+
+    listed = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
+    paths = {info.path for info in listed
+             if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)}
+    if registered is not None:
+        paths.add(registered.path)
+    for path in sorted(paths, key=lambda p: Path(p).name, reverse=True):
+        try:
+            with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as local:
+                checkpoint = load_checkpoint(local)
+        except (CheckpointError, FileNotFoundError) as exc:  # damaged, or an empty directory left by a delete
+            log.warning("skipping checkpoint %s: %s", Path(path).name, exc)
+            continue
+        log.info("resuming from %s (epoch %d)", Path(path).name, checkpoint.meta["epoch"])
+        return checkpoint
+    if paths:
+        log.warning("no checkpoint of this run verifies; starting from the beginning")
+    return None
+
+
+# ---------------------------------------------------------------- Ray Train
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    setup_logging(in_worker=True)
+    cfg = from_dict(loop_config["config"])
+    extras = loop_config["extra_metrics"]
+    upload = checkpoint_uploader(experiment_location(cfg)) if root_location(cfg).is_s3 else None
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report({**metrics, **extras, "timestamp": time.time()}, checkpoint=checkpoint,
+                         checkpoint_dir_name=EPOCH_CHECKPOINT.format(int(metrics["epoch"])), checkpoint_upload_fn=upload)
+
+    run = ray.train.get_context().get_storage()
+    run_recipe(cfg, loop_config["recipe"], WorkerSession(report, run.storage_filesystem, run.experiment_fs_path,
+                                                         ray.train.get_checkpoint(), ray.train.torch.get_device()))
+
+
+def checkpoint_uploader(experiment: Location) -> Callable:
+    """Ray Train's `checkpoint_upload_fn` for S3: our upload, retried with backoff, meta.json last (so a
+    checkpoint cut short by a failure has no meta.json and never verifies)."""
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        destination = experiment.child(checkpoint_dir_name)
+        storage.upload_dir(checkpoint.path, destination, last=META_FILE)
+        return ray.train.Checkpoint(destination.path, filesystem=storage.filesystem(destination))
+
+    return upload
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as `ray job submit` sets it), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", logging_level=logging.WARNING, dashboard_host="127.0.0.1")
+
+
+def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extra_metrics: dict | None = None):
+    """Fit `cfg` with `recipe` on the Ray cluster; a second call with the same experiment continues from its latest
+    checkpoint. `extra_metrics` are added to every report (a sweep's batch sizes); `callbacks` go to Ray Train."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = with_absolute_paths(cfg)  # workers do not share the driver's working directory
+    connect_ray()
+    check_capacity(cfg)
+    root = root_location(cfg)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "recipe": recipe, "extra_metrics": extra_metrics or {}},
+        scaling_config=train_scaling(cfg.scaling),
+        run_config=ray.train.RunConfig(
+            name=cfg.experiment,
+            storage_path=root.path,
+            storage_filesystem=storage.filesystem(root) if root.is_s3 else None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep,
+                                                         checkpoint_score_attribute=cfg.checkpoint.metric,
+                                                         checkpoint_score_order=cfg.checkpoint.mode),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        cause = first_error(exc)
+        if root.is_s3 and "cannot reach" not in cause and any(token in cause for token in _UNREACHABLE):
+            cause = f"storage.endpoint_url: cannot reach {root.endpoint_url or 'AWS S3'} for {root.uri} ({cause})"
+        raise RunFailed(f"experiment {cfg.experiment} failed: {cause}; "
+                        f"continue it with --resume once the cause is fixed") from exc
+
+
+def train_scaling(scaling: ScalingConfig):
+    """Ray Train's ScalingConfig: every worker holds `worker_resources`; an elastic range becomes Ray Train's
+    (min, max), which starts once `min` workers fit and restarts from the latest checkpoint with more workers
+    as the cluster grows."""
+    import ray.train
+
+    resources = cpu_gpu_per_worker(scaling)  # Ray Train adds the accelerator_type resource itself
+    num_workers = (scaling.min_workers, scaling.max_workers) if scaling.elastic else scaling.num_workers
+    return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                                   accelerator_type=scaling.accelerator_type,
+                                   elastic_resize_monitor_interval_s=scaling.resize_interval_s)
+
+
+def first_error(exc: Exception) -> str:
+    """The workers' first error as `Type: last line`, from Ray Train's TrainingFailedError."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc)
+    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"

@@ -1,0 +1,65 @@
+"""Where a run's inputs and outputs are: its storage locations, and s3:// data and weights brought to this node.
+
+The config a run keeps in storage holds the user's URIs; each node trains on `localize(cfg)`, where s3://
+data and weights are replaced by node-local copies (cluster.storage.cache, once per node under a file lock).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cluster import storage
+from cluster.storage import Location, cache
+from tl_core import run_dir
+from tl_core.config import RunConfig, with_overrides
+from tl_core.errors import ConfigError
+
+
+def root_location(cfg: RunConfig) -> Location:
+    return storage.parse(cfg.storage.root, cfg.storage.endpoint_url)
+
+
+def experiment_location(cfg: RunConfig) -> Location:
+    """ROOT/EXPERIMENT, where Ray lays out the run and we add result.json and config.yaml."""
+    return root_location(cfg).child(cfg.experiment)
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute (workers do not share the driver's working directory), and the S3 endpoint
+    pinned from AWS_ENDPOINT_URL so workers get it too."""
+    absolute = lambda path: path if storage.is_uri(path) else str(Path(path).expanduser().resolve())  # noqa: E731
+    overrides = [f"data.root={absolute(cfg.data.root)}", f"storage.root={absolute(cfg.storage.root)}"]
+    weights = cfg.model.weights
+    if weights and not storage.is_uri(weights) and Path(weights).expanduser().exists():
+        overrides.append(f"model.weights={absolute(weights)}")
+    uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights))
+    if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
+        overrides.append(f"storage.endpoint_url={os.environ['AWS_ENDPOINT_URL']}")
+    return with_overrides(cfg, overrides)
+
+
+def localize(cfg: RunConfig) -> RunConfig:
+    """`cfg` as this node reads it: s3:// data and weights replaced by their node-local cached copies."""
+    overrides = []
+    if cfg.data.root.startswith("s3://"):
+        data = storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
+        overrides.append(f"data.root={cache.sync_prefix(data, 'data.root')}")
+    if cfg.model.weights and cfg.model.weights.startswith("s3://"):
+        overrides.append(f"model.weights={fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)}")
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def fetch_weights(uri: str, endpoint_url: str | None) -> Path:
+    """The local copy of source weights on S3: a state-dict object, a checkpoint prefix, or a finished run
+    (whose result.json names its best checkpoint)."""
+    location = storage.parse(uri, endpoint_url, field="model.weights")
+    if location.key and storage.is_object(location, "model.weights"):
+        return cache.fetch_object(location, "model.weights")
+    result = location.child(run_dir.RESULT_FILE)
+    if storage.is_object(result, "model.weights"):
+        best = run_dir.best_checkpoint(storage.read_text(result, "model.weights"), uri)
+        if not best.startswith("s3://"):
+            raise ConfigError(f"model.weights: run {uri} names no s3:// best_checkpoint in its {run_dir.RESULT_FILE}")
+        location = storage.parse(best, endpoint_url, field="model.weights")
+    return cache.sync_prefix(location, "model.weights")

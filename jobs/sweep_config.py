@@ -1,0 +1,115 @@
+"""The sweep file: a run config plus a `search:` section (the space over dotted config keys, the searcher,
+the scheduler). This schema belongs to jobs.sweep; every trial's run config is validated by tl_core.config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from tl_core.config import MetricName, RunConfig, Section, apply_overrides, describe, from_dict, override, with_overrides
+from tl_core.config_file import read_config_file
+from tl_core.errors import ConfigError
+
+_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class SchedulerConfig(Section):
+    name: Literal["asha", "fifo"] = "asha"
+    max_t: int = Field(10, ge=1)  # epochs a trial may run; also every trial's train.epochs
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+    @model_validator(mode="after")
+    def _grace_within_max_t(self) -> SchedulerConfig:
+        if self.grace_period > self.max_t:
+            raise ValueError(f"grace_period: {self.grace_period} is more than max_t {self.max_t}")
+        return self
+
+
+class SearchConfig(Section):
+    space: dict[str, dict[str, list[Any]]]
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    search_alg: Literal["random", "grid"] = "random"
+    seed: int = 0
+    metric: MetricName = "val/acc"
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    scale_lr: Literal["none", "linear"] = "none"  # linear: optim.lr x global batch / base_batch_size
+    base_batch_size: int = Field(256, ge=1)
+
+    @field_validator("space")
+    @classmethod
+    def _valid_space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        if not space:
+            raise ValueError("the search space is empty; give at least one key, e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-1]}")
+        for key, spec in space.items():
+            _check_config_key(key)
+            if len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+                raise ValueError(f"{key}: expected one of {', '.join(_DISTRIBUTIONS)} (e.g. {{loguniform: [1.0e-4, 1.0e-1]}})")
+            kind, values = next(iter(spec.items()))
+            if kind in ("loguniform", "uniform", "randint"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
+                    raise ValueError(f"{key}: {kind} needs [lower, upper] with lower < upper (got {values})")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"{key}: loguniform needs a positive lower bound (got {values[0]})")
+            elif not values:
+                raise ValueError(f"{key}: {kind} needs at least one value")
+        return space
+
+    @model_validator(mode="after")
+    def _grid_needs_grid(self) -> SearchConfig:
+        if self.search_alg == "grid" and any(next(iter(s)) != "grid" for s in self.space.values()):
+            raise ValueError("search_alg: grid needs every space entry to be {grid: [...]}")
+        return self
+
+    def trial_values(self) -> list[dict[str, Any]]:
+        """The edge values of every dimension, one dict per value: enough to validate the space against a config."""
+        values = []
+        for key, spec in self.space.items():
+            kind, given = next(iter(spec.items()))
+            edges = [given[0], given[1] - 1] if kind == "randint" else given
+            values += [{key: v} for v in edges]
+        return values
+
+
+def _check_config_key(key: str) -> None:
+    model: Any = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ValueError(f"{key}: not a config key; allowed in {where}: {', '.join(fields)}")
+        annotation = fields[part].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if i < len(parts) - 1 and not is_section:
+            raise ValueError(f"{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        if i == len(parts) - 1 and is_section:
+            raise ValueError(f"{key}: is a section; name one of its keys: {', '.join(annotation.model_fields)}")
+        model = annotation
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SearchConfig]:
+    """A sweep file: the run config every trial starts from, and its `search:` section. Every edge of the
+    space is applied to the run config and validated, so a bad range fails here, not in trial 7."""
+    raw = read_config_file(path)
+    search_raw = raw.pop("search", None)
+    if search_raw is None:
+        raise ConfigError(f"{path}: search: required section is missing (a sweep file is a run config plus search:)")
+    data = apply_overrides({**raw, "search": search_raw}, overrides)
+    search_raw = data.pop("search")
+    try:
+        search = SearchConfig.model_validate(search_raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
+    base = from_dict(data, (), source=str(path))
+    for values in search.trial_values():
+        key, value = next(iter(values.items()))
+        try:
+            with_overrides(base, [override(key, value)])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {str(exc).split(': ', 1)[-1]}") from None
+    return base, search

@@ -1,0 +1,66 @@
+"""Config files: YAML read safely, `${VAR}` / `${VAR:-default}` expanded from the environment, then validated
+as a `RunConfig` (tl_core.config) with `--set a.b=c` overrides."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tl_core.config import RunConfig, from_dict
+from tl_core.errors import ConfigError
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config from YAML, expand `${VAR}` / `${VAR:-default}` in its strings from the
+    environment, apply `a.b=c` overrides, validate."""
+    return from_dict(read_config_file(path), overrides, source=str(path))
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, source: str, where: tuple) -> Any:
+    """Environment references in string values, so that one config serves a laptop and a cluster
+    (`storage.root: ${TL_STORAGE_ROOT:-./runs}`)."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, source, (*where, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, source, (*where, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name) or default
+        if found is None:
+            raise ConfigError(f"{source}: {'.'.join(map(str, where))}: environment variable {name} is not set "
+                              f"(write ${{{name}:-default}} to give a default)")
+        return found
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a config file, environment references expanded, not yet validated."""
+    return _expand_env(_read_yaml(path), str(path), ())
