@@ -176,3 +176,58 @@ def test_ddp_trials_run_a_torch_trainer_and_are_analyzed(ray_cluster, tmp_path):
     assert rows[-1]["checkpoint_path"].startswith(str(experiment / "ddp-trials"))
     assert analyze.main([str(experiment)]) == 0
     assert json.loads((experiment / "report" / "per_class.json").read_text())["epoch"] in (1, 2)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_sweep_of_a_simclr_pretrain_trains_simclr(ray_cluster, tmp_path):
+    """The trial runs the recipe the config names: SimCLR's checkpoints hold a backbone and no classes."""
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
+    config = write_sweep(tmp_path, data, experiment="simclr-sweep", num_samples=2, metric="val/loss", mode="min",
+                         scheduler={"name": "fifo", "max_t": 2}, space={"optim.lr": {"choice": [0.01, 0.05]}})
+    overrides = ["pretrain.method=simclr", "pretrain.projection_dim=16", "pretrain.projection_hidden=32",
+                 "checkpoint.metric=val/loss", "checkpoint.mode=min"]
+    assert sweep.main(["--config", str(config), *[a for o in overrides for a in ("--set", o)]]) == 0
+    experiment = tmp_path / "runs" / "simclr-sweep"
+    histories = trial_histories(experiment)
+    assert len(histories) == 2 and all([r["epoch"] for r in rows] == [1, 2] for rows in histories.values())
+    assert all("val/acc5" not in rows[-1] for rows in histories.values())  # SimCLR reports no classification metrics
+    meta = json.loads(next(experiment.glob("*/checkpoint_*/meta.json")).read_text())
+    assert meta["method"] == "simclr" and meta["classes"] is None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
+    """Kill the sweep driver mid-trial and damage the trial's newest checkpoint: --resume continues the trial from
+    the newest checkpoint that verifies (the one before), as a Train run does."""
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
+    config = write_sweep(tmp_path, data, experiment="corrupt", num_samples=1, scheduler={"name": "fifo", "max_t": 10},
+                         space={"optim.lr": {"choice": [1.0e-3]}})
+    keep_all = ["--set", "checkpoint.keep=null"]
+    experiment = tmp_path / "runs" / "corrupt"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--config", str(config), *keep_all], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(experiment.glob("*/checkpoint_*/meta.json"))) < 3:
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.2)
+        time.sleep(2)  # the experiment state is saved every second
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    checkpoints = sorted(p.parent for p in experiment.glob("*/checkpoint_*/meta.json"))
+    assert len(checkpoints) < 10, "the trial finished before the driver was killed"
+    newest = checkpoints[-1]
+    damaged_epoch = json.loads((newest / "meta.json").read_text())["epoch"]
+    with open(newest / "model.pt", "ab") as f:
+        f.write(b"bit rot")
+
+    assert sweep.main(["--config", str(config), "--resume", *keep_all]) == 0
+    (rows,) = trial_histories(experiment).values()
+    assert rows[-1]["epoch"] == 10
+    restarts = [r for r in rows[1:] if r["iterations_since_restore"] == 1]
+    # The restored trial's first epoch is the damaged checkpoint's: it resumed from the one before, not from scratch.
+    assert restarts and restarts[-1]["epoch"] == damaged_epoch
