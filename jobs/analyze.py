@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from pydantic import ValidationError
 
 from cluster import storage
 from jobs.cli import guarded
@@ -28,7 +28,7 @@ from jobs.results import read_meta
 from jobs.sweep import SWEEP_FILE, trial_config
 from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
-from tl_core.config import RunConfig, from_dict
+from tl_core.config import RunConfig, describe, from_dict, parse_yaml
 from tl_core.errors import ConfigError
 
 
@@ -72,17 +72,25 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     from ray import tune
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    storage.check_access(location)  # a missing bucket, refused credentials, an endpoint that never answers: one line
     fs = storage.filesystem(location)
     if not tune.Tuner.can_restore(location.path, storage_filesystem=fs if location.is_s3 else None):
         raise ConfigError(f"experiment: there is no Ray Tune experiment at {location.uri}")
+    sweep_file = location.child(SWEEP_FILE)
     try:
-        raw = yaml.safe_load(storage.read_text(location.child(SWEEP_FILE), "experiment"))
+        raw = parse_yaml(storage.read_text(sweep_file, "experiment"), sweep_file.uri)
     except FileNotFoundError:
         raise ConfigError(f"experiment: {location.uri} has no {SWEEP_FILE}; was it made by jobs.sweep?") from None
-    search = SearchConfig.model_validate(raw.pop("search"))
+    if not isinstance(raw, dict) or not isinstance(raw.get("search"), dict):
+        raise ConfigError(f"{sweep_file.uri}: not a sweep file (a run config plus a search: section)")
+    try:
+        search = SearchConfig.model_validate(raw.pop("search"))
+    except ValidationError as exc:
+        raise ConfigError(f"{sweep_file.uri}: search.{describe(exc, model=SearchConfig)}") from None
+    base = from_dict(raw, source=sweep_file.uri)
     analysis = ExperimentAnalysis(location.path, storage_filesystem=fs if location.is_s3 else None,
                                   default_metric=search.metric, default_mode=search.mode)
-    return from_dict(raw), search, ResultGrid(analysis)
+    return base, search, ResultGrid(analysis)
 
 
 def best_checkpoint(result, search: SearchConfig, location: storage.Location):

@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 from tl_core.errors import UserError
+from tl_core.secrets import redact
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -36,10 +37,10 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         try:
             return main(argv)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
             return 2
         except RunFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
             return 1
 
     wrapper.__doc__ = main.__doc__

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from cluster import storage
+from jobs.claim import claimed
 from jobs.cli import guarded
 from jobs.preflight import check_run
 from jobs.results import write_result
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         storage.delete(experiment_location(cfg))  # the demo's own outputs from an earlier run
         cfg = check_run(cfg, resume=False)
         print(f"\n=== {name}: {cfg.experiment} ({cfg.data.root}) ===", flush=True)
-        results[name] = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
+        with claimed(cfg):
+            results[name] = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
     if not args.prepare:
         print_table(results, target)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from jobs.claim import claimed
 from jobs.cli import guarded, parse_args
 from jobs.preflight import load_and_check
 from jobs.results import write_result
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_and_check(args)
     if cfg.pretrain.method != "supervised":
         raise ConfigError(f"pretrain.method: {cfg.pretrain.method} is a pretraining method; run it with python -m jobs.pretrain")
-    result = write_result(cfg, run_trainer(cfg, recipe="supervised"))
+    with claimed(cfg):
+        result = write_result(cfg, run_trainer(cfg, recipe="supervised"))
     print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']} "
           f"-> {result['best_checkpoint']}")
     return 0

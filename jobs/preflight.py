@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+from typing import Callable
+
+from torch import nn
 
 from cluster import storage
+from cluster.storage import Location
 from jobs import ray_private
-from jobs.staging import localize, root_location, with_absolute_paths
+from jobs.staging import localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError, DataError
@@ -22,16 +27,19 @@ def load_and_check(args: argparse.Namespace) -> RunConfig:
     return check_run(load_config(args.config, args.overrides), resume=args.resume)
 
 
-def check_run(cfg: RunConfig, resume: bool) -> RunConfig:
+def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], bool] = run_has_progress) -> RunConfig:
     """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
-    source weights, before anything is written."""
+    source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume."""
     cfg = with_absolute_paths(cfg)
     root = root_location(cfg)
     storage.check_access(root)
-    present = storage.exists(root.child(cfg.experiment))
-    if resume and not present:
-        raise ConfigError(f"--resume: there is no experiment {cfg.experiment} under {root.uri}")
-    if not resume and present:
+    if storage.exists(root) and not storage.is_dir(root):
+        raise ConfigError(f"storage.root: {root.uri} is a file, not a directory")
+    progress = has_progress(root.child(cfg.experiment))
+    if resume and not progress:
+        raise ConfigError(f"--resume: experiment {cfg.experiment} under {root.uri} has nothing to resume (no checkpoint); "
+                          "run it without --resume")
+    if not resume and progress:
         raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
                           "or choose another experiment name")
     local = localize(cfg)
@@ -40,8 +48,37 @@ def check_run(cfg: RunConfig, resume: bool) -> RunConfig:
         index = recipe.index(local.data, cfg.train.seed)
     except DataError as exc:  # name the user's s3:// prefix, not this node's cache
         raise DataError(str(exc).replace(local.data.root, cfg.data.root)) from None
-    recipe.build_model(local, index.classes)  # unknown or mismatched weights fail here
+    model = recipe.build_model(local, index.classes)  # unknown or mismatched weights fail here
+    if cfg.pretrain.method == "supervised":
+        check_batch_norm_batches(cfg, len(index.train), model)
+    if resume:
+        check_same_run(cfg, index.classes, root.child(cfg.experiment))
     return cfg
+
+
+def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> None:
+    """BatchNorm cannot train on batches of one sample; refuse a batch size (or a dataset per worker) that makes them."""
+    trains_batch_norm = cfg.model.strategy != "linear_probe" and not cfg.model.freeze_bn_stats
+    if not trains_batch_norm or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    per_worker = math.ceil(n_train / cfg.scaling.max_workers)
+    if min(cfg.train.batch_size, per_worker) < 2:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} with {n_train} training image(s) over {cfg.scaling.max_workers} "
+                          f"worker(s) gives BatchNorm batches of one sample, which cannot train; use at least 2 images per worker batch")
+
+
+def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> None:
+    """--resume continues the same model on the same classes; a difference is named, not discovered mid-load."""
+    meta = newest_meta(experiment)
+    if meta is None:
+        return
+    trained = (meta["config"].get("model") or {}).get("backbone")
+    if trained != cfg.model.backbone:
+        raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
+    if meta.get("classes") is not None and meta["classes"] != classes:
+        added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
+        difference = "; ".join(part for part in (f"new: {', '.join(added)}" if added else "", f"gone: {', '.join(missing)}" if missing else "") if part)
+        raise ConfigError(f"--resume: data.root's classes differ from experiment {cfg.experiment}'s ({difference or 'their order changed'})")
 
 
 def worker_resources(scaling: ScalingConfig) -> dict[str, float]:

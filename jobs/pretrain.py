@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from jobs.claim import claimed
 from jobs.cli import guarded, parse_args
 from jobs.preflight import load_and_check
 from jobs.results import write_result
@@ -21,7 +22,8 @@ from jobs.runner import run_trainer
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
     cfg = load_and_check(args)
-    result = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
+    with claimed(cfg):
+        result = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
     print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']}; "
           f"fine-tune from it with model.weights={result['best_checkpoint']}")
     return 0

@@ -34,3 +34,67 @@ def autoscaler_v1_node_types() -> set[str]:
     status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
     report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
     return {*(report.get("active_nodes") or {}), *(report.get("node_type_mapping") or {}).values()}
+
+
+def keep_credentials_out_of_tune_runtime_env() -> None:
+    """Ray Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens from the driver's environment
+    into every trial actor's `runtime_env={"env_vars": ...}` (ray.tune.execution.class_cache), and Ray's
+    runtime_env_agent.log writes runtime envs in plain text. Trials get credentials the way every other Ray
+    process does instead: from the raylet's inherited environment (a cluster the job starts, `cluster.local`)
+    or the node's instance role. The set is module state with no setting of its own."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(
+        {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
+def checkpoint_manager_snapshot_name() -> str:
+    """The file in a Ray Train run's directory where its checkpoint manager keeps the checkpoints it registered.
+    A resume that sets a damaged checkpoint aside must drop it: Ray refuses to start when a registered checkpoint
+    is gone, and would otherwise count (and delete) the epoch written again under the damaged one's name."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def use_single_host_mode() -> None:
+    """Ray's single-host mode (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`): this node's address is 127.0.0.1 and every
+    Ray process binds there. The processes Ray starts read the variable from their environment; this process read
+    it into `ray_constants` when Ray was first imported, so the constant is set too. No public API chooses it."""
+    import os
+
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+_listening: list = []  # the sockets handed to TCPStore: kept open for the life of the worker process
+
+
+def bind_process_group_store_to_master_addr() -> None:
+    """Rank 0's TCPStore (the rendezvous of torch.distributed, which Ray Train creates before any code of ours runs)
+    listens on every interface (`*:PORT`) unless it is handed a socket already bound. This wraps torch's private
+    store factory so that rank 0 binds MASTER_ADDR:MASTER_PORT only: 127.0.0.1 on a local cluster, the node's own
+    address on a real one. torch has no setting for the listen address; `master_listen_fd` is its way to pass one."""
+    import importlib
+    import socket
+
+    import torch.distributed as dist
+
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")  # the module; the package's name is a function
+    create = rendezvous._create_c10d_store
+
+    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        if rank != 0:
+            return create(hostname, port, rank, world_size, timeout, use_libuv)
+        family, kind, proto, _, address = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+        _listening.append(listener)
+        return dist.TCPStore(host_name=hostname, port=port, world_size=world_size, is_master=True, timeout=timeout,
+                             multi_tenant=True, master_listen_fd=listener.fileno(), use_libuv=use_libuv)
+
+    rendezvous._create_c10d_store = create_store

@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
-import json
-
 from cluster import storage
-from jobs.staging import experiment_location, root_location
+from jobs.staging import checkpoint_dirs, experiment_location, read_meta_at, root_location
 from tl_core import run_dir
-from tl_core.checkpoint import META_FILE
+from tl_core.checkpoint import to_json
 from tl_core.config import RunConfig
 from tl_core.errors import CheckpointError
 
 
 def write_result(cfg: RunConfig, result) -> dict:
-    """ROOT/EXPERIMENT/result.json (where the best checkpoint is and what the run reached) and config.yaml,
-    from Ray Train's Result."""
-    best = result.get_best_checkpoint(cfg.checkpoint.metric, cfg.checkpoint.mode) or result.checkpoint
-    if best is None:
+    """ROOT/EXPERIMENT/result.json (where the best checkpoint is and what the run reached) and config.yaml.
+
+    Both come from the checkpoints in storage, not from Ray's bookkeeping, so that result.json matches storage
+    even when a resume replaced or set aside checkpoints that Ray had registered.
+    """
+    experiment = experiment_location(cfg)
+    filesystem = storage.filesystem(experiment)
+    metas = {}
+    for path in checkpoint_dirs(filesystem, experiment.path):
+        try:
+            metas[path] = read_meta_at(filesystem, path)
+        except (FileNotFoundError, ValueError):  # not complete: never named as a result
+            continue
+    if not metas:
         raise CheckpointError(f"experiment {cfg.experiment}: the run finished without a checkpoint")
-    best_meta = read_meta(best)
-    final = dict(result.metrics) if result.metrics else read_meta(result.checkpoint)["metrics"]
+    sign = 1.0 if cfg.checkpoint.mode == "max" else -1.0
+    best_path, best_meta = max(metas.items(), key=lambda item: (sign * item[1]["metrics"][cfg.checkpoint.metric], -item[1]["epoch"]))
+    last = max(metas.values(), key=lambda meta: meta["epoch"])
+    final = dict(result.metrics) if result.metrics and result.metrics.get("epoch", 0) >= last["epoch"] else last["metrics"]
     summary = run_dir.result_summary(
-        best_checkpoint=f"s3://{best.path}" if root_location(cfg).is_s3 else best.path,
+        best_checkpoint=f"s3://{best_path}" if root_location(cfg).is_s3 else best_path,
         best_metric={cfg.checkpoint.metric: best_meta["metrics"][cfg.checkpoint.metric], "epoch": best_meta["epoch"]},
         final_metrics=final, classes=best_meta["classes"], config=cfg.to_dict())
-    experiment = experiment_location(cfg)
-    storage.write_text(experiment.child(run_dir.RESULT_FILE), json.dumps(summary, indent=2))
+    storage.write_text(experiment.child(run_dir.RESULT_FILE), to_json(summary))
     storage.write_text(experiment.child(run_dir.CONFIG_FILE), cfg.to_yaml())
     return summary
 
 
 def read_meta(checkpoint) -> dict:
     """meta.json of a Ray checkpoint, read where it lies (local or S3) without downloading the weights."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_FILE}") as f:
-        return json.loads(f.read())
+    return read_meta_at(checkpoint.filesystem, checkpoint.path)

@@ -17,16 +17,19 @@ from typing import Callable, Optional
 
 from cluster import storage
 from cluster.storage import Location
+from jobs import ray_private
 from jobs.cli import RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
-from jobs.staging import experiment_location, localize, root_location, with_absolute_paths
+from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, with_absolute_paths
 from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
 from tl_core.errors import CheckpointError
 
 log = logging.getLogger("jobs")
-CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
 EPOCH_CHECKPOINT = "checkpoint_epoch_{:04d}"
+DAMAGED_DIR = "damaged"  # EXPERIMENT/damaged/: checkpoints that failed verification, kept, never deleted
+# Every worker process of the job binds torch.distributed's rendezvous store to MASTER_ADDR, not to every interface.
+WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "jobs.ray_private.bind_process_group_store_to_master_addr"}
 
 # How pyarrow's S3 client (which Ray Train itself writes through) says the endpoint is down.
 _UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Connection refused")
@@ -48,30 +51,39 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     """Run recipe `recipe` (a key of tl_core.recipes.RECIPES) on this Ray worker, resuming where the run stopped."""
     from tl_core.recipes import RECIPES
 
-    resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, session.registered)
+    resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
     RECIPES[recipe].fit(localize(cfg), session.report, resume_from=resume, device=session.device)
 
 
-def latest_valid_checkpoint(filesystem, directory: str, registered=None) -> Checkpoint | None:
+def load_own_checkpoint(filesystem, path: str, experiment: str) -> Checkpoint:
+    """The checkpoint at `path`, verified, and written by this experiment; CheckpointError otherwise."""
+    import ray.train
+
+    try:
+        with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as local:
+            checkpoint = load_checkpoint(local)
+    except FileNotFoundError as exc:  # an empty directory left by a delete
+        raise CheckpointError(f"checkpoint {Path(path).name} is incomplete ({exc})") from None
+    owner = (checkpoint.meta.get("config") or {}).get("experiment") if isinstance(checkpoint.meta.get("config"), dict) else None
+    if owner != experiment:  # e.g. a link to another run's checkpoint
+        raise CheckpointError(f"checkpoint {Path(path).name} belongs to experiment {owner!r}, not {experiment!r}")
+    return checkpoint
+
+
+def latest_valid_checkpoint(filesystem, directory: str, experiment: str, registered=None) -> Checkpoint | None:
     """The newest checkpoint of this run that verifies, or None for a fresh start.
 
     Candidates are every checkpoint directory in the run's storage, not only the one Ray registered: a worker
-    killed right after its upload finished leaves a complete checkpoint that Ray never heard of. A missing or
-    corrupt one is skipped with a warning.
+    killed right after its upload finished leaves a complete checkpoint that Ray never heard of. A damaged or
+    foreign one is skipped with a warning.
     """
-    import pyarrow.fs
-    import ray.train
-
-    listed = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
-    paths = {info.path for info in listed
-             if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)}
-    if registered is not None:
-        paths.add(registered.path)
-    for path in sorted(paths, key=lambda p: Path(p).name, reverse=True):
+    paths = checkpoint_dirs(filesystem, directory)
+    if registered is not None and registered.path not in paths:
+        paths = sorted([*paths, registered.path], key=lambda p: Path(p).name, reverse=True)
+    for path in paths:
         try:
-            with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as local:
-                checkpoint = load_checkpoint(local)
-        except (CheckpointError, FileNotFoundError) as exc:  # damaged, or an empty directory left by a delete
+            checkpoint = load_own_checkpoint(filesystem, path, experiment)
+        except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", Path(path).name, exc)
             continue
         log.info("resuming from %s (epoch %d)", Path(path).name, checkpoint.meta["epoch"])
@@ -79,6 +91,29 @@ def latest_valid_checkpoint(filesystem, directory: str, registered=None) -> Chec
     if paths:
         log.warning("no checkpoint of this run verifies; starting from the beginning")
     return None
+
+
+def set_aside_damaged_checkpoints(cfg: RunConfig) -> None:
+    """Before a run starts again: newest first, every checkpoint that does not verify (or is not this run's) is
+    moved to EXPERIMENT/damaged/, kept for inspection and out of the way of the epochs that will be written
+    again, until one verifies."""
+    experiment = experiment_location(cfg)
+    filesystem = storage.filesystem(experiment)
+    moved = False
+    for path in checkpoint_dirs(filesystem, experiment.path):
+        name = Path(path).name
+        try:
+            load_own_checkpoint(filesystem, path, cfg.experiment)
+            break
+        except CheckpointError as exc:
+            aside = experiment.child(DAMAGED_DIR, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            storage.move(experiment.child(name), aside)
+            log.warning("checkpoint %s is damaged (%s); moved to %s", name, exc, aside.uri)
+            moved = True
+    if moved:  # Ray Train forgets its registered checkpoints; the valid ones stay in storage, found by latest_valid_checkpoint
+        snapshot = experiment.child(ray_private.checkpoint_manager_snapshot_name())
+        if storage.exists(snapshot):
+            storage.move(snapshot, experiment.child(DAMAGED_DIR, f"{snapshot.path.rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 # ---------------------------------------------------------------- Ray Train
@@ -124,9 +159,19 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=logging.WARNING, runtime_env=WORKER_RUNTIME_ENV)  # merged with a submitted job's own
     else:
-        ray.init(address="local", logging_level=logging.WARNING, dashboard_host="127.0.0.1")
+        start_local_ray()
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """A Ray cluster of this machine alone, every process of it (GCS, raylet, dashboard, agents, workers) listening
+    on 127.0.0.1 only, as `python -m cluster.local up` starts it."""
+    import ray
+
+    ray_private.use_single_host_mode()
+    ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+             runtime_env=WORKER_RUNTIME_ENV, **init_kwargs)
 
 
 def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extra_metrics: dict | None = None):
@@ -138,6 +183,7 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     cfg = with_absolute_paths(cfg)  # workers do not share the driver's working directory
     connect_ray()
     check_capacity(cfg)
+    set_aside_damaged_checkpoints(cfg)
     root = root_location(cfg)
     trainer = TorchTrainer(
         train_worker,

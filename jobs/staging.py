@@ -6,14 +6,18 @@ data and weights are replaced by node-local copies (cluster.storage.cache, once 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from cluster import storage
 from cluster.storage import Location, cache
 from tl_core import run_dir
+from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, with_overrides
 from tl_core.errors import ConfigError
+
+CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
 
 
 def root_location(cfg: RunConfig) -> Location:
@@ -23,6 +27,41 @@ def root_location(cfg: RunConfig) -> Location:
 def experiment_location(cfg: RunConfig) -> Location:
     """ROOT/EXPERIMENT, where Ray lays out the run and we add result.json and config.yaml."""
     return root_location(cfg).child(cfg.experiment)
+
+
+def checkpoint_dirs(filesystem, directory: str) -> list[str]:
+    """The checkpoint directories in `directory` of `filesystem`, newest first (their names sort by epoch)."""
+    import pyarrow.fs
+
+    listed = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
+    paths = [info.path for info in listed if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(paths, key=lambda p: Path(p).name, reverse=True)
+
+
+def read_meta_at(filesystem, path: str) -> dict:
+    """meta.json of the checkpoint directory at `path`, read where it lies (local or S3) without the weights."""
+    with filesystem.open_input_stream(f"{path}/{META_FILE}") as f:
+        return json.loads(f.read())
+
+
+def newest_meta(experiment: Location) -> dict | None:
+    """meta.json of the newest checkpoint of a run that has a readable one."""
+    filesystem = storage.filesystem(experiment)
+    for path in checkpoint_dirs(filesystem, experiment.path):
+        try:
+            meta = read_meta_at(filesystem, path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return meta
+    return None
+
+
+def run_has_progress(experiment: Location) -> bool:
+    """Whether a run has anything to resume: a checkpoint or its result.json (a run that failed before its first
+    checkpoint leaves Ray's bookkeeping, which does not count)."""
+    filesystem = storage.filesystem(experiment)
+    return bool(checkpoint_dirs(filesystem, experiment.path)) or storage.exists(experiment.child(run_dir.RESULT_FILE))
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -16,6 +16,10 @@ import time
 
 import yaml
 
+from cluster import storage
+from cluster.storage import Location
+from jobs import ray_private
+from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args
 from jobs.preflight import check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
@@ -30,13 +34,22 @@ SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config an
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
     base, search = load_sweep(args.config, args.overrides)
-    base = check_run(with_overrides(base, [f"train.epochs={search.scheduler.max_t}"]), resume=args.resume)
-    results = run_sweep(base, search, resume=args.resume)
+    base = check_run(with_overrides(base, [f"train.epochs={search.scheduler.max_t}"]), resume=args.resume,
+                     has_progress=sweep_has_progress)
+    with claimed(base):
+        results = run_sweep(base, search, resume=args.resume)
     best = results.get_best_result(search.metric, search.mode, scope="all")
     print(f"{base.experiment}: {len(results)} trials, best {search.metric} {best.metrics_dataframe[search.metric].agg(search.mode):.4f} "
           f"({best.path.rsplit('/', 1)[-1]}: {best.config})")
     print(f"report: python -m jobs.analyze {experiment_location(base).uri}")
     return 0
+
+
+def sweep_has_progress(experiment: Location) -> bool:
+    """Whether Ray Tune has saved this experiment's state (what `--resume` restores)."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(experiment.path, storage_filesystem=storage.filesystem(experiment) if experiment.is_s3 else None)
 
 
 def param_space(search: SearchConfig) -> dict:
@@ -98,10 +111,9 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from cluster import storage
-
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
+    ray_private.keep_credentials_out_of_tune_runtime_env()
     root = root_location(cfg)
     fs = storage.filesystem(root) if root.is_s3 else None
     trainable = tune.with_parameters(trial, base=cfg.to_dict(), search=search.model_dump())

@@ -3,6 +3,7 @@ the scheduler). This schema belongs to jobs.sweep; every trial's run config is v
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ class SearchConfig(Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     search_alg: Literal["random", "grid"] = "random"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # the searchers' random state
     metric: MetricName = "val/acc"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -50,6 +51,8 @@ class SearchConfig(Section):
             if len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
                 raise ValueError(f"{key}: expected one of {', '.join(_DISTRIBUTIONS)} (e.g. {{loguniform: [1.0e-4, 1.0e-1]}})")
             kind, values = next(iter(spec.items()))
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"{key}: {kind} values must be finite numbers (got {values})")
             if kind in ("loguniform", "uniform", "randint"):
                 if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
                     raise ValueError(f"{key}: {kind} needs [lower, upper] with lower < upper (got {values})")
@@ -65,13 +68,18 @@ class SearchConfig(Section):
             raise ValueError("search_alg: grid needs every space entry to be {grid: [...]}")
         return self
 
-    def trial_values(self) -> list[dict[str, Any]]:
-        """The edge values of every dimension, one dict per value: enough to validate the space against a config."""
+    def trial_values(self) -> list[tuple[str, Any]]:
+        """(key, value) pairs that stand for everything the space can draw: every choice, the edges of a range, and
+        for a continuous range a fractional value inside it (a key that takes integers refuses it)."""
         values = []
         for key, spec in self.space.items():
             kind, given = next(iter(spec.items()))
-            edges = [given[0], given[1] - 1] if kind == "randint" else given
-            values += [{key: v} for v in edges]
+            if kind == "randint":
+                values += [(key, given[0]), (key, given[1] - 1)]
+            elif kind in ("uniform", "loguniform"):
+                values += [(key, given[0]), (key, given[1]), (key, given[0] + (given[1] - given[0]) * 0.37)]
+            else:
+                values += [(key, v) for v in given]
         return values
 
 
@@ -106,8 +114,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except ValidationError as exc:
         raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
     base = from_dict(data, (), source=str(path))
-    for values in search.trial_values():
-        key, value = next(iter(values.items()))
+    for key, value in search.trial_values():
         try:
             with_overrides(base, [override(key, value)])
         except ConfigError as exc:

@@ -1,4 +1,3 @@
-import logging
 import os
 import sys
 from pathlib import Path
@@ -45,7 +44,9 @@ def ray_cluster(s3):
     """One local Ray cluster for the whole test session (2 CPUs, dashboard on 127.0.0.1 only)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    from jobs.runner import start_local_ray
+
+    start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
@@ -59,9 +60,11 @@ def pytest_collection_modifyitems(config, items):
     run hung before starting its worker group, reproducibly); a second Ray head beside the shared one
     confuses the processes that look for "the" local cluster.
     """
-    def rank(item) -> int:
+    def rank(item) -> float:
         if item.get_closest_marker("second_ray_cluster"):
             return 2
+        if item.get_closest_marker("scan_ray_logs"):  # after every other run on the shared cluster has logged
+            return 1.5
         return 1 if "ray_cluster" in item.fixturenames else 0
 
     items.sort(key=rank)

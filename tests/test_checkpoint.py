@@ -57,7 +57,7 @@ def test_loading_never_runs_pickled_code(tmp_path, capsys):
     from tl_core.checkpoint import sha256
     meta["sha256"][MODEL_FILE] = sha256(path / MODEL_FILE)
     (path / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"model.pt cannot be loaded \(UnpicklingError\)"):
         load_checkpoint(path)
     assert "code ran" not in capsys.readouterr().out
 
@@ -69,3 +69,49 @@ def test_local_reporter_keeps_history_and_copies(tmp_path):
     reporter({"epoch": 2, "val/acc": 0.6}, None)
     assert [h["epoch"] for h in reporter.history] == [1, 2]
     assert reporter.latest.name == "checkpoint_000001" and verify_checkpoint(reporter.latest)
+
+
+def _rewrite_meta(path, change):
+    meta = json.loads((path / META_FILE).read_text())
+    (path / META_FILE).write_text(json.dumps(change(meta)))
+
+
+def _replace_with_matching_checksum(path, name, obj):
+    """Content the checksum in meta.json agrees with, but of the wrong kind."""
+    from tl_core.checkpoint import sha256
+
+    torch.save(obj, path / name)
+    _rewrite_meta(path, lambda meta: {**meta, "sha256": {**meta["sha256"], name: sha256(path / name)}})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: (p / META_FILE).write_text("[1, 2]"), "is not a checkpoint's"),
+    (lambda p: _rewrite_meta(p, lambda m: {k: v for k, v in m.items() if k != "epoch"}), "is not a checkpoint's"),
+    (lambda p: _rewrite_meta(p, lambda m: {k: v for k, v in m.items() if k != "sha256"}), "is not a checkpoint's"),
+    (lambda p: _rewrite_meta(p, lambda m: {**m, "sha256": "abc"}), "is not a checkpoint's"),
+    (lambda p: (p / META_FILE).write_bytes(b"\xff\xfe"), "is unreadable"),
+    (lambda p: _replace_with_matching_checksum(p, MODEL_FILE, [1, 2, 3]), "model.pt is not a state dict of tensors"),
+    (lambda p: _replace_with_matching_checksum(p, MODEL_FILE, {"w": 3}), "model.pt is not a state dict of tensors"),
+    (lambda p: _replace_with_matching_checksum(p, STATE_FILE, {"optimizer": {}}), "train_state.pt holds no epoch"),
+])
+def test_damage_of_any_shape_is_a_checkpoint_error(tmp_path, damage, message):
+    path = write(tmp_path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    """A link to another experiment's checkpoint verifies, but it is not this run's: resume skips it."""
+    import pyarrow.fs
+
+    from jobs.runner import latest_valid_checkpoint
+
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    save_checkpoint(run / "checkpoint_epoch_0001", {"w": torch.ones(1)}, {"epoch": 1}, {"config": {"experiment": "mine"}, "epoch": 1})
+    other = save_checkpoint(tmp_path / "runs" / "theirs" / "checkpoint_epoch_0005", {"w": torch.zeros(1)}, {"epoch": 5},
+                            {"config": {"experiment": "theirs"}, "epoch": 5})
+    (run / "checkpoint_epoch_0005").symlink_to(other)
+    found = latest_valid_checkpoint(pyarrow.fs.LocalFileSystem(), str(run), "mine")
+    assert found.meta["epoch"] == 1

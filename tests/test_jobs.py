@@ -172,3 +172,62 @@ def test_a_worker_failure_becomes_one_line():
 
     failure = WorkerGroupError("rank 0 failed", {0: DataError("data.root: directory /x does not exist")})
     assert first_error(failure) == "DataError: data.root: directory /x does not exist"
+
+
+@pytest.mark.integration
+def test_a_resume_past_a_damaged_checkpoint_keeps_the_valid_ones_and_sets_the_damaged_one_aside(ray_cluster, image_folder, tmp_path):
+    """The documented case: 2 epochs, the newest model.pt truncated, --resume to 3 epochs. The run finishes, every
+    valid checkpoint is kept, the damaged one is moved to damaged/ (not deleted), and result.json matches storage."""
+    config = write_config(tmp_path, image_folder, experiment="damaged", scaling={"num_workers": 1},
+                          checkpoint={"keep": 2, "metric": "epoch", "mode": "max"})
+    assert finetune.main(["--config", str(config)]) == 0
+    run = tmp_path / "runs" / "damaged"
+    model = run / "checkpoint_epoch_0002" / MODEL_FILE
+    model.write_bytes(model.read_bytes()[:100])
+    assert finetune.main(["--config", str(config), "--resume", "--set", "train.epochs=3"]) == 0
+    (aside,) = (run / "damaged").glob("checkpoint_epoch_0002-*")
+    assert (aside / MODEL_FILE).stat().st_size == 100
+    kept = sorted(p.name for p in run.glob("checkpoint_epoch_*"))
+    assert kept[-2:] == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"] and all(verify_checkpoint(run / n) for n in kept)
+    result = json.loads((run / "result.json").read_text())
+    assert result["epochs_completed"] == 3 and Path(result["best_checkpoint"]) == run / "checkpoint_epoch_0003"
+    assert verify_checkpoint(result["best_checkpoint"])["epoch"] == 3
+
+
+def listening_sockets(root: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of `root` and its descendants."""
+    import psutil
+
+    found = set()
+    try:
+        processes = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for process in processes:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_job_that_starts_its_own_ray_listens_on_loopback_only(image_folder, tmp_path):
+    """No RAY_ADDRESS: the job starts Ray itself; every listening socket of its process tree (GCS, raylet, dashboard,
+    agents, the training workers and their process group) is on 127.0.0.1, sampled while it trains with 2 workers."""
+    import os
+    import time
+
+    config = write_config(tmp_path, image_folder, train={"epochs": 3})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=Path(__file__).parent.parent,
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while job.poll() is None:
+        seen |= listening_sockets(job.pid)
+        time.sleep(0.3)
+    assert job.returncode == 0, job.stderr.read()[-2000:]
+    assert seen, "no listening socket was sampled"
+    assert {name for _, _, name in seen} >= {"gcs_server", "raylet"}
+    assert sorted(s for s in seen if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")) == []

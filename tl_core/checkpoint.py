@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -46,6 +47,21 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def to_json(obj: Any) -> str:
+    """Strict JSON: a non-finite number (a NaN metric) is written as null, never as the bare NaN that JSON lacks."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
+
+
 def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict, meta: dict) -> Path:
     """Write a complete checkpoint at `directory` (which must not exist yet), atomically."""
     directory = Path(directory)
@@ -59,7 +75,7 @@ def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict,
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()},
             "sha256": {MODEL_FILE: sha256(tmp / MODEL_FILE), STATE_FILE: sha256(tmp / STATE_FILE)},
         }
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
+        (tmp / META_FILE).write_text(to_json(full_meta))
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,9 +91,11 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {directory}: {META_FILE} is missing (incomplete checkpoint)")
     try:
         meta = json.loads(meta_path.read_text())
-        expected = meta["sha256"]
-    except (ValueError, KeyError):
+    except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {directory}: {META_FILE} is unreadable") from None
+    expected = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(expected, dict) or not isinstance(meta.get("epoch"), int):
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not a checkpoint's (no sha256 or epoch)")
     for name in (MODEL_FILE, STATE_FILE):
         path = directory / name
         if not path.is_file():
@@ -90,17 +108,28 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 def load_model_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, meta) of a verified checkpoint, without its training state."""
     meta = verify_checkpoint(directory)
-    return torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True), meta
+    return _load_state(Path(directory) / MODEL_FILE, tensors_only=True), meta
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     meta = verify_checkpoint(directory)
     directory = Path(directory)
-    return Checkpoint(
-        model_state=torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True),
-        train_state=torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True),
-        meta=meta,
-    )
+    train_state = _load_state(directory / STATE_FILE, tensors_only=False)
+    if not isinstance(train_state.get("epoch"), int):
+        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} holds no epoch")
+    return Checkpoint(model_state=_load_state(directory / MODEL_FILE, tensors_only=True), train_state=train_state, meta=meta)
+
+
+def _load_state(path: Path, tensors_only: bool) -> dict:
+    """A dict saved with torch.save, loaded without running pickled code; CheckpointError for anything else
+    (a file whose checksum matches can still hold the wrong content)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged or foreign file
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be loaded ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or (tensors_only and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is not a state dict{' of tensors' if tensors_only else ''}")
+    return state
 
 
 class LocalReporter:

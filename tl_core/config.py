@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tl_core.errors import ConfigError
+from tl_core.secrets import find_credential
 
 #: Every metric the loop reports; anything that monitors a metric must name one of these.
 METRIC_NAMES = ("train/loss", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "epoch")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN or infinite number trains
 
 
 def _check_metric(name: str) -> str:
@@ -84,7 +85,8 @@ class OptimConfig(Section):
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)  # adam, adamw
+    eps: float = Field(1.0e-8, gt=0.0, le=1.0)  # adam, adamw, adagrad, rmsprop: added to the denominator
     weight_decay: float = Field(1.0e-4, ge=0.0)
     l1: float = Field(0.0, ge=0.0)
     scheduler: Annotated[str, _registered("SCHEDULES")] = "cosine"  # constant | step | cosine | onecycle
@@ -115,7 +117,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     clip_grad_norm: Optional[float] = Field(None, gt=0.0)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch and numpy take seeds below 2**63 (numpy: below 2**32, reduced)
 
 
 class WorkerRange(Section):
@@ -190,7 +192,23 @@ class CheckpointConfig(Section):
 
 class StorageConfig(Section):
     root: str = "./runs"
-    endpoint_url: Optional[str] = None
+    endpoint_url: Optional[str] = None  # else AWS_ENDPOINT_URL, else AWS S3
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _an_endpoint(cls, url: Optional[str]) -> Optional[str]:
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        if parts.username is not None or "@" in parts.netloc:
+            raise ValueError("must not hold credentials (user:password@host); they come only from the AWS chain")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host and optional port, e.g. http://127.0.0.1:8333")
+        return url
 
 
 class PretrainConfig(Section):
@@ -237,25 +255,18 @@ class RunConfig(Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-safe dict with secrets removed: what is written next to a run."""
-        data = self.model_dump(mode="json")
-        if data["storage"]["endpoint_url"]:
-            data["storage"]["endpoint_url"] = _strip_userinfo(data["storage"]["endpoint_url"])
-        return data
+        """Plain, JSON-safe dict: what is written next to a run. It holds no credential: `from_dict` refuses them."""
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _strip_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:
     data = apply_overrides(raw, overrides)
+    if (field := find_credential(data)) is not None:
+        raise ConfigError(f"{source}: {field}: holds a credential from the environment; credentials come only from the "
+                          "AWS chain (environment, profile, instance role), never from a config")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -267,16 +278,50 @@ def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> Ru
     return from_dict(cfg.model_dump(mode="json"), overrides)
 
 
+MAX_YAML_VALUES = 100_000  # far more than any config; an alias bomb ("billion laughs") expands beyond it
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML `text` with the safe loader, refusing aliases that refer to themselves or expand past MAX_YAML_VALUES."""
+    try:
+        _count_values(yaml.compose(text, Loader=yaml.SafeLoader), source, {}, set())
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+def _count_values(node: yaml.Node | None, source: str, counted: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once every alias is expanded (shared nodes counted once per use)."""
+    if node is None:
+        return 0
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{source}: a YAML alias refers to the node that contains it")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_count_values(k, source, counted, open_nodes) + _count_values(v, source, counted, open_nodes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_count_values(v, source, counted, open_nodes) for v in node.value)
+    else:
+        total = 1
+    open_nodes.discard(id(node))
+    if total > MAX_YAML_VALUES:
+        raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values through its aliases")
+    counted[id(node)] = total
+    return total
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     data = _deep_copy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=0.01")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML") from None
+        value = parse_yaml(text, f"--set {key}") if text.strip() else None
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -296,6 +341,9 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
+_NEVER_SHOWN = {"storage.endpoint_url"}  # a URL may carry user info; the message names the field only
+
+
 def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
     """The first validation error as `field: problem (got value)`."""
     err = exc.errors()[0]
@@ -308,7 +356,7 @@ def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
     if not loc:  # a check across sections names its own keys
         return msg
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None or loc in _NEVER_SHOWN else f" (got {got!r})"
     more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{loc}: {msg}{shown}{more}"
 

@@ -8,10 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tl_core.config import RunConfig, from_dict
+from tl_core.config import RunConfig, from_dict, parse_yaml
 from tl_core.errors import ConfigError
+from tl_core.secrets import is_credential_name
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -20,6 +19,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return from_dict(read_config_file(path), overrides, source=str(path))
 
 
+MAX_CONFIG_BYTES = 1 << 20
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -35,6 +35,9 @@ def _expand_env(value: Any, source: str, where: tuple) -> Any:
 
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
+        if is_credential_name(name):
+            raise ConfigError(f"{source}: {'.'.join(map(str, where))}: ${{{name}}} names a credential; credentials come "
+                              "only from the AWS chain (environment, profile, instance role), never from a config")
         found = os.environ.get(name) or default
         if found is None:
             raise ConfigError(f"{source}: {'.'.join(map(str, where))}: environment variable {name} is not set "
@@ -48,13 +51,13 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     return data

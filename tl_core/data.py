@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import random
+import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,8 +114,21 @@ def _list_files(directory: Path, classes: Sequence[str]) -> list[Sample]:
 
 
 def _image_files(directory: Path) -> list[str]:
-    """Every image file under `directory` (symlinks followed), in a stable order."""
-    return [os.path.join(dirpath, fname) for dirpath, _, files in sorted(os.walk(directory, followlinks=True))
+    """Every file named like an image under `directory`, in a stable order. Symlinks are followed, but a directory
+    reached twice (a link loop, or two links to one place) is walked once."""
+    walked, seen = [], set()
+    for dirpath, dirnames, files in os.walk(directory, followlinks=True):
+        try:
+            identity = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if identity in seen:
+            dirnames[:] = []
+            continue
+        seen.add(identity)
+        walked.append((dirpath, files))
+    return [os.path.join(dirpath, fname) for dirpath, files in sorted(walked)
             for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS)]
 
 
@@ -123,6 +137,8 @@ def _clean(samples: list[Sample]) -> tuple[list[Sample | None], list[str], int]:
 
     def inspect(path: str) -> str | None:
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device named like an image would block a read
+                return None
             data = Path(path).read_bytes()
             with Image.open(io.BytesIO(data)) as img:
                 img.load()  # a full decode: truncated files fail here, not in the middle of training

@@ -38,24 +38,24 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_l
     return [groups[k] for k in ("backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay") if k in groups]
 
 
-def _sgd(groups, *, lr, momentum, nesterov, betas, weight_decay):
+def _sgd(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
-def _adam(groups, *, lr, momentum, nesterov, betas, weight_decay):
-    return torch.optim.Adam(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+def _adam(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
+    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def _adamw(groups, *, lr, momentum, nesterov, betas, weight_decay):
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+def _adamw(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def _adagrad(groups, *, lr, momentum, nesterov, betas, weight_decay):
-    return torch.optim.Adagrad(groups, lr=lr, weight_decay=weight_decay)
+def _adagrad(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
+    return torch.optim.Adagrad(groups, lr=lr, eps=eps, weight_decay=weight_decay)
 
 
-def _rmsprop(groups, *, lr, momentum, nesterov, betas, weight_decay):
-    return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def _rmsprop(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
+    return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay)
 
 
 #: Optimizer name -> factory over parameter groups; `optim.name` is validated against these keys.
@@ -71,7 +71,7 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: float = 1.0, head: str | None = None) -> Optimizer:
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult, head=head)
     return OPTIMIZERS[cfg.name](groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+                                betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def _constant(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float,

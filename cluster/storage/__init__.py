@@ -25,6 +25,7 @@ import pyarrow.fs
 from tl_core.errors import StorageError
 
 DEFAULT_MAX_ATTEMPTS = 6
+PROBE_READ_TIMEOUT_S = 8
 TRANSFER_THREADS = 8  # concurrent object transfers: datasets are many small files
 
 
@@ -84,21 +85,22 @@ def _s3_filesystem(endpoint_url: str | None, region: str) -> pyarrow.fs.S3FileSy
     if endpoint_url:
         parts = urlsplit(endpoint_url)
         kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
-    return pyarrow.fs.S3FileSystem(**kwargs)  # credentials: the default AWS chain
+    return pyarrow.fs.S3FileSystem(connect_timeout=5, request_timeout=60, **kwargs)  # credentials: the default AWS chain
 
 
 def _region() -> str:
     return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
 
 
-def s3_client(location: Location):
-    """A boto3 client with standard-mode retries (exponential backoff with jitter)."""
+def s3_client(location: Location, probe: bool = False):
+    """A boto3 client with standard-mode retries (exponential backoff with jitter). A `probe` (the pre-flight check)
+    gives up within seconds, so that an endpoint that accepts connections and never answers is one line, not a hang."""
     import boto3
     from botocore.config import Config
 
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    attempts = 2 if probe else int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
     config = Config(retries={"mode": "standard", "total_max_attempts": max(attempts, 1)},
-                    connect_timeout=5, read_timeout=60, max_pool_connections=4 * TRANSFER_THREADS)
+                    connect_timeout=5, read_timeout=PROBE_READ_TIMEOUT_S if probe else 60, max_pool_connections=4 * TRANSFER_THREADS)
     # A fresh session reads the credential chain now; boto3's default session caches what it found first.
     return boto3.session.Session().client("s3", endpoint_url=location.endpoint_url, region_name=_region(),
                                           config=config)
@@ -111,7 +113,7 @@ def check_access(location: Location) -> None:
         return
     with s3_errors(location, "storage.root"):
         # A listing, not HeadBucket: some S3 servers answer HEAD without checking the signature.
-        s3_client(location).list_objects_v2(Bucket=location.bucket, MaxKeys=1)
+        s3_client(location, probe=True).list_objects_v2(Bucket=location.bucket, MaxKeys=1)
 
 
 @contextlib.contextmanager
@@ -151,6 +153,13 @@ def exists(location: Location, field: str = "storage.root") -> bool:
     # A key ending in "/" is a directory marker (pyarrow leaves them), not content.
     return any((o["Key"] == location.key or o["Key"].startswith(location.key + "/")) and not o["Key"].endswith("/")
                for o in found.get("Contents", []))
+
+
+def is_dir(location: Location) -> bool:
+    """Whether `location` can hold a run: a local directory, or an S3 prefix that is not itself an object."""
+    if not location.is_s3:
+        return Path(location.path).is_dir()
+    return not location.key or not is_object(location, "storage.root")
 
 
 def is_object(location: Location, field: str = "storage") -> bool:
@@ -244,3 +253,55 @@ def delete(location: Location) -> None:
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 client.delete_objects(Bucket=location.bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def move(source: Location, destination: Location) -> None:
+    """Move a directory or S3 prefix: a rename locally; on S3 a server-side copy of every object, then the delete."""
+    if not source.is_s3:
+        Path(destination.path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source.path, destination.path)
+        return
+    client = s3_client(source)
+    with s3_errors(source, "storage.root"):
+        if is_object(source):  # one file
+            client.copy_object(Bucket=destination.bucket, Key=destination.key, CopySource={"Bucket": source.bucket, "Key": source.key})
+            client.delete_object(Bucket=source.bucket, Key=source.key)
+            return
+        for obj in list_objects(source):
+            client.copy_object(Bucket=destination.bucket, Key=f"{destination.key}/{obj['Key']}",
+                               CopySource={"Bucket": source.bucket, "Key": f"{source.key}/{obj['Key']}"})
+    delete(source)
+
+
+def create_exclusive(location: Location, text: str) -> bool:
+    """Write a small file only if nothing is there yet, atomically (O_EXCL locally, a conditional PUT with
+    If-None-Match on S3): True when this call created it, False when it already existed."""
+    from botocore.exceptions import ClientError
+
+    if not location.is_s3:
+        path = Path(location.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    with s3_errors(location, "storage.root"):
+        try:
+            s3_client(location).put_object(Bucket=location.bucket, Key=location.key, Body=text.encode(), IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+    return True
+
+
+def remove_file(location: Location) -> None:
+    """Delete one file or object; nothing happens if it is gone already."""
+    if not location.is_s3:
+        Path(location.path).unlink(missing_ok=True)
+        return
+    with s3_errors(location, "storage.root"):
+        s3_client(location).delete_object(Bucket=location.bucket, Key=location.key)

@@ -1,0 +1,72 @@
+"""One job at a time per experiment: a run claims ROOT/EXPERIMENT/.lock atomically (local or S3) before it
+writes anything, and gives it back when it ends, however it ends.
+
+A second job on the same experiment gets one line naming the holder. A lock left by a driver that was killed
+(same host, its process gone) is taken over, so `--resume` after a crash needs nothing by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from cluster import storage
+from jobs.staging import experiment_location
+from tl_core.config import RunConfig
+from tl_core.errors import ConfigError
+
+LOCK_FILE = ".lock"
+log = logging.getLogger("jobs")
+
+
+@contextlib.contextmanager
+def claimed(cfg: RunConfig) -> Iterator[None]:
+    """Hold the experiment's lock for the block."""
+    experiment = experiment_location(cfg)
+    lock = experiment.child(LOCK_FILE)
+    # Local directories the claim itself creates are removed again if the run leaves nothing in them.
+    created = [] if lock.is_s3 else [p for p in (Path(experiment.path), Path(experiment.path).parent) if not p.exists()]
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if not storage.create_exclusive(lock, json.dumps(me)):
+        holder = _holder(lock)
+        if not _is_stale(holder):
+            raise ConfigError(f"experiment: {cfg.experiment} is being run by another job (pid {holder.get('pid')} on "
+                              f"{holder.get('host')} since {holder.get('started')}); if that job is gone, delete {lock.uri}")
+        log.warning("experiment %s: taking over the lock of a job that is gone (pid %s)", cfg.experiment, holder.get("pid"))
+        storage.remove_file(lock)
+        if not storage.create_exclusive(lock, json.dumps(me)):
+            raise ConfigError(f"experiment: {cfg.experiment} was just claimed by another job; delete {lock.uri} if it is gone")
+    try:
+        yield
+    finally:
+        storage.remove_file(lock)
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something there
+                directory.rmdir()
+
+
+def _holder(lock: storage.Location) -> dict:
+    try:
+        holder = json.loads(storage.read_text(lock))
+    except (ValueError, FileNotFoundError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_stale(holder: dict) -> bool:
+    """A lock whose job is certainly gone: taken on this host by a process that no longer exists."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,231 @@
+"""Hostile and mistaken input, by category: nothing hangs, everything that would fail later is refused before
+anything is written (one line, exit 2), and one job at a time holds an experiment."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from helpers import make_image_folder, write_config
+
+from jobs import analyze, finetune, sweep
+from jobs.claim import LOCK_FILE, claimed
+from tl_core.checkpoint import save_checkpoint, to_json
+from tl_core.config import from_dict
+from tl_core.config_file import load_config
+from tl_core.errors import ConfigError, StorageError
+
+MINIMAL = {"experiment": "x", "data": {"root": "/data"}}
+
+
+def one_line_exit_2(main, argv, capsys, tmp_path, message, written=()):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert "Traceback" not in err[0]
+    present = sorted(p.name for p in (tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else []
+    assert present == sorted(written), present
+
+
+# ---------------------------------------------------------------- no input hangs
+
+@pytest.mark.timeout(60)
+def test_special_files_and_link_loops_in_a_data_folder_are_skipped_not_waited_on(tmp_path):
+    from tl_core.data import index_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=8)
+    os.mkfifo(data / "class_0" / "fifo.png")  # a read would block forever
+    os.symlink(data, data / "class_1" / "loop")  # walks back to the root
+    (data / "class_1" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    index = index_image_folder(from_dict({**MINIMAL, "data": {"root": str(data), "val_fraction": 0.25}}).data, seed=0)
+    assert len(index.train) + len(index.val) == 12
+    assert {os.path.basename(p) for p in index.unreadable} == {"fifo.png", "dangling.png"}
+
+
+@pytest.mark.timeout(60)
+def test_an_s3_endpoint_that_never_answers_is_one_line_within_seconds(tmp_path, monkeypatch):
+    from cluster import storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    try:
+        location = storage.parse("s3://bucket-x/runs", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="storage.endpoint_url: cannot reach"):
+            storage.check_access(location)
+        assert time.monotonic() - started < 45
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("text,message", [
+    ("a: &a [*a]\nexperiment: x\n", "a YAML alias refers to the node that contains it"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+     "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+     "f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n", "expands to more than"),
+    (b"experiment: caf\xe9\n", "not UTF-8 text"),
+    ("experiment: [unclosed\n", "not valid YAML at line"),
+])
+def test_hostile_yaml_is_one_line(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_an_alias_bomb_in_a_command_line_value_is_refused_too():
+    bomb = "[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
+           "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]]"
+    with pytest.raises(ConfigError, match="--set model.weights: the YAML expands"):
+        from_dict(MINIMAL, [f"model.weights={bomb}"])
+
+
+# ---------------------------------------------------------------- what would fail later is refused now
+
+@pytest.mark.parametrize("patch,message", [
+    ({"optim": {"name": "adam", "betas": [0.9, 1.5]}}, "optim.betas.1: Input should be less than 1"),
+    ({"optim": {"name": "adam", "eps": 0.0}}, "optim.eps: Input should be greater than 0"),
+    ({"train": {"seed": 2**63}}, "train.seed: Input should be less than"),
+    ({"train": {"seed": -1}}, "train.seed: Input should be greater than or equal to 0"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr: Input should be a finite number"),
+    ({"optim": {"weight_decay": float("inf")}}, "optim.weight_decay: Input should be a finite number"),
+    ({"scaling": {"resources_per_worker": {"CPU": float("nan")}}}, "scaling.resources_per_worker.CPU: Input should be a finite number"),
+    ({"scaling": {"resources_per_worker": {"CPU": float("inf")}}}, "scaling.resources_per_worker.CPU: Input should be a finite number"),
+    ({"storage": {"endpoint_url": "localhost:9000"}}, "storage.endpoint_url: expected an http:// or https:// URL"),
+])
+def test_values_that_cannot_train_are_refused(patch, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        from_dict({**MINIMAL, **patch})
+
+
+def test_a_batch_of_one_for_batchnorm_is_refused(image_folder, tmp_path, capsys):
+    config = write_config(tmp_path, image_folder, train={"batch_size": 1})
+    one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path, "train.batch_size: 1 with 27 training image(s)")
+
+
+def test_a_storage_root_that_is_a_file_is_refused(image_folder, tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a directory")
+    config = write_config(tmp_path, image_folder)
+    assert finetune.main(["--config", str(config)]) == 2
+    assert "storage.root: " in capsys.readouterr().err and (tmp_path / "runs").read_text() == "not a directory"
+
+
+def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2")):
+    run = tmp_path / "runs" / "tiny"
+    save_checkpoint(run / "checkpoint_epoch_0001", {"w": torch.ones(1)}, {"epoch": 1},
+                    {"config": {"experiment": "tiny", "model": {"backbone": backbone}}, "classes": list(classes), "epoch": 1})
+    return run
+
+
+@pytest.mark.parametrize("fake,message", [
+    (dict(backbone="resnet34"), "--resume: model.backbone is resnet18, but experiment tiny was trained with resnet34"),
+    (dict(backbone="resnet18", classes=("class_0", "class_1", "cat")), "classes differ from experiment tiny's (new: class_2; gone: cat)"),
+])
+def test_resume_with_another_backbone_or_class_set_names_the_difference(image_folder, tmp_path, capsys, fake, message):
+    _fake_run(tmp_path, **fake)
+    config = write_config(tmp_path, image_folder)
+    one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
+
+
+def test_sweep_resume_pointed_at_a_finetune_run_is_refused(image_folder, tmp_path, capsys):
+    _fake_run(tmp_path, backbone="resnet18")
+    config = write_config(tmp_path, image_folder)
+    config.write_text(config.read_text() + "search: {space: {optim.lr: {choice: [0.01]}}}\n")
+    one_line_exit_2(sweep.main, ["--config", str(config), "--resume"], capsys, tmp_path, "--resume: experiment tiny", written=["tiny"])
+
+
+@pytest.mark.parametrize("space,message", [
+    ({"train.batch_size": {"uniform": [8, 64]}}, "search.space.train.batch_size: value"),
+    ({"optim.lr": {"uniform": [0.001, float("inf")]}}, "values must be finite numbers"),
+    ({"optim.lr": {"choice": [0.01, float("nan")]}}, "values must be finite numbers"),
+])
+def test_a_sweep_space_must_fit_its_keys(image_folder, tmp_path, capsys, space, message):
+    config = write_config(tmp_path, image_folder)
+    config.write_text(config.read_text() + "search: " + json.dumps({"space": space}).replace("Infinity", ".inf").replace("NaN", ".nan") + "\n")
+    one_line_exit_2(sweep.main, ["--config", str(config)], capsys, tmp_path, message)
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda p: p.write_text("search: [1, 2]\n"), "not a sweep file"),
+    (lambda p: p.write_text("experiment: x\ndata: {root: /d}\nsearch: {space: {optim.lr: {uniform: [1, 0]}}}\n"), "search.space"),
+    (lambda p: p.write_text("experiment: x\nsearch: {space: {optim.lr: {choice: [1]}}}\n"), "data: required key is missing"),
+])
+def test_analyze_on_a_tampered_sweep_file_is_one_line(tmp_path, capsys, tamper, message):
+    experiment = tmp_path / "sweep"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    tamper(experiment / "sweep.yaml")
+    assert analyze.main([str(experiment)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_metrics_are_strict_json():
+    assert json.loads(to_json({"val/loss": float("nan"), "x": [float("inf"), 1.0]})) == {"val/loss": None, "x": [None, 1.0]}
+
+
+# ---------------------------------------------------------------- one job per experiment
+
+def test_a_second_job_on_a_held_experiment_is_one_line_and_a_dead_holder_is_replaced(image_folder, tmp_path, capsys):
+    cfg = load_config(write_config(tmp_path, image_folder))
+    with claimed(cfg):
+        lock = tmp_path / "runs" / "tiny" / LOCK_FILE
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=f"experiment: tiny is being run by another job \\(pid {os.getpid()}"):
+            with claimed(cfg):
+                pass
+    assert not (tmp_path / "runs").exists()  # given back when the block ends, and nothing left behind
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": "then"}))  # no such process
+    with claimed(cfg):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_blocks_no_clean_rerun(image_folder, tmp_path, capsys):
+    """What a failed first epoch leaves (Ray's bookkeeping, no checkpoint) is not an experiment to resume."""
+    stub = tmp_path / "runs" / "tiny"
+    stub.mkdir(parents=True)
+    (stub / ".validate_storage_marker").write_text("")
+    from jobs.preflight import check_run
+
+    cfg = check_run(load_config(write_config(tmp_path, image_folder)), resume=False)
+    assert cfg.experiment == "tiny"
+    with pytest.raises(ConfigError, match="has nothing to resume"):
+        check_run(cfg, resume=True)
+
+
+def test_the_experiment_claim_is_atomic_on_s3_too(s3, image_folder, tmp_path):
+    from conftest import S3_BUCKET
+
+    cfg = load_config(write_config(tmp_path, image_folder, storage={"root": f"s3://{S3_BUCKET}/claims"}))
+    with claimed(cfg):
+        with pytest.raises(ConfigError, match="is being run by another job"):
+            with claimed(cfg):
+                pass
+        assert s3.client().get_object(Bucket=S3_BUCKET, Key=f"claims/tiny/{LOCK_FILE}")["Body"].read()
+    assert "Contents" not in s3.client().list_objects_v2(Bucket=S3_BUCKET, Prefix=f"claims/tiny/{LOCK_FILE}")
