@@ -19,10 +19,11 @@ from typing import Iterator
 from cluster import storage
 from jobs.staging import experiment_location
 from tl_core.config import RunConfig
-from tl_core.errors import ConfigError
+from tl_core.errors import ConfigError, StorageError
 
 LOCK_FILE = ".lock"
 log = logging.getLogger("jobs")
+_held: set[str] = set()  # the locks this process holds now
 
 
 @contextlib.contextmanager
@@ -35,17 +36,22 @@ def claimed(cfg: RunConfig) -> Iterator[None]:
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if not storage.create_exclusive(lock, json.dumps(me)):
         holder = _holder(lock)
-        if not _is_stale(holder):
+        if not _is_stale(holder, lock):
             raise ConfigError(f"experiment: {cfg.experiment} is being run by another job (pid {holder.get('pid')} on "
                               f"{holder.get('host')} since {holder.get('started')}); if that job is gone, delete {lock.uri}")
         log.warning("experiment %s: taking over the lock of a job that is gone (pid %s)", cfg.experiment, holder.get("pid"))
         storage.remove_file(lock)
         if not storage.create_exclusive(lock, json.dumps(me)):
             raise ConfigError(f"experiment: {cfg.experiment} was just claimed by another job; delete {lock.uri} if it is gone")
+    _held.add(lock.uri)
     try:
         yield
     finally:
-        storage.remove_file(lock)
+        _held.discard(lock.uri)
+        try:
+            storage.remove_file(lock)
+        except StorageError as exc:  # storage is down (the run's own error says so): a later run takes the lock over
+            log.warning("experiment %s: could not give back %s (%s)", cfg.experiment, lock.uri, exc)
         for directory in created:
             with contextlib.suppress(OSError):  # not empty: the run wrote something there
                 directory.rmdir()
@@ -59,10 +65,13 @@ def _holder(lock: storage.Location) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _is_stale(holder: dict) -> bool:
-    """A lock whose job is certainly gone: taken on this host by a process that no longer exists."""
+def _is_stale(holder: dict, lock: storage.Location) -> bool:
+    """A lock whose job is certainly gone: taken on this host by a process that no longer exists, or by this very
+    process in a claim it no longer holds (one it could not give back while storage was down)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
+    if holder["pid"] == os.getpid():
+        return lock.uri not in _held
     try:
         os.kill(holder["pid"], 0)
     except ProcessLookupError:

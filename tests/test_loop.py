@@ -201,3 +201,24 @@ def test_ddp_ranks_stay_identical_through_gradual_unfreezing(image_folder, tmp_p
     assert out[0]["digests"] == out[1]["digests"]
     drop_time = lambda history: [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]  # noqa: E731
     assert drop_time(out[0]["history"]) == drop_time(out[1]["history"])  # metrics are reduced over both shards
+
+
+def test_the_train_step_runs_under_autocast_when_amp_is_on(image_folder):
+    """bf16 autocast wraps the forward pass of training, not only of evaluation."""
+    from torch import nn
+
+    from tl_core.models import build_model
+    from tl_core.state import TrainingState
+
+    cfg = config(image_folder, train={"amp": "bf16"})
+    model = build_model(cfg.model, ["a", "b"], 16)
+    state = TrainingState.create(cfg, model, torch.device("cpu"), steps_per_epoch=1)
+    seen = []
+
+    def step(model: nn.Module, inputs, labels):
+        seen.append((torch.is_autocast_enabled("cpu"), model(inputs).dtype))
+        loss = model(inputs).float().mean()
+        return {"loss": loss, "logged": loss, "n": len(labels)}
+
+    state.train_epoch(model, [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]))], step)
+    assert seen == [(True, torch.bfloat16)]

@@ -200,7 +200,8 @@ class TrainingState:
             is_last_micro = i == group_start + group_size - 1
             sync = contextlib.nullcontext() if is_last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                out = step(model, inputs, labels)
+                with self.autocast():
+                    out = step(model, inputs, labels)
                 self.scaler.scale(out["loss"] / group_size).backward()
             if is_last_micro:
                 self.optimizer_step(model)
