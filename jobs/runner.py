@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,8 @@ def train_worker(loop_config: dict) -> None:
     setup_logging(in_worker=True)
     cfg = from_dict(loop_config["config"])
     extras = loop_config["extra_metrics"]
-    upload = checkpoint_uploader(experiment_location(cfg)) if root_location(cfg).is_s3 else None
+    experiment = experiment_location(cfg)
+    upload = checkpoint_uploader(experiment) if experiment.is_s3 else local_publisher(experiment)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -150,6 +153,26 @@ def checkpoint_uploader(experiment: Location) -> Callable:
         return ray.train.Checkpoint(destination.path, filesystem=storage.filesystem(destination))
 
     return upload
+
+
+def local_publisher(experiment: Location) -> Callable:
+    """Ray Train's `checkpoint_upload_fn` for local storage: the finished checkpoint directory is moved into the run
+    (a rename when the temporary directory is on the run's filesystem) instead of being copied file by file."""
+
+    def publish(checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        destination = Path(experiment.path) / checkpoint_dir_name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{checkpoint_dir_name}.tmp-", dir=destination.parent))
+        shutil.move(checkpoint.path, staged / "checkpoint")  # whole before it takes the checkpoint's name
+        if destination.exists():  # an incomplete leftover of an interrupted epoch: set aside, never deleted
+            storage.move(experiment.child(checkpoint_dir_name), experiment.child(DAMAGED_DIR, f"{checkpoint_dir_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(staged / "checkpoint", destination)
+        staged.rmdir()
+        return ray.train.Checkpoint(str(destination))
+
+    return publish
 
 
 def connect_ray() -> None:
