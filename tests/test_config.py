@@ -77,7 +77,7 @@ BAD = [
     ({"model": {"backbone": "resnet9000"}}, "model.backbone: unknown backbone 'resnet9000'; allowed: resnet18"),
     ({"optim": {"name": "lion"}}, "optim.name: unknown name 'lion'; allowed: sgd, adam, adamw, adagrad, rmsprop"),
     ({"optim": {"scheduler": "poly"}}, "optim.scheduler: unknown name 'poly'; allowed: constant, step, cosine, onecycle"),
-    ({"model": {"strategy": "lora"}}, "model.strategy: Input should be 'full', 'linear_probe' or 'gradual_unfreeze'"),
+    ({"model": {"strategy": "lora"}}, "model.strategy: Input should be 'full', 'linear_probe', 'gradual_unfreeze' or 'lp_ft'"),
     ({"checkpoint": {"metric": "val/auc"}}, "checkpoint.metric: unknown metric 'val/auc'"),
     ({"train": {"early_stopping": {"metric": "acc"}}}, "train.early_stopping.metric: unknown metric"),
     ({"experiment": "../escape"}, "experiment: String should match pattern"),

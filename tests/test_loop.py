@@ -5,6 +5,7 @@ import torch
 
 from tl_core.checkpoint import LocalReporter, load_checkpoint
 from tl_core.config import EarlyStoppingConfig, from_dict
+from tl_core.errors import ConfigError
 from tl_core.loop import fit
 from tl_core.state import EarlyStopping
 
@@ -222,3 +223,31 @@ def test_the_train_step_runs_under_autocast_when_amp_is_on(image_folder):
 
     state.train_epoch(model, [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]))], step)
     assert seen == [(True, torch.bfloat16)]
+
+
+def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr_and_resumes_mid_way(image_folder, tmp_path):
+    """Epochs 1-2 train the head only (the backbone and its BatchNorm statistics stay), epochs 3-4 everything at
+    ft_lr_mult x the schedule; a run stopped after epoch 2 and resumed equals an unbroken one."""
+    cfg = config(image_folder, model={"strategy": "lp_ft", "lp_epochs": 2, "ft_lr_mult": 0.1},
+                 optim={"name": "sgd", "lr": 0.05, "scheduler": "constant"})
+    full = LocalReporter(tmp_path / "full")
+    unbroken = fit(cfg, full)
+    # "lr" is the rate after the epoch's last step: the fine-tuning rate from the end of the probe on
+    assert [h["lr"] for h in unbroken] == pytest.approx([0.05, 0.005, 0.005, 0.005])
+    probed, tuned = load_checkpoint(full.checkpoints[1]).model_state, load_checkpoint(full.checkpoints[3]).model_state
+    first = load_checkpoint(full.checkpoints[0]).model_state
+    assert torch.equal(first["conv1.weight"], probed["conv1.weight"]) and torch.equal(first["bn1.running_mean"], probed["bn1.running_mean"])
+    assert not torch.equal(probed["conv1.weight"], tuned["conv1.weight"])
+
+    first_part = LocalReporter(tmp_path / "first")
+    with pytest.raises(_Interrupted):
+        fit(cfg, _StopAfter(first_part, 2))
+    second = LocalReporter(tmp_path / "second")
+    resumed = fit(cfg, second, resume_from=first_part.checkpoints[1])
+    assert [h["lr"] for h in resumed] == pytest.approx([0.005, 0.005])
+    assert [h["val/loss"] for h in resumed] == pytest.approx([h["val/loss"] for h in unbroken[2:]], rel=1e-4)
+
+
+def test_lp_ft_needs_epochs_left_to_fine_tune(image_folder):
+    with pytest.raises(ConfigError, match=r"model.lp_epochs: 4 must be less than train.epochs \(4\)"):
+        config(image_folder, model={"strategy": "lp_ft", "lp_epochs": 4})

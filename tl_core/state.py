@@ -129,8 +129,11 @@ class TrainingState:
         memory_format = memory_format_for(trained, device)
         trained.to(device, memory_format=memory_format)
         optimizer = build_optimizer(trained, cfg.optim, backbone_lr_mult=cfg.model.backbone_lr_mult, head=head)
-        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=math.ceil(steps_per_epoch / cfg.train.grad_accum),
-                                    epochs=cfg.train.epochs)
+        optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum)
+        lp_ft = cfg.model.strategy == "lp_ft"
+        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=optimizer_steps, epochs=cfg.train.epochs,
+                                    later_from_step=cfg.model.lp_epochs * optimizer_steps if lp_ft else None,
+                                    later_mult=cfg.model.ft_lr_mult)
         amp_dtype = amp_dtype_for(cfg.train.amp, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         return cls(cfg, model, optimizer, scheduler, scaler, EarlyStopping(cfg.train.early_stopping), device,
