@@ -12,7 +12,8 @@ from tl_core.checkpoint import LocalReporter
 from tl_core.config import ModelConfig, from_dict
 from tl_core.errors import ConfigError
 from tl_core.loop import fit
-from tl_core.models import backbone_blocks, build_model, convert_layout, normalization
+from tl_core.models import backbone_blocks, build_model, normalization
+from tl_core.weights import convert_layout
 
 LITE0 = "timm:tf_efficientnet_lite0"
 VIT = "timm:vit_tiny_patch16_224"

@@ -133,9 +133,12 @@ def _wait_until_ready(server: S3Server, timeout: float) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"weed mini exited with {server.process.returncode}; see {server.log_path}")
         try:
-            client.list_buckets()
+            # Listing answers before the volume server serves data again after a restart: read one object back too.
+            for bucket in client.list_buckets().get("Buckets", []):
+                for obj in client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", []):
+                    client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
             return
-        except Exception:  # noqa: BLE001 - not listening yet, or still electing its master
+        except Exception:  # noqa: BLE001 - not listening yet, still electing its master, or its volumes not loaded
             if time.monotonic() > deadline:
                 raise TimeoutError(f"S3 server not ready after {timeout:.0f}s; see {server.log_path}") from None
             time.sleep(0.5)
