@@ -95,9 +95,13 @@ def files_holding(root: Path, needles: list[str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.scan_ray_logs
 def test_no_credential_in_any_file_of_runs_or_ray_logs(ray_cluster, s3, tmp_path):
-    """A finetune, a pretrain and a sweep with S3 credentials in the environment (as every Ray test of this session
-    has had), then every file they wrote and every file under Ray's session directory (logs included) is scanned."""
+    """A finetune, a pretrain, a sweep and its analysis locally, and a finetune stored on the S3 server, with S3
+    credentials in the environment (as every Ray test of this session has had); then every file they wrote, every
+    object in the bucket and every file under Ray's session directory (logs included) is scanned."""
+    from conftest import S3_BUCKET
     from ray._private import worker  # the session directory has no public accessor; a test may look
+
+    from jobs import analyze
 
     secrets = [s3.env()["AWS_SECRET_ACCESS_KEY"], s3.env()["AWS_ACCESS_KEY_ID"]]
     assert all(os.environ.get(k) == v for k, v in s3.env().items())
@@ -109,5 +113,15 @@ def test_no_credential_in_any_file_of_runs_or_ray_logs(ray_cluster, s3, tmp_path
     sweep_file.write_text(run.read_text() + "search: {num_samples: 1, scheduler: {name: fifo, max_t: 1}, "
                           "space: {optim.lr: {choice: [0.001]}}}\n")
     assert sweep.main(["--config", str(sweep_file), "--set", "experiment=scan-sweep"]) == 0
+    assert analyze.main([str(tmp_path / "runs" / "scan-sweep")]) == 0
+    assert finetune.main(["--config", str(run), "--set", "experiment=scan-s3", "--set", f"storage.root=s3://{S3_BUCKET}/scan"]) == 0
     assert files_holding(tmp_path / "runs", secrets) == []
+    client = s3.client()
+    objects = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET) for o in page.get("Contents", [])]
+    assert any(key.startswith("scan/scan-s3/checkpoint_epoch_") for key in objects)
+    holding = []
+    for key in objects:  # every object of the session's bucket: this test's and every earlier S3 test's
+        body = client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read()
+        holding += [key for secret in secrets if secret in key or secret.encode() in body]
+    assert holding == []
     assert files_holding(Path(worker._global_node.get_session_dir_path()), secrets) == []
