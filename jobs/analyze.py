@@ -28,8 +28,9 @@ from jobs.results import read_meta
 from jobs.sweep import SWEEP_FILE, trial_config
 from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
-from tl_core.config import RunConfig, describe, from_dict, parse_yaml
+from tl_core.config import RunConfig, describe, from_dict
 from tl_core.errors import ConfigError
+from tl_core.safe_yaml import parse_yaml
 
 
 @dataclass

@@ -77,8 +77,8 @@ def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> 
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
     if meta.get("classes") is not None and meta["classes"] != classes:
         added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
-        difference = "; ".join(part for part in (f"new: {', '.join(added)}" if added else "", f"gone: {', '.join(missing)}" if missing else "") if part)
-        raise ConfigError(f"--resume: data.root's classes differ from experiment {cfg.experiment}'s ({difference or 'their order changed'})")
+        parts = [f"{what}: {', '.join(names)}" for what, names in (("new", added), ("gone", missing)) if names]
+        raise ConfigError(f"--resume: data.root's classes differ from experiment {cfg.experiment}'s ({'; '.join(parts) or 'their order changed'})")
 
 
 def worker_resources(scaling: ScalingConfig) -> dict[str, float]:

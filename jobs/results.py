@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster import storage
-from jobs.staging import checkpoint_dirs, experiment_location, read_meta_at, root_location
+from jobs.staging import checkpoint_metas, experiment_location, read_meta_at, root_location
 from tl_core import run_dir
 from tl_core.checkpoint import to_json
 from tl_core.config import RunConfig
@@ -17,13 +17,7 @@ def write_result(cfg: RunConfig, result) -> dict:
     even when a resume replaced or set aside checkpoints that Ray had registered.
     """
     experiment = experiment_location(cfg)
-    filesystem = storage.filesystem(experiment)
-    metas = {}
-    for path in checkpoint_dirs(filesystem, experiment.path):
-        try:
-            metas[path] = read_meta_at(filesystem, path)
-        except (FileNotFoundError, ValueError):  # not complete: never named as a result
-            continue
+    metas = dict(checkpoint_metas(experiment))  # complete checkpoints only: never name one cut short
     if not metas:
         raise CheckpointError(f"experiment {cfg.experiment}: the run finished without a checkpoint")
     sign = 1.0 if cfg.checkpoint.mode == "max" else -1.0

@@ -66,7 +66,8 @@ def load_own_checkpoint(filesystem, path: str, experiment: str) -> Checkpoint:
             checkpoint = load_checkpoint(local)
     except FileNotFoundError as exc:  # an empty directory left by a delete
         raise CheckpointError(f"checkpoint {Path(path).name} is incomplete ({exc})") from None
-    owner = (checkpoint.meta.get("config") or {}).get("experiment") if isinstance(checkpoint.meta.get("config"), dict) else None
+    config = checkpoint.meta.get("config")
+    owner = config.get("experiment") if isinstance(config, dict) else None
     if owner != experiment:  # e.g. a link to another run's checkpoint
         raise CheckpointError(f"checkpoint {Path(path).name} belongs to experiment {owner!r}, not {experiment!r}")
     return checkpoint
@@ -108,14 +109,18 @@ def set_aside_damaged_checkpoints(cfg: RunConfig) -> None:
             load_own_checkpoint(filesystem, path, cfg.experiment)
             break
         except CheckpointError as exc:
-            aside = experiment.child(DAMAGED_DIR, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            storage.move(experiment.child(name), aside)
-            log.warning("checkpoint %s is damaged (%s); moved to %s", name, exc, aside.uri)
+            log.warning("checkpoint %s is damaged (%s); moved to %s", name, exc, set_aside(experiment, name).uri)
             moved = True
-    if moved:  # Ray Train forgets its registered checkpoints; the valid ones stay in storage, found by latest_valid_checkpoint
-        snapshot = experiment.child(ray_private.checkpoint_manager_snapshot_name())
-        if storage.exists(snapshot):
-            storage.move(snapshot, experiment.child(DAMAGED_DIR, f"{snapshot.path.rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    snapshot = ray_private.checkpoint_manager_snapshot_name()
+    if moved and storage.exists(experiment.child(snapshot)):  # Ray Train forgets its registered checkpoints; the valid
+        set_aside(experiment, snapshot)                          # ones stay in storage, found by latest_valid_checkpoint
+
+
+def set_aside(experiment: Location, name: str) -> Location:
+    """Move EXPERIMENT/NAME to EXPERIMENT/damaged/NAME-TIMESTAMP (kept, never deleted); returns where it went."""
+    aside = experiment.child(DAMAGED_DIR, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    storage.move(experiment.child(name), aside)
+    return aside
 
 
 # ---------------------------------------------------------------- Ray Train
@@ -167,7 +172,7 @@ def local_publisher(experiment: Location) -> Callable:
         staged = Path(tempfile.mkdtemp(prefix=f".{checkpoint_dir_name}.tmp-", dir=destination.parent))
         shutil.move(checkpoint.path, staged / "checkpoint")  # whole before it takes the checkpoint's name
         if destination.exists():  # an incomplete leftover of an interrupted epoch: set aside, never deleted
-            storage.move(experiment.child(checkpoint_dir_name), experiment.child(DAMAGED_DIR, f"{checkpoint_dir_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            set_aside(experiment, checkpoint_dir_name)
         os.replace(staged / "checkpoint", destination)
         staged.rmdir()
         return ray.train.Checkpoint(str(destination))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 from cluster import storage
 from cluster.storage import Location, cache
@@ -44,17 +45,22 @@ def read_meta_at(filesystem, path: str) -> dict:
         return json.loads(f.read())
 
 
-def newest_meta(experiment: Location) -> dict | None:
-    """meta.json of the newest checkpoint of a run that has a readable one."""
+def checkpoint_metas(experiment: Location) -> Iterator[tuple[str, dict]]:
+    """(path, meta.json) of every checkpoint of a run whose meta.json reads as a mapping, newest first; a checkpoint
+    cut short (no meta.json: it is written last) or damaged is passed over."""
     filesystem = storage.filesystem(experiment)
     for path in checkpoint_dirs(filesystem, experiment.path):
         try:
             meta = read_meta_at(filesystem, path)
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
-            return meta
-    return None
+        if isinstance(meta, dict):
+            yield path, meta
+
+
+def newest_meta(experiment: Location) -> dict | None:
+    """meta.json of the newest checkpoint of a run that has a readable one (with its config)."""
+    return next((meta for _, meta in checkpoint_metas(experiment) if isinstance(meta.get("config"), dict)), None)
 
 
 def run_has_progress(experiment: Location) -> bool:

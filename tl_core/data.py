@@ -119,14 +119,14 @@ def _image_files(directory: Path) -> list[str]:
     walked, seen = [], set()
     for dirpath, dirnames, files in os.walk(directory, followlinks=True):
         try:
-            identity = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
+            info = os.stat(dirpath)
         except OSError:
             dirnames[:] = []
             continue
-        if identity in seen:
+        if (info.st_dev, info.st_ino) in seen:
             dirnames[:] = []
             continue
-        seen.add(identity)
+        seen.add((info.st_dev, info.st_ino))
         walked.append((dirpath, files))
     return [os.path.join(dirpath, fname) for dirpath, files in sorted(walked)
             for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS)]

@@ -18,23 +18,20 @@ from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import RunConfig
 from tl_core.data import image_data
-from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log_rank0, unwrap, wrap_ddp
+from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log_rank0, wrap_ddp
 from tl_core.metrics import ClassificationMeter
 from tl_core.models import apply_strategy, build_model, set_train_mode
-from tl_core.optim import l1_penalty
 from tl_core.state import Reporter, TrainingState, default_device
 
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
 
 
-def classification_step(criterion: nn.Module, l1: float = 0.0):
-    """The train step: cross-entropy (plus the L1 penalty) of the model's logits."""
+def classification_step(criterion: nn.Module):
+    """The train step: cross-entropy of the model's logits."""
 
     def step(model: nn.Module, inputs, labels: torch.Tensor) -> dict:
-        logits = model(inputs)
-        ce = criterion(logits.float(), labels)
-        loss = ce + l1 * l1_penalty(unwrap(model)) if l1 > 0 else ce
-        return {"loss": loss, "logged": ce, "n": len(labels)}
+        ce = criterion(model(inputs).float(), labels)
+        return {"loss": ce, "logged": ce, "n": len(labels)}
 
     return step
 
@@ -73,7 +70,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     state = TrainingState.create(cfg, model, device, steps_per_epoch=len(data.train))
     if resume_from is not None:
         state.load(resume_from)
-    step = classification_step(nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), cfg.optim.l1)
+    step = classification_step(nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing))
 
     history: list[dict] = []
     n_trainable, ddp_model = None, model

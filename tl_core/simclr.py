@@ -21,9 +21,8 @@ from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
 from tl_core.data import ImageData, index_unlabelled, loaders_for
-from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, unwrap, wrap_ddp
+from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, wrap_ddp
 from tl_core.models import build_model, find_head, normalization, set_submodule, set_train_mode
-from tl_core.optim import l1_penalty
 from tl_core.state import Reporter, TrainingState, default_device
 
 # ---------------------------------------------------------------- the loss
@@ -118,15 +117,14 @@ def view_data(cfg: RunConfig, *, rank: int, world_size: int, pin_memory: bool) -
 
 # ---------------------------------------------------------------- the recipe
 
-def contrastive_step(temperature: float, l1: float = 0.0):
-    """The train step: NT-Xent of the two views' projections (plus the L1 penalty), both views in one forward
-    pass so that BatchNorm sees them together. `accuracy` is how often a view finds its partner."""
+def contrastive_step(temperature: float):
+    """The train step: NT-Xent of the two views' projections, both views in one forward pass so that BatchNorm
+    sees them together. `accuracy` is how often a view finds its partner."""
 
     def step(model: nn.Module, views: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> dict:
         z1, z2 = model(torch.cat(views)).float().chunk(2)
         nt, accuracy = nt_xent(z1, z2, temperature)
-        loss = nt + l1 * l1_penalty(unwrap(model)) if l1 > 0 else nt
-        return {"loss": loss, "logged": nt, "n": 1, "accuracy": accuracy}
+        return {"loss": nt, "logged": nt, "n": 1, "accuracy": accuracy}
 
     return step
 
@@ -150,7 +148,7 @@ def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = No
     if resume_from is not None:
         state.load(resume_from)
     ddp_model = wrap_ddp(model, device)
-    step = contrastive_step(cfg.pretrain.temperature, cfg.optim.l1)
+    step = contrastive_step(cfg.pretrain.temperature)
 
     history = []
     for epoch in state.epochs():

@@ -24,13 +24,14 @@ from torch import nn
 from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tl_core.config import EarlyStoppingConfig, RunConfig
-from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0
+from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0, unwrap
 from tl_core.errors import TrainingDiverged
-from tl_core.optim import build_optimizer, build_scheduler
+from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
 
 #: `reporter(metrics, checkpoint_dir)`: every rank calls it once per epoch; only rank 0 passes a directory.
 Reporter = Callable[[dict[str, float], Optional[str]], None]
-#: A train step: (model, inputs, labels) -> {"loss": tensor to minimise, "logged": tensor to average, "n": weight}.
+#: A train step: (model, inputs, labels) -> {"loss": tensor to minimise, "logged": tensor to average, "n": weight};
+#: the optimizer step adds `optim.l1`'s penalty to "loss" for every recipe.
 StepFn = Callable[[nn.Module, object, torch.Tensor], dict]
 
 
@@ -205,7 +206,8 @@ class TrainingState:
             with sync:
                 with self.autocast():
                     out = step(model, inputs, labels)
-                self.scaler.scale(out["loss"] / group_size).backward()
+                loss = out["loss"] + self.cfg.optim.l1 * l1_penalty(unwrap(model)) if self.cfg.optim.l1 > 0 else out["loss"]
+                self.scaler.scale(loss / group_size).backward()
             if is_last_micro:
                 self.optimizer_step(model)
             sums += torch.tensor([out["logged"].item() * out["n"], out["n"]], dtype=torch.float64)
