@@ -2,7 +2,9 @@
 the bucket, a bad config that fails in one line, no secret in any object or log, loopback-only listeners,
 and `down` stopping exactly what `up` started."""
 
+import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -69,8 +71,24 @@ def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
         runtime_env = {"working_dir": str(REPO)}
         good_id = client.submit_job(entrypoint=f"python -m jobs.finetune --config {good}", runtime_env=runtime_env)
         bad_id = client.submit_job(entrypoint=f"python -m jobs.finetune --config {bad}", runtime_env=runtime_env)
+        # While the job trains, its workers (and rank 0's torch.distributed store) listen on loopback only too.
+        during, done = set(), threading.Event()
+
+        def sample_listeners():
+            while not done.is_set():
+                with contextlib.suppress(psutil.Error):
+                    during.update((a, p.name()) for p in psutil.Process(state["ray_pid"]).children(recursive=True)
+                                  for a in listening(p.pid))
+                time.sleep(0.3)
+
+        sampler = threading.Thread(target=sample_listeners, daemon=True)
+        sampler.start()
         assert wait_for_job(client, bad_id) == "FAILED"
         assert wait_for_job(client, good_id) == "SUCCEEDED", client.get_job_logs(good_id)[-3000:]
+        done.set()
+        sampler.join(10)
+        assert any("RayTrainWorker" in name for _, name in during), sorted({name for _, name in during})
+        assert sorted((ip, port, name) for (ip, port), name in during if ip not in LOOPBACK) == []
 
         stored = [o["Key"] for o in s3.list_objects_v2(Bucket="tl-local", Prefix="runs/")["Contents"]]
         assert "runs/submitted/result.json" in stored
