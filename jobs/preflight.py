@@ -13,7 +13,7 @@ from torch import nn
 from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private
-from jobs.staging import localize, newest_meta, root_location, run_has_progress, with_absolute_paths
+from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError, DataError
@@ -42,6 +42,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     if not resume and progress:
         raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
                           "or choose another experiment name")
+    fetch_hub_weights(cfg)  # once, here on the driver, before any worker starts
     local = localize(cfg)
     recipe = RECIPES[cfg.pretrain.method]
     try:

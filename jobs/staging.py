@@ -2,6 +2,11 @@
 
 The config a run keeps in storage holds the user's URIs; each node trains on `localize(cfg)`, where s3://
 data and weights are replaced by node-local copies (cluster.storage.cache, once per node under a file lock).
+
+Hub weights (`model.weights: imagenet`, a torchvision weights name, a timm tag) are downloaded once, by the
+driver, into their library's cache (`fetch_hub_weights`), and staged under STORAGE_ROOT/_weights/ before any
+worker starts (`stage_hub_weights`); a worker reads its own library cache when that holds them, the staged copy
+otherwise, and never downloads.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from tl_core import run_dir
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, with_overrides
 from tl_core.errors import ConfigError
+from tl_core.weights import HubWeights, hub_weights
 
 CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
+WEIGHTS_DIR = "_weights"  # STORAGE_ROOT/_weights/: hub weights staged for workers (no experiment name starts with _)
 
 
 def root_location(cfg: RunConfig) -> Location:
@@ -76,7 +83,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     absolute = lambda path: path if storage.is_uri(path) else str(Path(path).expanduser().resolve())  # noqa: E731
     overrides = [f"data.root={absolute(cfg.data.root)}", f"storage.root={absolute(cfg.storage.root)}"]
     weights = cfg.model.weights
-    if weights and not storage.is_uri(weights) and Path(weights).expanduser().exists():
+    if weights and not storage.is_uri(weights) and not _hub(cfg) and Path(weights).expanduser().exists():
         overrides.append(f"model.weights={absolute(weights)}")
     uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights))
     if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
@@ -92,7 +99,56 @@ def localize(cfg: RunConfig) -> RunConfig:
         overrides.append(f"data.root={cache.sync_prefix(data, 'data.root')}")
     if cfg.model.weights and cfg.model.weights.startswith("s3://"):
         overrides.append(f"model.weights={fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)}")
+    hub = _hub(cfg)
+    if hub is not None and hub.cached() is None:  # not in this node's library cache: the copy the driver staged
+        staged = staged_hub_weights(cfg, hub)
+        overrides.append(f"model.weights={fetch_weights(staged, cfg.storage.endpoint_url) if storage.is_uri(staged) else staged}")
     return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def _hub(cfg: RunConfig) -> HubWeights | None:
+    weights = cfg.model.weights
+    return hub_weights(cfg.model.backbone, weights) if weights and not storage.is_uri(weights) else None
+
+
+def fetch_hub_weights(cfg: RunConfig) -> None:
+    """On the driver, before any worker starts: hub weights downloaded into their library's cache if missing."""
+    hub = _hub(cfg)
+    if hub is not None:
+        hub.download()
+
+
+def _staged_location(cfg: RunConfig, hub: HubWeights) -> Location:
+    return root_location(cfg).child(WEIGHTS_DIR, *hub.staged_dir.split("/"))
+
+
+def stage_hub_weights(cfg: RunConfig) -> RunConfig:
+    """Copy hub weights to STORAGE_ROOT/_weights/ (once per storage root), where every worker finds them; returns
+    `cfg`, or with `model.weights` naming the staged file when this node's library cache lacks them (a trial that
+    starts its own trainer)."""
+    hub = _hub(cfg)
+    if hub is None:
+        return cfg
+    cached = hub.cached()
+    if cached is None:
+        return with_overrides(cfg, [f"model.weights={staged_hub_weights(cfg, hub)}"])
+    target = _staged_location(cfg, hub).child(cached.name)
+    if not storage.exists(target, "model.weights"):
+        storage.upload_file(cached, target)
+    return cfg
+
+
+def staged_hub_weights(cfg: RunConfig, hub: HubWeights) -> str:
+    """The URI (or local path) of the one file staged for hub weights under STORAGE_ROOT/_weights/."""
+    location = _staged_location(cfg, hub)
+    if location.is_s3:
+        names = [o["Key"] for o in storage.list_objects(location, "model.weights")]
+    else:
+        names = [p.name for p in Path(location.path).glob("*") if p.is_file() and not p.name.startswith(".")]
+    if len(names) != 1:
+        raise ConfigError(f"model.weights: {hub.name} for {cfg.model.backbone} is neither in this node's {hub.library} "
+                          f"cache ({hub.cache_dir}) nor staged as one file under {location.uri}")
+    return location.child(names[0]).uri
 
 
 def fetch_weights(uri: str, endpoint_url: str | None) -> Path:

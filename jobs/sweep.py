@@ -23,7 +23,7 @@ from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args
 from jobs.preflight import check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
-from jobs.staging import experiment_location, root_location, with_absolute_paths
+from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, load_sweep
 from tl_core.config import RunConfig, from_dict, override, with_overrides
 
@@ -101,6 +101,7 @@ def _ddp_trial(cfg: RunConfig, sizes: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = ray.tune.get_context()
+    cfg = stage_hub_weights(cfg)  # the sweep's staged copy, before the trial's own storage root
     cfg = with_overrides(cfg, [f"experiment={context.get_trial_id()}",
                                f"storage.root={experiment_location(cfg).uri}/ddp-trials"])
     run_trainer(cfg, cfg.pretrain.method, callbacks=[TuneReportCallback()], extra_metrics=sizes)
@@ -113,6 +114,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
+    stage_hub_weights(cfg)
     ray_private.keep_credentials_out_of_tune_runtime_env()
     root = root_location(cfg)
     fs = storage.filesystem(root) if root.is_s3 else None

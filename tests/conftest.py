@@ -40,12 +40,15 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3):
-    """One local Ray cluster for the whole test session (2 CPUs, dashboard on 127.0.0.1 only)."""
+def ray_cluster(s3, tmp_path_factory):
+    """One local Ray cluster for the whole test session (2 CPUs, dashboard on 127.0.0.1 only). Its workers get
+    library caches of their own (torch hub, Hugging Face hub), empty like a fresh node's."""
     import ray
 
     from jobs.runner import start_local_ray
 
+    caches = tmp_path_factory.mktemp("worker-caches")
+    os.environ.update(HF_HOME=str(caches / "hf"), TORCH_HOME=str(caches / "torch"))
     start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()

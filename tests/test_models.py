@@ -106,9 +106,10 @@ def test_weights_that_are_not_a_state_dict(tmp_path):
         build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), CLASSES, image_size=32)
 
 
-def test_torchvision_weights_come_only_from_the_local_hub_cache(tmp_path, monkeypatch):
+def test_the_core_reads_torchvision_weights_from_the_local_hub_cache_only(tmp_path, monkeypatch):
+    """The core never downloads (the jobs do, once, on the driver)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(ConfigError, match="ResNet18_Weights.IMAGENET1K_V1 is not in the local torch hub cache"):
+    with pytest.raises(ConfigError, match="ResNet18_Weights.IMAGENET1K_V1 for resnet18 is not in the local torch hub cache"):
         build_model(ModelConfig(weights="ResNet18_Weights.IMAGENET1K_V1"), CLASSES, image_size=32)
     with pytest.raises(ConfigError, match="are not weights for resnet18"):
         build_model(ModelConfig(weights="ResNet50_Weights.IMAGENET1K_V2"), CLASSES, image_size=32)
@@ -117,8 +118,9 @@ def test_torchvision_weights_come_only_from_the_local_hub_cache(tmp_path, monkey
     cache.mkdir(parents=True)
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     _, source = save_source(cache, num_classes=1000, name=url.rsplit("/", 1)[1])
-    model = build_model(ModelConfig(weights="IMAGENET1K_V1"), CLASSES, image_size=32)
-    assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.linear.out_features == 3
+    for name in ("IMAGENET1K_V1", "imagenet"):
+        model = build_model(ModelConfig(weights=name), CLASSES, image_size=32)
+        assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.linear.out_features == 3
 
 
 def backbone_bn_stats(model):

@@ -2,6 +2,7 @@
 strategy on a timm CNN and a timm ViT."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -94,3 +95,106 @@ def test_every_strategy_trains_timm_models(tmp_path, backbone, model_options):
     if model_options.get("freeze_bn_stats"):
         assert all(torch.equal(before[k], after[k]) for k in backbone_keys if k.endswith(("running_mean", "running_var")))
     assert len(backbone_blocks(build_model(cfg.model, ["a", "b"], 32))) >= 4  # stages/blocks to unfreeze one by one
+
+
+# ---------------------------------------------------------------- hub weights: downloaded once, staged for workers
+
+TINY_TIMM = "timm:test_resnet"  # 0.5 M parameters; timm publishes its ImageNet weights as timm/test_resnet.r160_in1k
+TINY_REPO_FILE = "/timm/test_resnet.r160_in1k/resolve/main/model.safetensors"
+
+
+def tiny_timm_weights(path):
+    """A state dict in timm's layout, as the hub would serve it for test_resnet (1000-class head)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    state = timm.create_model("test_resnet").state_dict()
+    save_file(state, str(path))
+    return state
+
+
+def hub_env(tmp_path, endpoint: str) -> dict:
+    import os
+
+    return {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+
+
+def test_torchvision_weights_download_once_into_torch_hubs_cache_and_a_bad_hash_is_refused(tmp_path, monkeypatch):
+    import hashlib
+
+    from hub_server import HubServer
+
+    from tl_core.weights import HubWeights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served = tmp_path / "served.pth"
+    torch.save(build_model(ModelConfig(), [str(i) for i in range(1000)], 32).state_dict(), served)
+    good = f"resnet18-{hashlib.sha256(served.read_bytes()).hexdigest()[:8]}.pth"
+    server = HubServer({f"/models/{good}": served, "/models/resnet18-deadbeef.pth": served})
+    try:
+        hub = HubWeights("resnet18", "imagenet", url=f"{server.url}/models/{good}")
+        assert hub.download() == tmp_path / "torch" / "hub" / "checkpoints" / good
+        assert hub.download() == hub.cached()  # the second time from the cache
+        assert server.gets[f"/models/{good}"] == 1
+        with pytest.raises(ConfigError, match=r"cannot download imagenet for resnet18 \(.*hash.*\); without network, place "
+                                              r"resnet18-deadbeef\.pth in the torch hub cache .*/hub/checkpoints"):
+            HubWeights("resnet18", "imagenet", url=f"{server.url}/models/resnet18-deadbeef.pth").download()
+    finally:
+        server.stop()
+
+
+def test_timm_weights_download_once_from_the_hugging_face_hub_cache(tmp_path):
+    """Through huggingface_hub's own download and cache, with HF_ENDPOINT pointed at a server on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    from hub_server import HubServer
+
+    tiny_timm_weights(tmp_path / "model.safetensors")
+    server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
+    script = ("from tl_core.weights import hub_weights; from tl_core.models import build_model; from tl_core.config import ModelConfig; "
+              "h = hub_weights('timm:test_resnet', 'imagenet'); print(h.download()); "
+              "build_model(ModelConfig(backbone='timm:test_resnet', weights='imagenet'), ['a', 'b'], 32)")
+    try:
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-c", script], env=hub_env(tmp_path, server.url), capture_output=True,
+                                 text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.strip().startswith(str(tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"))
+        assert server.gets[TINY_REPO_FILE] == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("weights,message", [
+    ("r160_in1k", r"model\.weights: cannot download r160_in1k for timm:test_resnet \(.*Connection refused\); without network, "
+                  r"place model\.safetensors in the Hugging Face hub cache {hf}/hub or give a state-dict path"),
+])
+def test_hub_weights_without_network_are_one_line_exit_2_naming_the_cache(tmp_path, weights, message):
+    import subprocess
+    import sys
+
+    from helpers import write_config
+    from hub_server import closed_port_url
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=4)
+    config = write_config(tmp_path, data, model={"backbone": TINY_TIMM, "weights": weights})
+    run = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config)], env=hub_env(tmp_path, closed_port_url()),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message.format(hf=re.escape(str(tmp_path / "hf"))), lines[0]), run.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"backbone": "timm:botnet50ts_256", "weights": "imagenet"}, "timm:botnet50ts_256 has no ImageNet weights in timm"),
+    ({"backbone": "timm:resnet18", "weights": "IMAGENET1K_V1"}, "timm:resnet18's pretrained tags: a1_in1k, a2_in1k"),
+    ({"backbone": "resnet18", "weights": "ResNet50_Weights.IMAGENET1K_V2"}, "allowed: imagenet, ResNet18_Weights.IMAGENET1K_V1"),
+])
+def test_hub_weights_that_do_not_fit_the_backbone_are_one_line(patch, message):
+    from tl_core.weights import hub_weights
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        hub_weights(patch["backbone"], patch["weights"])

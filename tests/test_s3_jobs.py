@@ -12,12 +12,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from helpers import make_image_folder, write_config
 
 from cluster import storage
 from cluster.local.s3_server import start_s3_server
 from jobs import finetune, pretrain
-from tl_core.checkpoint import META_FILE, verify_checkpoint
+from tl_core.checkpoint import META_FILE, load_model_state, verify_checkpoint
 
 BUCKET = "tl-test"
 REPO = Path(__file__).parent.parent
@@ -199,3 +200,36 @@ def test_s3_bad_input_is_one_line_exit_2_and_writes_nothing(case, s3, tmp_path, 
     assert s3.secret_key not in err[-1] and s3.access_key not in err[-1] and "wrong-secret" not in err[-1]
     assert keys(s3, "bad-input/") == []
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_hub_weights_are_downloaded_once_by_the_driver_and_staged_for_every_worker(ray_cluster, s3, tmp_path):
+    """`model.weights: imagenet` on a timm backbone, with the Hugging Face hub on 127.0.0.1: the driver downloads
+    the file once into its own cache and stages it on S3; both workers (whose caches are empty) read the staged
+    copy. A linear probe leaves the backbone as loaded, so the checkpoint shows which weights were trained."""
+    from hub_server import HubServer
+    from test_pretrained import TINY_REPO_FILE, TINY_TIMM, hub_env, tiny_timm_weights
+
+    served = tiny_timm_weights(tmp_path / "model.safetensors")
+    server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, seed=5)
+    config = write_config(tmp_path, data, experiment="hub-weights", train={"epochs": 1}, scaling={"num_workers": 2},
+                          model={"backbone": TINY_TIMM, "weights": "imagenet", "strategy": "linear_probe"},
+                          storage={"root": "s3://tl-test/runs"})
+    env = {**hub_env(tmp_path, server.url), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    try:
+        run = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=400)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert server.gets[TINY_REPO_FILE] == 1
+    assert keys(s3, "runs/_weights/") == ["runs/_weights/huggingface/timm/test_resnet.r160_in1k/main/model.safetensors"]
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for key in keys(s3, "runs/hub-weights/checkpoint_epoch_0001/"):
+        s3.client().download_file(BUCKET, key, str(checkpoint / Path(key).name))
+    trained, _ = load_model_state(checkpoint)
+    backbone = [k for k in served if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(trained[k], served[k]) for k in backbone)

@@ -1,11 +1,18 @@
-"""Source weights: where they come from (an offline package, torchvision's cache, a file, a checkpoint or a finished
+"""Source weights: where they come from (an offline package, a library's hub, a file, a checkpoint or a finished
 run), the key layouts they arrive in (torchvision, timm, EfficientNet-PyTorch), and loading them into a model
-whose head may be new."""
+whose head may be new.
+
+Hub weights (`imagenet`, a torchvision weights name, a timm pretrained tag) live in the library's own cache:
+torchvision's in torch hub's, timm's in the Hugging Face hub's. `HubWeights.download` fills it (jobs do this once,
+on the driver); reading never downloads.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,37 +41,181 @@ def load_source(model: nn.Module, head_name: str, source: str, backbone: str, cl
     load_source_weights(model, state, source=source, head_name=head_name, keep_head=source_classes in (None, list(classes)))
 
 
-_ENUM_NAME = re.compile(r"^([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
-
-
 def read_source_state_dict(source: str, backbone: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """(state dict, its class names if known) from a short name in OFFLINE_WEIGHTS, a torchvision weights enum name,
-    a state-dict file (.pt, .pth, .safetensors), or a checkpoint or run directory of ours."""
+    """(state dict, its class names if known) from a short name in OFFLINE_WEIGHTS, hub weights already in their
+    library's cache, a state-dict file (.pt, .pth, .safetensors), or a checkpoint or run directory of ours."""
     if source in OFFLINE_WEIGHTS:
         return _read_offline_weights(source, backbone), None
+    hub = hub_weights(backbone, source)
+    if hub is not None:
+        cached = hub.cached()
+        if cached is None:
+            raise ConfigError(f"model.weights: {source} for {backbone} is not in the local {hub.library} cache "
+                              f"({hub.cache_dir}); the jobs download it once, or place {hub.file_name} there")
+        return _torch_load(cached, source), None
     path = Path(source)
     if path.exists():
         return _read_local_weights(path, source)
-    if _ENUM_NAME.match(source):
+    raise ConfigError(f"model.weights: {source} does not exist (expected imagenet, a torchvision weights name, a timm "
+                      "pretrained tag, a state-dict file, or a checkpoint directory)")
+
+
+# ---------------------------------------------------------------- hub weights
+
+IMAGENET = "imagenet"
+_ENUM_NAME = re.compile(r"^([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
+_IMAGENET_TAG = re.compile(r"in1k|in12k|in21k|in22k|imagenet")
+HF_SAFE_FILE, HF_TORCH_FILE = "model.safetensors", "pytorch_model.bin"  # what timm publishes on the Hugging Face hub
+DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Pretrained weights that a library downloads into its own cache: torchvision's by URL into torch hub's cache,
+    timm's from the Hugging Face hub (repository `hf_repo`) into its cache."""
+
+    backbone: str
+    name: str  # `model.weights` as written
+    url: str = ""  # torchvision (and timm weights published by URL only)
+    hf_repo: str = ""
+    hf_revision: str | None = None
+    hf_file: str | None = None  # None: timm's model.safetensors, else pytorch_model.bin
+
+    @property
+    def library(self) -> str:
+        return "Hugging Face hub" if self.hf_repo else "torch hub"
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.hf_repo:
+            from huggingface_hub import constants
+
+            return Path(constants.HF_HUB_CACHE)
+        return Path(torch.hub.get_dir()) / "checkpoints"
+
+    @property
+    def file_name(self) -> str:
+        return self.hf_file or HF_SAFE_FILE if self.hf_repo else Path(urlsplit(self.url).path).name
+
+    @property
+    def staged_dir(self) -> str:
+        """Where a run stages the file for its workers, relative to its storage: a folder holding that one file."""
+        if self.hf_repo:
+            return f"huggingface/{self.hf_repo}/{self.hf_revision or 'main'}"
+        return f"torchvision/{Path(self.file_name).stem}"
+
+    def cached(self) -> Path | None:
+        """The file in the library's cache, or None."""
+        if not self.hf_repo:
+            path = self.cache_dir / self.file_name
+            return path if path.is_file() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        for file in (self.hf_file,) if self.hf_file else (HF_SAFE_FILE, HF_TORCH_FILE):
+            path = try_to_load_from_cache(self.hf_repo, file, revision=self.hf_revision)
+            if isinstance(path, str):
+                return Path(path)
+        return None
+
+    def download(self) -> Path:
+        """The file in the library's cache, downloaded into it when missing; one ConfigError line when it cannot be."""
+        cached = self.cached()
+        if cached is not None:
+            return cached
+        try:
+            path = self._download_hf() if self.hf_repo else self._download_url()
+        except Exception as exc:  # noqa: BLE001 - no network, a refused connection, a server error, a bad hash
+            while exc.__cause__ is not None:  # the root cause ("[Errno 111] Connection refused"), not the wrappers
+                exc = exc.__cause__
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(
+                f"model.weights: cannot download {self.name} for {self.backbone} ({reason}); without network, place "
+                f"{self.file_name} in the {self.library} cache {self.cache_dir} or give a state-dict path") from None
+        logger.info("weights: downloaded %s for %s into %s (%.1f MB)", self.name, self.backbone, path, path.stat().st_size / 1e6)
+        return path
+
+    def _download_url(self) -> Path:
+        target = self.cache_dir / self.file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(target.name)  # torchvision's files carry a prefix of their SHA-256
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub takes no timeout; a stalled server must not hang a run
+        try:
+            torch.hub.download_url_to_file(self.url, str(target), hash_prefix=match.group(1) if match else None, progress=False)
+        finally:
+            socket.setdefaulttimeout(previous)
+        return target
+
+    def _download_hf(self) -> Path:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        files = (self.hf_file,) if self.hf_file else (HF_SAFE_FILE, HF_TORCH_FILE)
+        hub_logger = logging.getLogger("huggingface_hub")
+        level = hub_logger.level
+        hub_logger.setLevel(logging.ERROR)  # its retries are not the user's business; the failure is, in one line
+        try:
+            for file in files[:-1]:
+                try:
+                    return Path(hf_hub_download(self.hf_repo, file, revision=self.hf_revision))
+                except RemoteEntryNotFoundError:  # the server says there is no such file: try the next name
+                    pass
+            return Path(hf_hub_download(self.hf_repo, files[-1], revision=self.hf_revision))
+        finally:
+            hub_logger.setLevel(level)
+
+
+def hub_weights(backbone: str, name: str) -> HubWeights | None:
+    """The hub weights `name` means for `backbone` (`imagenet`, a torchvision weights name for a torchvision
+    backbone, a timm pretrained tag for a timm one), None when `name` is not such a name; ConfigError when it
+    is one that does not fit `backbone`."""
+    if name == IMAGENET or _ENUM_NAME.match(name):
         if backbone.startswith(TIMM_PREFIX):
-            raise ConfigError(f"model.weights: {source} names torchvision weights, which fit torchvision backbones, not {backbone}")
-        return _read_torchvision_weights(source, backbone), None
-    raise ConfigError(f"model.weights: {source} does not exist (expected a torchvision weights name, a state-dict file, or a checkpoint directory)")
+            return _timm_hub_weights(backbone, name)
+        return _torchvision_hub_weights(backbone, name)
+    if backbone.startswith(TIMM_PREFIX) and "/" not in name and not Path(name).suffix:
+        return _timm_hub_weights(backbone, name, only_if_tag=True)
+    return None
 
 
-def _read_torchvision_weights(name: str, backbone: str) -> dict[str, torch.Tensor]:
+def _torchvision_hub_weights(backbone: str, name: str) -> HubWeights:
     enum = torchvision.models.get_model_weights(backbone)
+    if name == IMAGENET:
+        return HubWeights(backbone, name, url=enum.DEFAULT.url)
     short = name.split(".")[-1]
     if "." in name and name.split(".")[0] != enum.__name__ or short not in enum.__members__:
-        raise ConfigError(f"model.weights: {name} are not weights for {backbone}; allowed: {', '.join(f'{enum.__name__}.{m}' for m in enum.__members__)}")
-    weights = enum[short]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(weights.url).path).name
-    if not cached.is_file():
-        raise ConfigError(
-            f"model.weights: {enum.__name__}.{weights.name} is not in the local torch hub cache ({cached}); "
-            "nothing is downloaded at run time: place the file there or give a state-dict path"
-        )
-    return _torch_load(cached, name)
+        raise ConfigError(f"model.weights: {name} are not weights for {backbone}; allowed: imagenet, "
+                          f"{', '.join(f'{enum.__name__}.{m}' for m in enum.__members__)}")
+    return HubWeights(backbone, name, url=enum[short].url)
+
+
+def _timm_hub_weights(backbone: str, name: str, only_if_tag: bool = False) -> HubWeights | None:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    model = backbone[len(TIMM_PREFIX):]
+    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{model}.*") if "." in t]
+    if name == IMAGENET:
+        default = get_pretrained_cfg(model)
+        tag = default.tag if default is not None and _IMAGENET_TAG.search(default.tag or "") else next(
+            (t for t in tags if _IMAGENET_TAG.search(t)), None)
+        if tag is None:
+            raise ConfigError(f"model.weights: {backbone} has no ImageNet weights in timm (its pretrained tags: "
+                              f"{', '.join(tags) or 'none'}); give a tag, a state-dict file, or another backbone")
+    elif name in tags:
+        tag = name
+    elif only_if_tag:
+        return None
+    else:
+        raise ConfigError(f"model.weights: {name} names torchvision weights, which fit torchvision backbones, not {backbone}; "
+                          f"{backbone}'s pretrained tags: {', '.join(tags) or 'none'}")
+    cfg = get_pretrained_cfg(f"{model}.{tag}")
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        return HubWeights(backbone, name, hf_repo=repo, hf_revision=revision or None, hf_file=cfg.hf_hub_filename)
+    if cfg.url:
+        return HubWeights(backbone, name, url=cfg.url)
+    raise ConfigError(f"model.weights: timm publishes no file for {model}.{tag}; give a state-dict file")
 
 
 def _read_offline_weights(short: str, backbone: str) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -224,6 +225,23 @@ def upload_dir(local_dir: str | Path, location: Location, last: str | None = Non
             list(pool.map(put, first))
         for path in final:
             put(path)
+
+
+def upload_file(local_file: str | Path, location: Location) -> None:
+    """One local file to `location`, whole or not at all (a local copy is renamed into place)."""
+    if location.is_s3:
+        with s3_errors(location, "storage.root"):
+            s3_client(location).upload_file(str(local_file), location.bucket, location.key)
+        return
+    path = Path(location.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(local_file, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def download(location: Location, target: str | Path, field: str = "storage", client=None) -> None:
