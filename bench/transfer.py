@@ -1,198 +1,246 @@
-"""The transfer-learning study: target accuracy against labels per class, pretrained against scratch.
+"""The transfer study: does a pretrained model need fewer labels than training from scratch? Tuned, on two targets.
 
-Source task: digits 0-4 (scikit-learn's bundled UCI digits, ~900 images). Target task: digits 5-9, a fixed
-validation set of VAL_PER_CLASS images per digit, and training sets of 1, 3, 10 or 50 labels per digit (or all
-the rest), drawn per seed. Methods, resnet18 at 32 px:
+Targets (bench/transfer_data.py): `digits` (digits 5-9, near transfer from the digit sources) and `shapes` (textured
+objects on cluttered backgrounds, far transfer). Each has 500 fixed validation images that are reported and never
+tuned on, a disjoint tuning-validation split, and training sets of 1, 3, 10 or 50 labels per class drawn per seed.
 
-    scratch          random initialisation, every layer trained
-    linear_probe     the supervised source model frozen, a new linear head trained
-    finetune         the supervised source model, every layer trained (see cell_config for the recipe)
-    simclr_finetune  the same recipe from a SimCLR model pretrained on the source images without their labels
+Sources, and the methods each is adapted with (linear probe, full fine-tune, LP-FT):
 
-The two source models are pretrained once; every (method, labels, seed) cell is a Ray task, so the cells run in
-parallel on the cluster (`ray job submit -- python -m bench.transfer`, or locally with a Ray it starts). Writes
-bench/results/transfer.json (one row per cell), transfer.png and transfer.md, and the table into README.md.
+    none              scratch, on two backbones: resnet18 at 32 px and EfficientNet-Lite0 at 64 px
+    digits-supervised resnet18 at 32 px, trained here on digits 0-4 with their labels   (python -m jobs.pretrain)
+    digits-simclr     resnet18 at 32 px, SimCLR here on the digits 0-4 images, no labels
+    imagenet          EfficientNet-Lite0 at 64 px, the ImageNet-1k weights that ship offline
 
-    python -m bench.transfer [--seeds 3] [--labels 1 3 10 50]     (0 = all labels)
+Fairness: every (target, source, method, labels) cell gets its budget (optim.lr, optim.weight_decay, train.epochs)
+from its own ASHA sweep, run by the product's jobs.sweep on the tuning split (seed 0's training draw); then every
+seed trains with that budget and is scored on the reported validation images. Scratch is tuned the same way on both
+backbones; the better one is the baseline to beat.
+
+Writes bench/results/transfer.json (one row per run, with `target` and `source`), transfer.png and transfer.md, and
+the tables into README.md. Single node: the data and the sweeps' storage are on this machine's disk.
+
+    python -m bench.transfer [--targets digits shapes] [--labels 1 3 10 50] [--seeds 3] [--trials 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.common import RESULTS
+from bench.transfer_data import TUNE_PER_CLASS, VAL_PER_CLASS, link_split, write_target
 
-IMAGE_SIZE = 32
-VAL_PER_CLASS = 20
-METHODS = ("scratch", "linear_probe", "finetune", "simclr_finetune")
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLE_START, TABLE_END = "<!-- transfer-table -->", "<!-- /transfer-table -->"
+WORK = RESULTS / "transfer-work"  # data, source models and sweep runs (not committed)
+LITE0 = "timm:tf_efficientnet_lite0"
+
+#: source -> (backbone, image size, model.weights: None, a pretrained source file, or a short name)
+SOURCES = {
+    "none/resnet18": ("resnet18", 32, None),
+    "none/lite0": (LITE0, 64, None),
+    "digits-supervised": ("resnet18", 32, "digits-supervised"),
+    "digits-simclr": ("resnet18", 32, "digits-simclr"),
+    "imagenet": (LITE0, 64, "efficientnet_lite0_imagenet"),
+}
+METHODS = ("linear_probe", "full", "lp_ft")
+LP_EPOCHS = 8  # lp_ft: the probe's epochs, then fine-tuning for the rest of the tuned budget
+MAX_EPOCHS = 30
 
 
-# ---------------------------------------------------------------- data (written per task: nothing is shared)
+@dataclass(frozen=True)
+class Cell:
+    target: str
+    source: str
+    method: str
+    labels: int
 
-def write_study_data(root: Path, task: str, labels_per_class: int = 0, seed: int = 0) -> Path:
-    """`task` "source": ROOT/source, digits 0-4. "target": ROOT/target/{train,val}, digits 5-9 (val fixed,
-    train drawn by `seed`, `labels_per_class` 0 = all)."""
-    from tl_core.demo_data import load_digits_by_class, save_digit
+    @property
+    def name(self) -> str:
+        return f"{self.target}-{self.source.replace('/', '-')}-{self.method}-{self.labels}"
 
-    digits, by_digit = load_digits_by_class()
-    save = lambda folder, i: save_digit(digits, i, folder)  # noqa: E731
-    for digit, indices in sorted(by_digit.items()):
-        if (digit < 5) != (task == "source"):
-            continue
-        if task == "source":
-            for i in indices:
-                save(root / "source" / str(digit), i)
-            continue
-        pool = indices[:]
-        random.Random(1000 + digit).shuffle(pool)  # the validation set never depends on the seed
-        val, rest = pool[:VAL_PER_CLASS], pool[VAL_PER_CLASS:]
-        random.Random(seed * 100 + digit).shuffle(rest)
-        for i in val:
-            save(root / "target" / "val" / str(digit), i)
-        for i in rest[:labels_per_class] if labels_per_class else rest:
-            save(root / "target" / "train" / str(digit), i)
-    return root / task
+
+def cells(targets: list[str], labels: list[int]) -> list[Cell]:
+    return [Cell(t, s, m, n) for t in targets for n in labels for s in SOURCES
+            for m in (("full",) if s.startswith("none/") else METHODS)]
 
 
 # ---------------------------------------------------------------- configs
 
-def base_config(data_root: Path, seed: int) -> dict:
+def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> dict:
+    backbone, size, _ = SOURCES[cell.source]
+    model = {"backbone": backbone, "weights": weights, "strategy": cell.method}
+    if weights and cell.method != "linear_probe":
+        model["freeze_bn_stats"] = True  # a few dozen images cannot re-estimate BatchNorm statistics (measured: LP-FT
+    if cell.method == "lp_ft":           # on 15 digits fell from 0.73 to 0.28 without it)
+        model["lp_epochs"] = LP_EPOCHS
     return {
-        "experiment": "transfer",
-        "data": {"root": str(data_root), "image_size": IMAGE_SIZE, "augment": True, "hflip": False, "loader_workers": 0,
-                 "val_fraction": 0.2},
-        "model": {"backbone": "resnet18"},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4, "scheduler": "cosine"},
-        "train": {"epochs": 12, "batch_size": 32, "seed": seed},
+        "experiment": cell.name,
+        "data": {"root": str(data_root), "image_size": size, "augment": True, "hflip": cell.target != "digits", "loader_workers": 0},
+        "model": model,
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "scheduler": "cosine"},
+        "train": {"epochs": MAX_EPOCHS, "batch_size": 16, "seed": seed},
         "scaling": {"num_workers": 1},
+        "checkpoint": {"keep": 1},
+        "storage": {"root": str(WORK / "sweeps")},
     }
 
 
-def cell_config(method: str, data_root: Path, weights: str | None, labels_per_class: int, seed: int) -> dict:
-    """The recipe of one cell. Few labels get more epochs (an epoch is one or two steps) and, when fine-tuning,
-    the source's BatchNorm statistics kept and the backbone at 0.3 x the head's LR (re-estimating the statistics
-    from a few dozen images hurt at every few-shot count tried); 50+ labels fine-tune like scratch trains."""
-    cfg = base_config(data_root, seed)
-    many = labels_per_class == 0 or labels_per_class >= 50
-    cfg["train"] = {"epochs": 8 if many else 40 if labels_per_class <= 3 else 20, "batch_size": 16, "seed": seed}
-    if method == "scratch":
-        cfg["optim"]["lr"] = 0.01  # 0.05 diverges without a source model
-    elif method == "linear_probe":
-        cfg["model"] = {"backbone": "resnet18", "weights": weights, "strategy": "linear_probe"}
-        cfg["optim"].update(lr=0.05, weight_decay=0.0)
-    elif many:  # finetune, simclr_finetune
-        cfg["model"] = {"backbone": "resnet18", "weights": weights, "strategy": "full"}
-        cfg["optim"]["lr"] = 0.01
-    else:
-        cfg["model"] = {"backbone": "resnet18", "weights": weights, "strategy": "full", "backbone_lr_mult": 0.3,
-                        "freeze_bn_stats": True}
-        cfg["optim"]["lr"] = 0.02
-    return cfg
+def search_space(cell: Cell, trials: int) -> dict:
+    """The budget a cell's sweep searches: LR (a probe takes larger steps than a fine-tune), weight decay, epochs."""
+    lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-4, 1e-2] if SOURCES[cell.source][2] else [3e-4, 3e-2], "lp_ft": [1e-3, 3e-2]}[cell.method]
+    epochs = [16, MAX_EPOCHS] if cell.method == "lp_ft" else [10, 20, MAX_EPOCHS]
+    return {"num_samples": trials, "max_concurrent_trials": 2, "seed": 0, "metric": "val/acc", "mode": "max",
+            "scheduler": {"name": "asha", "max_t": MAX_EPOCHS, "grace_period": 5, "reduction_factor": 2},
+            "space": {"optim.lr": {"loguniform": lr}, "optim.weight_decay": {"choice": [0.0, 0.05]},
+                      "train.epochs": {"choice": epochs}}}
 
 
-# ---------------------------------------------------------------- Ray tasks
+# ---------------------------------------------------------------- the work
 
-def pretrain(method: str) -> tuple[dict, dict]:
-    """The source model's backbone (a state dict), and a summary: its last epoch's metrics and the time taken."""
+def pretrain_source(method: str, out: Path) -> str:
+    """A source model on digits 0-4 (supervised or SimCLR), trained with the product's core; returns the state-dict
+    file of its backbone (a head for digits 0-4 has the target's shape but the wrong classes)."""
     import torch
 
     from tl_core.checkpoint import LocalReporter, load_checkpoint
     from tl_core.config import from_dict
-    from tl_core.loop import fit
-    from tl_core.models import build_model, find_head
-    from tl_core.simclr import fit_simclr
+    from tl_core.demo_data import write_digits
+    from tl_core.recipes import RECIPES
 
+    path = out / f"{method}.pt"
+    if path.exists():
+        return str(path)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="tl-transfer-") as tmp:
-        source = write_study_data(Path(tmp) / "data", "source")
-        cfg = base_config(source, seed=0)
-        cfg["optim"]["warmup_epochs"] = 1
-        if method == "simclr":
-            cfg["pretrain"] = {"method": "simclr", "temperature": 0.2, "crop_scale": [0.5, 1.0]}
-            cfg["train"] = {"epochs": 15, "batch_size": 128, "seed": 0}
-            cfg["optim"].update(lr=0.3, weight_decay=1.0e-6)
-        reporter = LocalReporter(Path(tmp) / "run")
-        started = time.perf_counter()
-        history = (fit_simclr if method == "simclr" else fit)(from_dict(cfg), reporter, device=torch.device("cpu"))
-        state = load_checkpoint(reporter.latest).model_state
-        # The backbone only: a head trained on digits 0-4 has the target's shape but the wrong classes.
-        head = find_head(build_model(from_dict(cfg).model, ["_"] * 5, IMAGE_SIZE))[0]
-        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
-    return state, {"final": history[-1], "seconds": time.perf_counter() - started}
+    source, _ = write_digits(WORK / "digits-source")
+    cfg = {"experiment": f"source-{method}", "data": {"root": str(source), "image_size": 32, "augment": True, "hflip": False,
+                                                       "loader_workers": 0, "val_fraction": 0.2},
+           "model": {"backbone": "resnet18"}, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                                                        "scheduler": "cosine", "warmup_epochs": 1},
+           "train": {"epochs": 15, "batch_size": 64, "seed": 0}}
+    if method == "simclr":
+        cfg["pretrain"] = {"method": "simclr", "temperature": 0.2, "crop_scale": [0.5, 1.0]}
+        cfg["train"] = {"epochs": 15, "batch_size": 128, "seed": 0}
+        cfg["optim"].update(lr=0.3, weight_decay=1.0e-6)
+    recipe = "simclr" if method == "simclr" else "supervised"
+    reporter = LocalReporter(out / f"run-{method}")
+    RECIPES[recipe].fit(from_dict(cfg), reporter, device=torch.device("cpu"))
+    state = load_checkpoint(reporter.latest).model_state
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    return str(path)
 
 
-def run_cell(method: str, labels_per_class: int, seed: int, weights_state) -> dict:
-    """One (method, labels per class, seed): train on the target subset, return the final epoch's val/acc."""
+def tune_cell(cell: Cell, data_root: Path, weights: str | None, trials: int) -> dict:
+    """The cell's budget from an ASHA sweep with jobs.sweep: the best trial that ran its whole budget."""
+    from cluster import storage
+    from jobs.staging import experiment_location
+    from jobs.sweep import run_sweep
+    from jobs.sweep_config import SearchConfig
+    from tl_core.config import from_dict
+
+    cfg = from_dict(cell_config(cell, data_root, weights, seed=0))
+    storage.delete(experiment_location(cfg))
+    results = run_sweep(cfg, SearchConfig.model_validate(search_space(cell, trials)), resume=False)
+    finished = [r for r in results if r.metrics and r.metrics.get("epoch") == r.config["train.epochs"]]
+    best = max(finished, key=lambda r: r.metrics["val/acc"])
+    return {"lr": best.config["optim.lr"], "weight_decay": best.config["optim.weight_decay"], "epochs": best.config["train.epochs"],
+            "tune_acc": best.metrics["val/acc"]}
+
+
+def run_seed(cell: Cell, data_root: str, weights: str | None, seed: int, budget: dict) -> dict:
+    """One seed of a cell with its tuned budget, scored on the reported validation images (a Ray task)."""
     import torch
 
     from tl_core.config import from_dict
     from tl_core.loop import fit
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="tl-transfer-") as tmp:
-        target = write_study_data(Path(tmp) / "data", "target", labels_per_class, seed)
-        weights = None
-        if weights_state is not None:
-            weights = str(Path(tmp) / "source.pt")
-            torch.save(weights_state, weights)
-        cfg = from_dict(cell_config(method, target, weights, labels_per_class, seed))
-        started = time.perf_counter()
-        history = fit(cfg, lambda metrics, checkpoint_dir: None, device=torch.device("cpu"), checkpoints=False)
-    return {"method": method, "labels_per_class": labels_per_class or "all", "seed": seed,
-            "val_acc": history[-1]["val/acc"], "seconds": round(time.perf_counter() - started, 1)}
+    cfg = cell_config(cell, Path(data_root), weights, seed)
+    cfg["optim"].update(lr=budget["lr"], weight_decay=budget["weight_decay"])
+    cfg["train"]["epochs"] = budget["epochs"]
+    started = time.perf_counter()
+    history = fit(from_dict(cfg), lambda metrics, checkpoint_dir: None, device=torch.device("cpu"), checkpoints=False)
+    return {**asdict(cell), "labels_per_class": cell.labels, "backbone": SOURCES[cell.source][0], "seed": seed,
+            "val_acc": history[-1]["val/acc"], **budget, "seconds": round(time.perf_counter() - started, 1)}
 
 
 # ---------------------------------------------------------------- report
 
-def summarise(rows: list[dict], labels: list) -> dict:
-    table = {}
-    for method in METHODS:
+def summarise(rows: list[dict]) -> dict:
+    """(target, source, method, labels) -> (mean, std) of val_acc over seeds."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["source"], r["method"], r["labels_per_class"]), []).append(r["val_acc"])
+    return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in groups.items()}
+
+
+def best_of(table: dict, target: str, labels: int, pretrained: bool) -> tuple[float, str] | None:
+    found = [(mean, f"{s} {m}") for (t, s, m, n), (mean, _) in table.items()
+             if t == target and n == labels and s.startswith("none/") != pretrained]
+    return max(found) if found else None
+
+
+#: the issue's targets: the best pretrained method minus the best tuned scratch, per labels per class
+GAP_TARGETS = {1: 0.20, 3: 0.15, 10: 0.0, 50: 0.0}
+
+
+def markdown(table: dict, targets: list[str], labels: list[int], seeds: int, trials: int, minutes: float) -> str:
+    out = [f"Reported validation accuracy (%), {VAL_PER_CLASS * 5} fixed images per target, mean ± std over {seeds} seed(s); "
+           f"every cell's LR, weight decay and epochs tuned by its own {trials}-trial ASHA sweep (jobs.sweep) on "
+           f"{TUNE_PER_CLASS * 5} separate tuning images. `python -m bench.transfer`: {minutes:.0f} min on this machine "
+           f"(2 CPU cores).\n"]
+    for target in targets:
+        head = f"| {target}: source, method | " + " | ".join(f"{n} / class" for n in labels) + " |"
+        lines = [head, "|---|" + "---:|" * len(labels)]
+        for source in SOURCES:
+            for method in METHODS:
+                if (target, source, method, labels[0]) not in table:
+                    continue
+                cells_ = [f"{100 * table[(target, source, method, n)][0]:.1f} ± {100 * table[(target, source, method, n)][1]:.1f}"
+                          if (target, source, method, n) in table else "" for n in labels]
+                lines.append(f"| {source}, {method} | " + " | ".join(cells_) + " |")
+        gaps, winners, verdicts = [], [], []
         for n in labels:
-            accs = [r["val_acc"] for r in rows if r["method"] == method and r["labels_per_class"] == n]
-            if accs:
-                table[(method, n)] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0)
-    return table
+            pre, scratch = best_of(table, target, n, True), best_of(table, target, n, False)
+            if pre is None or scratch is None:
+                gaps.append(""), winners.append(""), verdicts.append("")
+                continue
+            gap = pre[0] - scratch[0]
+            gaps.append(f"{100 * gap:+.1f}")
+            winners.append(pre[1])
+            verdicts.append(("met" if gap >= GAP_TARGETS[n] else "**not met**") + f" (≥ {100 * GAP_TARGETS[n]:+.0f})" if n in GAP_TARGETS else "")
+        lines.append("| **best pretrained − best scratch** | " + " | ".join(gaps) + " |")
+        lines.append("| winning pretrained source, method | " + " | ".join(winners) + " |")
+        lines.append("| target | " + " | ".join(verdicts) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
-def markdown(table: dict, labels: list, seeds: int, minutes: float) -> str:
-    head = "| method | " + " | ".join(f"{n} / class" if n != "all" else "all labels" for n in labels) + " |"
-    lines = [head, "|---|" + "---:|" * len(labels)]
-    for method in METHODS:
-        cells = [f"{100 * table[(method, n)][0]:.1f} ± {100 * table[(method, n)][1]:.1f}" if (method, n) in table else "" for n in labels]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    gains = [f"{100 * (table[('finetune', n)][0] - table[('scratch', n)][0]):+.1f}" for n in labels]
-    lines.append("| **finetune − scratch** | " + " | ".join(gains) + " |")
-    return (f"Target val accuracy (%) on digits 5-9 ({VAL_PER_CLASS * 5} fixed validation images), mean ± std over "
-            f"{seeds} seeds; resnet18 at {IMAGE_SIZE} px, sources pretrained on digits 0-4. `python -m bench.transfer`, "
-            f"{minutes:.1f} min on this machine.\n\n" + "\n".join(lines) + "\n")
-
-
-def plot(table: dict, labels: list, path: Path) -> None:
+def plot(table: dict, targets: list[str], labels: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4), squeeze=False)
     xs = list(range(len(labels)))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        means = [100 * table[(method, n)][0] for n in labels]
-        stds = [100 * table[(method, n)][1] for n in labels]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
-    ax.set_xticks(xs, [str(n) for n in labels])
-    ax.set_xlabel("labels per class")
-    ax.set_ylabel("target val accuracy (%)")
-    ax.set_title("digits 0-4 -> 5-9, resnet18")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    for ax, target in zip(axes[0], targets):
+        for source in SOURCES:  # each source with its best method per column
+            best = [max((table[(target, source, m, n)] for m in METHODS if (target, source, m, n) in table), default=None)
+                    for n in labels]
+            if all(b is not None for b in best):
+                ax.errorbar(xs, [100 * b[0] for b in best], yerr=[100 * b[1] for b in best], marker="o", capsize=3, label=source)
+        ax.set_xticks(xs, [str(n) for n in labels])
+        ax.set_xlabel("labels per class")
+        ax.set_ylabel("reported val accuracy (%)")
+        ax.set_title(f"target: {target} (best tuned method per source)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -208,8 +256,10 @@ def update_readme(table_md: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
+    parser.add_argument("--labels", type=int, nargs="+", default=[1, 3, 10, 50], choices=[1, 3, 10, 50])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--labels", type=int, nargs="+", default=[1, 3, 10, 50], help="labels per class; 0 = all")
+    parser.add_argument("--trials", type=int, default=6, help="ASHA trials per cell's sweep")
     args = parser.parse_args(argv)
 
     import ray
@@ -219,32 +269,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     connect_ray()
     remote = ray.remote(num_cpus=1)
-    # SimCLR pretrains first (the longest task); every cell waits only for the source it needs, so scratch
-    # cells fill the cluster while the sources train.
-    sources = {m: remote(pretrain).options(num_returns=2).remote(m) for m in ("simclr", "supervised")}
-    weights = {"scratch": None, "linear_probe": sources["supervised"][0], "finetune": sources["supervised"][0],
-               "simclr_finetune": sources["simclr"][0]}
-    order = sorted(METHODS, key=lambda m: m != "scratch")
-    futures = [remote(run_cell).remote(method, n, seed, weights[method])
-               for method in order for n in args.labels for seed in range(args.seeds)]
-    for name, (_, summary) in sources.items():
-        summary = ray.get(summary)
-        print(f"source {name}: {summary['seconds']:.0f}s, final {json.dumps({k: round(v, 3) for k, v in summary['final'].items()})}", flush=True)
+    sources = {m: remote(pretrain_source).remote(m, WORK / "sources") for m in ("supervised", "simclr")}
+    splits = {t: write_target(WORK / t, t) for t in args.targets}
+    weights = {"digits-supervised": sources["supervised"], "digits-simclr": sources["simclr"]}
+    futures, budgets = [], {}
+    for cell in cells(args.targets, args.labels):
+        source_weights = SOURCES[cell.source][2]
+        if source_weights in weights:
+            source_weights = ray.get(weights[source_weights])
+        tune_root = link_split(splits[cell.target], WORK / cell.target / f"tune-{cell.labels}", cell.labels, seed=0, tuning=True)
+        budgets[cell] = tune_cell(cell, tune_root, source_weights, args.trials)
+        print(f"tuned {cell.name}: {json.dumps(budgets[cell])} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
+        for seed in range(args.seeds):
+            root = link_split(splits[cell.target], WORK / cell.target / f"eval-{cell.labels}-seed{seed}", cell.labels, seed, tuning=False)
+            futures.append(remote(run_seed).remote(cell, str(root), source_weights, seed, budgets[cell]))
     rows = []
-    pending = {f: i for i, f in enumerate(futures)}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        row = ray.get(done[0])
-        del pending[done[0]]
-        rows.append({k: row[k] for k in ("method", "labels_per_class", "seed", "val_acc")})
-        print(f"[{len(rows)}/{len(futures)}] {json.dumps(row)}", flush=True)
-    labels = [n or "all" for n in args.labels]
-    table = summarise(rows, labels)
+    for future in futures:
+        rows.append(ray.get(future))
+        print(f"[{len(rows)}/{len(futures)}] {json.dumps(rows[-1])}", flush=True)
+    table = summarise(rows)
     minutes = (time.perf_counter() - started) / 60
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transfer.json").write_text(json.dumps(rows, indent=1))
-    plot(table, labels, RESULTS / "transfer.png")
-    table_md = markdown(table, labels, args.seeds, minutes)
+    plot(table, args.targets, args.labels, RESULTS / "transfer.png")
+    table_md = markdown(table, args.targets, args.labels, args.seeds, args.trials, minutes)
     (RESULTS / "transfer.md").write_text(table_md)
     update_readme(table_md)
     print(table_md)

@@ -98,3 +98,43 @@ def bind_process_group_store_to_master_addr() -> None:
                              multi_tenant=True, master_listen_fd=listener.fileno(), use_libuv=use_libuv)
 
     rendezvous._create_c10d_store = create_store
+
+
+def quiet_token_auth_notice() -> None:
+    """A new local cluster turns Ray's token authentication on by default and says so in a WARNING on every start
+    ("Token authentication is enabled for this Ray cluster"); authentication stays on, the notice is not printed.
+    Setting RAY_AUTH_MODE=token would do it publicly, but Ray reads that variable when it is imported, so it cannot be
+    set from inside a job."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup
+
+    logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
+
+
+#: Lines Ray prints from its own processes that are harmless but read as failures (an `E` log level), each with why.
+BENIGN_RAY_LINES = (
+    # Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store and restarts
+    # allowed; the core worker logs that at error level on every run (ray-project/ray#53727), though nothing fails.
+    "Actor with class name: 'PreemptionWatcher'",
+)
+
+
+def drop_benign_ray_lines() -> None:
+    """Leave BENIGN_RAY_LINES out of the worker output Ray echoes to this driver. Ray prints worker lines through a
+    handler it registers, as "ray_print_logs", on a private dispatcher; there is no public filter, so that handler is
+    wrapped."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def wrap(handler):
+        def filtered(data: dict) -> None:
+            lines = [line for line in data.get("lines", []) if not any(benign in line for benign in BENIGN_RAY_LINES)]
+            if lines:
+                handler({**data, "lines": lines})
+
+        filtered.tl_filtered = True
+        return filtered
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, handler if name != "ray_print_logs" or getattr(handler, "tl_filtered", False) else wrap(handler))
+                               for name, handler in dispatcher.handlers]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -187,10 +188,13 @@ def connect_ray() -> None:
 
     if ray.is_initialized():
         return
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker lines in a log file without terminal colour codes
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING, runtime_env=WORKER_RUNTIME_ENV)  # merged with a submitted job's own
     else:
         start_local_ray()
+    ray_private.drop_benign_ray_lines()
 
 
 def start_local_ray(**init_kwargs) -> None:
@@ -199,6 +203,7 @@ def start_local_ray(**init_kwargs) -> None:
     import ray
 
     ray_private.use_single_host_mode()
+    ray_private.quiet_token_auth_notice()
     ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING,
              runtime_env=WORKER_RUNTIME_ENV, **init_kwargs)
 

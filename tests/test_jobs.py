@@ -231,3 +231,21 @@ def test_a_job_that_starts_its_own_ray_listens_on_loopback_only(image_folder, tm
     assert seen, "no listening socket was sampled"
     assert {name for _, _, name in seen} >= {"gcs_server", "raylet"}
     assert sorted(s for s in seen if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")) == []
+
+
+def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd):
+    """Ray Train's controller logs its PreemptionWatcher actor at error level on every run (ray-project/ray#53727);
+    a driver of ours leaves that line out and echoes every other worker line as Ray would."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from jobs import ray_private
+
+    ray_private.drop_benign_ray_lines()
+    ray_private.drop_benign_ray_lines()  # idempotent: wrapped once
+    assert sum(getattr(h, "tl_filtered", False) for n, h in dispatcher.handlers if n == "ray_print_logs") == 1
+    benign = ("[2026-11-24 05:04:08,064 E 21390 21427] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+              "and ID: 'ff7d' has constructor arguments in the object store and max_restarts > 0.")
+    dispatcher.emit({"pid": 4242, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "TrainController",
+                     "lines": [benign, "epoch 1/2  train/loss 0.5 (a real line)"]})
+    err = capfd.readouterr().err
+    assert "epoch 1/2  train/loss 0.5 (a real line)" in err and "PreemptionWatcher" not in err
