@@ -20,6 +20,7 @@ Writes bench/results/transfer.json (one row per run, with `target` and `source`)
 the tables into README.md. Single node: the data and the sweeps' storage are on this machine's disk.
 
     python -m bench.transfer [--targets digits shapes] [--labels 1 3 10 50] [--seeds 3] [--trials 6]
+                             [--sources ...] [--methods ...]    (a part of the grid; the README table is the whole)
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ SOURCES = {
     "imagenet": (LITE0, 64, "efficientnet_lite0_imagenet"),
 }
 METHODS = ("linear_probe", "full", "lp_ft")
-LP_EPOCHS = 8  # lp_ft: the probe's epochs, then fine-tuning for the rest of the tuned budget
-MAX_EPOCHS = 30
+LP_EPOCHS = 6  # lp_ft: the probe's epochs, then fine-tuning for the rest of the tuned budget
+MAX_EPOCHS = 20
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class Cell:
         return f"{self.target}-{self.source.replace('/', '-')}-{self.method}-{self.labels}"
 
 
-def cells(targets: list[str], labels: list[int]) -> list[Cell]:
-    return [Cell(t, s, m, n) for t in targets for n in labels for s in SOURCES
-            for m in (("full",) if s.startswith("none/") else METHODS)]
+def cells(targets: list[str], labels: list[int], sources: list[str], methods: list[str]) -> list[Cell]:
+    return [Cell(t, s, m, n) for t in targets for n in labels for s in sources
+            for m in (("full",) if s.startswith("none/") else methods)]
 
 
 # ---------------------------------------------------------------- configs
@@ -93,9 +94,9 @@ def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> 
 def search_space(cell: Cell, trials: int) -> dict:
     """The budget a cell's sweep searches: LR (a probe takes larger steps than a fine-tune), weight decay, epochs."""
     lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-4, 1e-2] if SOURCES[cell.source][2] else [3e-4, 3e-2], "lp_ft": [1e-3, 3e-2]}[cell.method]
-    epochs = [16, MAX_EPOCHS] if cell.method == "lp_ft" else [10, 20, MAX_EPOCHS]
+    epochs = [12, MAX_EPOCHS] if cell.method == "lp_ft" else [10, MAX_EPOCHS]
     return {"num_samples": trials, "max_concurrent_trials": 2, "seed": 0, "metric": "val/acc", "mode": "max",
-            "scheduler": {"name": "asha", "max_t": MAX_EPOCHS, "grace_period": 5, "reduction_factor": 2},
+            "scheduler": {"name": "asha", "max_t": MAX_EPOCHS, "grace_period": 4, "reduction_factor": 2},
             "space": {"optim.lr": {"loguniform": lr}, "optim.weight_decay": {"choice": [0.0, 0.05]},
                       "train.epochs": {"choice": epochs}}}
 
@@ -229,7 +230,7 @@ def plot(table: dict, targets: list[str], labels: list[int], path: Path) -> None
 
     fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4), squeeze=False)
     xs = list(range(len(labels)))
-    for ax, target in zip(axes[0], targets):
+    for ax, target in zip(axes[0], targets, strict=True):
         for source in SOURCES:  # each source with its best method per column
             best = [max((table[(target, source, m, n)] for m in METHODS if (target, source, m, n) in table), default=None)
                     for n in labels]
@@ -259,8 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
     parser.add_argument("--labels", type=int, nargs="+", default=[1, 3, 10, 50], choices=[1, 3, 10, 50])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=6, help="ASHA trials per cell's sweep")
+    parser.add_argument("--trials", type=int, default=4, help="ASHA trials per cell's sweep")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--report", type=float, metavar="MINUTES",
+                        help="only write the outputs from the runs a study cut short left in rows.jsonl (its wall time)")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        rows = [json.loads(line) for line in (WORK / "rows.jsonl").read_text().splitlines() if line.strip()]
+        return report(rows, args, args.report)
 
     import ray
 
@@ -269,30 +277,45 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     connect_ray()
     remote = ray.remote(num_cpus=1)
-    sources = {m: remote(pretrain_source).remote(m, WORK / "sources") for m in ("supervised", "simclr")}
+    pretrained = {f"digits-{m}": remote(pretrain_source).remote(m, WORK / "sources") for m in ("supervised", "simclr")
+                  if f"digits-{m}" in args.sources}
     splits = {t: write_target(WORK / t, t) for t in args.targets}
-    weights = {"digits-supervised": sources["supervised"], "digits-simclr": sources["simclr"]}
-    futures, budgets = [], {}
-    for cell in cells(args.targets, args.labels):
+    futures, budgets, rows = [], {}, []
+    progress = WORK / "rows.jsonl"  # every finished run as it lands, so a study cut short keeps what it measured
+    progress.unlink(missing_ok=True)
+
+    def collect(timeout: float | None) -> None:
+        done, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout) if futures else ([], [])
+        for future in done:
+            futures.remove(future)
+            rows.append(ray.get(future))
+            with progress.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+            print(f"[{len(rows)}] {json.dumps(rows[-1])}", flush=True)
+
+    for cell in cells(args.targets, args.labels, args.sources, args.methods):
         source_weights = SOURCES[cell.source][2]
-        if source_weights in weights:
-            source_weights = ray.get(weights[source_weights])
+        if source_weights in pretrained:
+            source_weights = ray.get(pretrained[source_weights])
         tune_root = link_split(splits[cell.target], WORK / cell.target / f"tune-{cell.labels}", cell.labels, seed=0, tuning=True)
         budgets[cell] = tune_cell(cell, tune_root, source_weights, args.trials)
         print(f"tuned {cell.name}: {json.dumps(budgets[cell])} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
         for seed in range(args.seeds):
             root = link_split(splits[cell.target], WORK / cell.target / f"eval-{cell.labels}-seed{seed}", cell.labels, seed, tuning=False)
             futures.append(remote(run_seed).remote(cell, str(root), source_weights, seed, budgets[cell]))
-    rows = []
-    for future in futures:
-        rows.append(ray.get(future))
-        print(f"[{len(rows)}/{len(futures)}] {json.dumps(rows[-1])}", flush=True)
+        collect(timeout=0)
+    collect(timeout=None)
+    return report(rows, args, (time.perf_counter() - started) / 60)
+
+
+def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
     table = summarise(rows)
-    minutes = (time.perf_counter() - started) / 60
+    targets = [t for t in args.targets if any(r["target"] == t for r in rows)]
+    args.targets = targets
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transfer.json").write_text(json.dumps(rows, indent=1))
     plot(table, args.targets, args.labels, RESULTS / "transfer.png")
-    table_md = markdown(table, args.targets, args.labels, args.seeds, args.trials, minutes)
+    table_md = markdown(table, args.targets, args.labels, max(r["seed"] for r in rows) + 1, args.trials, minutes)
     (RESULTS / "transfer.md").write_text(table_md)
     update_readme(table_md)
     print(table_md)

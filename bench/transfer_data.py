@@ -131,12 +131,12 @@ def render_shape(shape: str, rng: random.Random) -> Image.Image:
     size = SHAPE_SIZE * 2
     image = _texture(size, rng)  # the background: a texture, then clutter
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randrange(4, 9)):
-        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(6, 22)
+    for _ in range(rng.randrange(2, 5)):
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(5, 14)
         draw.ellipse((x - r, y - r * rng.uniform(0.4, 1), x + r, y + r * rng.uniform(0.4, 1)), fill=_colour(rng))
-    for _ in range(rng.randrange(3, 8)):
+    for _ in range(rng.randrange(1, 4)):
         draw.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)], fill=_colour(rng), width=rng.randrange(2, 6))
-    r = rng.uniform(0.22, 0.38) * size
+    r = rng.uniform(0.28, 0.42) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     mask = Image.new("L", (size, size), 0)
     outline = _outline(shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
