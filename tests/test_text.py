@@ -176,3 +176,65 @@ def test_layer_wise_lr_decay_gives_each_layer_a_fraction_of_the_one_above():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     plain = [g["name"] for g in param_groups(model, lr=1.0, weight_decay=0.01, backbone_lr_mult=0.5)]
     assert plain == ["backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"]  # unchanged without decay
+
+
+# ---------------------------------------------------------------- through Ray: DDP, S3, resume, a sweep and its report
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_text_on_s3_with_two_ddp_workers_then_resume(ray_cluster, s3, tmp_path):
+    """A text dataset read from the S3 server, MiniLM fine-tuned (top layer open) by 2 DDP workers, checkpoints and
+    result.json on S3; --resume trains on from the last checkpoint."""
+    from cluster import storage
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(24, seed=3))
+    write_csv(tmp_path / "data" / "val.csv", sentiment_rows(16, seed=4))
+    storage.upload_dir(tmp_path / "data", storage.parse("s3://tl-test/text/sentiment"))
+    config = write_config(tmp_path, "s3://tl-test/text/sentiment", experiment="text-ddp", train={"epochs": 1, "batch_size": 8},
+                          data={"max_length": 32}, model={"backbone": MINILM, "weights": "pretrained", "strategy": "gradual_unfreeze",
+                                                          "unfreeze_every": 10},
+                          optim={"name": "adamw", "lr": 3e-3, "scheduler": "constant"}, storage={"root": "s3://tl-test/runs"})
+    assert finetune.main(["--config", str(config)]) == 0
+    assert finetune.main(["--config", str(config), "--resume", "--set", "train.epochs=2"]) == 0
+    result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/text-ddp/result.json")["Body"].read())
+    assert result["epochs_completed"] == 2 and result["classes"] == ["neg", "pos"]
+    assert result["final_metrics"]["val/acc"] >= 0.75
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_text_sweep_with_asha_and_its_report(ray_cluster, tmp_path, capsys):
+    from test_sweep import write_sweep
+
+    from jobs import analyze, sweep
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(16, seed=5))
+    write_csv(tmp_path / "data" / "val.csv", sentiment_rows(12, seed=6))
+    path = write_sweep(tmp_path, tmp_path / "data", experiment="text-sweep", num_samples=3,
+                       scheduler={"name": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+                       space={"optim.lr": {"loguniform": [1e-3, 3e-2]}, "model.dropout": {"choice": [0.0, 0.2]},
+                              "optim.weight_decay": {"choice": [0.0, 0.01]}})
+    cfg = yaml_load(path)
+    cfg["data"] = {"root": str(tmp_path / "data"), "max_length": 32, "loader_workers": 0}
+    cfg["model"] = {"backbone": MINILM, "weights": "pretrained", "strategy": "linear_probe"}
+    cfg["optim"] = {"name": "adamw", "lr": 1e-2, "scheduler": "constant"}
+    path.write_text(yaml_dump(cfg))
+    assert sweep.main(["--config", str(path)]) == 0
+    assert analyze.main([str(tmp_path / "runs" / "text-sweep")]) == 0
+    report = tmp_path / "runs" / "text-sweep" / "report"
+    assert {p.name for p in report.iterdir()} >= {"report.html", "best.yaml", "per_class.json"}
+    assert json.loads((report / "per_class.json").read_text())["classes"] == ["neg", "pos"]
+    best = yaml_load(report / "best.yaml")
+    assert best["model"]["backbone"] == MINILM and best["data"]["max_length"] == 32
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def yaml_dump(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data)
