@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-s3 test bench wheel clean
+.PHONY: install demo demo-text demo-s3 test bench wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
+
+# Text: all-MiniLM-L6-v2 (offline) against the same architecture from scratch, on standard-library docstrings.
+demo-text: $(STAMP)
+	$(PY) -m jobs.demo --text
 
 # The same demo with every dataset, checkpoint and result on a local S3 server, run through a local Ray head.
 demo-s3: $(STAMP)

@@ -17,6 +17,7 @@ from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError, DataError
+from tl_core.modality import check_modality
 from tl_core.recipes import RECIPES
 
 log = logging.getLogger("jobs")
@@ -44,6 +45,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
                           "or choose another experiment name")
     fetch_hub_weights(cfg)  # once, here on the driver, before any worker starts
     local = localize(cfg)
+    if cfg.pretrain.method == "supervised":
+        check_modality(local)
     recipe = RECIPES[cfg.pretrain.method]
     try:
         index = recipe.index(local.data, cfg.train.seed)

@@ -23,8 +23,7 @@ from cluster.storage import Location
 from jobs import ray_private
 from jobs.cli import RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
-from jobs.staging import (checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights,
-                          with_absolute_paths)
+from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
 from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
 from tl_core.errors import CheckpointError

@@ -44,6 +44,10 @@ class DataConfig(Section):
     augment: bool = True
     hflip: bool = True  # part of `augment`; off for data where mirroring changes the label (digits, text)
     loader_workers: int = Field(2, ge=0, le=64)
+    modality: Literal["auto", "image", "text"] = "auto"  # auto: table files (train.csv, ...) are text, class folders images
+    text_column: str = Field("text", min_length=1)  # text: the columns of the table files
+    label_column: str = Field("label", min_length=1)
+    max_length: int = Field(128, ge=2, le=32768)  # text: tokens per text, after truncation (batches pad to their longest)
 
 
 class ModelConfig(Section):
@@ -54,9 +58,11 @@ class ModelConfig(Section):
     lp_epochs: int = Field(1, ge=1)  # lp_ft: epochs of linear probing before the whole model is fine-tuned
     ft_lr_mult: float = Field(0.1, gt=0.0, le=1.0)  # lp_ft: the LR schedule's multiplier once fine-tuning starts
     backbone_lr_mult: float = Field(1.0, ge=0.0)
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0)  # each backbone block's LR this times the one above (text: ~0.8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_bn_stats: bool = False  # keep the source model's BatchNorm statistics (helps few-shot fine-tuning)
     head_init: Literal["default", "xavier", "kaiming"] = "default"
+    pooling: Literal["mean", "cls"] = "mean"  # text encoders: mean over the tokens, or the first ([CLS]) token
 
     @field_validator("backbone")
     @classmethod
@@ -241,7 +247,8 @@ class RunConfig(Section):
         method = self.pretrain.method
         if method == "simclr":  # the backbone's head is replaced by the projection MLP, and there are no labels
             unused = {"train.label_smoothing": self.train.label_smoothing != 0.0, "model.strategy": self.model.strategy != "full",
-                      "model.dropout": self.model.dropout != 0.0, "model.head_init": self.model.head_init != "default"}
+                      "model.dropout": self.model.dropout != 0.0, "model.head_init": self.model.head_init != "default",
+                      "model.layer_decay": self.model.layer_decay != 1.0}
         else:
             default = PretrainConfig()
             unused = {f"pretrain.{k}": getattr(self.pretrain, k) != getattr(default, k) for k in PretrainConfig.model_fields if k != "method"}

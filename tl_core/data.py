@@ -39,13 +39,15 @@ class DatasetIndex:
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
-    unreadable: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # what was skipped
     duplicates: int = 0
+    unit: str = "images"
+    skipped_as: str = "unreadable"
 
     def summary(self) -> str:
         return (
-            f"{f'{len(self.classes)} classes' if self.classes else 'unlabelled'}, {len(self.train)} train / {len(self.val)} val images; "
-            f"skipped {len(self.unreadable)} unreadable, dropped {self.duplicates} duplicates"
+            f"{f'{len(self.classes)} classes' if self.classes else 'unlabelled'}, {len(self.train)} train / {len(self.val)} val {self.unit}; "
+            f"skipped {len(self.unreadable)} {self.skipped_as}, dropped {self.duplicates} duplicates"
         )
 
 

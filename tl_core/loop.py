@@ -17,9 +17,9 @@ from torch import nn
 from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import RunConfig
-from tl_core.data import image_data
 from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log_rank0, wrap_ddp
 from tl_core.metrics import ClassificationMeter
+from tl_core.modality import labelled_data
 from tl_core.models import apply_strategy, build_model, set_train_mode
 from tl_core.state import Reporter, TrainingState, default_device
 
@@ -55,12 +55,12 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
         device: torch.device | None = None, checkpoints: bool = True) -> list[dict]:
     """Train and validate for `cfg.train.epochs` (or until early stopping); returns each epoch's metrics.
 
-    `data` defaults to the image folder at `cfg.data.root`; `resume_from` (a checkpoint directory, or one
+    `data` defaults to the images or text at `cfg.data.root`; `resume_from` (a checkpoint directory, or one
     already loaded) continues a run where it stopped; `checkpoints=False` reports metrics only.
     """
     device = device or default_device(cfg.scaling.use_gpu)
     if data is None:
-        data = image_data(cfg, rank=get_rank(), world_size=get_world_size(), pin_memory=device.type == "cuda")
+        data = labelled_data(cfg, rank=get_rank(), world_size=get_world_size(), pin_memory=device.type == "cuda")
     log_rank0("data: %s", data.summary())
 
     torch.manual_seed(cfg.train.seed)  # the same initial head on every rank

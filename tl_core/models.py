@@ -59,6 +59,10 @@ def backbone_names() -> list[str]:
 
 def check_backbone(name: str) -> str:
     """`name` if the registry knows it; ValueError saying what is allowed otherwise."""
+    if name.startswith("hf:"):  # a text encoder: whether it exists is checked when it is built
+        if len(name) == 3:
+            raise ValueError("hf: needs a model after it: a local directory, a cached hub id, or all-MiniLM-L6-v2")
+        return name
     if name.startswith(TIMM_PREFIX):
         import timm
 
@@ -67,7 +71,8 @@ def check_backbone(name: str) -> str:
                              f"python -c \"import timm; print(timm.list_models('*{name[len(TIMM_PREFIX):][:6]}*'))\"")
         return name
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}, or timm:<name> for any timm model")
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}, timm:<name> for any timm model, "
+                     "or hf:<model> for a text encoder")
     return name
 
 
@@ -98,6 +103,10 @@ class ClassifierHead(nn.Module):
 
 def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Module:
     """The backbone with a new head for `classes`, source weights loaded (from any known layout) if configured."""
+    if cfg.backbone.startswith("hf:"):
+        from tl_core.text_models import build_text_model
+
+        return build_text_model(cfg, classes)
     model, head_name = _create_backbone(cfg.backbone, image_size)
     old = model.get_submodule(head_name)
     if not isinstance(old, nn.Linear):
@@ -162,8 +171,11 @@ def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters in input-to-output order, grouped into unfreezing stages.
 
     Top-level children, with the one holding the head opened up, and any block holding more than half
-    of the backbone opened up too (resnet's layer4, ViT's encoder), so that stages are of useful size.
+    of the backbone opened up too (resnet's layer4, ViT's encoder), so that stages are of useful size. A model that
+    knows its own stages says so (`unfreeze_blocks()`: a text encoder's embeddings, then each layer).
     """
+    if hasattr(model, "unfreeze_blocks"):
+        return model.unfreeze_blocks()
     head_name, head = find_head(model)
     head_params = {id(p) for p in head.parameters()}
 

@@ -14,28 +14,46 @@ from tl_core.config import OptimConfig
 from tl_core.models import find_head
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float, head: str | None = None) -> list[dict]:
-    """Four groups: (backbone | head) x (decay | no decay). Norm weights and biases (ndim <= 1) get no
-    weight decay; the backbone's LR is `lr * backbone_lr_mult` (discriminative LR).
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float, head: str | None = None,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """(backbone | head) x (decay | no decay) groups. Norm weights and biases (ndim <= 1) get no weight decay; the
+    backbone's LR is `lr * backbone_lr_mult` (discriminative LR). With `layer_decay` < 1 the backbone is split by its
+    unfreezing blocks (a transformer's layers), each block's LR `layer_decay` times the one above it (layer-wise LR
+    decay, as text models are usually fine-tuned).
 
     Frozen parameters are included too: freezing changes over a run (gradual unfreezing) but the groups,
     and so the optimiser state that a resume restores, do not.
     """
     head_name = head or find_head(model)[0]  # the ClassifierHead, unless the caller names another module
+    depth: dict[int, int] = {}  # parameter -> blocks below the top one, with layer decay
+    if layer_decay != 1.0:
+        from tl_core.models import backbone_blocks
+
+        blocks = backbone_blocks(model)
+        depth = {id(p): len(blocks) - 1 - i for i, block in enumerate(blocks) for p in block}
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
-        part = "head" if name.startswith(head_name + ".") else "backbone"
+        is_head = name.startswith(head_name + ".")
+        below = depth.get(id(param), 0)
+        part = "head" if is_head else f"backbone.{below:03d}" if depth else "backbone"
         decay = "decay" if param.ndim > 1 else "no_decay"
         key = f"{part}/{decay}"
         if key not in groups:
             groups[key] = {
                 "name": key,
                 "params": [],
-                "lr": lr * (backbone_lr_mult if part == "backbone" else 1.0),
+                "lr": lr * (1.0 if is_head else backbone_lr_mult * layer_decay ** below),
                 "weight_decay": weight_decay if decay == "decay" else 0.0,
             }
         groups[key]["params"].append(param)
-    return [groups[k] for k in ("backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay") if k in groups]
+    return [groups[k] for k in sorted(groups, key=_group_order)]
+
+
+def _group_order(key: str) -> tuple:
+    """Backbone groups from the input up (the order without layer decay too), then the head; decay before no decay."""
+    part, decay = key.split("/")
+    below = int(part.split(".")[1]) if "." in part else 0
+    return (part == "head", -below, decay)
 
 
 def _sgd(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
@@ -68,8 +86,10 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: float = 1.0, head: str | None = None) -> Optimizer:
-    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult, head=head)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: float = 1.0, head: str | None = None,
+                    layer_decay: float = 1.0) -> Optimizer:
+    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult, head=head,
+                          layer_decay=layer_decay)
     return OPTIMIZERS[cfg.name](groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 

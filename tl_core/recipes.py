@@ -12,8 +12,9 @@ from typing import Callable
 from torch import nn
 
 from tl_core.config import DataConfig, RunConfig
-from tl_core.data import DatasetIndex, index_image_folder, index_unlabelled
+from tl_core.data import DatasetIndex, index_unlabelled
 from tl_core.loop import fit
+from tl_core.modality import index_labelled
 from tl_core.models import build_model
 from tl_core.simclr import build_simclr_model, fit_simclr
 
@@ -26,6 +27,6 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "supervised": Recipe(fit, index_image_folder, lambda cfg, classes: build_model(cfg.model, classes, cfg.data.image_size)),
+    "supervised": Recipe(fit, index_labelled, lambda cfg, classes: build_model(cfg.model, classes, cfg.data.image_size)),
     "simclr": Recipe(fit_simclr, index_unlabelled, lambda cfg, classes: build_simclr_model(cfg.model, cfg.pretrain, cfg.data.image_size)),
 }

@@ -129,7 +129,8 @@ class TrainingState:
         trained = trained if trained is not None else model
         memory_format = memory_format_for(trained, device)
         trained.to(device, memory_format=memory_format)
-        optimizer = build_optimizer(trained, cfg.optim, backbone_lr_mult=cfg.model.backbone_lr_mult, head=head)
+        optimizer = build_optimizer(trained, cfg.optim, backbone_lr_mult=cfg.model.backbone_lr_mult, head=head,
+                                    layer_decay=cfg.model.layer_decay)
         optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum)
         lp_ft = cfg.model.strategy == "lp_ft"
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=optimizer_steps, epochs=cfg.train.epochs,

@@ -1,0 +1,240 @@
+"""Text classification through the same core: text tables, the offline MiniLM encoder, strategies on a transformer,
+and the text mistakes a user can make (one line, exit 2, nothing written)."""
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet
+import pytest
+import torch
+from helpers import make_image_folder, write_config
+from test_hostile import one_line_exit_2
+
+from jobs import finetune
+from tl_core.config import DataConfig, ModelConfig, from_dict
+from tl_core.errors import ConfigError, DataError
+from tl_core.loop import fit
+from tl_core.models import apply_strategy, backbone_blocks, build_model
+from tl_core.text import index_text_table, text_data
+
+MINILM = "hf:all-MiniLM-L6-v2"
+GOOD = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "brilliant", "fantastic"]
+BAD = ["terrible", "awful", "dreadful", "horrible", "boring", "painful", "dismal", "lousy"]
+THINGS = ["film", "meal", "concert", "book", "hotel", "game", "trip", "show", "lecture", "album"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ("pos", "neg")[i % 2]
+        word = rng.choice(GOOD if label == "pos" else BAD)
+        rows.append({"text": f"The {rng.choice(THINGS)} was {word}, {rng.choice(['really', 'truly', 'quite'])} {word} ({i}).",
+                     "label": label})
+    return rows
+
+
+def write_csv(path, rows, columns=("text", "label")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    pa.csv.write_csv(table, path) if path.suffix == ".csv" else pyarrow.parquet.write_table(table, path)
+    return path
+
+
+def text_config(root, **sections) -> dict:
+    cfg = {"experiment": "text", "data": {"root": str(root), "loader_workers": 0, "max_length": 32},
+           "model": {"backbone": MINILM, "weights": "pretrained", "strategy": "linear_probe"},
+           "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "scheduler": "cosine"},
+           "train": {"epochs": 3, "batch_size": 8}}
+    for key, values in sections.items():
+        cfg[key] = {**cfg[key], **values}
+    return cfg
+
+
+def test_the_offline_minilm_is_really_pretrained():
+    """Mean-pooled embeddings put a paraphrase closer than an unrelated sentence; the same architecture with random
+    weights does not tell them apart as clearly."""
+    from tl_core.text_models import load_tokenizer
+
+    sentences = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]
+    batch = dict(load_tokenizer(MINILM, 64)(sentences, padding=True, return_tensors="pt"))
+    sims = {}
+    for weights in ("pretrained", None):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(backbone=MINILM, weights=weights), ["a", "b"], 32).eval()
+        with torch.no_grad():
+            e = torch.nn.functional.normalize(model.embed(batch), dim=-1)
+        sims[weights] = (float(e[0] @ e[1]), float(e[0] @ e[2]))
+    paraphrase, unrelated = sims["pretrained"]
+    assert paraphrase > 0.7 and unrelated < 0.2
+    assert paraphrase - unrelated > 2 * (sims[None][0] - sims[None][1])
+
+
+def test_text_tables_are_read_cleaned_and_split(tmp_path):
+    rows = sentiment_rows(20) + [{"text": "", "label": "pos"}, {"text": "no label here", "label": None},
+                                 {"text": None, "label": "neg"}, dict(sentiment_rows(1)[0])]  # empty, unlabelled, null, duplicate
+    write_csv(tmp_path / "one" / "reviews.csv", rows)
+    index = index_text_table(DataConfig(root=str(tmp_path / "one"), val_fraction=0.25), seed=0)
+    assert index.classes == ["neg", "pos"]
+    assert len(index.train) + len(index.val) == 20 and len(index.val) == 4  # stratified: a quarter of each class
+    assert len(index.unreadable) == 3 and index.duplicates == 1
+    assert index.summary() == "2 classes, 16 train / 4 val texts; skipped 3 empty or unlabelled, dropped 1 duplicates"
+    # train + val files, JSON lines and Parquet; integer labels sort as numbers
+    numbered = [{"text": r["text"], "label": 10 if r["label"] == "pos" else 2} for r in sentiment_rows(12)]
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.jsonl").write_text("\n".join(json.dumps(r) for r in numbered[:8]))
+    write_csv(split / "val.parquet", numbered[8:])
+    index = index_text_table(DataConfig(root=str(split)), seed=0)
+    assert index.classes == ["2", "10"] and len(index.train) == 8 and len(index.val) == 4
+
+
+def test_batches_are_padded_to_their_longest_text_not_to_max_length(tmp_path):
+    rows = sentiment_rows(16)
+    rows[0]["text"] = "Short."
+    write_csv(tmp_path / "data" / "train.csv", rows)
+    cfg = from_dict(text_config(tmp_path / "data", data={"max_length": 128, "val_fraction": 0.25}))
+    data = text_data(cfg)
+    widths = [inputs["input_ids"].shape[1] for inputs, _ in data.train]
+    longest = max(len(ids) for ids in data.train.dataset.encodings["input_ids"])
+    assert max(widths) == longest < 128 and set(data.val.dataset.encodings) >= {"input_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize("strategy,trainable", [("linear_probe", 0), ("full", 7), ("gradual_unfreeze", 1), ("lp_ft", 7)])
+def test_strategies_on_a_transformer_open_its_layers_from_the_top(strategy, trainable):
+    cfg = ModelConfig(backbone=MINILM, strategy=strategy, unfreeze_every=1, lp_epochs=1)
+    model = build_model(cfg, ["a", "b"], 32)
+    blocks = backbone_blocks(model)
+    assert len(blocks) == 7  # embeddings, then MiniLM's 6 layers
+    assert apply_strategy(model, cfg, epoch=1) == trainable
+    frozen = [not any(p.requires_grad for p in block) for block in blocks]
+    assert frozen == [i < 7 - trainable for i in range(7)]
+
+
+def test_a_linear_probe_on_minilm_learns_sentiment_from_few_labels(tmp_path):
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(12, seed=1))
+    write_csv(tmp_path / "data" / "val.csv", sentiment_rows(40, seed=2))
+    history = fit(from_dict(text_config(tmp_path / "data", train={"epochs": 4})), lambda m, c: None, checkpoints=False)
+    assert history[-1]["val/acc"] >= 0.9
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_text_column", "data.text_column: train.csv has no column 'text'; its columns: review, label"),
+    ("one_class", "data.label_column: train.csv has 1 class(es) in column 'label'; need at least 2"),
+    ("unknown_val_label", "data.root: val.csv has label(s) that train.csv lacks: meh"),
+    ("max_length", "data.max_length: 4096 is more than hf:all-MiniLM-L6-v2 can take (512 positions)"),
+    ("image_backbone", "model.backbone: resnet18 is an image model, but data.root"),
+    ("text_backbone_on_images", "model.backbone: hf:all-MiniLM-L6-v2 is a text model, but data.root"),
+    ("hf_dir_without_tokenizer", "is not a Hugging Face model directory"),
+])
+def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
+    data = tmp_path / "data"
+    rows = sentiment_rows(16)
+    sections = {"data": {"max_length": 32}, "model": {"backbone": MINILM, "weights": "pretrained"}}
+    if case == "no_text_column":
+        write_csv(data / "train.csv", [{"review": r["text"], "label": r["label"]} for r in rows], columns=("review", "label"))
+    elif case == "one_class":
+        write_csv(data / "train.csv", [{**r, "label": "pos"} for r in rows])
+    elif case == "unknown_val_label":
+        write_csv(data / "train.csv", rows)
+        write_csv(data / "val.csv", [{"text": "so-so", "label": "meh"}])
+    elif case == "text_backbone_on_images":
+        make_image_folder(data, n_classes=2, per_class=6)
+    else:
+        write_csv(data / "train.csv", rows)
+    if case == "max_length":
+        sections["data"]["max_length"] = 4096
+    if case == "image_backbone":
+        sections["model"] = {"backbone": "resnet18"}
+    if case == "hf_dir_without_tokenizer":
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{}")
+        sections["model"]["backbone"] = f"hf:{tmp_path / 'model'}"
+    config = write_config(tmp_path, data, **sections)
+    one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path, message)
+
+
+def test_an_unknown_hf_model_is_refused_without_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="nowhere/such-model is neither a local model directory nor in the Hugging Face cache"):
+        build_model(ModelConfig(backbone="hf:nowhere/such-model", weights="pretrained"), ["a", "b"], 32)
+    with pytest.raises(DataError):
+        index_text_table(DataConfig(root=str(tmp_path / "missing")), seed=0)
+
+
+def test_layer_wise_lr_decay_gives_each_layer_a_fraction_of_the_one_above():
+    from tl_core.optim import param_groups
+
+    model = build_model(ModelConfig(backbone=MINILM), ["a", "b"], 32)
+    groups = param_groups(model, lr=1.0, weight_decay=0.01, backbone_lr_mult=0.5, layer_decay=0.8)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["head/decay"] == 1.0 and lrs["backbone.000/decay"] == 0.5  # the top layer: backbone_lr_mult
+    assert lrs["backbone.001/decay"] == pytest.approx(0.5 * 0.8) and lrs["backbone.006/decay"] == pytest.approx(0.5 * 0.8 ** 6)
+    assert [g["name"] for g in groups][0] == "backbone.006/decay"  # embeddings first, head last
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    plain = [g["name"] for g in param_groups(model, lr=1.0, weight_decay=0.01, backbone_lr_mult=0.5)]
+    assert plain == ["backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"]  # unchanged without decay
+
+
+# ---------------------------------------------------------------- through Ray: DDP, S3, resume, a sweep and its report
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_text_on_s3_with_two_ddp_workers_then_resume(ray_cluster, s3, tmp_path):
+    """A text dataset read from the S3 server, MiniLM fine-tuned (top layer open) by 2 DDP workers, checkpoints and
+    result.json on S3; --resume trains on from the last checkpoint."""
+    from cluster import storage
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(24, seed=3))
+    write_csv(tmp_path / "data" / "val.csv", sentiment_rows(16, seed=4))
+    storage.upload_dir(tmp_path / "data", storage.parse("s3://tl-test/text/sentiment"))
+    config = write_config(tmp_path, "s3://tl-test/text/sentiment", experiment="text-ddp", train={"epochs": 1, "batch_size": 8},
+                          data={"max_length": 32}, model={"backbone": MINILM, "weights": "pretrained", "strategy": "gradual_unfreeze",
+                                                          "unfreeze_every": 10},
+                          optim={"name": "adamw", "lr": 3e-3, "scheduler": "constant"}, storage={"root": "s3://tl-test/runs"})
+    assert finetune.main(["--config", str(config)]) == 0
+    assert finetune.main(["--config", str(config), "--resume", "--set", "train.epochs=2"]) == 0
+    result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/text-ddp/result.json")["Body"].read())
+    assert result["epochs_completed"] == 2 and result["classes"] == ["neg", "pos"]
+    assert result["final_metrics"]["val/acc"] >= 0.75
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_text_sweep_with_asha_and_its_report(ray_cluster, tmp_path, capsys):
+    from test_sweep import write_sweep
+
+    from jobs import analyze, sweep
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(16, seed=5))
+    write_csv(tmp_path / "data" / "val.csv", sentiment_rows(12, seed=6))
+    path = write_sweep(tmp_path, tmp_path / "data", experiment="text-sweep", num_samples=3,
+                       scheduler={"name": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+                       space={"optim.lr": {"loguniform": [1e-3, 3e-2]}, "model.dropout": {"choice": [0.0, 0.2]},
+                              "optim.weight_decay": {"choice": [0.0, 0.01]}})
+    cfg = yaml_load(path)
+    cfg["data"] = {"root": str(tmp_path / "data"), "max_length": 32, "loader_workers": 0}
+    cfg["model"] = {"backbone": MINILM, "weights": "pretrained", "strategy": "linear_probe"}
+    cfg["optim"] = {"name": "adamw", "lr": 1e-2, "scheduler": "constant"}
+    path.write_text(yaml_dump(cfg))
+    assert sweep.main(["--config", str(path)]) == 0
+    assert analyze.main([str(tmp_path / "runs" / "text-sweep")]) == 0
+    report = tmp_path / "runs" / "text-sweep" / "report"
+    assert {p.name for p in report.iterdir()} >= {"report.html", "best.yaml", "per_class.json"}
+    assert json.loads((report / "per_class.json").read_text())["classes"] == ["neg", "pos"]
+    best = yaml_load(report / "best.yaml")
+    assert best["model"]["backbone"] == MINILM and best["data"]["max_length"] == 32
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def yaml_dump(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data)

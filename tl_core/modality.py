@@ -1,0 +1,44 @@
+"""Which kind of data a run has (images or text), and the matching index and `TaskData` for the supervised recipe.
+
+`data.modality: auto` (the default) reads a `data.root` holding table files (train.csv, ...) as text and one holding
+class folders as images; the backbone must be of the same kind.
+"""
+
+from __future__ import annotations
+
+from tl_core.batches import TaskData
+from tl_core.config import DataConfig, RunConfig
+from tl_core.data import DatasetIndex, image_data, index_image_folder
+from tl_core.errors import ConfigError
+from tl_core.text import index_text_table, is_text_root, text_data
+from tl_core.text_models import is_text_backbone, load_tokenizer
+
+
+def modality(data: DataConfig) -> str:
+    if data.modality != "auto":
+        return data.modality
+    return "text" if is_text_root(data.root) else "image"
+
+
+def check_modality(cfg: RunConfig) -> str:
+    """The run's modality; ConfigError when the backbone is of the other kind, or a text encoder cannot take the
+    configured `data.max_length` (or has no tokenizer)."""
+    kind = modality(cfg.data)
+    if kind == "text" and not is_text_backbone(cfg.model.backbone):
+        raise ConfigError(f"model.backbone: {cfg.model.backbone} is an image model, but data.root {cfg.data.root} holds text "
+                          "(table files); use a text encoder, hf:<model>")
+    if kind == "image" and is_text_backbone(cfg.model.backbone):
+        raise ConfigError(f"model.backbone: {cfg.model.backbone} is a text model, but data.root {cfg.data.root} holds images "
+                          "(class folders); use an image backbone, or train.csv/jsonl/parquet for text")
+    if kind == "text":
+        load_tokenizer(cfg.model.backbone, cfg.data.max_length)
+    return kind
+
+
+def index_labelled(data: DataConfig, seed: int) -> DatasetIndex:
+    return index_text_table(data, seed) if modality(data) == "text" else index_image_folder(data, seed)
+
+
+def labelled_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TaskData:
+    make = text_data if check_modality(cfg) == "text" else image_data
+    return make(cfg, rank=rank, world_size=world_size, pin_memory=pin_memory)

@@ -1,0 +1,180 @@
+"""Text datasets: read a table of (text, label) rows, clean it, split it, tokenise it once, and build sharded
+loaders whose batches are padded per batch (to the longest text in it, never to `max_length`).
+
+Layouts accepted under `data.root`: `train.{csv,jsonl,parquet}` (+ optional `val.*` in any of those formats), or a
+single table file (then a stratified, seeded split makes the validation set). Columns `data.text_column` and
+`data.label_column` (default `text`, `label`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from tl_core.config import DataConfig, RunConfig
+from tl_core.data import DatasetIndex, ShardSampler, stratified_split
+from tl_core.errors import DataError
+
+logger = logging.getLogger("tl_core")
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+def table_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith("."))
+
+
+def is_text_root(root: str | Path) -> bool:
+    """Whether `root` holds a text dataset (table files where an image dataset has class folders)."""
+    root = Path(root)
+    return root.is_dir() and bool(table_files(root))
+
+
+def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
+    """(text, label) of every row of a CSV, JSON-lines or Parquet file."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    readers = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".parquet": pyarrow.parquet.read_table}
+    try:
+        table = readers[path.suffix.lower()](str(path))
+    except (pa.ArrowInvalid, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data.root: {path.name} cannot be read as {path.suffix[1:]} ({reason[:200]})") from None
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in table.column_names]
+    if missing:
+        field = "data.text_column" if cfg.text_column in missing else "data.label_column"
+        raise DataError(f"{field}: {path.name} has no column {missing[0]!r}; its columns: {', '.join(table.column_names) or 'none'}")
+    return list(zip(table.column(cfg.text_column).to_pylist(), table.column(cfg.label_column).to_pylist(), strict=True))
+
+
+def _label_name(value: Any) -> str | None:
+    if value is None or isinstance(value, float) and value != value:  # missing, NaN
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _class_order(names: set[str]) -> list[str]:
+    """Label values sorted, numerically when every one is an integer (so 2 comes before 10)."""
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
+    """Read, clean (empty or non-string texts and missing labels skipped and counted, exact duplicates dropped) and
+    split the text dataset at `cfg.root`; samples are (text, class index)."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: directory {cfg.root} does not exist")
+    tables = {p.stem.lower(): p for p in table_files(root)}
+    if "train" in tables:
+        train_file, val_file = tables["train"], tables.get("val")
+    elif len(tables) == 1:
+        train_file, val_file = next(iter(tables.values())), None
+    else:
+        raise DataError(f"data.root: {cfg.root} holds {len(tables)} table files ({', '.join(p.name for p in tables.values())}); "
+                        f"name them train.* and val.*, or keep one file")
+    rows = {"train": _read_table(train_file, cfg), "val": _read_table(val_file, cfg) if val_file else []}
+
+    skipped, seen, duplicates, kept = [], set(), 0, {"train": [], "val": []}
+    for split, items in rows.items():
+        for i, (text, label) in enumerate(items):
+            name = _label_name(label)
+            if not isinstance(text, str) or not text.strip() or name is None:
+                skipped.append(f"{split} row {i + 1}")
+                continue
+            if text in seen:
+                duplicates += 1
+                continue
+            seen.add(text)
+            kept[split].append((text, name))
+    classes = _class_order({name for _, name in kept["train"]})
+    if len(classes) < 2:
+        raise DataError(f"data.label_column: {train_file.name} has {len(classes)} class(es) in column {cfg.label_column!r}; need at least 2")
+    unknown = sorted({name for _, name in kept["val"]} - set(classes))
+    if unknown:
+        raise DataError(f"data.root: {val_file.name} has label(s) that {train_file.name} lacks: {', '.join(unknown[:5])}")
+    label_of = {name: i for i, name in enumerate(classes)}
+    train = [(text, label_of[name]) for text, name in kept["train"]]
+    val = [(text, label_of[name]) for text, name in kept["val"]]
+    if not val_file:
+        train, val = stratified_split(train, cfg.val_fraction, seed)
+    if not val:
+        raise DataError(f"data.root: too few texts for a validation split (val_fraction={cfg.val_fraction})")
+    if skipped:
+        logger.warning("data: skipped %d empty or unlabelled row(s), e.g. %s", len(skipped), skipped[0])
+    return DatasetIndex(classes, train, val, skipped, duplicates, unit="texts", skipped_as="empty or unlabelled")
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Texts tokenised once, up front (one fast batched call), held as token-id lists."""
+
+    def __init__(self, samples: list[tuple[str, int]], tokenizer, max_length: int):
+        texts = [text for text, _ in samples]
+        self.encodings = tokenizer(texts, truncation=True, max_length=max_length) if texts else {"input_ids": []}
+        self.labels = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+
+class PadToLongest:
+    """Collate: pad a batch to its longest text; returns (inputs dict of tensors, labels)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> tuple[dict, torch.Tensor]:
+        labels = torch.tensor([item.pop("labels") for item in items])
+        return dict(self.tokenizer.pad(items, return_tensors="pt")), labels
+
+
+@dataclass
+class TextData:
+    """`TaskData` over a text table: sharded loaders of (tokenised batch dict, labels)."""
+
+    index: DatasetIndex
+    train: DataLoader
+    val: DataLoader
+    train_sampler: DistributedSampler
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        self.train_sampler.set_epoch(epoch)  # text has no augmentation to seed
+
+    def summary(self) -> str:
+        return self.index.summary()
+
+
+def text_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TextData:
+    """The text dataset at `cfg.data.root`, cleaned, split and tokenised with the backbone's own tokenizer."""
+    from tl_core.text_models import load_tokenizer
+
+    index = index_text_table(cfg.data, seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.backbone, cfg.data.max_length)
+    collate = PadToLongest(tokenizer)
+    common = dict(num_workers=cfg.data.loader_workers, pin_memory=pin_memory, persistent_workers=cfg.data.loader_workers > 0,
+                  collate_fn=collate)
+    train_set = TokenizedDataset(index.train, tokenizer, cfg.data.max_length)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed)
+    train = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, **common)
+    val_set = TokenizedDataset(index.val, tokenizer, cfg.data.max_length)
+    val = DataLoader(val_set, batch_size=max(2 * cfg.train.batch_size, 32), sampler=ShardSampler(len(val_set), rank, world_size), **common)
+    return TextData(index, train, val, sampler)
