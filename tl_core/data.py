@@ -252,25 +252,31 @@ class ShardSampler(Sampler[int]):
 
 
 @dataclass
-class ImageData:
-    """`TaskData` over an indexed image folder: sharded loaders of (image tensor, label) batches."""
+class IndexedData:
+    """What every `TaskData` over an indexed dataset shares: its index, this rank's loaders, classes and summary."""
 
     index: DatasetIndex
     train: DataLoader
     val: DataLoader
-    train_sampler: SeededSampler
 
     @property
     def classes(self) -> list[str]:
         return self.index.classes
 
+    def summary(self) -> str:
+        return self.index.summary()
+
+
+@dataclass
+class ImageData(IndexedData):
+    """`TaskData` over an indexed image folder: sharded loaders of (image tensor, label) batches."""
+
+    train_sampler: SeededSampler
+
     def set_epoch(self, epoch: int, seed: int) -> None:
         """Shuffle for `epoch` (the same order on every rank) and seed its augmentation."""
         self.train_sampler.sampler.set_epoch(epoch)
         self.train_sampler.augment_seed = seed
-
-    def summary(self) -> str:
-        return self.index.summary()
 
 
 def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> ImageData:

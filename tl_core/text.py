@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tl_core.config import DataConfig, RunConfig
-from tl_core.data import DatasetIndex, ShardSampler, stratified_split
+from tl_core.data import DatasetIndex, IndexedData, ShardSampler, stratified_split
 from tl_core.errors import DataError
 
 logger = logging.getLogger("tl_core")
@@ -144,23 +144,13 @@ class PadToLongest:
 
 
 @dataclass
-class TextData:
+class TextData(IndexedData):
     """`TaskData` over a text table: sharded loaders of (tokenised batch dict, labels)."""
 
-    index: DatasetIndex
-    train: DataLoader
-    val: DataLoader
     train_sampler: DistributedSampler
-
-    @property
-    def classes(self) -> list[str]:
-        return self.index.classes
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         self.train_sampler.set_epoch(epoch)  # text has no augmentation to seed
-
-    def summary(self) -> str:
-        return self.index.summary()
 
 
 def text_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TextData:

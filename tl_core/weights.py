@@ -86,6 +86,11 @@ class HubWeights:
         return "Hugging Face hub" if self.hf_repo else "torch hub"
 
     @property
+    def hf_files(self) -> tuple[str, ...]:
+        """The file names to look for in the Hugging Face repository, in order of preference."""
+        return (self.hf_file,) if self.hf_file else (HF_SAFE_FILE, HF_TORCH_FILE)
+
+    @property
     def cache_dir(self) -> Path:
         if self.hf_repo:
             from huggingface_hub import constants
@@ -95,7 +100,7 @@ class HubWeights:
 
     @property
     def file_name(self) -> str:
-        return self.hf_file or HF_SAFE_FILE if self.hf_repo else Path(urlsplit(self.url).path).name
+        return self.hf_files[0] if self.hf_repo else Path(urlsplit(self.url).path).name
 
     @property
     def staged_dir(self) -> str:
@@ -111,7 +116,7 @@ class HubWeights:
             return path if path.is_file() else None
         from huggingface_hub import try_to_load_from_cache
 
-        for file in (self.hf_file,) if self.hf_file else (HF_SAFE_FILE, HF_TORCH_FILE):
+        for file in self.hf_files:
             path = try_to_load_from_cache(self.hf_repo, file, revision=self.hf_revision)
             if isinstance(path, str):
                 return Path(path)
@@ -150,7 +155,7 @@ class HubWeights:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
-        files = (self.hf_file,) if self.hf_file else (HF_SAFE_FILE, HF_TORCH_FILE)
+        files = self.hf_files
         hub_logger = logging.getLogger("huggingface_hub")
         level = hub_logger.level
         hub_logger.setLevel(logging.ERROR)  # its retries are not the user's business; the failure is, in one line
