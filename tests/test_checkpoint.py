@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 
 import pytest
@@ -11,6 +12,7 @@ from tl_core.checkpoint import (
     LocalReporter,
     load_checkpoint,
     save_checkpoint,
+    staging_dir,
     verify_checkpoint,
 )
 from tl_core.errors import CheckpointError
@@ -69,6 +71,31 @@ def test_local_reporter_keeps_history_and_copies(tmp_path):
     reporter({"epoch": 2, "val/acc": 0.6}, None)
     assert [h["epoch"] for h in reporter.history] == [1, 2]
     assert reporter.latest.name == "checkpoint_000001" and verify_checkpoint(reporter.latest)
+
+
+def test_local_reporter_keeps_the_newest_checkpoints(tmp_path):
+    src = write(tmp_path)
+    reporter = LocalReporter(tmp_path / "run", keep=2)
+    for epoch in (1, 2, 3):
+        reporter({"epoch": epoch}, str(src))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+
+
+def test_staging_removes_what_a_killed_process_left_and_nothing_of_a_live_one(tmp_path, monkeypatch):
+    import subprocess
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"tl-ckpt-{dead.pid}-abc"
+    live = tmp_path / "tl-ckpt-1-xyz"  # PID 1 always runs
+    other = tmp_path / "tl-ckpt-notapid"
+    for path in (left, live, other):
+        (path / "checkpoint").mkdir(parents=True)
+    with staging_dir() as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f"tl-ckpt-{os.getpid()}-")
+    assert not left.exists() and live.exists() and other.exists() and not tmp.exists()
 
 
 def _rewrite_meta(path, change):

@@ -121,7 +121,7 @@ def test_a_short_simclr_pretrain_gives_a_better_linear_probe_than_random_weights
             "model": {"backbone": "resnet18"}, "optim": {"name": "adam", "lr": 1e-3, "scheduler": "cosine", "weight_decay": 1e-6},
             "train": {"epochs": 40, "batch_size": 16},
             "pretrain": {"method": "simclr", "temperature": 0.2, "crop_scale": [0.6, 1.0], "projection_dim": 32, "projection_hidden": 128}}
-    reporter = LocalReporter(tmp_path / "simclr")
+    reporter = LocalReporter(tmp_path / "simclr", keep=1)
     history = fit_simclr(from_dict(base), reporter)
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert not any(k.startswith("projection") for k in load_checkpoint(reporter.latest).model_state)

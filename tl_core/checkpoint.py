@@ -11,6 +11,7 @@ so a directory either verifies completely or is rejected; loading never executes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torchvision
@@ -132,11 +133,43 @@ def _load_state(path: Path, tensors_only: bool) -> dict:
     return state
 
 
-class LocalReporter:
-    """A reporter for runs without Ray: keeps every epoch's metrics and copies checkpoints under `root`."""
+_STAGING_PREFIX = "tl-ckpt-"
 
-    def __init__(self, root: str | Path):
+
+@contextlib.contextmanager
+def staging_dir() -> Iterator[Path]:
+    """A temporary directory to write a checkpoint in before it is reported (and copied to the run's storage).
+    Its name carries this process's PID, so the copies a killed process left behind (a preempted or OOM-killed
+    worker never reaches its `finally`) are removed by the next process on the node that stages one."""
+    _remove_stale_staging()
+    with tempfile.TemporaryDirectory(prefix=f"{_STAGING_PREFIX}{os.getpid()}-") as tmp:
+        yield Path(tmp)
+
+
+def _remove_stale_staging() -> None:
+    for path in Path(tempfile.gettempdir()).glob(f"{_STAGING_PREFIX}*-*"):
+        pid = path.name[len(_STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+class LocalReporter:
+    """A reporter for runs without Ray: keeps every epoch's metrics and copies checkpoints under `root`, the
+    newest `keep` of them (all when None)."""
+
+    def __init__(self, root: str | Path, keep: int | None = None):
         self.root = Path(root)
+        self.keep = keep
         self.history: list[dict[str, float]] = []
         self.checkpoints: list[Path] = []
 
@@ -146,6 +179,8 @@ class LocalReporter:
             target = self.root / f"checkpoint_{int(metrics['epoch']):06d}"
             shutil.copytree(checkpoint_dir, target)
             self.checkpoints.append(target)
+            while self.keep is not None and len(self.checkpoints) > self.keep:
+                shutil.rmtree(self.checkpoints.pop(0))
 
     @property
     def latest(self) -> Path | None:

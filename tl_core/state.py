@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from tl_core.batches import TaskData, move_to
-from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, staging_dir
 from tl_core.config import EarlyStoppingConfig, RunConfig
 from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0, unwrap
 from tl_core.errors import TrainingDiverged
@@ -235,9 +234,9 @@ class TrainingState:
         log_rank0("epoch %d/%d  %s", epoch + 1, self.cfg.train.epochs,
                   "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if checkpoint and is_main_process():
-            with tempfile.TemporaryDirectory(prefix="tl-ckpt-") as tmp:
+            with staging_dir() as tmp:
                 meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "metrics": metrics, **meta}
-                path = save_checkpoint(Path(tmp) / "checkpoint", self.model.state_dict(), self.state_dict(), meta)
+                path = save_checkpoint(tmp / "checkpoint", self.model.state_dict(), self.state_dict(), meta)
                 reporter(metrics, str(path))
         else:
             reporter(metrics, None)
