@@ -1,15 +1,19 @@
-"""The transfer study: does a pretrained model need fewer labels than training from scratch? Tuned, on two targets.
+"""The transfer study: does a pretrained model need fewer labels than training from scratch? Tuned, on three targets.
 
-Targets (bench/transfer_data.py): `digits` (digits 5-9, near transfer from the digit sources) and `shapes` (textured
-objects on cluttered backgrounds, far transfer). Each has 500 fixed validation images that are reported and never
-tuned on, a disjoint tuning-validation split, and training sets of 1, 3, 10 or 50 labels per class drawn per seed.
+Targets (bench/transfer_data.py): `digits` (digits 5-9, near transfer from the digit sources), `shapes` (textured
+objects on cluttered backgrounds, far transfer), each with 500 fixed validation images that are reported and never
+tuned on; and `docstrings` (text: standard-library docstrings labelled by package, 240 reported validation texts).
+Each has a disjoint tuning-validation split, and training sets of 1, 3, 10 or 50 labels per class drawn per seed.
 
 Sources, and the methods each is adapted with (linear probe, full fine-tune, LP-FT):
 
-    none              scratch, on two backbones: resnet18 at 32 px and EfficientNet-Lite0 at 64 px
+    none/resnet18     scratch, resnet18 at 32 px                                      (images)
+    none/lite0        scratch, EfficientNet-Lite0 at 64 px                            (images)
     digits-supervised resnet18 at 32 px, trained here on digits 0-4 with their labels   (python -m jobs.pretrain)
     digits-simclr     resnet18 at 32 px, SimCLR here on the digits 0-4 images, no labels
     imagenet          EfficientNet-Lite0 at 64 px, the ImageNet-1k weights that ship offline
+    none/minilm       scratch, the all-MiniLM-L6-v2 architecture with random weights  (text)
+    minilm            all-MiniLM-L6-v2's pretrained encoder, offline                  (text)
 
 Fairness: every (target, source, method, labels) cell gets its budget (optim.lr, optim.weight_decay, train.epochs)
 from its own ASHA sweep, run by the product's jobs.sweep on the tuning split (seed 0's training draw); then every
@@ -19,7 +23,7 @@ backbones; the better one is the baseline to beat.
 Writes bench/results/transfer.json (one row per run, with `target` and `source`), transfer.png and transfer.md, and
 the tables into README.md. Single node: the data and the sweeps' storage are on this machine's disk.
 
-    python -m bench.transfer [--targets digits shapes] [--labels 1 3 10 50] [--seeds 3] [--trials 6]
+    python -m bench.transfer [--targets digits shapes docstrings] [--labels 1 3 10 50] [--seeds 3] [--trials 4]
                              [--sources ...] [--methods ...]    (a part of the grid; the README table is the whole)
 """
 
@@ -33,20 +37,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.common import RESULTS
-from bench.transfer_data import TUNE_PER_CLASS, VAL_PER_CLASS, link_split, write_target
+from bench.transfer_data import SPLITS, TEXT_TARGETS, write_split, write_target
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLE_START, TABLE_END = "<!-- transfer-table -->", "<!-- /transfer-table -->"
 WORK = RESULTS / "transfer-work"  # data, source models and sweep runs (not committed)
 LITE0 = "timm:tf_efficientnet_lite0"
+MINILM = "hf:all-MiniLM-L6-v2"
+TEXT_MAX_LENGTH = 64  # tokens per docstring (truncated at 600 characters, ~120 tokens): a first paragraph
 
-#: source -> (backbone, image size, model.weights: None, a pretrained source file, or a short name)
+#: source -> (backbone, image size (0: text), model.weights: None, a pretrained source file, or a short name)
 SOURCES = {
     "none/resnet18": ("resnet18", 32, None),
     "none/lite0": (LITE0, 64, None),
     "digits-supervised": ("resnet18", 32, "digits-supervised"),
     "digits-simclr": ("resnet18", 32, "digits-simclr"),
     "imagenet": (LITE0, 64, "efficientnet_lite0_imagenet"),
+    "none/minilm": (MINILM, 0, None),
+    "minilm": (MINILM, 0, "pretrained"),
 }
 METHODS = ("linear_probe", "full", "lp_ft")
 LP_EPOCHS = 6  # lp_ft: the probe's epochs, then fine-tuning for the rest of the tuned budget
@@ -65,8 +73,13 @@ class Cell:
         return f"{self.target}-{self.source.replace('/', '-')}-{self.method}-{self.labels}"
 
 
+def is_text(source: str) -> bool:
+    return SOURCES[source][1] == 0
+
+
 def cells(targets: list[str], labels: list[int], sources: list[str], methods: list[str]) -> list[Cell]:
-    return [Cell(t, s, m, n) for t in targets for n in labels for s in sources
+    """Every source that fits a target's modality, with each method (scratch: full training only)."""
+    return [Cell(t, s, m, n) for t in targets for n in labels for s in sources if is_text(s) == (t in TEXT_TARGETS)
             for m in (("full",) if s.startswith("none/") else methods)]
 
 
@@ -75,15 +88,21 @@ def cells(targets: list[str], labels: list[int], sources: list[str], methods: li
 def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> dict:
     backbone, size, _ = SOURCES[cell.source]
     model = {"backbone": backbone, "weights": weights, "strategy": cell.method}
-    if weights and cell.method != "linear_probe":
+    if weights and cell.method != "linear_probe" and size:
         model["freeze_bn_stats"] = True  # a few dozen images cannot re-estimate BatchNorm statistics (measured: LP-FT
     if cell.method == "lp_ft":           # on 15 digits fell from 0.73 to 0.28 without it)
         model["lp_epochs"] = LP_EPOCHS
+    if size:
+        data = {"root": str(data_root), "image_size": size, "augment": True, "hflip": cell.target != "digits", "loader_workers": 0}
+        optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "scheduler": "cosine"}
+    else:  # text: AdamW with a warmup, the documented text recipe
+        data = {"root": str(data_root), "max_length": TEXT_MAX_LENGTH, "loader_workers": 0}
+        optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "scheduler": "cosine", "warmup_epochs": 1}
     return {
         "experiment": cell.name,
-        "data": {"root": str(data_root), "image_size": size, "augment": True, "hflip": cell.target != "digits", "loader_workers": 0},
+        "data": data,
         "model": model,
-        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "scheduler": "cosine"},
+        "optim": optim,
         "train": {"epochs": MAX_EPOCHS, "batch_size": 16, "seed": seed},
         "scaling": {"num_workers": 1},
         "checkpoint": {"keep": 1},
@@ -93,7 +112,10 @@ def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> 
 
 def search_space(cell: Cell, trials: int) -> dict:
     """The budget a cell's sweep searches: LR (a probe takes larger steps than a fine-tune), weight decay, epochs."""
-    lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-4, 1e-2] if SOURCES[cell.source][2] else [3e-4, 3e-2], "lp_ft": [1e-3, 3e-2]}[cell.method]
+    if is_text(cell.source):  # a pretrained transformer is fine-tuned with small steps; one from scratch takes larger
+        lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-5, 1e-3] if SOURCES[cell.source][2] else [1e-4, 3e-3], "lp_ft": [1e-3, 3e-2]}[cell.method]
+    else:
+        lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-4, 1e-2] if SOURCES[cell.source][2] else [3e-4, 3e-2], "lp_ft": [1e-3, 3e-2]}[cell.method]
     epochs = [12, MAX_EPOCHS] if cell.method == "lp_ft" else [10, MAX_EPOCHS]
     return {"num_samples": trials, "max_concurrent_trials": 2, "seed": 0, "metric": "val/acc", "mode": "max",
             "scheduler": {"name": "asha", "max_t": MAX_EPOCHS, "grace_period": 4, "reduction_factor": 2},
@@ -149,6 +171,7 @@ def tune_cell(cell: Cell, data_root: Path, weights: str | None, trials: int) -> 
     results = run_sweep(cfg, SearchConfig.model_validate(search_space(cell, trials)), resume=False)
     finished = [r for r in results if r.metrics and r.metrics.get("epoch") == r.config["train.epochs"]]
     best = max(finished, key=lambda r: r.metrics["val/acc"])
+    storage.delete(experiment_location(cfg))  # the trials' checkpoints: gigabytes over a study, and the budget is all we keep
     return {"lr": best.config["optim.lr"], "weight_decay": best.config["optim.weight_decay"], "epochs": best.config["train.epochs"],
             "tune_acc": best.metrics["val/acc"]}
 
@@ -186,16 +209,23 @@ def best_of(table: dict, target: str, labels: int, pretrained: bool) -> tuple[fl
     return max(found) if found else None
 
 
-#: the issue's targets: the best pretrained method minus the best tuned scratch, per labels per class
-GAP_TARGETS = {1: 0.20, 3: 0.15, 10: 0.0, 50: 0.0}
+#: the issues' targets: the best pretrained method minus the best tuned scratch, per labels per class
+GAP_TARGETS = {"image": {1: 0.20, 3: 0.15, 10: 0.0, 50: 0.0}, "text": {3: 0.25}}
 
 
-def markdown(table: dict, targets: list[str], labels: list[int], seeds: int, trials: int, minutes: float) -> str:
-    out = [f"Reported validation accuracy (%), {VAL_PER_CLASS * 5} fixed images per target, mean ± std over {seeds} seed(s); "
-           f"every cell's LR, weight decay and epochs tuned by its own {trials}-trial ASHA sweep (jobs.sweep) on "
-           f"{TUNE_PER_CLASS * 5} separate tuning images. `python -m bench.transfer`: {minutes:.0f} min on this machine "
-           f"(2 CPU cores).\n"]
+def markdown(table: dict, rows: list[dict], targets: list[str], labels: list[int]) -> str:
+    out = ["Reported validation accuracy (%), mean ± std over seeds, on fixed validation sets never tuned on; every "
+           "cell's LR, weight decay and epochs tuned by its own ASHA sweep (jobs.sweep) on separate tuning samples. "
+           "Measured on this machine (2 CPU cores):\n"]
     for target in targets:
+        mine = [r for r in rows if r["target"] == target]
+        sizes = SPLITS[target]
+        out.append(f"- {target}: {sizes.val * sizes.classes} reported validation samples, {sizes.tune * sizes.classes} for "
+                   f"tuning; {max(r['seed'] for r in mine) + 1} seeds, {mine[0].get('trials', '?')}-trial sweeps; "
+                   f"`python -m bench.transfer --targets {target} ...` took {mine[0].get('study_minutes', 0):.0f} min"
+                   + ("\n" if target == targets[-1] else ""))
+    for target in targets:
+        goals = GAP_TARGETS["text" if target in TEXT_TARGETS else "image"]
         head = f"| {target}: source, method | " + " | ".join(f"{n} / class" for n in labels) + " |"
         lines = [head, "|---|" + "---:|" * len(labels)]
         for source in SOURCES:
@@ -214,7 +244,7 @@ def markdown(table: dict, targets: list[str], labels: list[int], seeds: int, tri
             gap = pre[0] - scratch[0]
             gaps.append(f"{100 * gap:+.1f}")
             winners.append(pre[1])
-            verdicts.append(("met" if gap >= GAP_TARGETS[n] else "**not met**") + f" (≥ {100 * GAP_TARGETS[n]:+.0f})" if n in GAP_TARGETS else "")
+            verdicts.append(("met" if gap >= goals[n] else "**not met**") + f" (≥ {100 * goals[n]:+.0f})" if n in goals else "")
         lines.append("| **best pretrained − best scratch** | " + " | ".join(gaps) + " |")
         lines.append("| winning pretrained source, method | " + " | ".join(winners) + " |")
         lines.append("| target | " + " | ".join(verdicts) + " |")
@@ -257,7 +287,7 @@ def update_readme(table_md: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
+    parser.add_argument("--targets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--labels", type=int, nargs="+", default=[1, 3, 10, 50], choices=[1, 3, 10, 50])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=4, help="ASHA trials per cell's sweep")
@@ -297,11 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         source_weights = SOURCES[cell.source][2]
         if source_weights in pretrained:
             source_weights = ray.get(pretrained[source_weights])
-        tune_root = link_split(splits[cell.target], WORK / cell.target / f"tune-{cell.labels}", cell.labels, seed=0, tuning=True)
+        tune_root = write_split(cell.target, splits[cell.target], WORK / cell.target / f"tune-{cell.labels}", cell.labels, seed=0, tuning=True)
         budgets[cell] = tune_cell(cell, tune_root, source_weights, args.trials)
         print(f"tuned {cell.name}: {json.dumps(budgets[cell])} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
         for seed in range(args.seeds):
-            root = link_split(splits[cell.target], WORK / cell.target / f"eval-{cell.labels}-seed{seed}", cell.labels, seed, tuning=False)
+            root = write_split(cell.target, splits[cell.target], WORK / cell.target / f"eval-{cell.labels}-seed{seed}", cell.labels, seed,
+                               tuning=False)
             futures.append(remote(run_seed).remote(cell, str(root), source_weights, seed, budgets[cell]))
         collect(timeout=0)
     collect(timeout=None)
@@ -309,13 +340,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
+    """Write transfer.json, .png, .md and the README table; rows of targets this run did not measure are kept from
+    the transfer.json already there."""
+    for row in rows:
+        row.setdefault("trials", args.trials)
+        row.setdefault("study_minutes", round(minutes, 1))
+    measured = {r["target"] for r in rows}
+    previous = json.loads((RESULTS / "transfer.json").read_text()) if (RESULTS / "transfer.json").is_file() else []
+    rows = [r for r in previous if r["target"] not in measured] + rows
+    targets = [t for t in SPLITS if any(r["target"] == t for r in rows)]
     table = summarise(rows)
-    targets = [t for t in args.targets if any(r["target"] == t for r in rows)]
-    args.targets = targets
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transfer.json").write_text(json.dumps(rows, indent=1))
-    plot(table, args.targets, args.labels, RESULTS / "transfer.png")
-    table_md = markdown(table, args.targets, args.labels, max(r["seed"] for r in rows) + 1, args.trials, minutes)
+    plot(table, targets, args.labels, RESULTS / "transfer.png")
+    table_md = markdown(table, rows, targets, args.labels)
     (RESULTS / "transfer.md").write_text(table_md)
     update_readme(table_md)
     print(table_md)

@@ -1,8 +1,8 @@
-"""The transfer study's targets, written as ImageFolders with the splits that keep the study fair.
+"""The transfer study's targets, written with the splits that keep the study fair.
 
-Each target class has VAL_PER_CLASS reported validation images (fixed, never seen while tuning), TUNE_PER_CLASS
-tuning-validation images (what the ASHA sweeps score), and a pool of at least POOL_PER_CLASS training images from
-which each seed draws its 1, 3, 10 or 50 labels.
+Each target class has `val` reported validation samples (fixed, never seen while tuning), `tune` tuning-validation
+samples (what the ASHA sweeps score), and a pool of at least POOL_PER_CLASS training samples from which each seed
+draws its 1, 3, 10 or 50 labels (`SPLITS`). Image targets are written as ImageFolders, the text one as CSV tables.
 
 - `digits`: scikit-learn's bundled UCI digits 5-9 (8x8 greyscale scans; no download). The source models are
   pretrained on digits 0-4, so this is near transfer, and a strong scratch baseline: the task is easy.
@@ -11,28 +11,46 @@ which each seed draws its 1, 3, 10 or 50 labels.
   place, on a cluttered background of textured blobs and line segments in other colours. Colour and texture carry no
   label; only the outline does, under clutter. This is far transfer from digits, and the kind of task where features
   learnt on natural images (edges, textures, figure/ground) should matter.
+- `docstrings` (text): the docstrings of eight standard-library packages, labelled by package, each package's own
+  name masked (tl_core.demo_text, the text demo's data). Topic classification where knowing what "a MIME part" or
+  "an event loop" is about should matter; urllib's 94 distinct docstrings bound the split sizes.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-VAL_PER_CLASS = 100
-TUNE_PER_CLASS = 24
+from tl_core.demo_text import PACKAGES
+
 POOL_PER_CLASS = 50
 SHAPES = ("disc", "square", "triangle", "star", "cross")
+
+
+@dataclass(frozen=True)
+class Split:
+    val: int  # reported validation samples per class
+    tune: int  # tuning-validation samples per class
+    classes: int
+
+
+SPLITS = {"digits": Split(100, 24, 5), "shapes": Split(100, 24, len(SHAPES)), "docstrings": Split(30, 12, len(PACKAGES))}
+TEXT_TARGETS = ("docstrings",)
 SHAPE_SIZE = 64  # rendered at 2x and downsampled (anti-aliased)
 
 
-def write_target(root: Path, target: str) -> dict[str, list[tuple[Path, Image.Image]]]:
-    """Every image of `target` under ROOT/all/<class>/, once; returns class -> its image paths in a fixed order:
-    [val..., tune..., pool...]."""
-    images = _digits() if target == "digits" else _shapes()
+def write_target(root: Path, target: str) -> dict[str, list]:
+    """Every sample of `target`, once; returns class -> its samples in a fixed order [val..., tune..., pool...]: image
+    paths under ROOT/all/<class>/, or texts."""
+    if target in TEXT_TARGETS:
+        return _docstrings(SPLITS[target])
+    images = _digits(SPLITS[target]) if target == "digits" else _shapes(SPLITS[target])
     split = {}
     for label, items in images.items():
         folder = root / "all" / label
@@ -47,24 +65,53 @@ def write_target(root: Path, target: str) -> dict[str, list[tuple[Path, Image.Im
     return split
 
 
-def link_split(split: dict[str, list[Path]], out: Path, labels_per_class: int, seed: int, tuning: bool) -> Path:
-    """OUT/{train,val}/<class>/: `labels_per_class` pool images drawn by `seed` for training, and the reported
-    validation images (or, with `tuning`, the tuning-validation ones). Links, not copies."""
-    for label, paths in split.items():
-        val, tune, pool = paths[:VAL_PER_CLASS], paths[VAL_PER_CLASS:VAL_PER_CLASS + TUNE_PER_CLASS], paths[VAL_PER_CLASS + TUNE_PER_CLASS:]
+def write_split(target: str, split: dict[str, list], out: Path, labels_per_class: int, seed: int, tuning: bool) -> Path:
+    """OUT as a data root: `labels_per_class` pool samples drawn by `seed` for training, and the reported validation
+    samples (or, with `tuning`, the tuning-validation ones); {train,val}/<class>/ links for images, {train,val}.csv
+    for text."""
+    sizes = SPLITS[target]
+    chosen: dict[str, dict[str, list]] = {"train": {}, "val": {}}
+    for label, items in split.items():
+        val, tune, pool = items[:sizes.val], items[sizes.val:sizes.val + sizes.tune], items[sizes.val + sizes.tune:]
         drawn = pool[:]
         random.Random(seed * 1000 + sum(map(ord, label))).shuffle(drawn)
-        for kind, chosen in (("train", drawn[:labels_per_class]), ("val", tune if tuning else val)):
+        chosen["train"][label], chosen["val"][label] = drawn[:labels_per_class], tune if tuning else val
+    for kind, by_label in chosen.items():
+        if target in TEXT_TARGETS:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / f"{kind}.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["text", "label"])
+                writer.writerows((text, label) for label, texts in by_label.items() for text in texts)
+            continue
+        for label, paths in by_label.items():
             folder = out / kind / label
             folder.mkdir(parents=True, exist_ok=True)
-            for path in chosen:
+            for path in paths:
                 link = folder / path.name
                 if not link.exists():
                     link.symlink_to(path)
     return out
 
 
-def _digits() -> dict[str, list[Image.Image]]:
+def _docstrings(sizes: Split) -> dict[str, list[str]]:
+    from collections import Counter
+
+    from tl_core.demo_text import docstrings
+
+    found = {package: docstrings(package) for package in PACKAGES}
+    seen = Counter(text for texts in found.values() for text in texts)
+    out = {}
+    for package in PACKAGES:
+        texts = [text for text in found[package] if seen[text] == 1]  # a docstring in two packages has no one label
+        random.Random(1000 + PACKAGES.index(package)).shuffle(texts)  # the split never depends on a seed
+        needed = sizes.val + sizes.tune + POOL_PER_CLASS
+        assert len(texts) >= needed, f"{package}: {len(texts)} docstrings, the splits need {needed}"
+        out[package] = texts
+    return out
+
+
+def _digits(sizes: Split) -> dict[str, list[Image.Image]]:
     from tl_core.demo_data import load_digits_by_class
 
     digits, by_digit = load_digits_by_class()
@@ -72,15 +119,15 @@ def _digits() -> dict[str, list[Image.Image]]:
     for digit in range(5, 10):
         indices = by_digit[digit][:]
         random.Random(1000 + digit).shuffle(indices)  # the split never depends on a seed
-        needed = VAL_PER_CLASS + TUNE_PER_CLASS + POOL_PER_CLASS
+        needed = sizes.val + sizes.tune + POOL_PER_CLASS
         assert len(indices) >= needed, f"digit {digit}: {len(indices)} images, the splits need {needed}"
         out[str(digit)] = [Image.fromarray((digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
                            for i in indices]
     return out
 
 
-def _shapes() -> dict[str, list[Image.Image]]:
-    per_class = VAL_PER_CLASS + TUNE_PER_CLASS + POOL_PER_CLASS + 26  # 200 per class
+def _shapes(sizes: Split) -> dict[str, list[Image.Image]]:
+    per_class = sizes.val + sizes.tune + POOL_PER_CLASS + 26  # 200 per class
     rng = random.Random(20261124)
     return {shape: [render_shape(shape, rng) for _ in range(per_class)] for shape in SHAPES}
 

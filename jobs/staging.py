@@ -6,13 +6,15 @@ data and weights are replaced by node-local copies (cluster.storage.cache, once 
 Hub weights (`model.weights: imagenet`, a torchvision weights name, a timm tag) are downloaded once, by the
 driver, into their library's cache (`fetch_hub_weights`), and staged under STORAGE_ROOT/_weights/ before any
 worker starts (`stage_hub_weights`); a worker reads its own library cache when that holds them, the staged copy
-otherwise, and never downloads.
+otherwise, and never downloads. A text encoder named by its hub id (`model.backbone: hf:ORG/NAME`) travels the same
+way, as a folder; one on S3 (`hf:s3://...`) is copied to each node's cache like s3:// data.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +24,7 @@ from tl_core import run_dir
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, with_overrides
 from tl_core.errors import ConfigError
+from tl_core.text_models import HF_PREFIX, HubModel, hub_repo, is_text_backbone
 from tl_core.weights import HubWeights, hub_weights
 
 CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
@@ -85,7 +88,10 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     weights = cfg.model.weights
     if weights and not storage.is_uri(weights) and not _hub(cfg) and Path(weights).expanduser().exists():
         overrides.append(f"model.weights={absolute(weights)}")
-    uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights))
+    encoder = cfg.model.backbone[len(HF_PREFIX):] if is_text_backbone(cfg.model.backbone) else ""
+    if encoder and not storage.is_uri(encoder) and Path(encoder).expanduser().exists():
+        overrides.append(f"model.backbone={HF_PREFIX}{absolute(encoder)}")
+    uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights, encoder))
     if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
         overrides.append(f"storage.endpoint_url={os.environ['AWS_ENDPOINT_URL']}")
     return with_overrides(cfg, overrides)
@@ -103,6 +109,15 @@ def localize(cfg: RunConfig) -> RunConfig:
     if hub is not None and hub.cached() is None:  # not in this node's library cache: the copy the driver staged
         staged = staged_hub_weights(cfg, hub)
         overrides.append(f"model.weights={fetch_weights(staged, cfg.storage.endpoint_url) if storage.is_uri(staged) else staged}")
+    backbone = cfg.model.backbone
+    model = _hub_model(cfg)
+    if model is not None and model.cached() is None:  # not in this node's Hugging Face cache: the folder the driver staged
+        backbone = HF_PREFIX + staged_hub_model(cfg, model).uri
+    if backbone.startswith(f"{HF_PREFIX}s3://"):
+        location = storage.parse(backbone[len(HF_PREFIX):], cfg.storage.endpoint_url, field="model.backbone")
+        backbone = f"{HF_PREFIX}{cache.sync_prefix(location, 'model.backbone')}"
+    if backbone != cfg.model.backbone:
+        overrides.append(f"model.backbone={backbone}")
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
@@ -111,11 +126,17 @@ def _hub(cfg: RunConfig) -> HubWeights | None:
     return hub_weights(cfg.model.backbone, weights) if weights and not storage.is_uri(weights) else None
 
 
+def _hub_model(cfg: RunConfig) -> HubModel | None:
+    repo = hub_repo(cfg.model.backbone) if is_text_backbone(cfg.model.backbone) else None
+    return HubModel(repo) if repo else None
+
+
 def fetch_hub_weights(cfg: RunConfig) -> None:
-    """On the driver, before any worker starts: hub weights downloaded into their library's cache if missing."""
-    hub = _hub(cfg)
-    if hub is not None:
-        hub.download()
+    """On the driver, before any worker starts: hub weights (or a hub text encoder) downloaded into their
+    library's cache if missing."""
+    for hub in (_hub(cfg), _hub_model(cfg)):
+        if hub is not None:
+            hub.download()
 
 
 def _staged_location(cfg: RunConfig, hub: HubWeights) -> Location:
@@ -126,6 +147,7 @@ def stage_hub_weights(cfg: RunConfig) -> RunConfig:
     """Copy hub weights to STORAGE_ROOT/_weights/ (once per storage root), where every worker finds them; returns
     `cfg`, or with `model.weights` naming the staged file when this node's library cache lacks them (a trial that
     starts its own trainer)."""
+    cfg = _stage_hub_model(cfg)
     hub = _hub(cfg)
     if hub is None:
         return cfg
@@ -149,6 +171,33 @@ def staged_hub_weights(cfg: RunConfig, hub: HubWeights) -> str:
         raise ConfigError(f"model.weights: {hub.name} for {cfg.model.backbone} is neither in this node's {hub.library} "
                           f"cache ({hub.cache_dir}) nor staged as one file under {location.uri}")
     return location.child(names[0]).uri
+
+
+def _stage_hub_model(cfg: RunConfig) -> RunConfig:
+    """stage_hub_weights for a text encoder named by its hub id: its cached folder copied under STORAGE_ROOT/_weights/."""
+    model = _hub_model(cfg)
+    if model is None:
+        return cfg
+    cached = model.cached()
+    if cached is None:
+        return with_overrides(cfg, [f"model.backbone={HF_PREFIX}{staged_hub_model(cfg, model).uri}"])
+    location = root_location(cfg).child(WEIGHTS_DIR, *model.staged_dir.split("/"))
+    if not storage.exists(location.child("config.json"), "model.backbone"):  # config.json goes last: there means complete
+        if location.is_s3:
+            storage.upload_dir(cached, location, last="config.json")
+        else:
+            shutil.copytree(cached, location.path, dirs_exist_ok=True, ignore=lambda _, names: [n for n in names if n == "config.json"])
+            shutil.copyfile(cached / "config.json", Path(location.path) / "config.json")
+    return cfg
+
+
+def staged_hub_model(cfg: RunConfig, model: HubModel) -> Location:
+    """Where the driver staged a hub text encoder under STORAGE_ROOT/_weights/; ConfigError when it did not."""
+    location = root_location(cfg).child(WEIGHTS_DIR, *model.staged_dir.split("/"))
+    if not storage.exists(location.child("config.json"), "model.backbone"):
+        raise ConfigError(f"model.backbone: {model.repo} is neither in this node's Hugging Face cache ({model.cache_dir()}) "
+                          f"nor staged under {location.uri}")
+    return location
 
 
 def fetch_weights(uri: str, endpoint_url: str | None) -> Path:

@@ -3,6 +3,8 @@ and the text mistakes a user can make (one line, exit 2, nothing written)."""
 
 import json
 import random
+import signal
+import threading
 
 import pyarrow as pa
 import pyarrow.csv
@@ -49,7 +51,7 @@ def text_config(root, **sections) -> dict:
            "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "scheduler": "cosine"},
            "train": {"epochs": 3, "batch_size": 8}}
     for key, values in sections.items():
-        cfg[key] = {**cfg[key], **values}
+        cfg[key] = {**cfg.get(key, {}), **values}
     return cfg
 
 
@@ -164,6 +166,89 @@ def test_an_unknown_hf_model_is_refused_without_a_download(tmp_path, monkeypatch
         index_text_table(DataConfig(root=str(tmp_path / "missing")), seed=0)
 
 
+def test_a_text_checkpoint_carries_its_tokenizer_and_is_a_complete_source(tmp_path):
+    """hf/ in every checkpoint holds the encoder's config and tokenizer, checksummed; `hf:<checkpoint>` builds the
+    same encoder (its trained weights) without the original model directory."""
+    from tl_core.checkpoint import LocalReporter, load_model_state, verify_checkpoint
+    from tl_core.errors import CheckpointError
+    from tl_core.text_models import load_tokenizer
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(12, seed=1))
+    cfg = from_dict(text_config(tmp_path / "data", train={"epochs": 1}, model={"strategy": "full"}))
+    reporter = LocalReporter(tmp_path / "run")
+    fit(cfg, reporter)
+    ckpt = reporter.latest
+    assert {p.name for p in (ckpt / "hf").iterdir()} == {"config.json", "tokenizer.json", "tokenizer_config.json",
+                                                          "special_tokens_map.json", "vocab.txt"}
+    assert "hf/vocab.txt" in verify_checkpoint(ckpt)["sha256"]
+    trained, _ = load_model_state(ckpt)
+    again = build_model(ModelConfig(backbone=f"hf:{ckpt}", weights="pretrained"), ["neg", "pos"], 32)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in trained.items())
+    tokenizer = load_tokenizer(f"hf:{ckpt}", 32)
+    assert tokenizer("a fine film")["input_ids"] == load_tokenizer(MINILM, 32)("a fine film")["input_ids"]
+    (ckpt / "hf" / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(CheckpointError, match="hf/vocab.txt fails its sha256 check"):
+        verify_checkpoint(ckpt)
+
+
+def test_a_hub_text_model_is_downloaded_once_by_the_driver_and_staged_for_workers(tmp_path):
+    """`hf:ORG/NAME` not in the cache: the driver downloads it (HF_ENDPOINT honoured) into the Hugging Face cache
+    once and stages it under STORAGE_ROOT/_weights/; a worker with an empty cache and no network reads the staged copy."""
+    import subprocess
+    import sys
+
+    from hub_server import HubServer, closed_port_url
+    from test_pretrained import hub_env
+
+    from tl_core.text_models import model_dir
+
+    served = model_dir(MINILM)
+    files = {f"/acme/minilm/resolve/main/{p.name}": p for p in served.iterdir() if p.is_file()}
+    server = HubServer(files)
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(12, seed=1))
+    config = text_config(tmp_path / "data", model={"backbone": "hf:acme/minilm"}, storage={"root": str(tmp_path / "runs")})
+    script = ("import sys, json; from tl_core.config import from_dict; from jobs import staging; from tl_core.models import build_model; "
+              "from tl_core.text_models import model_dir; cfg = from_dict(json.loads(sys.argv[1])); "
+              "sys.argv[2] == 'driver' and (staging.fetch_hub_weights(cfg), staging.stage_hub_weights(cfg)); "
+              "local = staging.localize(cfg); print(model_dir(local.model.backbone)); build_model(local.model, ['neg', 'pos'], 32)")
+
+    def run(role, home, endpoint):
+        env = {**hub_env(tmp_path, endpoint), "HF_HOME": str(tmp_path / home)}
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(config), role], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    try:
+        for _ in range(2):
+            assert run("driver", "driver-hf", server.url).startswith(str(tmp_path / "driver-hf" / "hub" / "models--acme--minilm"))
+        assert server.gets["/acme/minilm/resolve/main/model.safetensors"] == 1
+        assert server.gets["/acme/minilm/resolve/main/vocab.txt"] == 1
+        assert "/acme/minilm/resolve/main/README.md" not in server.gets  # only the config, tokenizer and weights
+        staged = tmp_path / "runs" / "_weights" / "huggingface-models" / "acme" / "minilm"
+        assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {p.name for p in staged.iterdir()}
+        assert run("worker", "worker-hf", closed_port_url()) == str(staged)
+    finally:
+        server.stop()
+
+
+def test_a_hub_text_model_without_network_is_one_line_exit_2_naming_the_cache(tmp_path):
+    import subprocess
+    import sys
+
+    from hub_server import closed_port_url
+    from test_pretrained import hub_env
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(12, seed=1))
+    config = write_config(tmp_path, tmp_path / "data", data={"max_length": 32}, model={"backbone": "hf:acme/minilm", "weights": "pretrained"})
+    run = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config)], env=hub_env(tmp_path, closed_port_url()),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.backbone: cannot download acme/minilm from the Hugging Face hub (" in lines[0], run.stderr
+    assert f"place it in the hub cache {tmp_path / 'hf' / 'hub'}" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_layer_wise_lr_decay_gives_each_layer_a_fraction_of_the_one_above():
     from tl_core.optim import param_groups
 
@@ -182,23 +267,47 @@ def test_layer_wise_lr_decay_gives_each_layer_a_fraction_of_the_one_above():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_text_on_s3_with_two_ddp_workers_then_resume(ray_cluster, s3, tmp_path):
-    """A text dataset read from the S3 server, MiniLM fine-tuned (top layer open) by 2 DDP workers, checkpoints and
-    result.json on S3; --resume trains on from the last checkpoint."""
+def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, tmp_path):
+    """A text dataset and the encoder itself (`hf:s3://...`) read from the S3 server, MiniLM fine-tuned (top layer
+    open) by 2 DDP workers; a worker killed after the first checkpoint is replaced and the run goes on from it.
+    Checkpoints carry the tokenizer, so the run is a complete source for the next stage."""
+    from test_s3_jobs import keys, last_modified, train_workers, wait_for_object
+
     from cluster import storage
+    from tl_core.checkpoint import META_FILE
+    from tl_core.text_models import model_dir
 
     write_csv(tmp_path / "data" / "train.csv", sentiment_rows(24, seed=3))
     write_csv(tmp_path / "data" / "val.csv", sentiment_rows(16, seed=4))
     storage.upload_dir(tmp_path / "data", storage.parse("s3://tl-test/text/sentiment"))
-    config = write_config(tmp_path, "s3://tl-test/text/sentiment", experiment="text-ddp", train={"epochs": 1, "batch_size": 8},
-                          data={"max_length": 32}, model={"backbone": MINILM, "weights": "pretrained", "strategy": "gradual_unfreeze",
-                                                          "unfreeze_every": 10},
-                          optim={"name": "adamw", "lr": 3e-3, "scheduler": "constant"}, storage={"root": "s3://tl-test/runs"})
+    storage.upload_dir(model_dir(MINILM), storage.parse("s3://tl-test/models/minilm"))
+    config = write_config(tmp_path, "s3://tl-test/text/sentiment", experiment="text-ddp", train={"epochs": 4, "batch_size": 8},
+                          data={"max_length": 32}, model={"backbone": "hf:s3://tl-test/models/minilm", "weights": "pretrained",
+                                                          "strategy": "gradual_unfreeze", "unfreeze_every": 10},
+                          optim={"name": "adamw", "lr": 3e-3, "scheduler": "constant"}, storage={"root": "s3://tl-test/runs"},
+                          checkpoint={"keep": None}, scaling={"num_workers": 2, "max_failures": 1})
+    first = f"runs/text-ddp/checkpoint_epoch_0001/{META_FILE}"
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        wait_for_object(s3, first)
+        killed.append(last_modified(s3, first))
+        victim = train_workers()[0]
+        victim.send_signal(signal.SIGKILL)
+        killed.append(victim.pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
     assert finetune.main(["--config", str(config)]) == 0
-    assert finetune.main(["--config", str(config), "--resume", "--set", "train.epochs=2"]) == 0
+    killer.join(5)
+    assert len(killed) == 2
     result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/text-ddp/result.json")["Body"].read())
-    assert result["epochs_completed"] == 2 and result["classes"] == ["neg", "pos"]
+    assert result["epochs_completed"] == 4 and result["classes"] == ["neg", "pos"]
     assert result["final_metrics"]["val/acc"] >= 0.75
+    assert result["config"]["model"]["backbone"] == "hf:s3://tl-test/models/minilm"
+    assert last_modified(s3, first) == killed[0]  # epoch 1 was not trained again
+    stored = set(keys(s3, "runs/text-ddp/checkpoint_epoch_0004/"))
+    assert {f"runs/text-ddp/checkpoint_epoch_0004/hf/{f}" for f in ("config.json", "tokenizer.json", "vocab.txt")} <= stored
 
 
 @pytest.mark.integration

