@@ -12,7 +12,7 @@ from torch import nn
 
 from cluster import storage
 from cluster.storage import Location
-from jobs import ray_private
+from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
@@ -48,16 +48,29 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     if cfg.pretrain.method == "supervised":
         check_modality(local)
     recipe = RECIPES[cfg.pretrain.method]
+    classes, n_train = data_classes_and_size(cfg, local)
+    model = recipe.build_model(local, classes)  # unknown or mismatched weights fail here
+    if cfg.pretrain.method == "supervised":
+        check_batch_norm_batches(cfg, n_train, model)
+    if resume:
+        check_same_run(cfg, classes, root.child(cfg.experiment))
+    return cfg
+
+
+def data_classes_and_size(cfg: RunConfig, local: RunConfig) -> tuple[list[str], int]:
+    """(class names, training samples) of the run's data: a packed dataset's manifest (its shards checked present),
+    or the data indexed and cleaned as the recipe reads it."""
+    if streaming.is_packed(cfg):
+        if cfg.pretrain.method != "supervised" or check_modality(local) != "image":
+            raise ConfigError(f"data.root: {cfg.data.root} is a packed image dataset, which supervised image runs stream; "
+                              "give this run an image folder or a table")
+        manifest = streaming.read_manifest(cfg)
+        return manifest.classes, manifest.rows("train")
     try:
-        index = recipe.index(local.data, cfg.train.seed)
+        index = RECIPES[cfg.pretrain.method].index(local.data, cfg.train.seed)
     except DataError as exc:  # name the user's s3:// prefix, not this node's cache
         raise DataError(str(exc).replace(local.data.root, cfg.data.root)) from None
-    model = recipe.build_model(local, index.classes)  # unknown or mismatched weights fail here
-    if cfg.pretrain.method == "supervised":
-        check_batch_norm_batches(cfg, len(index.train), model)
-    if resume:
-        check_same_run(cfg, index.classes, root.child(cfg.experiment))
-    return cfg
+    return index.classes, len(index.train)
 
 
 def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> None:
@@ -118,3 +131,14 @@ def check_capacity(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"scaling.{what}: {workers} workers x {amount:g} {name} need {needed:g} {name}, "
                 f"but the Ray cluster has {capacity.get(name, 0.0):g}")
+    if streaming.is_packed(cfg):
+        check_decode_room(cfg, worker_resources(cfg.scaling).get("CPU", 0.0) * workers, capacity.get("CPU", 0.0))
+
+
+def check_decode_room(cfg: RunConfig, held: float, cpus: float) -> None:
+    """A packed dataset is decoded by Ray Data tasks beside the workers: refuse, rather than wait forever, when the
+    workers (or trials) hold so many of the cluster's CPUs that no decode task can start."""
+    if cpus - held + 1e-9 < cfg.data.decode_cpus:
+        raise ConfigError(f"data.decode_cpus: a packed dataset is decoded by Ray Data tasks of {cfg.data.decode_cpus:g} CPU beside "
+                          f"the workers, but they hold {held:g} of the cluster's {cpus:g} CPUs; lower "
+                          "scaling.resources_per_worker.CPU (or the concurrent trials) or data.decode_cpus")

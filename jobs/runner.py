@@ -20,12 +20,13 @@ from typing import Callable, Optional
 
 from cluster import storage
 from cluster.storage import Location
-from jobs import ray_private
+from jobs import ray_private, streaming
 from jobs.cli import RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
 from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
 from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
+from tl_core.distributed import get_world_size
 from tl_core.errors import CheckpointError
 
 log = logging.getLogger("jobs")
@@ -48,6 +49,7 @@ class WorkerSession:
     checkpoints_dir: str  # where this run's checkpoint directories are, on `filesystem`
     registered: object  # the checkpoint Ray handed back (ray.train/tune.get_checkpoint()), or None
     device: object
+    dataset_shard: Optional[Callable[[str], object]] = None  # a packed dataset's split for this worker (Ray Train's)
 
 
 def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
@@ -55,7 +57,19 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     from tl_core.recipes import RECIPES
 
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
-    RECIPES[recipe].fit(localize(cfg), session.report, resume_from=resume, device=session.device)
+    RECIPES[recipe].fit(localize(cfg), session.report, data=packed_data(cfg, session), resume_from=resume, device=session.device)
+
+
+def packed_data(cfg: RunConfig, session: WorkerSession):
+    """The stream of a packed `data.root` for this worker (None for a folder or a table): the split Ray Train handed
+    it, or, in a one-worker trial, the whole stream."""
+    if not streaming.is_packed(cfg):
+        return None
+    manifest = streaming.read_manifest(cfg)
+    if session.dataset_shard is not None:
+        return streaming.streamed_data(cfg, manifest, session.dataset_shard, get_world_size())
+    whole = {name: ds.iterator() for name, ds in streaming.datasets(cfg, manifest).items()}
+    return streaming.streamed_data(cfg, manifest, whole.__getitem__, 1)
 
 
 def load_own_checkpoint(filesystem, path: str, experiment: str) -> Checkpoint:
@@ -144,7 +158,8 @@ def train_worker(loop_config: dict) -> None:
 
     run = ray.train.get_context().get_storage()
     run_recipe(cfg, loop_config["recipe"], WorkerSession(report, run.storage_filesystem, run.experiment_fs_path,
-                                                         ray.train.get_checkpoint(), ray.train.torch.get_device()))
+                                                         ray.train.get_checkpoint(), ray.train.torch.get_device(),
+                                                         ray.train.get_dataset_shard if loop_config["packed"] else None))
 
 
 def checkpoint_uploader(experiment: Location) -> Callable:
@@ -219,10 +234,13 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     set_aside_damaged_checkpoints(cfg)
     cfg = stage_hub_weights(cfg)
     root = root_location(cfg)
+    packed = streaming.is_packed(cfg)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "recipe": recipe, "extra_metrics": extra_metrics or {}},
+        train_loop_config={"config": cfg.to_dict(), "recipe": recipe, "extra_metrics": extra_metrics or {}, "packed": packed},
         scaling_config=train_scaling(cfg.scaling),
+        datasets=streaming.datasets(cfg, streaming.read_manifest(cfg)) if packed else None,
+        dataset_config=streaming.data_config() if packed else None,
         run_config=ray.train.RunConfig(
             name=cfg.experiment,
             storage_path=root.path,

@@ -20,6 +20,7 @@ from typing import Iterator
 
 from cluster import storage
 from cluster.storage import Location, cache
+from jobs.streaming import is_packed
 from tl_core import run_dir
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, with_overrides
@@ -100,7 +101,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 def localize(cfg: RunConfig) -> RunConfig:
     """`cfg` as this node reads it: s3:// data and weights replaced by their node-local cached copies."""
     overrides = []
-    if cfg.data.root.startswith("s3://"):
+    if cfg.data.root.startswith("s3://") and not is_packed(cfg):  # a packed dataset streams; it is never copied
         data = storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
         overrides.append(f"data.root={cache.sync_prefix(data, 'data.root')}")
     if cfg.model.weights and cfg.model.weights.startswith("s3://"):

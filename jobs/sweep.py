@@ -21,9 +21,10 @@ from cluster.storage import Location
 from jobs import ray_private
 from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args
-from jobs.preflight import check_run, worker_resources
+from jobs.preflight import check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
+from jobs.streaming import is_packed
 from jobs.sweep_config import SearchConfig, load_sweep
 from tl_core.config import RunConfig, from_dict, override, with_overrides
 
@@ -115,6 +116,11 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
     stage_hub_weights(cfg)
+    if is_packed(cfg) and cfg.scaling.max_workers == 1:
+        import ray
+
+        held = trial_resources(cfg).get("CPU", 0.0) * search.max_concurrent_trials
+        check_decode_room(cfg, min(held, ray.cluster_resources().get("CPU", 0.0)), ray.cluster_resources().get("CPU", 0.0))
     ray_private.keep_credentials_out_of_tune_runtime_env()
     root = root_location(cfg)
     fs = storage.filesystem(root) if root.is_s3 else None

@@ -128,3 +128,19 @@ def test_augmentation_is_a_function_of_the_epoch_seed_not_of_loader_workers(imag
     loaders = build_loaders(index, cfg(image_folder, loader_workers=2), batch_size=4, mean=IMAGENET_MEAN,
                             std=IMAGENET_STD, seed=0)
     assert loaders.train.persistent_workers and loaders.val.persistent_workers
+
+
+def test_the_index_is_built_once_per_dataset_version_and_read_back(image_folder, tmp_path, monkeypatch):
+    """Workers (and the driver before them) on one node decode and hash every image once per dataset version."""
+    import tl_core.data as data
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    first = index_image_folder(cfg(image_folder), seed=0)
+    monkeypatch.setattr(data, "image_digest", lambda _: pytest.fail("decoded again"))
+    assert index_image_folder(cfg(image_folder), seed=0) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    (image_folder / "class_0" / "000.png").write_bytes(b"junk")  # a new version of the dataset
+    again = index_image_folder(cfg(image_folder), seed=0)
+    assert len(again.unreadable) == 1 and len(again.train) + len(again.val) == len(first.train) + len(first.val) - 1
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2

@@ -7,7 +7,7 @@ implementation; text or batches streamed by a job (Ray Data) plug in here withou
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -26,6 +26,21 @@ class TaskData(Protocol):
 
     def summary(self) -> str:
         """One line for the log: sizes and what cleaning dropped."""
+
+
+class StreamedData:
+    """`TaskData` over batches a job streams in (Ray Data shards of a packed dataset): `train` and `val` are
+    iterables the job built, with `len()` batches; `on_epoch(epoch, seed)` reseeds the job's shuffle."""
+
+    def __init__(self, classes: list[str], train, val, on_epoch: Callable[[int, int], None], summary: str):
+        self.classes, self.train, self.val = classes, train, val
+        self._on_epoch, self._summary = on_epoch, summary
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        self._on_epoch(epoch, seed)
+
+    def summary(self) -> str:
+        return self._summary
 
 
 def move_to(inputs: Any, device: torch.device, memory_format: torch.memory_format = torch.preserve_format) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -16,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -70,7 +71,78 @@ def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
             raise DataError(f"data.root: val/ has class folders not in train/: {', '.join(extra)}")
         val_files = _list_files(root / "val", classes)
 
-    kept, unreadable, duplicates = _clean(train_files + val_files)
+    return _cached_index("folder", [path for path, _ in train_files + val_files], (cfg.val_fraction, seed), lambda: clean_and_split(
+        classes, train_files, val_files, _digest_files([path for path, _ in train_files + val_files]), cfg.val_fraction, seed))
+
+
+def node_cache_dir() -> Path:
+    """This node's cache of dataset copies and indexes: $TL_CACHE_DIR, default ~/.cache/tl-finetune."""
+    return Path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune").expanduser()
+
+
+def _cached_index(kind: str, paths: list[str], settings: tuple, build: Callable[[], DatasetIndex]) -> DatasetIndex:
+    """The index of a dataset version, built (every image decoded and hashed) once per node and read back after:
+    the version is every file's path, size, mtime and ctime with the split settings, so a changed file builds it again."""
+    listing = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+            listing.append([path, info.st_size, info.st_mtime_ns, info.st_ctime_ns])  # ctime: a chmod changes it too
+        except OSError:
+            listing.append([path, -1, -1, -1])
+    version = hashlib.sha256(json.dumps([kind, list(settings), listing]).encode()).hexdigest()
+    cached = node_cache_dir() / "index" / f"{version}.json"
+    try:
+        raw = json.loads(cached.read_text())
+        return DatasetIndex(raw["classes"], [tuple(s) for s in raw["train"]], [tuple(s) for s in raw["val"]], raw["unreadable"],
+                            raw["duplicates"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    index = build()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"classes": index.classes, "train": index.train, "val": index.val,
+                                   "unreadable": index.unreadable, "duplicates": index.duplicates}))
+        os.replace(tmp, cached)
+    except OSError as exc:  # a read-only cache costs time, never the run
+        logger.warning("data: cannot cache the dataset index in %s (%s)", cached.parent, exc)
+    return index
+
+
+def layout_from_paths(paths: list[str], where: str) -> tuple[list[str], list[Sample], list[Sample]]:
+    """(classes, train files, val files) of a listing of image files relative to a dataset's root (an S3 prefix,
+    where folders exist only through the files in them), laid out as `index_image_folder` reads a local folder."""
+    paths = sorted(p for p in paths if p.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in p.split("/")))
+    has_split = any(p.startswith("train/") for p in paths)
+
+    def under(prefix: str) -> dict[str, list[str]]:
+        by_class: dict[str, list[str]] = {}
+        for path in paths:
+            if path.startswith(prefix) and path.count("/") >= prefix.count("/") + 1:
+                by_class.setdefault(path[len(prefix):].split("/", 1)[0], []).append(path)
+        return by_class
+
+    train = under("train/" if has_split else "")
+    if has_split:
+        val = under("val/")
+    else:
+        train, val = {c: v for c, v in train.items() if c not in ("train", "val")}, {}
+    classes = sorted(train)
+    if len(classes) < 2:
+        raise DataError(f"data.root: found {len(classes)} class folder(s) in {where}{'/train' if has_split else ''}; need at least 2")
+    extra = sorted(set(val) - set(classes))
+    if extra:
+        raise DataError(f"data.root: val/ has class folders not in train/: {', '.join(extra)}")
+    return (classes, [(p, i) for i, c in enumerate(classes) for p in train[c]],
+            [(p, classes.index(c)) for c in sorted(val) for p in val[c]])
+
+
+def clean_and_split(classes: list[str], train_files: list[Sample], val_files: list[Sample], digests: list[str | None],
+                    val_fraction: float, seed: int) -> DatasetIndex:
+    """The index of an image folder, from its listing and each file's `image_digest` (train files first, then val/'s):
+    unreadable files skipped, exact duplicates dropped, every class checked, val/ or a stratified split."""
+    kept, unreadable, duplicates = drop_unreadable_and_duplicates(train_files + val_files, digests)
     train = [s for s in kept[: len(train_files)] if s is not None]
     val = [s for s in kept[len(train_files):] if s is not None]
 
@@ -79,9 +151,9 @@ def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
     if empty:
         raise DataError(f"data.root: class folder(s) with no readable images: {', '.join(empty)}")
     if not val_files:
-        train, val = stratified_split(train, cfg.val_fraction, seed)
+        train, val = stratified_split(train, val_fraction, seed)
     if not val:
-        raise DataError(f"data.root: too few images for a validation split (val_fraction={cfg.val_fraction})")
+        raise DataError(f"data.root: too few images for a validation split (val_fraction={val_fraction})")
     index = DatasetIndex(classes, train, val, unreadable, duplicates)
     if unreadable:
         logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
@@ -95,15 +167,19 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     if not root.is_dir():
         raise DataError(f"data.root: directory {cfg.root} does not exist")
     files = [(path, 0) for path in _image_files(root) if not os.path.basename(path).startswith(".")]
-    kept, unreadable, duplicates = _clean(files)
-    samples = [s for s in kept if s is not None]
-    if len(samples) < 4:
-        raise DataError(f"data.root: found {len(samples)} readable image(s) under {cfg.root}; need at least 4")
-    random.Random(seed).shuffle(samples)
-    n_val = min(max(round(len(samples) * cfg.val_fraction), 2), len(samples) - 2)
-    if unreadable:
-        logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
-    return DatasetIndex([], sorted(samples[n_val:]), sorted(samples[:n_val]), unreadable, duplicates)
+
+    def build() -> DatasetIndex:
+        kept, unreadable, duplicates = drop_unreadable_and_duplicates(files, _digest_files([path for path, _ in files]))
+        samples = [s for s in kept if s is not None]
+        if len(samples) < 4:
+            raise DataError(f"data.root: found {len(samples)} readable image(s) under {cfg.root}; need at least 4")
+        random.Random(seed).shuffle(samples)
+        n_val = min(max(round(len(samples) * cfg.val_fraction), 2), len(samples) - 2)
+        if unreadable:
+            logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
+        return DatasetIndex([], sorted(samples[n_val:]), sorted(samples[:n_val]), unreadable, duplicates)
+
+    return _cached_index("unlabelled", [path for path, _ in files], (cfg.val_fraction, seed), build)
 
 
 def _class_folders(directory: Path) -> list[str]:
@@ -134,22 +210,32 @@ def _image_files(directory: Path) -> list[str]:
             for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS)]
 
 
-def _clean(samples: list[Sample]) -> tuple[list[Sample | None], list[str], int]:
-    """Same order as `samples`, with None where a file is unreadable or repeats an earlier file."""
+def image_digest(data: bytes) -> str | None:
+    """The SHA-256 of an image file's bytes, or None when they do not decode in full (a truncated file fails here,
+    not in the middle of training)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:  # noqa: BLE001 - any decoder failure means "unreadable"
+        return None
+    return hashlib.sha256(data).hexdigest()
 
-    def inspect(path: str) -> str | None:
+
+def _digest_files(paths: list[str]) -> list[str | None]:
+    def digest(path: str) -> str | None:
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device named like an image would block a read
                 return None
-            data = Path(path).read_bytes()
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()  # a full decode: truncated files fail here, not in the middle of training
-        except Exception:  # noqa: BLE001 - any decoder failure means "unreadable"
+            return image_digest(Path(path).read_bytes())
+        except OSError:
             return None
-        return hashlib.sha256(data).hexdigest()
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
-        digests = list(pool.map(inspect, [path for path, _ in samples]))
+        return list(pool.map(digest, paths))
+
+
+def drop_unreadable_and_duplicates(samples: list[Sample], digests: list[str | None]) -> tuple[list[Sample | None], list[str], int]:
+    """Same order as `samples`, with None where a file is unreadable (no digest) or repeats an earlier file."""
     seen: set[str] = set()
     kept: list[Sample | None] = []
     unreadable: list[str] = []
@@ -279,15 +365,23 @@ class ImageData(IndexedData):
         self.train_sampler.augment_seed = seed
 
 
+def image_transforms(cfg: RunConfig) -> tuple[v2.Compose, v2.Compose]:
+    """(train, val) transforms of a run: its image size and augmentation, normalised with the backbone's statistics."""
+    from tl_core.models import normalization
+
+    mean, std = normalization(cfg.model.backbone)
+    data = cfg.data
+    return (build_transforms(data.image_size, mean, std, train=True, augment=data.augment, hflip=data.hflip),
+            build_transforms(data.image_size, mean, std, train=False, augment=False, hflip=False))
+
+
 def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> ImageData:
     """The labelled image folder at `cfg.data.root`, indexed and cleaned, as this rank's loaders, normalised with
     the backbone's own statistics."""
-    from tl_core.models import normalization
-
     index = index_image_folder(cfg.data, seed=cfg.train.seed)
-    mean, std = normalization(cfg.model.backbone)
-    return build_loaders(index, cfg.data, batch_size=cfg.train.batch_size, mean=mean, std=std, seed=cfg.train.seed,
-                         rank=rank, world_size=world_size, pin_memory=pin_memory)
+    train_transform, val_transform = image_transforms(cfg)
+    return loaders_for(index, cfg.data, train_transform, val_transform, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                       rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
 def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean, std, seed: int,

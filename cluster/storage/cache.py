@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from filelock import FileLock
 
 from cluster import storage
 from cluster.storage import Location
+from tl_core.data import node_cache_dir
 from tl_core.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ MANIFEST = ".tl-manifest.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune").expanduser()
+    return node_cache_dir()
 
 
 def local_path(location: Location) -> Path:

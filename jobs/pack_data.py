@@ -1,0 +1,289 @@
+"""Pack an image folder once into Parquet shards that every run streams: `python -m jobs.pack_data SOURCE DEST`.
+
+    python -m jobs.pack_data s3://bucket/raw/flowers s3://bucket/packed/flowers [--val-fraction 0.2] [--seed 0]
+                             [--shard-mb 256]
+
+SOURCE is an image folder (local or s3://) laid out as `data.root` is: train/ (+ val/) of class folders, or class
+folders. The cleaning a run would do (unreadable files skipped and counted, exact duplicates dropped by content
+hash, class names, a stratified seeded split when there is no val/) happens here, once, as Ray tasks across the
+cluster:
+
+1. stage: the listing, shuffled with the seed (so every shard mixes the classes), is cut into groups of about
+   --shard-mb; one task per group reads its files once (from S3 or disk), checks that each decodes, hashes it and
+   writes the group to DEST/_staging/<version>/;
+2. the driver drops duplicates and splits, from the hashes alone (`tl_core.data.clean_and_split`);
+3. write: one task per group keeps its rows that survived and writes DEST/<version>/train-NNNNN.parquet and
+   val-NNNNN.parquet; then DEST/manifest.json, last (`tl_core.packed.Manifest`).
+
+The version is the fingerprint of the source listing (every file's path, size and ETag or mtime) and the split
+settings: re-running on an unchanged source does nothing; a changed one is packed again as a new version. A run
+cut short resumes: staged groups and written shards that exist are kept, nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+
+from cluster import storage
+from cluster.storage import Location
+from jobs.cli import guarded
+from tl_core.data import clean_and_split, image_digest, layout_from_paths
+from tl_core.errors import DataError
+from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, Manifest
+
+log = logging.getLogger("jobs")
+
+STAGING = "_staging"
+READ_THREADS = 16  # concurrent reads per task: S3 objects are small and latency-bound
+ROW_GROUP_ROWS = 256  # rows per Parquet row group: the unit a reader (and a Ray Data block) takes at a time
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # relative to SOURCE, with "/"
+    size: int
+    stamp: str  # ETag (S3) or mtime in ns (local): what tells a changed file
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="image folder to pack: local path or s3://bucket/prefix")
+    parser.add_argument("dest", help="where the packed dataset goes: local path or s3://bucket/prefix")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share when SOURCE has no val/ (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the shuffle into shards")
+    parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.val_fraction < 1.0:
+        raise DataError(f"--val-fraction: {args.val_fraction} is not between 0 and 1")
+    if args.shard_mb <= 0:
+        raise DataError(f"--shard-mb: {args.shard_mb} must be positive")
+    source = storage.parse(args.source, field="SOURCE")
+    dest = storage.parse(args.dest, field="DEST")
+    manifest = pack(source, dest, args.val_fraction, args.seed, int(args.shard_mb * 2**20))
+    print(f"{dest.uri}: {manifest.summary()}")
+    return 0
+
+
+def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard_bytes: int) -> Manifest:
+    files = list_source(source)
+    classes, train_files, val_files = layout_from_paths([f.path for f in files], source.uri)
+    version = fingerprint(files, val_fraction, seed)
+    existing = read_manifest(dest)
+    if existing is not None and existing.fingerprint == version:
+        log.info("pack: %s is up to date with %s (version %s)", dest.uri, source.uri, version[:12])
+        return existing
+    check_dest(dest, source)
+
+    import ray
+
+    from jobs.runner import connect_ray
+
+    connect_ray()
+    sizes = {f.path: f.size for f in files}
+    given = {path: "train" for path, _ in train_files} | {path: "val" for path, _ in val_files}
+    samples = train_files + val_files
+    order = samples[:]
+    random.Random(seed).shuffle(order)
+    groups = cut(order, sizes, shard_bytes)
+    staging = dest.child(STAGING, version[:12])
+    stage_task = ray.remote(num_cpus=1)(stage_group)
+    futures = {stage_task.remote(source, staging, i, group, [given[p] for p, _ in group]): len(group) for i, group in enumerate(groups)}
+    digests: dict[str, str | None] = {}
+    try:
+        for result in progress(futures, len(samples), "read and checked"):
+            digests.update(result)
+        index = clean_and_split(classes, train_files, val_files, [digests[p] for p, _ in samples], val_fraction, seed)
+    except DataError:
+        storage.delete(dest.child(STAGING))  # ours, and a mistake in the data writes nothing
+        raise
+    keep = {path: split for split, rows in (("train", index.train), ("val", index.val)) for path, _ in rows}
+    write_task = ray.remote(num_cpus=1)(write_group)
+    keep_ref = ray.put(keep)  # one copy in the object store, not one per task
+    written = ray.get([write_task.remote(staging, dest, version[:12], i, keep_ref) for i in range(len(groups))])
+    shards = {split: [s for group in written for s in group if s["split"] == split] for split in SPLITS}
+    for shard in (s for split in shards.values() for s in split):
+        del shard["split"]
+    per_class = {split: {c: 0 for c in classes} for split in SPLITS}
+    for split, rows in (("train", index.train), ("val", index.val)):
+        for _, label in rows:
+            per_class[split][classes[label]] += 1
+    manifest = Manifest(classes=classes, shards=shards, source=source.uri, fingerprint=version, val_fraction=val_fraction,
+                        seed=seed, counts={"train": len(index.train), "val": len(index.val), "unreadable": len(index.unreadable),
+                                           "duplicates": index.duplicates},
+                        per_class=per_class, unreadable=index.unreadable[:100])
+    storage.write_text(dest.child(MANIFEST_FILE), manifest.to_json())
+    storage.delete(dest.child(STAGING))
+    if existing is not None:
+        log.info("pack: the shards of the earlier version %s stay under %s/%s until no run reads them",
+                 existing.fingerprint[:12], dest.uri, existing.fingerprint[:12])
+    return manifest
+
+
+# ---------------------------------------------------------------- listing
+
+def list_source(source: Location) -> list[SourceFile]:
+    if source.is_s3:
+        found = [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in storage.list_objects(source, "SOURCE")]
+    else:
+        from tl_core.data import _image_files
+
+        root = Path(source.path)
+        if not root.is_dir():
+            raise DataError(f"SOURCE: directory {source.uri} does not exist")
+        found = []
+        for path in _image_files(root):
+            info = os.stat(path)
+            found.append(SourceFile(Path(path).relative_to(root).as_posix(), info.st_size, str(info.st_mtime_ns)))
+    if not found:
+        raise DataError(f"SOURCE: {source.uri} holds no files")
+    return found
+
+
+def fingerprint(files: list[SourceFile], val_fraction: float, seed: int) -> str:
+    listing = json.dumps([[f.path, f.size, f.stamp] for f in sorted(files, key=lambda f: f.path)] + [val_fraction, seed])
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def read_manifest(dest: Location) -> Manifest | None:
+    location = dest.child(MANIFEST_FILE)
+    if not storage.exists(location, "DEST"):
+        return None
+    return Manifest.from_json(storage.read_text(location, "DEST"), location.uri)
+
+
+def check_dest(dest: Location, source: Location) -> None:
+    """DEST must be new, empty, or a packed dataset (complete or cut short), and not inside SOURCE."""
+    if dest.is_s3 == source.is_s3 and (dest.path + "/").startswith(source.path.rstrip("/") + "/"):
+        raise DataError(f"DEST: {dest.uri} is inside SOURCE {source.uri}; pack somewhere else")
+    if not dest.is_s3 and Path(dest.path).exists() and not Path(dest.path).is_dir():
+        raise DataError(f"DEST: {dest.uri} is a file")
+    if storage.exists(dest, "DEST") and not storage.exists(dest.child(MANIFEST_FILE), "DEST") and not storage.exists(
+            dest.child(STAGING), "DEST"):
+        raise DataError(f"DEST: {dest.uri} holds files and no packed dataset; give a new or empty location")
+
+
+def cut(order: list[tuple[str, int]], sizes: dict[str, int], shard_bytes: int) -> list[list[tuple[str, int]]]:
+    """`order` in consecutive groups of about `shard_bytes` (at least one file each)."""
+    groups, group, total = [], [], 0
+    for sample in order:
+        if group and total + sizes[sample[0]] > shard_bytes:
+            groups.append(group)
+            group, total = [], 0
+        group.append(sample)
+        total += sizes[sample[0]]
+    return groups + [group] if group else groups
+
+
+def progress(futures: dict, total: int, verb: str):
+    """Each finished task's result as it lands, with a progress line: images done, images/s, time left."""
+    import ray
+
+    started, done, last = time.monotonic(), 0, 0.0
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done += futures[ready[0]]
+        yield ray.get(ready[0])
+        elapsed = time.monotonic() - started
+        if time.monotonic() - last > 5 or not pending:
+            rate = done / max(elapsed, 1e-9)
+            log.info("pack: %d/%d images %s (%.0f images/s, %s left)", done, total, verb, rate,
+                     _duration((total - done) / rate if rate else 0))
+            last = time.monotonic()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# ---------------------------------------------------------------- tasks
+
+def stage_group(source: Location, staging: Location, i: int, group: list[tuple[str, int]], given: list[str]) -> dict[str, str | None]:
+    """Read, check and hash one group of source files and stage them as one Parquet file; path -> digest (None when
+    the file does not decode). A group staged before (a pack cut short) is read back, not read from SOURCE again."""
+    target = staging.child(f"group-{i:05d}.parquet")
+    filesystem = storage.filesystem(staging)
+    if storage.exists(target, "DEST"):
+        table = pq.read_table(target.path, columns=["path", "sha256"], filesystem=filesystem)
+        return dict(zip(table.column("path").to_pylist(), table.column("sha256").to_pylist(), strict=True))
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = storage.s3_client(source) if source.is_s3 else None
+
+    def read(path: str) -> bytes | None:
+        try:
+            if client is not None:
+                return client.get_object(Bucket=source.bucket, Key=f"{source.key}/{path}".lstrip("/"))["Body"].read()
+            return (Path(source.path) / path).read_bytes()
+        except Exception:  # noqa: BLE001 - a file that cannot be read is unreadable, like one that does not decode
+            return None
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        contents = list(pool.map(read, [p for p, _ in group]))
+    digests = [image_digest(data) if data is not None else None for data in contents]
+    table = pa.table({"image": [d if h else None for d, h in zip(contents, digests, strict=True)],
+                      "label": [label for _, label in group], "path": [p for p, _ in group],
+                      "sha256": digests, "given": given},
+                     schema=SCHEMA.append(pa.field("sha256", pa.string())).append(pa.field("given", pa.string())))
+    write_parquet(table, target)
+    return {p: h for (p, _), h in zip(group, digests, strict=True)}
+
+
+def write_group(staging: Location, dest: Location, version: str, i: int, keep: dict[str, str]) -> list[dict]:
+    """The rows of staged group `i` that `keep` names, as train-NNNNN.parquet and val-NNNNN.parquet under
+    DEST/<version>/; their shard records ({"split", "path", "rows", "bytes"}). A shard written before is kept."""
+    filesystem = storage.filesystem(dest)
+    staged = None
+    shards = []
+    for split in SPLITS:
+        name = f"{version}/{split}-{i:05d}.parquet"
+        target = dest.child(name)
+        if storage.exists(target, "DEST"):
+            rows = pq.read_metadata(target.path, filesystem=filesystem).num_rows
+        else:
+            if staged is None:
+                staged = pq.read_table(staging.child(f"group-{i:05d}.parquet").path, filesystem=filesystem)
+            mask = [keep.get(p) == split for p in staged.column("path").to_pylist()]
+            table = staged.filter(pa.array(mask)).select(SCHEMA.names).cast(SCHEMA)
+            rows = table.num_rows
+            if rows == 0:
+                continue
+            write_parquet(table, target)
+        if rows:
+            shards.append({"split": split, "path": name, "rows": rows, "bytes": filesystem.get_file_info(target.path).size})
+    return shards
+
+
+def write_parquet(table: pa.Table, target: Location) -> None:
+    """Whole or not at all: locally under a temporary name renamed into place; on S3 one upload, atomic by itself."""
+    filesystem = storage.filesystem(target)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression="none")  # encoded images do not compress
+    if target.is_s3:
+        with filesystem.open_output_stream(target.path) as f:
+            f.write(buffer.getvalue())
+        return
+    Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{target.path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, target.path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

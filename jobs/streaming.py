@@ -1,0 +1,118 @@
+"""A packed dataset (jobs.pack_data) streamed to training with Ray Data, instead of copied to every node.
+
+`data.root: DEST` holding manifest.json is read shard by shard with `ray.data.read_parquet`; its images are decoded
+and transformed in `map_batches` tasks on the cluster's CPUs (any node's, CPU-only nodes included), and each
+Ray Train worker iterates its split of the stream (`get_dataset_shard`) with `iter_torch_batches`. The core sees a
+`tl_core.batches.StreamedData`: it never imports Ray.
+
+Epochs: every rank gets the same number of training rows (Ray's equal split; with N workers at most N-1 rows sit
+out an epoch, other ones each epoch because the order is shuffled), shuffled from the run's seed and the epoch
+(shards were shuffled at pack time; a local shuffle buffer mixes rows across blocks); validation is split
+without dropping anything, so every validation image is evaluated exactly once across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+from cluster import storage
+from cluster.storage import Location
+from tl_core.batches import StreamedData
+from tl_core.config import RunConfig
+from tl_core.errors import DataError
+from tl_core.packed import MANIFEST_FILE, Manifest, decode_batch
+
+log = logging.getLogger("jobs")
+
+DECODE_BATCH = 32  # images per map_batches call
+SHUFFLE_BUFFER_BATCHES = 8  # the local shuffle buffer holds this many training batches
+
+
+def data_location(cfg: RunConfig) -> Location:
+    return storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
+
+
+def is_packed(cfg: RunConfig) -> bool:
+    """Whether `data.root` is a packed dataset (its manifest.json is there)."""
+    return storage.exists(data_location(cfg).child(MANIFEST_FILE), "data.root")
+
+
+def read_manifest(cfg: RunConfig) -> Manifest:
+    """The manifest of the packed dataset at `data.root`, its shards checked present; DataError naming what is wrong."""
+    location = data_location(cfg)
+    manifest = Manifest.from_json(storage.read_text(location.child(MANIFEST_FILE), "data.root"), location.child(MANIFEST_FILE).uri)
+    for shard in (s for split in manifest.shards.values() for s in split):
+        if not storage.exists(location.child(shard["path"]), "data.root"):
+            raise DataError(f"data.root: {location.uri}'s manifest names shard {shard['path']}, which is gone; pack it again "
+                            "with python -m jobs.pack_data")
+    return manifest
+
+
+def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
+    """{"train", "val"}: Ray Datasets of decoded, transformed images, read lazily from the shards."""
+    import ray.data
+
+    from tl_core.data import image_transforms
+
+    location = data_location(cfg)
+    filesystem = storage.filesystem(location)
+    transforms = dict(zip(("train", "val"), image_transforms(cfg), strict=True))
+
+    def stream(split: str):
+        paths = [location.child(shard["path"]).path for shard in manifest.shards[split]]
+        return (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image", "label", "path"])
+                .map_batches(decode_batch, fn_kwargs={"transform": transforms[split]}, batch_size=DECODE_BATCH,
+                             batch_format="numpy", num_cpus=cfg.data.decode_cpus))
+
+    return {split: stream(split) for split in ("train", "val")}
+
+
+def data_config():
+    """Ray Train's DataConfig for a packed dataset: an equal split of "train" (DDP ranks step in lockstep), and a
+    split of "val" that drops nothing."""
+    from ray.train import DataConfig
+
+    class EveryValidationRowOnce(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=name == "train")):
+                    output[i][name] = split
+            return output
+
+    return EveryValidationRowOnce()
+
+
+class StreamedBatches:
+    """(images, labels) batches of one rank's split of a stream, `len()` of them per epoch."""
+
+    def __init__(self, iterator, batch_size: int, rows: int, shuffle: bool):
+        self.iterator, self.batch_size, self.rows, self.shuffle = iterator, batch_size, rows, shuffle
+        self.drop_last = rows % batch_size == 1 and rows > 1 and shuffle  # a training batch of one breaks BatchNorm
+        self.seed = 0
+
+    def __len__(self) -> int:
+        return self.rows // self.batch_size if self.drop_last else math.ceil(self.rows / self.batch_size)
+
+    def __iter__(self):
+        buffer = self.batch_size * SHUFFLE_BUFFER_BATCHES if self.shuffle else None
+        for batch in self.iterator.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last,
+                                                      local_shuffle_buffer_size=buffer,
+                                                      local_shuffle_seed=self.seed if self.shuffle else None):
+            yield batch["image"], batch["label"]
+
+
+def streamed_data(cfg: RunConfig, manifest: Manifest, shard: Callable[[str], object], world_size: int) -> StreamedData:
+    """This rank's `TaskData` over the stream; `shard(name)` is its DataIterator of "train" or "val"."""
+    train = StreamedBatches(shard("train"), cfg.train.batch_size, manifest.rows("train") // world_size, shuffle=True)
+    val_rows = math.ceil(manifest.rows("val") / world_size)  # an upper bound: the split is unequal, nothing dropped
+    val = StreamedBatches(shard("val"), max(2 * cfg.train.batch_size, 32), val_rows, shuffle=False)
+
+    def on_epoch(epoch: int, seed: int) -> None:
+        train.seed = (cfg.train.seed * 1_000_003 + epoch) % 2**32
+
+    return StreamedData(manifest.classes, train, val, on_epoch, f"streamed from {cfg.data.root}: {manifest.summary()}")

@@ -1,0 +1,219 @@
+"""jobs.pack_data: an image folder cleaned, split and packed once into Parquet shards, locally and on S3."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import make_image_folder
+from test_hostile import one_line_exit_2
+
+from cluster import storage
+from jobs import pack_data
+from tl_core.data import DataConfig, index_image_folder
+from tl_core.packed import MANIFEST_FILE, Manifest
+
+
+def shard_rows(dest, manifest, split):
+    rows = []
+    for shard in manifest.shards[split]:
+        table = pq.read_table(f"{dest}/{shard['path']}")
+        assert table.num_rows == shard["rows"]
+        rows += list(zip(table.column("path").to_pylist(), table.column("label").to_pylist(), table.column("image").to_pylist(),
+                         strict=True))
+    return rows
+
+
+def dirty_folder(root, layout="flat"):
+    """3 classes x 12 images, plus a file that does not decode and an exact duplicate."""
+    data = make_image_folder(root, n_classes=3, per_class=12, size=16, layout=layout)
+    first = sorted((data / "train" if layout == "split" else data).glob("class_0/*.png"))[0]
+    (first.parent / "broken.png").write_bytes(first.read_bytes()[:40])
+    shutil.copy(first, first.parent / "copy.png")
+    return data
+
+
+@pytest.mark.integration
+def test_pack_cleans_and_splits_once_like_a_run_would_and_does_nothing_twice(ray_cluster, tmp_path, capsys):
+    data = dirty_folder(tmp_path / "data")
+    dest = tmp_path / "packed"
+    argv = [str(data), str(dest), "--val-fraction", "0.25", "--seed", "3", "--shard-mb", "0.004"]  # a few images a shard
+    assert pack_data.main(argv) == 0
+    manifest = Manifest.from_json((dest / MANIFEST_FILE).read_text(), "test")
+    index = index_image_folder(DataConfig(root=str(data), val_fraction=0.25), seed=3)  # what a run indexes
+    assert manifest.classes == index.classes
+    assert manifest.counts == {"train": len(index.train), "val": len(index.val), "unreadable": 1, "duplicates": 1}
+    train, val = shard_rows(dest, manifest, "train"), shard_rows(dest, manifest, "val")
+    assert len(manifest.shards["train"]) > 3  # cut by --shard-mb
+    def relative(samples):
+        return sorted((Path(p).relative_to(data).as_posix(), label) for p, label in samples)
+
+    assert sorted((p, label) for p, label, _ in train) == relative(index.train)
+    assert sorted((p, label) for p, label, _ in val) == relative(index.val)
+    assert all(image == (data / p).read_bytes() for p, _, image in train + val)  # the encoded bytes as they were
+    biggest = max(manifest.shards["train"], key=lambda s: s["rows"])
+    assert len(set(pq.read_table(dest / biggest["path"]).column("label").to_pylist())) > 1  # shuffled: shards mix classes
+    assert not (dest / "_staging").exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in dest.rglob("*.parquet")}
+    assert pack_data.main(argv) == 0  # unchanged source: nothing is written again
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*.parquet")} == stamps
+    assert "up to date" in capsys.readouterr().err
+
+    # Cut short after the shards of the first group: the rerun writes the rest, and never a shard twice.
+    (dest / MANIFEST_FILE).unlink()
+    lost = dest / manifest.shards["train"][-1]["path"]
+    lost.unlink()
+    assert pack_data.main(argv) == 0
+    assert lost.exists() and {p: p.stat().st_mtime_ns for p in stamps if p != lost} == {p: s for p, s in stamps.items() if p != lost}
+
+    # A changed source is a new version.
+    (data / "class_1" / "new.png").write_bytes((data / "class_1" / "000.png").read_bytes()[:-1] + b"\x00")
+    assert pack_data.main(argv) == 0
+    again = Manifest.from_json((dest / MANIFEST_FILE).read_text(), "test")
+    assert again.fingerprint != manifest.fingerprint and again.counts["train"] + again.counts["val"] >= len(train) + len(val)
+
+
+@pytest.mark.integration
+def test_pack_from_s3_to_s3_keeps_val_and_reads_back_with_pyarrow(ray_cluster, s3, tmp_path):
+    data = dirty_folder(tmp_path / "data", layout="split")
+    storage.upload_dir(data, storage.parse("s3://tl-test/raw/split"))
+    assert pack_data.main(["s3://tl-test/raw/split", "s3://tl-test/packed/split"]) == 0
+    body = s3.client().get_object(Bucket="tl-test", Key="packed/split/manifest.json")["Body"].read().decode()
+    manifest = Manifest.from_json(body, "s3")
+    assert manifest.source == "s3://tl-test/raw/split" and manifest.counts["val"] == 9  # val/ kept as given
+    assert manifest.counts["train"] == 36 - 9 and manifest.counts["unreadable"] == 1 and manifest.counts["duplicates"] == 1
+    filesystem = storage.filesystem(storage.parse("s3://tl-test/packed/split"))
+    rows = sum(pq.read_metadata(f"tl-test/packed/split/{s['path']}", filesystem=filesystem).num_rows
+               for split in manifest.shards.values() for s in split)
+    assert rows == 36
+    assert not [o for o in storage.list_objects(storage.parse("s3://tl-test/packed/split")) if o["Key"].startswith("_staging")]
+
+
+@pytest.mark.integration
+def test_a_class_with_no_readable_image_is_one_line_and_leaves_nothing(ray_cluster, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=4)
+    for path in (data / "class_1").iterdir():
+        path.write_bytes(b"junk")
+    one_line_exit_2(pack_data.main, [str(data), str(tmp_path / "runs" / "packed")], capsys, tmp_path,
+                    "no readable images: class_1")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "SOURCE: directory"),
+    ("empty", "holds no files"),
+    ("one_class", "found 1 class folder(s)"),
+    ("dest_inside", "is inside SOURCE"),
+    ("dest_not_packed", "holds files and no packed dataset"),
+    ("bad_manifest", "is not a packed dataset's manifest"),
+    ("val_fraction", "--val-fraction: 1.5 is not between 0 and 1"),
+])
+def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
+    source, dest = tmp_path / "data", tmp_path / "runs" / "packed"
+    extra = []
+    if case == "empty":
+        source.mkdir()
+    elif case == "one_class":
+        make_image_folder(source, n_classes=1, per_class=3)
+    elif case != "missing":
+        make_image_folder(source, n_classes=2, per_class=3)
+    if case == "dest_inside":
+        dest = source / "packed"
+    if case in ("dest_not_packed", "bad_manifest"):
+        dest.mkdir(parents=True)
+        (dest / ("notes.txt" if case == "dest_not_packed" else MANIFEST_FILE)).write_text(json.dumps({"format": "other"}))
+    if case == "val_fraction":
+        extra = ["--val-fraction", "1.5"]
+    written = ["packed"] if case in ("dest_not_packed", "bad_manifest") else []
+    one_line_exit_2(pack_data.main, [str(source), str(dest), *extra], capsys, tmp_path, message, written=written)
+    if written:
+        assert len(list(dest.iterdir())) == 1
+
+
+# ---------------------------------------------------------------- streaming a packed dataset to training
+
+def test_a_row_that_does_not_decode_is_dropped_not_fatal():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tl_core.data import build_transforms
+    from tl_core.packed import decode_batch
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(buffer, format="JPEG")
+    batch = {"image": np.array([buffer.getvalue(), b"not an image", buffer.getvalue()], dtype=object),
+             "label": np.array([0, 1, 2]), "path": np.array(["a.jpg", "b.jpg", "c.jpg"], dtype=object)}
+    out = decode_batch(batch, build_transforms(16, [0.5] * 3, [0.5] * 3, train=False, augment=False, hflip=False))
+    assert out["image"].shape == (2, 3, 16, 16) and out["label"].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_shard", "names shard"),
+    ("simclr", "is a packed image dataset, which supervised image runs stream"),
+])
+def test_a_packed_dataset_that_cannot_stream_is_one_line_exit_2(case, message, tmp_path, capsys):
+    from helpers import write_config
+
+    from jobs import finetune, pretrain
+
+    dest = tmp_path / "packed"
+    (dest / "v1").mkdir(parents=True)
+    pq.write_table(pa.table({"image": [b"x"], "label": [0], "path": ["a/1.png"]}), dest / "v1" / "train-00000.parquet")
+    manifest = Manifest(classes=["a", "b"], shards={"train": [{"path": "v1/train-00000.parquet", "rows": 1, "bytes": 1}],
+                                                    "val": [{"path": "v1/val-00000.parquet", "rows": 1, "bytes": 1}]},
+                        source="x", fingerprint="f", val_fraction=0.2, seed=0)
+    if case != "missing_shard":
+        pq.write_table(pa.table({"image": [b"x"], "label": [1], "path": ["b/1.png"]}), dest / "v1" / "val-00000.parquet")
+    (dest / MANIFEST_FILE).write_text(manifest.to_json())
+    config = write_config(tmp_path, dest, **({"pretrain": {"method": "simclr"}} if case == "simclr" else {}))
+    one_line_exit_2((pretrain if case == "simclr" else finetune).main, ["--config", str(config)], capsys, tmp_path, message)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_packed_dataset_on_s3_streams_to_two_ddp_workers_and_survives_a_killed_worker(ray_cluster, s3, tmp_path):
+    """Packed once from S3 to S3, then streamed with Ray Data to 2 DDP workers (decoded in map_batches tasks beside
+    them), never copied to the node cache; a worker killed after the first checkpoint is replaced and the run goes
+    on from it; every validation image is evaluated exactly once per epoch across the ranks."""
+    import signal
+    import threading
+
+    from helpers import write_config
+    from test_s3_jobs import last_modified, train_workers, wait_for_object
+
+    from cluster.storage import cache
+    from jobs import finetune
+    from tl_core.checkpoint import META_FILE
+
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=16, size=16)
+    storage.upload_dir(data, storage.parse("s3://tl-test/raw/stream"))
+    assert pack_data.main(["s3://tl-test/raw/stream", "s3://tl-test/packed/stream", "--shard-mb", "0.01"]) == 0
+    manifest = Manifest.from_json(s3.client().get_object(Bucket="tl-test", Key="packed/stream/manifest.json")["Body"].read(), "s3")
+    config = write_config(tmp_path, "s3://tl-test/packed/stream", experiment="streamed", train={"epochs": 4, "batch_size": 8},
+                          data={"decode_cpus": 0.5, "image_size": 16}, storage={"root": "s3://tl-test/runs"}, checkpoint={"keep": None},
+                          scaling={"num_workers": 2, "max_failures": 1, "resources_per_worker": {"CPU": 0.5}})
+    first = f"runs/streamed/checkpoint_epoch_0001/{META_FILE}"
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        wait_for_object(s3, first)
+        killed.append(last_modified(s3, first))
+        victim = train_workers()[0]
+        victim.send_signal(signal.SIGKILL)
+        killed.append(victim.pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    assert finetune.main(["--config", str(config)]) == 0
+    killer.join(5)
+    assert len(killed) == 2 and last_modified(s3, first) == killed[0]
+    result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/streamed/result.json")["Body"].read())
+    assert result["epochs_completed"] == 4 and result["classes"] == manifest.classes
+    assert result["final_metrics"]["val/acc"] >= 0.6
+    meta = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/streamed/checkpoint_epoch_0004/meta.json")["Body"].read())
+    assert sum(map(sum, meta["confusion_matrix"])) == manifest.rows("val")  # every validation image once
+    assert not cache.local_path(storage.parse("s3://tl-test/packed/stream")).exists()  # streamed, never copied
