@@ -47,6 +47,21 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     return wrapper
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (not the stream it was when the handler was made)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(in_worker: bool = False) -> None:
     """Our own progress lines at INFO on stderr.
 
@@ -56,7 +71,7 @@ def setup_logging(in_worker: bool = False) -> None:
     for name in ("tl_core", "jobs"):
         log = logging.getLogger(name)
         if not log.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)

@@ -87,7 +87,8 @@ def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard
     if existing is not None and existing.fingerprint == version:
         log.info("pack: %s is up to date with %s (version %s)", dest.uri, source.uri, version[:12])
         return existing
-    check_dest(dest, source)
+    check_dest(dest, source, version[:12])
+    created = not storage.exists(dest, "DEST")
 
     import ray
 
@@ -108,8 +109,8 @@ def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard
         for result in progress(futures, len(samples), "read and checked"):
             digests.update(result)
         index = clean_and_split(classes, train_files, val_files, [digests[p] for p, _ in samples], val_fraction, seed)
-    except DataError:
-        storage.delete(dest.child(STAGING))  # ours, and a mistake in the data writes nothing
+    except DataError:  # a mistake in the data leaves nothing behind
+        storage.delete(dest if created else dest.child(STAGING))
         raise
     keep = {path: split for split, rows in (("train", index.train), ("val", index.val)) for path, _ in rows}
     write_task = ray.remote(num_cpus=1)(write_group)
@@ -166,14 +167,14 @@ def read_manifest(dest: Location) -> Manifest | None:
     return Manifest.from_json(storage.read_text(location, "DEST"), location.uri)
 
 
-def check_dest(dest: Location, source: Location) -> None:
-    """DEST must be new, empty, or a packed dataset (complete or cut short), and not inside SOURCE."""
+def check_dest(dest: Location, source: Location, version: str) -> None:
+    """DEST must be new, empty, or a packed dataset (complete, or this version cut short), and not inside SOURCE."""
     if dest.is_s3 == source.is_s3 and (dest.path + "/").startswith(source.path.rstrip("/") + "/"):
         raise DataError(f"DEST: {dest.uri} is inside SOURCE {source.uri}; pack somewhere else")
     if not dest.is_s3 and Path(dest.path).exists() and not Path(dest.path).is_dir():
         raise DataError(f"DEST: {dest.uri} is a file")
-    if storage.exists(dest, "DEST") and not storage.exists(dest.child(MANIFEST_FILE), "DEST") and not storage.exists(
-            dest.child(STAGING), "DEST"):
+    ours = (MANIFEST_FILE, STAGING, version)
+    if storage.exists(dest, "DEST") and not any(storage.exists(dest.child(name), "DEST") for name in ours):
         raise DataError(f"DEST: {dest.uri} holds files and no packed dataset; give a new or empty location")
 
 

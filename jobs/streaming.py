@@ -56,6 +56,8 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
 
     from tl_core.data import image_transforms
 
+    context = ray.data.DataContext.get_current()  # each dataset keeps a copy: its split coordinator prints nothing
+    context.enable_progress_bars = context.enable_operator_progress_bars = context.print_on_execution_start = False
     location = data_location(cfg)
     filesystem = storage.filesystem(location)
     transforms = dict(zip(("train", "val"), image_transforms(cfg), strict=True))
