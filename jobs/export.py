@@ -1,0 +1,192 @@
+"""Export a run's best model for a runtime that is not this training code.
+
+    python -m jobs.export RUN --format safetensors|torchscript|onnx --out PATH
+
+RUN is a finished run (its result.json names the best checkpoint) or a checkpoint directory, local or s3://. PATH
+(local or s3://) receives the model, and PATH.json (e.g. model.onnx.json) how to feed it:
+
+- images: {"input": {"layout": "NCHW", "size", "resize", "center_crop", "mean", "std", "dtype"}, "classes", ...}: an
+  RGB image resized (shorter side) to `size`, centre-cropped to `size`, scaled to [0, 1], normalised with mean/std;
+  the output is one logit per class. ONNX and TorchScript take a batch of any size.
+- text: {"input": {"tokenizer": files beside PATH in PATH.tokenizer/, "max_length", "pooling"}, "classes", ...}; the
+  model takes input_ids and attention_mask (int64, batch x tokens).
+
+safetensors holds the state dict (load it into `tl_core.models.build_model(...)`); torchscript is traced; onnx is
+written by torch.onnx's TorchScript-based exporter (opset 17) and checked with onnxruntime before it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cluster import storage
+from jobs.cli import guarded
+from tl_core.checkpoint import load_model_state
+from tl_core.config import from_dict
+from tl_core.errors import ConfigError
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+ONNX_OPSET = 17
+TOLERANCE = 1e-4
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a finished run or a checkpoint directory, local or s3://")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="where the model goes, local or s3://; its description goes to OUT.json")
+    args = parser.parse_args(argv)
+    out = storage.parse(args.out, field="--out")
+    checkpoint = local_checkpoint(args.run)
+    model, description = load_model(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="tl-export-") as tmp:
+        written = export(model, description, args.format, Path(tmp) / "model")
+        publish(written, out)
+    print(f"{out.uri}: {args.format} of {description['source']['checkpoint']} "
+          f"({description['source']['metrics'].get('val/acc', float('nan')):.4f} val/acc), described in {out.uri}.json")
+    return 0
+
+
+def local_checkpoint(run: str) -> Path:
+    """The best checkpoint of a run (or the checkpoint) `run` names, on this machine."""
+    from jobs.staging import fetch_weights
+    from tl_core import run_dir
+
+    if storage.is_uri(run):
+        return fetch_weights(run, None)
+    path = Path(run).expanduser()
+    if (path / run_dir.RESULT_FILE).is_file():
+        path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), run))
+    if not path.is_dir():
+        raise ConfigError(f"RUN: {run} is neither a finished run nor a checkpoint directory")
+    return path
+
+
+def load_model(checkpoint: Path) -> tuple[nn.Module, dict]:
+    """The checkpoint's classifier, built as its run built it, in eval mode; and what PATH.json says about it."""
+    from tl_core.models import build_model, normalization
+    from tl_core.text_models import CHECKPOINT_HF_DIR, is_text_backbone
+
+    state, meta = load_model_state(checkpoint)
+    cfg = from_dict(meta["config"])
+    if cfg.pretrain.method != "supervised" or not meta.get("classes"):
+        raise ConfigError(f"RUN: {checkpoint} is a {cfg.pretrain.method} pretraining checkpoint, which has no classifier to "
+                          "export; fine-tune it (model.weights: the run) and export that")
+    text = is_text_backbone(cfg.model.backbone)
+    backbone = f"hf:{checkpoint}" if text else cfg.model.backbone  # a text checkpoint carries its encoder's config
+    model = build_model(cfg.model.model_copy(update={"backbone": backbone, "weights": None}), meta["classes"], cfg.data.image_size)
+    model.load_state_dict(state)
+    model.eval()
+    source = {"checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "metrics": meta.get("metrics", {}),
+              "backbone": cfg.model.backbone, "experiment": cfg.experiment}
+    if text:
+        inputs = {"tokenizer": str(checkpoint / CHECKPOINT_HF_DIR), "max_length": cfg.data.max_length, "pooling": cfg.model.pooling,
+                  "names": ["input_ids", "attention_mask"], "dtype": "int64"}
+    else:
+        mean, std = normalization(cfg.model.backbone)
+        size = cfg.data.image_size
+        inputs = {"layout": "NCHW", "channels": "RGB", "size": size, "resize": size, "center_crop": size, "scale": "0-1",
+                  "mean": list(mean), "std": list(std), "dtype": "float32", "names": ["images"]}
+    return model, {"modality": "text" if text else "image", "input": inputs, "output": "logits", "classes": meta["classes"],
+                   "source": source}
+
+
+def example_inputs(description: dict) -> tuple:
+    if description["modality"] == "text":
+        ids = torch.randint(1000, 2000, (2, 16))
+        return ids, torch.ones_like(ids)
+    size = description["input"]["size"]
+    return (torch.randn(2, 3, size, size),)
+
+
+class _TextInputs(nn.Module):
+    """A text classifier called with two tensors (what TorchScript and ONNX take) instead of a dict."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def export(model: nn.Module, description: dict, fmt: str, path: Path) -> list[tuple[Path, str]]:
+    """Write the model in `fmt` and its description; [(local file or folder, suffix after OUT)]. ConfigError in
+    one line when the model cannot be expressed in `fmt` or the export does not reproduce its logits."""
+    text = description["modality"] == "text"
+    callable_model = _TextInputs(model) if text else model
+    inputs = example_inputs(description)
+    with torch.no_grad():
+        expected = callable_model(*inputs)
+    description = {**description, "format": fmt}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's and exporter's notes are not the user's business
+            if fmt == "safetensors":
+                from safetensors.torch import save_model
+
+                save_model(model, str(path))
+            elif fmt == "torchscript":
+                traced = torch.jit.trace(callable_model, inputs)
+                check(traced(*inputs), expected, fmt)
+                traced.save(str(path))
+            else:
+                names = description["input"]["names"]
+                axes = {name: {0: "batch", **({1: "tokens"} if text else {})} for name in names}
+                torch.onnx.export(callable_model, inputs, str(path), dynamo=False, opset_version=ONNX_OPSET, input_names=names,
+                                  output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}})
+                import onnxruntime
+
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                got = session.run(None, {name: tensor.numpy() for name, tensor in zip(names, inputs, strict=True)})[0]
+                check(torch.from_numpy(got), expected, fmt)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an operator the format lacks, a model the tracer cannot follow
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"--format {fmt}: {description['source']['backbone']} cannot be exported as {fmt} ({reason})") from None
+    files = [(path, "")]
+    if text:  # the tokenizer travels with the model
+        tokenizer = path.with_name("tokenizer")
+        shutil.copytree(description["input"]["tokenizer"], tokenizer)
+        description["input"]["tokenizer"] = "OUT.tokenizer/"
+        files.append((tokenizer, ".tokenizer"))
+    meta = path.with_name("model.json")
+    meta.write_text(json.dumps(description, indent=1))
+    return files + [(meta, ".json")]
+
+
+def check(got: torch.Tensor, expected: torch.Tensor, fmt: str) -> None:
+    error = (got - expected).abs().max().item()
+    if not error <= TOLERANCE:
+        raise ConfigError(f"--format {fmt}: the exported model's logits differ from the checkpoint's by {error:.2g} "
+                          f"(more than {TOLERANCE:g}); the export is not kept")
+
+
+def publish(files: list[tuple[Path, str]], out) -> None:
+    """Each written file (or folder) to OUT + its suffix, local or S3, whole or not at all."""
+    for local, suffix in files:
+        target = storage.parse(out.uri + suffix, field="--out")
+        if local.is_dir():
+            if target.is_s3:
+                storage.upload_dir(local, target)
+            else:
+                shutil.copytree(local, target.path, dirs_exist_ok=True)
+        else:
+            if not target.is_s3:
+                Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+            storage.upload_file(local, target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

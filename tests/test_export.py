@@ -1,0 +1,132 @@
+"""jobs.export: a run's best model as safetensors, TorchScript or ONNX, with the description of its input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_image_folder
+from PIL import Image
+from test_hostile import one_line_exit_2
+
+from jobs import export
+from tl_core.checkpoint import LocalReporter, load_model_state
+from tl_core.config import ModelConfig, from_dict
+from tl_core.loop import fit
+from tl_core.models import build_model
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A finished one-epoch run on 16 px images: its checkpoint directory, and its images."""
+    root = tmp_path_factory.mktemp("export")
+    data = make_image_folder(root / "data", n_classes=3, per_class=8, size=20)
+    cfg = from_dict({"experiment": "exp", "data": {"root": str(data), "image_size": 16, "loader_workers": 0},
+                     "train": {"epochs": 1, "batch_size": 8}, "optim": {"name": "adam", "lr": 1e-3}})
+    reporter = LocalReporter(root / "run")
+    fit(cfg, reporter)
+    (root / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(reporter.latest)}))
+    return root / "run", sorted(data.rglob("*.png"))
+
+
+def preprocess(paths, description):
+    """What PATH.json tells a user to do with an image, in plain numpy."""
+    size, mean, std = description["input"]["size"], np.array(description["input"]["mean"]), np.array(description["input"]["std"])
+    batch = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        batch.append(((pixels - mean) / std).transpose(2, 0, 1))
+    return np.stack(batch).astype(np.float32)
+
+
+def reference(run, images, description):
+    state, meta = load_model_state(json.loads((run / "result.json").read_text())["best_checkpoint"])
+    model = build_model(ModelConfig(), meta["classes"], description["input"]["size"])
+    model.load_state_dict(state)
+    return model.eval()(torch.from_numpy(images)).detach()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+def test_an_exported_image_model_gives_the_checkpoints_logits_on_real_images(fmt, image_run, tmp_path):
+    run, paths = image_run
+    out = tmp_path / "out" / f"model.{fmt}"
+    assert export.main([str(run), "--format", fmt, "--out", str(out)]) == 0
+    description = json.loads(out.with_name(out.name + ".json").read_text())
+    assert description["classes"] == ["class_0", "class_1", "class_2"] and description["input"]["size"] == 16
+    images = preprocess(paths[:5], description)  # a batch size the export never saw
+    expected = reference(run, images, description)
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        model = build_model(ModelConfig(), description["classes"], 16)
+        model.load_state_dict(load_file(str(out)))
+        got = model.eval()(torch.from_numpy(images)).detach()
+        assert torch.equal(got, expected)
+        return
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(torch.from_numpy(images)).detach()
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": images})[0])
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_an_exported_text_model_runs_in_onnxruntime_with_its_own_tokenizer(tmp_path):
+    from test_text import sentiment_rows, text_config, write_csv
+    from transformers import AutoTokenizer
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(12, seed=1))
+    reporter = LocalReporter(tmp_path / "run")
+    fit(from_dict(text_config(tmp_path / "data", train={"epochs": 1})), reporter)
+    out = tmp_path / "out" / "model.onnx"
+    assert export.main([str(reporter.latest), "--format", "onnx", "--out", str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "model.onnx.tokenizer"))
+    batch = tokenizer(["The film was wonderful, truly wonderful.", "An awful, dreadful meal and a boring show tonight."],
+                      padding=True, return_tensors="np")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)})[0]
+    model, _ = export.load_model(reporter.latest)
+    expected = model({k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items() if k != "token_type_ids"}).detach()
+    assert np.abs(got - expected.numpy()).max() <= 1e-4
+
+
+def test_export_to_s3(image_run, s3, tmp_path):
+    run, _ = image_run
+    assert export.main([str(run), "--format", "onnx", "--out", "s3://tl-test/exports/model.onnx"]) == 0
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="tl-test", Prefix="exports/")["Contents"]}
+    assert keys == {"exports/model.onnx", "exports/model.onnx.json"}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "RUN: "),
+    ("simclr", "pretraining checkpoint, which has no classifier to export"),
+    ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
+])
+def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, image_run, tmp_path, capsys, monkeypatch):
+    run, _ = image_run
+    if case == "missing":
+        run = tmp_path / "nowhere"
+    elif case == "simclr":
+        from tl_core.simclr import fit_simclr
+
+        data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=16)
+        reporter = LocalReporter(tmp_path / "simclr")
+        fit_simclr(from_dict({"experiment": "s", "data": {"root": str(data), "image_size": 16, "loader_workers": 0},
+                              "train": {"epochs": 1, "batch_size": 4}, "pretrain": {"method": "simclr"}}), reporter)
+        run = reporter.latest
+        capsys.readouterr()  # the pretraining's own log lines
+    else:  # what torch.onnx says of an operator ONNX has no counterpart for
+        def refuse(*args, **kwargs):
+            raise RuntimeError("an operator ONNX lacks: aten::unsupported_op")
+        monkeypatch.setattr(torch.onnx, "export", refuse)
+    one_line_exit_2(export.main, [str(run), "--format", "onnx", "--out", str(tmp_path / "runs" / "model.onnx")], capsys, tmp_path,
+                    message)
