@@ -24,6 +24,7 @@ from jobs import ray_private, streaming
 from jobs.cli import RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
 from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
+from jobs.tracking import tracked
 from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
 from tl_core.distributed import get_world_size
@@ -57,7 +58,8 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     from tl_core.recipes import RECIPES
 
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
-    RECIPES[recipe].fit(localize(cfg), session.report, data=packed_data(cfg, session), resume_from=resume, device=session.device)
+    report = tracked(session.report, session.filesystem, session.checkpoints_dir)
+    RECIPES[recipe].fit(localize(cfg), report, data=packed_data(cfg, session), resume_from=resume, device=session.device)
 
 
 def packed_data(cfg: RunConfig, session: WorkerSession):

@@ -308,6 +308,7 @@ def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, tm
     assert last_modified(s3, first) == killed[0]  # epoch 1 was not trained again
     stored = set(keys(s3, "runs/text-ddp/checkpoint_epoch_0004/"))
     assert {f"runs/text-ddp/checkpoint_epoch_0004/hf/{f}" for f in ("config.json", "tokenizer.json", "vocab.txt")} <= stored
+    assert [k for k in keys(s3, "runs/text-ddp/tensorboard/") if "tfevents" in k]  # TensorBoard beside the results, on S3
 
 
 @pytest.mark.integration
@@ -333,6 +334,8 @@ def test_a_text_sweep_with_asha_and_its_report(ray_cluster, tmp_path, capsys):
     report = tmp_path / "runs" / "text-sweep" / "report"
     assert {p.name for p in report.iterdir()} >= {"report.html", "best.yaml", "per_class.json"}
     assert json.loads((report / "per_class.json").read_text())["classes"] == ["neg", "pos"]
+    trials = [p for p in (tmp_path / "runs" / "text-sweep").iterdir() if p.is_dir() and p.name.startswith("trial")]
+    assert len(trials) == 3 and all(list((t / "tensorboard").glob("events.out.tfevents.*")) for t in trials)
     best = yaml_load(report / "best.yaml")
     assert best["model"]["backbone"] == MINILM and best["data"]["max_length"] == 32
 

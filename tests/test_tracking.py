@@ -1,0 +1,56 @@
+"""TensorBoard event files beside every run's results, read back with TensorBoard's own reader."""
+
+import pyarrow.fs
+import pytest
+from helpers import make_image_folder
+
+from jobs.tracking import TENSORBOARD_DIR, tracked
+from tl_core.config import from_dict
+from tl_core.loop import fit
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tiny_run(tmp_path, report):
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=16)
+    cfg = from_dict({"experiment": "tb", "data": {"root": str(data), "image_size": 16, "loader_workers": 0},
+                     "train": {"epochs": 3, "batch_size": 4}})
+    return fit(cfg, report, checkpoints=False)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_every_epochs_metrics_are_in_tensorboard_beside_the_results(where, tmp_path, request):
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        filesystem = pyarrow.fs.S3FileSystem(endpoint_override=s3.endpoint_url, access_key=s3.access_key,
+                                             secret_key=s3.secret_key, region="us-east-1")
+        directory = "tl-test/runs/tb"
+    else:
+        filesystem, directory = pyarrow.fs.LocalFileSystem(), str(tmp_path / "runs" / "tb")
+    reported = []
+    history = tiny_run(tmp_path, tracked(lambda metrics, checkpoint: reported.append(metrics), filesystem, directory))
+    assert len(reported) == 3  # the run's own reporter still gets every epoch
+    logdir = tmp_path / "read"
+    logdir.mkdir()
+    pyarrow.fs.copy_files(f"{directory}/{TENSORBOARD_DIR}", str(logdir), source_filesystem=filesystem)
+    scalars = read_scalars(logdir)
+    assert {"train/loss", "val/loss", "val/acc", "val/f1", "lr"} <= scalars.keys()
+    for name in ("train/loss", "val/acc", "lr"):
+        assert scalars[name] == [(e["epoch"], pytest.approx(e[name], rel=1e-6)) for e in history]
+
+
+def test_a_tracking_failure_is_a_warning_not_a_failed_run(tmp_path, caplog):
+    class Broken(pyarrow.fs.LocalFileSystem):
+        def open_output_stream(self, *args, **kwargs):
+            raise OSError("No space left on device")
+
+    reported = []
+    tiny_run(tmp_path, tracked(lambda metrics, checkpoint: reported.append(metrics), Broken(), str(tmp_path / "runs")))
+    assert len(reported) == 3
+    assert "cannot write TensorBoard events" in caplog.text and "No space left on device" in caplog.text
