@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cluster import storage
+from jobs import tracking
 from jobs.staging import checkpoint_metas, experiment_location, read_meta_at, root_location
 from tl_core import run_dir
 from tl_core.checkpoint import to_json
@@ -30,6 +31,9 @@ def write_result(cfg: RunConfig, result) -> dict:
         final_metrics=final, classes=best_meta["classes"], config=cfg.to_dict())
     storage.write_text(experiment.child(run_dir.RESULT_FILE), to_json(summary))
     storage.write_text(experiment.child(run_dir.CONFIG_FILE), cfg.to_yaml())
+    mlflow = tracking.mlflow_run(cfg, experiment.uri, name=cfg.experiment)  # the run's own, found by its place
+    tracking.finish_mlflow_run(mlflow, best=best_meta["metrics"], artifacts={run_dir.RESULT_FILE: to_json(summary),
+                                                                             run_dir.CONFIG_FILE: cfg.to_yaml()})
     return summary
 
 

@@ -20,11 +20,10 @@ from typing import Callable, Optional
 
 from cluster import storage
 from cluster.storage import Location
-from jobs import ray_private, streaming
+from jobs import ray_private, streaming, tracking
 from jobs.cli import RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
 from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
-from jobs.tracking import tracked
 from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
 from tl_core.distributed import get_world_size
@@ -51,6 +50,7 @@ class WorkerSession:
     registered: object  # the checkpoint Ray handed back (ray.train/tune.get_checkpoint()), or None
     device: object
     dataset_shard: Optional[Callable[[str], object]] = None  # a packed dataset's split for this worker (Ray Train's)
+    mlflow_run: Optional[tuple[str, str]] = None  # (tracking URI, run id) that rank 0 logs each epoch to
 
 
 def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
@@ -58,7 +58,7 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     from tl_core.recipes import RECIPES
 
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
-    report = tracked(session.report, session.filesystem, session.checkpoints_dir)
+    report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
     RECIPES[recipe].fit(localize(cfg), report, data=packed_data(cfg, session), resume_from=resume, device=session.device)
 
 
@@ -161,7 +161,8 @@ def train_worker(loop_config: dict) -> None:
     run = ray.train.get_context().get_storage()
     run_recipe(cfg, loop_config["recipe"], WorkerSession(report, run.storage_filesystem, run.experiment_fs_path,
                                                          ray.train.get_checkpoint(), ray.train.torch.get_device(),
-                                                         ray.train.get_dataset_shard if loop_config["packed"] else None))
+                                                         ray.train.get_dataset_shard if loop_config["packed"] else None,
+                                                         loop_config["mlflow_run"]))
 
 
 def checkpoint_uploader(experiment: Location) -> Callable:
@@ -224,9 +225,11 @@ def start_local_ray(**init_kwargs) -> None:
              runtime_env=WORKER_RUNTIME_ENV, **init_kwargs)
 
 
-def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extra_metrics: dict | None = None):
+def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extra_metrics: dict | None = None,
+                mlflow_parent: str | None = None):
     """Fit `cfg` with `recipe` on the Ray cluster; a second call with the same experiment continues from its latest
-    checkpoint. `extra_metrics` are added to every report (a sweep's batch sizes); `callbacks` go to Ray Train."""
+    checkpoint. `extra_metrics` are added to every report (a sweep's batch sizes); `callbacks` go to Ray Train; the
+    MLflow run (when tracked) is a child of `mlflow_parent` (a sweep's)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -237,9 +240,11 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     cfg = stage_hub_weights(cfg)
     root = root_location(cfg)
     packed = streaming.is_packed(cfg)
+    mlflow = tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment, parent=mlflow_parent)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "recipe": recipe, "extra_metrics": extra_metrics or {}, "packed": packed},
+        train_loop_config={"config": cfg.to_dict(), "recipe": recipe, "extra_metrics": extra_metrics or {}, "packed": packed,
+                           "mlflow_run": mlflow},
         scaling_config=train_scaling(cfg.scaling),
         datasets=streaming.datasets(cfg, streaming.read_manifest(cfg)) if packed else None,
         dataset_config=streaming.data_config() if packed else None,
@@ -258,6 +263,7 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        tracking.finish_mlflow_run(mlflow, status="FAILED")
         cause = first_error(exc)
         if root.is_s3 and "cannot reach" not in cause and any(token in cause for token in _UNREACHABLE):
             cause = f"storage.endpoint_url: cannot reach {root.endpoint_url or 'AWS S3'} for {root.uri} ({cause})"

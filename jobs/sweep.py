@@ -18,7 +18,7 @@ import yaml
 
 from cluster import storage
 from cluster.storage import Location
-from jobs import ray_private
+from jobs import ray_private, tracking
 from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args
 from jobs.preflight import check_decode_room, check_run, worker_resources
@@ -73,8 +73,9 @@ def global_batch_size(cfg: RunConfig) -> int:
     return cfg.train.batch_size * cfg.scaling.max_workers * cfg.train.grad_accum
 
 
-def trial(params: dict, base: dict, search: dict) -> None:
-    """One Tune trial: every epoch's metrics (and checkpoint) go to Tune, so ASHA can stop it at a rung."""
+def trial(params: dict, base: dict, search: dict, mlflow_parent: str | None = None) -> None:
+    """One Tune trial: every epoch's metrics (and checkpoint) go to Tune, so ASHA can stop it at a rung; with MLflow,
+    to a child run of the sweep's too."""
     import ray.tune
 
     from jobs.cli import setup_logging
@@ -83,7 +84,7 @@ def trial(params: dict, base: dict, search: dict) -> None:
     cfg = trial_config(base, search, params)
     sizes = {"batch_size_per_worker": cfg.train.batch_size, "global_batch_size": global_batch_size(cfg), "trial_lr": cfg.optim.lr}
     if cfg.scaling.max_workers > 1:
-        return _ddp_trial(cfg, sizes)
+        return _ddp_trial(cfg, sizes, mlflow_parent)
 
     setup_logging(in_worker=True)
 
@@ -91,12 +92,17 @@ def trial(params: dict, base: dict, search: dict) -> None:
         saved = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report({**metrics, **sizes, "timestamp": time.time()}, checkpoint=saved)
 
-    trial_storage = ray.tune.get_context().get_storage()
+    context = ray.tune.get_context()
+    trial_storage = context.get_storage()
+    mlflow = tracking.mlflow_run(cfg, f"{experiment_location(cfg).uri}#{context.get_trial_id()}", name=context.get_trial_name(),
+                                 parent=mlflow_parent, params={f"trial.{k}": v for k, v in params.items()})
     run_recipe(cfg, cfg.pretrain.method, WorkerSession(report, trial_storage.storage_filesystem, trial_storage.trial_fs_path,
-                                                       ray.tune.get_checkpoint(), default_device(cfg.scaling.use_gpu)))
+                                                       ray.tune.get_checkpoint(), default_device(cfg.scaling.use_gpu),
+                                                       mlflow_run=mlflow))
+    tracking.finish_mlflow_run(mlflow)  # a trial the scheduler stops never gets here: the sweep closes it as KILLED
 
 
-def _ddp_trial(cfg: RunConfig, sizes: dict) -> None:
+def _ddp_trial(cfg: RunConfig, sizes: dict, mlflow_parent: str | None) -> None:
     """A TorchTrainer named after the trial, in the sweep's storage, reporting each epoch to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -105,7 +111,8 @@ def _ddp_trial(cfg: RunConfig, sizes: dict) -> None:
     cfg = stage_hub_weights(cfg)  # the sweep's staged copy, before the trial's own storage root
     cfg = with_overrides(cfg, [f"experiment={context.get_trial_id()}",
                                f"storage.root={experiment_location(cfg).uri}/ddp-trials"])
-    run_trainer(cfg, cfg.pretrain.method, callbacks=[TuneReportCallback()], extra_metrics=sizes)
+    run_trainer(cfg, cfg.pretrain.method, callbacks=[TuneReportCallback()], extra_metrics=sizes, mlflow_parent=mlflow_parent)
+    tracking.finish_mlflow_run(tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment))
 
 
 def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
@@ -124,7 +131,9 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     ray_private.keep_credentials_out_of_tune_runtime_env()
     root = root_location(cfg)
     fs = storage.filesystem(root) if root.is_s3 else None
-    trainable = tune.with_parameters(trial, base=cfg.to_dict(), search=search.model_dump())
+    parent = tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment,
+                                 params={f"search.{k}": v for k, v in search.model_dump().items()})
+    trainable = tune.with_parameters(trial, base=cfg.to_dict(), search=search.model_dump(), mlflow_parent=parent and parent[1])
     trainable = tune.with_resources(trainable, trial_resources(cfg))
     experiment = experiment_location(cfg)
     if resume and tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
@@ -148,6 +157,10 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
                 failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
         )
     results = tuner.fit()
+    tracking.close_stopped_children(parent)
+    best = results.get_best_result(search.metric, search.mode, scope="all") if len(results) > len(results.errors) else None
+    tracking.finish_mlflow_run(parent, status="FINISHED" if best else "FAILED",
+                               best=dict(best.metrics_dataframe[[search.metric]].agg(search.mode)) if best else None)
     if results.errors and len(results.errors) == len(results):
         raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {type(results.errors[0]).__name__}: "
                         f"{str(results.errors[0]).strip().splitlines()[-1]}")

@@ -40,6 +40,42 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, artifacts served from a local folder); its URI."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from cluster.local.s3_server import free_ports
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_ports(1)[0]
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+    with open(root / "server.log", "ab") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}") from None
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)  # the server and the processes it started, nothing else
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(s3, tmp_path_factory):
     """One local Ray cluster for the whole test session (2 CPUs, dashboard on 127.0.0.1 only). Its workers get
     library caches of their own (torch hub, Hugging Face hub), empty like a fresh node's."""

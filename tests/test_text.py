@@ -267,7 +267,7 @@ def test_layer_wise_lr_decay_gives_each_layer_a_fraction_of_the_one_above():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, tmp_path):
+def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, mlflow_server, tmp_path):
     """A text dataset and the encoder itself (`hf:s3://...`) read from the S3 server, MiniLM fine-tuned (top layer
     open) by 2 DDP workers; a worker killed after the first checkpoint is replaced and the run goes on from it.
     Checkpoints carry the tokenizer, so the run is a complete source for the next stage."""
@@ -285,7 +285,8 @@ def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, tm
                           data={"max_length": 32}, model={"backbone": "hf:s3://tl-test/models/minilm", "weights": "pretrained",
                                                           "strategy": "gradual_unfreeze", "unfreeze_every": 10},
                           optim={"name": "adamw", "lr": 3e-3, "scheduler": "constant"}, storage={"root": "s3://tl-test/runs"},
-                          checkpoint={"keep": None}, scaling={"num_workers": 2, "max_failures": 1})
+                          checkpoint={"keep": None}, scaling={"num_workers": 2, "max_failures": 1},
+                          tracking={"mlflow": {"uri": mlflow_server, "experiment": "text-ddp"}})
     first = f"runs/text-ddp/checkpoint_epoch_0001/{META_FILE}"
     killed = []
 
@@ -309,11 +310,18 @@ def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, tm
     stored = set(keys(s3, "runs/text-ddp/checkpoint_epoch_0004/"))
     assert {f"runs/text-ddp/checkpoint_epoch_0004/hf/{f}" for f in ("config.json", "tokenizer.json", "vocab.txt")} <= stored
     assert [k for k in keys(s3, "runs/text-ddp/tensorboard/") if "tfevents" in k]  # TensorBoard beside the results, on S3
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("text-ddp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.backbone"] == "hf:s3://tl-test/models/minilm"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val/acc")} == {1, 2, 3, 4}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"result.json", "config.yaml"}
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_text_sweep_with_asha_and_its_report(ray_cluster, tmp_path, capsys):
+def test_a_text_sweep_with_asha_and_its_report(ray_cluster, mlflow_server, tmp_path, capsys):
     from test_sweep import write_sweep
 
     from jobs import analyze, sweep
@@ -328,6 +336,7 @@ def test_a_text_sweep_with_asha_and_its_report(ray_cluster, tmp_path, capsys):
     cfg["data"] = {"root": str(tmp_path / "data"), "max_length": 32, "loader_workers": 0}
     cfg["model"] = {"backbone": MINILM, "weights": "pretrained", "strategy": "linear_probe"}
     cfg["optim"] = {"name": "adamw", "lr": 1e-2, "scheduler": "constant"}
+    cfg["tracking"] = {"mlflow": {"uri": mlflow_server, "experiment": "text-sweep"}}
     path.write_text(yaml_dump(cfg))
     assert sweep.main(["--config", str(path)]) == 0
     assert analyze.main([str(tmp_path / "runs" / "text-sweep")]) == 0
@@ -336,6 +345,15 @@ def test_a_text_sweep_with_asha_and_its_report(ray_cluster, tmp_path, capsys):
     assert json.loads((report / "per_class.json").read_text())["classes"] == ["neg", "pos"]
     trials = [p for p in (tmp_path / "runs" / "text-sweep").iterdir() if p.is_dir() and p.name.startswith("trial")]
     assert len(trials) == 3 and all(list((t / "tensorboard").glob("events.out.tfevents.*")) for t in trials)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("text-sweep").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and parent.info.status == "FINISHED" and "best/val/acc" in parent.data.metrics
+    assert all(c.info.status in ("FINISHED", "KILLED") and "trial.optim.lr" in c.data.params for c in children)
+    assert all(client.get_metric_history(c.info.run_id, "val/acc") for c in children)
     best = yaml_load(report / "best.yaml")
     assert best["model"]["backbone"] == MINILM and best["data"]["max_length"] == 32
 

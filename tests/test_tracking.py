@@ -54,3 +54,56 @@ def test_a_tracking_failure_is_a_warning_not_a_failed_run(tmp_path, caplog):
     tiny_run(tmp_path, tracked(lambda metrics, checkpoint: reported.append(metrics), Broken(), str(tmp_path / "runs")))
     assert len(reported) == 3
     assert "cannot write TensorBoard events" in caplog.text and "No space left on device" in caplog.text
+
+
+# ---------------------------------------------------------------- MLflow, against a real tracking server
+
+def mlflow_config(tmp_path, uri, experiment="tl-tests"):
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=16)
+    return from_dict({"experiment": "tracked", "data": {"root": str(data), "image_size": 16, "loader_workers": 0},
+                      "train": {"epochs": 3, "batch_size": 4}, "tracking": {"mlflow": {"uri": uri, "experiment": experiment}}})
+
+
+def test_a_run_in_mlflow_has_its_config_every_epoch_its_best_and_its_result(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import finish_mlflow_run, mlflow_run
+
+    cfg = mlflow_config(tmp_path, mlflow_server)
+    place = str(tmp_path / "runs" / "tracked")
+    run = mlflow_run(cfg, place, name="tracked")  # the driver
+    history = fit(cfg, tracked(lambda m, c: None, pyarrow.fs.LocalFileSystem(), place, run), checkpoints=False)  # rank 0
+    finish_mlflow_run(run, best=history[1], artifacts={"result.json": '{"epochs_completed": 3}'})  # the driver, at the end
+    assert mlflow_run(cfg, place, name="tracked") == run  # --resume: the same MLflow run again
+
+    client = MlflowClient(mlflow_server)
+    logged = client.get_run(run[1])
+    assert logged.data.params["optim.lr"] == str(cfg.optim.lr) and logged.data.params["data.image_size"] == "16"
+    assert [(m.step, m.value) for m in client.get_metric_history(run[1], "val/acc")] == [(e["epoch"], e["val/acc"]) for e in history]
+    assert logged.data.metrics["best/val/acc"] == history[1]["val/acc"]
+    assert [a.path for a in client.list_artifacts(run[1])] == ["result.json"]
+    assert logged.info.run_name == "tracked"
+
+
+def test_an_unreachable_mlflow_server_is_a_warning_and_the_run_goes_on(tmp_path, caplog):
+    import time
+
+    from hub_server import closed_port_url
+
+    from jobs.tracking import mlflow_run
+
+    cfg = mlflow_config(tmp_path, closed_port_url())
+    started = time.monotonic()
+    assert mlflow_run(cfg, str(tmp_path / "runs"), name="tracked") is None
+    history = fit(cfg, tracked(lambda m, c: None, pyarrow.fs.LocalFileSystem(), str(tmp_path / "runs"), (cfg.tracking.mlflow.uri, "0")),
+                  checkpoints=False)
+    assert len(history) == 3 and time.monotonic() - started < 60
+    assert "tracking.mlflow: cannot start the MLflow run" in caplog.text and "the run goes on" in caplog.text
+
+
+def test_mlflow_credentials_never_go_in_a_config():
+    from tl_core.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="must not hold credentials"):
+        from_dict({"experiment": "x", "data": {"root": "d"}, "tracking": {"mlflow": {"uri": "http://me:secret@127.0.0.1:5000",
+                                                                                       "experiment": "e"}}})

@@ -218,6 +218,29 @@ class StorageConfig(Section):
         return url
 
 
+class MlflowConfig(Section):
+    uri: str = Field(min_length=1)  # the tracking server, e.g. http://127.0.0.1:5000
+    experiment: str = Field(min_length=1, max_length=256)  # MLflow experiment name (created if missing)
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        parts = urlsplit(uri)
+        if parts.username is not None or "@" in parts.netloc:
+            raise ValueError("must not hold credentials (user:password@host); MLflow reads them from MLFLOW_TRACKING_USERNAME/"
+                             "PASSWORD or MLFLOW_TRACKING_TOKEN")
+        if parts.scheme not in ("http", "https", "file", "sqlite", "databricks"):
+            raise ValueError("expected an http:// or https:// tracking server (or file:, sqlite:, databricks)")
+        return uri
+
+
+class TrackingConfig(Section):
+    """Where a run reports besides its storage: TensorBoard events are always written beside the results; MLflow
+    when `mlflow` is set."""
+
+    mlflow: Optional[MlflowConfig] = None
+
+
 class PretrainConfig(Section):
     """How jobs.pretrain trains a source model. `supervised`: the classifier on the labelled source task.
     `simclr`: contrastive self-supervised learning on unlabelled images (an ImageFolder whose labels are
@@ -241,6 +264,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     storage: StorageConfig = StorageConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _recipe_uses_every_key(self) -> RunConfig:
