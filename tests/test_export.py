@@ -108,7 +108,7 @@ def test_export_to_s3(image_run, s3, tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "RUN: "),
-    ("simclr", "pretraining checkpoint, which has no classifier to export"),
+    ("simclr", "pretraining checkpoint, which has no classifier"),
     ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
 ])
 def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, image_run, tmp_path, capsys, monkeypatch):

@@ -35,8 +35,9 @@ def is_text_root(root: str | Path) -> bool:
     return root.is_dir() and bool(table_files(root))
 
 
-def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
-    """(text, label) of every row of a CSV, JSON-lines or Parquet file."""
+def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.root"):
+    """A CSV, JSON-lines or Parquet file as a pyarrow Table with the named columns ((config key, column) pairs);
+    DataError naming `field` (or the key of a missing column) when it cannot be read or lacks one."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.json
@@ -47,11 +48,16 @@ def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
         table = readers[path.suffix.lower()](str(path))
     except (pa.ArrowInvalid, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"data.root: {path.name} cannot be read as {path.suffix[1:]} ({reason[:200]})") from None
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in table.column_names]
-    if missing:
-        field = "data.text_column" if cfg.text_column in missing else "data.label_column"
-        raise DataError(f"{field}: {path.name} has no column {missing[0]!r}; its columns: {', '.join(table.column_names) or 'none'}")
+        raise DataError(f"{field}: {path.name} cannot be read as {path.suffix[1:]} ({reason[:200]})") from None
+    for key, column in columns:
+        if column not in table.column_names:
+            raise DataError(f"{key}: {path.name} has no column {column!r}; its columns: {', '.join(table.column_names) or 'none'}")
+    return table
+
+
+def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
+    """(text, label) of every row of a CSV, JSON-lines or Parquet file."""
+    table = read_table(path, [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)])
     return list(zip(table.column(cfg.text_column).to_pylist(), table.column(cfg.label_column).to_pylist(), strict=True))
 
 

@@ -1,0 +1,181 @@
+"""Run a finished run's best model over new data with Ray Data, writing one Parquet row per input.
+
+    python -m jobs.predict --run RUN_DIR_OR_URI --data DATA --out URI [--top-k 5] [--batch-size 64] [--actors N]
+
+RUN is a finished run (its best checkpoint) or a checkpoint, local or s3://. For an image model DATA is a folder or
+s3:// prefix of images (searched recursively); for a text model, a table file (.csv, .jsonl, .parquet) whose text
+column is the run's `data.text_column`. OUT (local or s3://) receives Parquet files of rows
+
+    path (image file, or the text's row number), predicted (class name), probability, top_k (class names),
+    top_k_probability, error (why an input could not be read; then predicted is null)
+
+The model is held by a pool of Ray actors (one per GPU when the cluster has GPUs, else CPU actors; --actors bounds
+the pool, which grows with the cluster); images are decoded and transformed as the run validated them. An input
+that cannot be read is counted, listed in its row's `error`, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+
+import numpy as np
+import torch
+
+from cluster import storage
+from jobs.best_model import load_model, local_checkpoint
+from jobs.cli import guarded
+from tl_core.errors import DataError
+
+log = logging.getLogger("jobs")
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+
+
+class Predictor:
+    """A Ray Data actor: the model, loaded once, applied to batches of encoded images or texts."""
+
+    def __init__(self, checkpoint: str, top_k: int, device: str):
+        from tl_core.config import from_dict
+        from tl_core.data import image_transforms
+
+        self.model, self.description = load_model(local_checkpoint(checkpoint, "--run"), "--run")
+        self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.classes = np.array(self.description["classes"], dtype=object)
+        self.top_k = min(top_k, len(self.classes))
+        cfg = from_dict(self.description["config"])
+        self.text = self.description["modality"] == "text"
+        if self.text:
+            from transformers import AutoTokenizer
+
+            self.tokenizer, self.max_length = AutoTokenizer.from_pretrained(self.description["input"]["tokenizer"]), cfg.data.max_length
+        else:
+            self.transform = image_transforms(cfg)[1]
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["path"])
+        errors: list[str | None] = [None] * n
+        if self.text:
+            texts = [t if isinstance(t, str) and t.strip() else None for t in batch["text"]]
+            errors = [None if t is not None else "empty or not text" for t in texts]
+            ok = [i for i, t in enumerate(texts) if t is not None]
+            inputs = self.tokenizer([texts[i] for i in ok], truncation=True, max_length=self.max_length, padding=True,
+                                    return_tensors="pt") if ok else None
+            inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask")} if ok else None
+        else:
+            from PIL import Image
+
+            images, ok = [], []
+            for i, data in enumerate(batch["bytes"]):
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        images.append(self.transform(img.convert("RGB")))
+                    ok.append(i)
+                except Exception as exc:  # noqa: BLE001 - an unreadable input is listed, never fatal
+                    errors[i] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            inputs = torch.stack(images).to(self.device) if ok else None
+        predicted = np.full(n, None, dtype=object)
+        probability = np.full(n, np.nan)
+        top_k = np.empty(n, dtype=object)
+        top_k_probability = np.empty(n, dtype=object)
+        for i in range(n):
+            top_k[i], top_k_probability[i] = [], []
+        if ok:
+            with torch.no_grad():
+                probs = torch.softmax(self.model(inputs).float(), dim=1).cpu()
+            values, indices = probs.topk(self.top_k, dim=1)
+            for row, i in enumerate(ok):
+                predicted[i], probability[i] = self.classes[indices[row, 0]], float(values[row, 0])
+                top_k[i] = list(self.classes[indices[row].numpy()])
+                top_k_probability[i] = values[row].tolist()
+        return {"path": np.asarray(batch["path"], dtype=object), "predicted": predicted, "probability": probability,
+                "top_k": top_k, "top_k_probability": top_k_probability, "error": np.array(errors, dtype=object)}
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finished run or a checkpoint, local or s3://")
+    parser.add_argument("--data", required=True, help="images (a folder or s3:// prefix) or a text table file")
+    parser.add_argument("--out", required=True, help="where the Parquet predictions go, local or s3://")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--actors", type=int, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        raise DataError("--top-k and --batch-size must be at least 1")
+    checkpoint = local_checkpoint(args.run, "--run")
+    _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
+    data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")
+    if storage.exists(out, "--out"):
+        raise DataError(f"--out: {out.uri} already exists; predictions go to a new location")
+    text = description["modality"] == "text"
+    inputs = text_rows(args.data, description) if text else image_paths(data)
+
+    import ray
+
+    from jobs.runner import connect_ray
+
+    connect_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = args.actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)  # CPUs left for the reads
+    if text:
+        dataset = ray.data.from_items(inputs)
+    else:
+        dataset = ray.data.read_binary_files(inputs, include_paths=True, filesystem=storage.filesystem(data))
+    predictions = dataset.map_batches(Predictor, fn_constructor_args=(str(checkpoint), args.top_k, "cuda" if gpus else "cpu"),
+                                      batch_size=args.batch_size, batch_format="numpy", concurrency=(1, actors),
+                                      num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+    predictions.write_parquet(out.path, filesystem=storage.filesystem(out))
+    errors = predictions_errors(out)
+    print(f"{out.uri}: {len(inputs)} {'texts' if text else 'images'} predicted with {description['source']['checkpoint']}; "
+          f"{len(errors)} could not be read{': ' + ', '.join(errors[:5]) if errors else ''}")
+    return 0
+
+
+def image_paths(data) -> list[str]:
+    """Every image file under DATA (a folder or an S3 prefix), as paths of its filesystem."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if data.is_s3:
+        paths = [f"{data.path}/{o['Key']}" for o in storage.list_objects(data, "--data")]
+    else:
+        from pathlib import Path
+
+        if not Path(data.path).is_dir():
+            raise DataError(f"--data: directory {data.uri} does not exist")
+        paths = [str(p) for p in sorted(Path(data.path).rglob("*")) if p.is_file()]
+    paths = [p for p in paths if p.lower().endswith(IMG_EXTENSIONS)]
+    if not paths:
+        raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    return paths
+
+
+def text_rows(data: str, description: dict) -> list[dict]:
+    """{"path": row number, "text"} for every row of the table file DATA (the run's text column)."""
+    from pathlib import Path
+
+    from tl_core.config import from_dict
+    from tl_core.text import read_table
+
+    cfg = from_dict(description["config"])
+    if storage.is_uri(data) or Path(data).suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"--data: a text model reads a local table file ({', '.join(TABLE_SUFFIXES)}), not {data}")
+    if not Path(data).is_file():
+        raise DataError(f"--data: file {data} does not exist")
+    table = read_table(Path(data), [("--data", cfg.data.text_column)], field="--data")
+    return [{"path": str(i), "text": t} for i, t in enumerate(table.column(cfg.data.text_column).to_pylist())]
+
+
+def predictions_errors(out) -> list[str]:
+    import pyarrow.dataset
+
+    table = pyarrow.dataset.dataset(out.path, filesystem=storage.filesystem(out), format="parquet").to_table(columns=["path", "error"])
+    return [p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True) if e is not None]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""jobs.predict: a finished run's best model over new images with Ray Data, predictions as Parquet."""
+
+import json
+import shutil
+
+import pyarrow.dataset
+import pytest
+from helpers import make_image_folder
+from test_hostile import one_line_exit_2
+
+from cluster import storage
+from jobs import predict
+from tl_core.checkpoint import LocalReporter, load_model_state
+from tl_core.config import from_dict
+from tl_core.loop import fit
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    data = make_image_folder(root / "data", n_classes=3, per_class=16, size=20, layout="split")
+    cfg = from_dict({"experiment": "p", "data": {"root": str(data), "image_size": 16, "loader_workers": 0},
+                     "train": {"epochs": 2, "batch_size": 8}, "optim": {"name": "adam", "lr": 1e-3}})
+    reporter = LocalReporter(root / "run")
+    fit(cfg, reporter)
+    (root / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(reporter.latest)}))
+    return root / "run", data
+
+
+@pytest.mark.integration
+def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cluster, s3, finished_run, tmp_path):
+    run, data = finished_run
+    new = tmp_path / "new"
+    shutil.copytree(data / "val", new)
+    (new / "class_0" / "broken.png").write_bytes(b"not an image")
+    assert predict.main(["--run", str(run), "--data", str(new), "--out", "s3://tl-test/predictions/p", "--top-k", "2"]) == 0
+
+    location = storage.parse("s3://tl-test/predictions/p")
+    table = pyarrow.dataset.dataset(location.path, filesystem=storage.filesystem(location), format="parquet").to_table()
+    rows = table.to_pylist()
+    assert len(rows) == len(list(new.rglob("*.png")))
+    (broken,) = [r for r in rows if r["error"] is not None]
+    assert broken["path"].endswith("class_0/broken.png") and broken["predicted"] is None
+    readable = [r for r in rows if r["error"] is None]
+    correct = sum(r["predicted"] == r["path"].split("/")[-2] for r in readable)
+    _, meta = load_model_state(json.loads((run / "result.json").read_text())["best_checkpoint"])
+    assert correct / len(readable) == pytest.approx(meta["metrics"]["val/acc"])  # the run's own number, recomputed
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0] == r["predicted"] and r["top_k_probability"][0] == r["probability"]
+               for r in readable)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_checkpoint", "--run: "),
+    ("no_images", "holds no images"),
+    ("out_exists", "already exists"),
+])
+def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, finished_run, tmp_path, capsys):
+    run, data = finished_run
+    images, out = data / "val", tmp_path / "runs" / "predictions"
+    if case == "no_checkpoint":
+        run = tmp_path / "nowhere"
+    elif case == "no_images":
+        images = tmp_path / "empty"
+        images.mkdir()
+        (images / "notes.txt").write_text("no images here")
+    else:
+        out.mkdir(parents=True)
+    written = ["predictions"] if case == "out_exists" else []
+    one_line_exit_2(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out)], capsys, tmp_path, message, written)
+
+
+@pytest.mark.integration
+def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path):
+    from test_text import sentiment_rows, text_config, write_csv
+
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(16, seed=1))
+    reporter = LocalReporter(tmp_path / "run")
+    fit(from_dict(text_config(tmp_path / "data", train={"epochs": 4})), reporter)
+    rows = sentiment_rows(10, seed=7)
+    write_csv(tmp_path / "new.csv", rows + [{"text": "", "label": "pos"}])
+    assert predict.main(["--run", str(reporter.latest), "--data", str(tmp_path / "new.csv"), "--out", str(tmp_path / "out")]) == 0
+    table = pyarrow.dataset.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    by_row = {int(r["path"]): r for r in table}
+    assert len(by_row) == 11 and by_row[10]["error"] is not None and by_row[10]["predicted"] is None
+    assert sum(by_row[i]["predicted"] == rows[i]["label"] for i in range(10)) >= 8
