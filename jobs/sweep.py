@@ -63,6 +63,7 @@ def param_space(search: SearchConfig) -> dict:
 
 def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
     """The run config of one trial: the base with the sampled values, LR scaled with the global batch if asked."""
+    params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # BOHB samples numpy scalars
     cfg = with_overrides(from_dict(base), [override(k, v) for k, v in params.items()])
     if search["scale_lr"] == "linear":
         cfg = with_overrides(cfg, [f"optim.lr={cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size']}"])
@@ -117,8 +118,6 @@ def _ddp_trial(cfg: RunConfig, sizes: dict, mlflow_parent: str | None) -> None:
 
 def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
@@ -141,15 +140,13 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     else:
         # What jobs.analyze needs besides Ray's own files: the base config and the search section.
         storage.write_text(experiment.child(SWEEP_FILE), yaml.safe_dump({**cfg.to_dict(), "search": search.model_dump()}, sort_keys=False))
-        s = search.scheduler
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-                     if s.name == "asha" else FIFOScheduler())
+        scheduler, search_alg = scheduler_and_searcher(search)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(search),
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
                                         max_concurrent_trials=search.max_concurrent_trials, scheduler=scheduler,
-                                        search_alg=BasicVariantGenerator(random_state=search.seed)),
+                                        search_alg=search_alg),
             run_config=tune.RunConfig(
                 name=cfg.experiment, storage_path=root.path, storage_filesystem=fs, verbose=1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=search.metric,
@@ -165,6 +162,29 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
         raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {type(results.errors[0]).__name__}: "
                         f"{str(results.errors[0]).strip().splitlines()[-1]}")
     return results
+
+
+def scheduler_and_searcher(search: SearchConfig):
+    """Ray Tune's own scheduler and search algorithm for the sweep file's names, seeded from `search.seed`."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
+    from ray.tune.search import BasicVariantGenerator
+
+    s = search.scheduler
+    if s.name == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    elif s.name == "bohb":
+        scheduler = HyperBandForBOHB(time_attr="epoch", max_t=s.max_t, reduction_factor=s.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    if search.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return scheduler, OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed)
+    if search.search_alg == "bohb":
+        from ray.tune.search.bohb import TuneBOHB
+
+        return scheduler, TuneBOHB(metric=search.metric, mode=search.mode, seed=search.seed)
+    return scheduler, BasicVariantGenerator(random_state=search.seed)
 
 
 def trial_resources(cfg: RunConfig) -> dict:

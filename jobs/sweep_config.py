@@ -17,7 +17,7 @@ _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
 class SchedulerConfig(Section):
-    name: Literal["asha", "fifo"] = "asha"
+    name: Literal["asha", "fifo", "bohb"] = "asha"  # bohb: HyperBand for BOHB (with search_alg: bohb)
     max_t: int = Field(10, ge=1)  # epochs a trial may run; also every trial's train.epochs
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1.0)
@@ -33,7 +33,7 @@ class SearchConfig(Section):
     space: dict[str, dict[str, list[Any]]]
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    search_alg: Literal["random", "grid"] = "random"
+    search_alg: Literal["random", "grid", "optuna", "bohb"] = "random"  # optuna: TPE; bohb: with scheduler.name bohb
     seed: int = Field(0, ge=0, lt=2**32)  # the searchers' random state
     metric: MetricName = "val/acc"
     mode: Literal["max", "min"] = "max"
@@ -63,9 +63,13 @@ class SearchConfig(Section):
         return space
 
     @model_validator(mode="after")
-    def _grid_needs_grid(self) -> SearchConfig:
+    def _searcher_fits_space_and_scheduler(self) -> SearchConfig:
         if self.search_alg == "grid" and any(next(iter(s)) != "grid" for s in self.space.values()):
             raise ValueError("search_alg: grid needs every space entry to be {grid: [...]}")
+        if self.search_alg in ("optuna", "bohb") and any(next(iter(s)) == "grid" for s in self.space.values()):
+            raise ValueError(f"search_alg: {self.search_alg} samples its own points; use choice instead of grid in the space")
+        if (self.search_alg == "bohb") != (self.scheduler.name == "bohb"):
+            raise ValueError("search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together")
         return self
 
     def trial_values(self) -> list[tuple[str, Any]]:

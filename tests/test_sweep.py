@@ -143,6 +143,10 @@ SWEEP_BAD_INPUTS = {
     "unknown metric": ({"metric": "val/top1"}, "search.metric: unknown metric 'val/top1'"),
     "no samples": ({"num_samples": 0}, "search.num_samples: Input should be greater than or equal to 1"),
     "bad value in space": ({"space": {"optim.name": {"choice": ["sgd", "lamb"]}}}, "search.space.optim.name: value 'lamb'"),
+    "bohb without its scheduler": ({"search_alg": "bohb"}, "search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together"),
+    "a grid for optuna": ({"search_alg": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},
+                          "search_alg: optuna samples its own points; use choice instead of grid"),
+    "unknown searcher": ({"search_alg": "hyperopt"}, "search.search_alg: Input should be 'random', 'grid', 'optuna' or 'bohb'"),
 }
 
 
@@ -160,6 +164,24 @@ def test_analyze_needs_an_experiment(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert analyze.main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.strip() == f"error: experiment: there is no Ray Tune experiment at {tmp_path / 'empty'}"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("searcher,scheduler", [("optuna", "asha"), ("bohb", "bohb")])
+def test_optuna_and_bohb_search_through_ray_tunes_own_integrations(searcher, scheduler, ray_cluster, tmp_path):
+    """TPE (Optuna) with ASHA, and BOHB with HyperBand for BOHB: every trial runs, the searcher proposes distinct
+    points inside the space, and the sweep's report is written."""
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, size=16)
+    config = write_sweep(tmp_path, data, experiment=f"sweep-{searcher}", num_samples=4, search_alg=searcher,
+                         scheduler={"name": scheduler, "max_t": 3, "grace_period": 1, "reduction_factor": 2},
+                         space={"optim.lr": {"loguniform": [1.0e-4, 3.0e-2]}, "model.dropout": {"choice": [0.0, 0.3]}})
+    assert sweep.main(["--config", str(config)]) == 0
+    histories = trial_histories(tmp_path / "runs" / f"sweep-{searcher}")
+    assert len(histories) == 4 and all(rows for rows in histories.values())
+    lrs = {rows[0]["config"]["optim.lr"] for rows in histories.values()}
+    assert len(lrs) == 4 and all(1e-4 <= lr <= 3e-2 for lr in lrs)
+    assert analyze.main([str(tmp_path / "runs" / f"sweep-{searcher}")]) == 0
 
 
 @pytest.mark.integration
