@@ -98,7 +98,9 @@ def latest_valid_checkpoint(filesystem, directory: str, experiment: str, registe
     foreign one is skipped with a warning.
     """
     paths = checkpoint_dirs(filesystem, directory)
-    if registered is not None and registered.path not in paths:
+    if registered is not None and not registered.path.startswith(directory.rstrip("/") + "/"):
+        paths = [registered.path, *paths]  # handed over from another trial (population-based training's exploit): it wins
+    elif registered is not None and registered.path not in paths:
         paths = sorted([*paths, registered.path], key=lambda p: Path(p).name, reverse=True)
     for path in paths:
         try:

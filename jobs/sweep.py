@@ -149,7 +149,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
                                         search_alg=search_alg),
             run_config=tune.RunConfig(
                 name=cfg.experiment, storage_path=root.path, storage_filesystem=fs, verbose=1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=search.metric,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=kept_checkpoints(cfg, search), checkpoint_score_attribute=search.metric,
                                                         checkpoint_score_order=search.mode),
                 failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
         )
@@ -164,13 +164,25 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     return results
 
 
+def kept_checkpoints(cfg: RunConfig, search: SearchConfig) -> int | None:
+    """checkpoint.keep per trial; at least 4 under population-based training, whose exploits read other trials'."""
+    keep = cfg.checkpoint.keep
+    return keep if search.scheduler.name != "pbt" or keep is None else max(keep, 4)
+
+
 def scheduler_and_searcher(search: SearchConfig):
     """Ray Tune's own scheduler and search algorithm for the sweep file's names, seeded from `search.seed`."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
     from ray.tune.search import BasicVariantGenerator
 
     s = search.scheduler
-    if s.name == "asha":
+    if s.name == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                                            hyperparam_mutations=param_space(search),  # PBT_KEYS only (sweep_config)
+                                            quantile_fraction=s.quantile_fraction)
+    elif s.name == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     elif s.name == "bohb":
         scheduler = HyperBandForBOHB(time_attr="epoch", max_t=s.max_t, reduction_factor=s.reduction_factor)

@@ -16,11 +16,18 @@ from tl_core.errors import ConfigError
 _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
+#: What population-based training may change in a running trial: hyperparameters that a resume from a checkpoint
+#: takes from the new config (the optimizer's groups, the loss, dropout), never the model's or the data's shape.
+PBT_KEYS = ("optim.lr", "optim.weight_decay", "optim.l1", "model.dropout", "train.label_smoothing")
+
+
 class SchedulerConfig(Section):
-    name: Literal["asha", "fifo", "bohb"] = "asha"  # bohb: HyperBand for BOHB (with search_alg: bohb)
+    name: Literal["asha", "fifo", "bohb", "pbt"] = "asha"  # bohb: HyperBand for BOHB (with search_alg: bohb)
     max_t: int = Field(10, ge=1)  # epochs a trial may run; also every trial's train.epochs
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1.0)
+    perturbation_interval: int = Field(2, ge=1)  # pbt: epochs between exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)  # pbt: the bottom share copies the top share
 
     @model_validator(mode="after")
     def _grace_within_max_t(self) -> SchedulerConfig:
@@ -70,6 +77,13 @@ class SearchConfig(Section):
             raise ValueError(f"search_alg: {self.search_alg} samples its own points; use choice instead of grid in the space")
         if (self.search_alg == "bohb") != (self.scheduler.name == "bohb"):
             raise ValueError("search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together")
+        if self.scheduler.name == "pbt":
+            fixed = [k for k in self.space if k not in PBT_KEYS]
+            if fixed:
+                raise ValueError(f"scheduler.name: pbt changes hyperparameters of running trials, which {fixed[0]} is not; "
+                                 f"its space may hold {', '.join(PBT_KEYS)}")
+            if self.search_alg not in ("random",):
+                raise ValueError("scheduler.name: pbt draws its own starting points; use search_alg: random")
         return self
 
     def trial_values(self) -> list[tuple[str, Any]]:

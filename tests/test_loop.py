@@ -251,3 +251,15 @@ def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr_and_resumes_mid_way(image_fo
 def test_lp_ft_needs_epochs_left_to_fine_tune(image_folder):
     with pytest.raises(ConfigError, match=r"model.lp_epochs: 4 must be less than train.epochs \(4\)"):
         config(image_folder, model={"strategy": "lp_ft", "lp_epochs": 4})
+
+
+def test_a_resume_trains_on_with_the_configs_lr_and_weight_decay_not_the_checkpoints(image_folder, tmp_path):
+    """What population-based training relies on: the checkpoint's weights and optimizer moments, the new config's
+    hyperparameters (the schedule's position kept)."""
+    first = LocalReporter(tmp_path / "run")
+    fit(config(image_folder, train={"epochs": 2}, optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "scheduler": "cosine"}), first)
+    changed = config(image_folder, train={"epochs": 4}, optim={"name": "adamw", "lr": 4e-3, "weight_decay": 0.2, "scheduler": "cosine"})
+    again = config(image_folder, train={"epochs": 4}, optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "scheduler": "cosine"})
+    lr_changed = fit(changed, lambda m, c: None, resume_from=first.latest, checkpoints=False)[0]["lr"]
+    lr_same = fit(again, lambda m, c: None, resume_from=first.latest, checkpoints=False)[0]["lr"]
+    assert lr_changed == pytest.approx(4 * lr_same) and lr_same < 1e-3  # the cosine schedule went on from epoch 2

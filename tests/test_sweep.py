@@ -146,6 +146,7 @@ SWEEP_BAD_INPUTS = {
     "bohb without its scheduler": ({"search_alg": "bohb"}, "search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together"),
     "a grid for optuna": ({"search_alg": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},
                           "search_alg: optuna samples its own points; use choice instead of grid"),
+    "pbt on a fixed key": ({"scheduler": {"name": "pbt"}}, "pbt changes hyperparameters of running trials, which train.batch_size"),
     "unknown searcher": ({"search_alg": "hyperopt"}, "search.search_alg: Input should be 'random', 'grid', 'optuna' or 'bohb'"),
 }
 
@@ -182,6 +183,25 @@ def test_optuna_and_bohb_search_through_ray_tunes_own_integrations(searcher, sch
     lrs = {rows[0]["config"]["optim.lr"] for rows in histories.values()}
     assert len(lrs) == 4 and all(1e-4 <= lr <= 3e-2 for lr in lrs)
     assert analyze.main([str(tmp_path / "runs" / f"sweep-{searcher}")]) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_population_based_training_copies_a_better_trial_and_trains_on_with_new_hyperparameters(ray_cluster, tmp_path):
+    """PBT through Ray Tune: a trial in the bottom quantile takes a top trial's checkpoint and goes on from its epoch
+    with a perturbed LR, which its optimizer really uses (the resume takes LR and weight decay from the new config)."""
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, size=16)
+    config = write_sweep(tmp_path, data, experiment="sweep-pbt", num_samples=4,
+                         scheduler={"name": "pbt", "max_t": 3, "perturbation_interval": 1, "quantile_fraction": 0.25},
+                         space={"optim.lr": {"loguniform": [1.0e-5, 3.0e-2]}, "model.dropout": {"choice": [0.0, 0.3]}})
+    assert sweep.main(["--config", str(config)]) == 0
+    histories = trial_histories(tmp_path / "runs" / "sweep-pbt")
+    exploited = [rows for rows in histories.values() if len({r["trial_lr"] for r in rows}) > 1]
+    assert exploited, "no trial was exploited"
+    for rows in exploited:
+        change = next(i for i in range(1, len(rows)) if rows[i]["trial_lr"] != rows[i - 1]["trial_lr"])
+        assert rows[change]["epoch"] > 1  # it went on from the donor's epoch, not from scratch
+        assert rows[change]["lr"] == pytest.approx(rows[change]["trial_lr"])  # constant schedule: the new LR is used
 
 
 @pytest.mark.integration

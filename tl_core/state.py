@@ -163,14 +163,27 @@ class TrainingState:
         self.model.load_state_dict(ckpt.model_state)
         for name, module in self.extra.items():
             module.load_state_dict(state[name])
+        configured = [(group.get("initial_lr", group["lr"]), group.get("weight_decay", 0.0)) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state[StateKey.OPTIMIZER])
         self.scheduler.load_state_dict(state[StateKey.SCHEDULER])
+        self._apply_configured_hyperparameters(configured)
         self.scaler.load_state_dict(state[StateKey.SCALER])
         if StateKey.EARLY_STOPPING in state:  # absent from SimCLR checkpoints written before it had early stopping
             self.stopper.load_state_dict(state[StateKey.EARLY_STOPPING])
         self.epoch = state[StateKey.EPOCH]
         self.stopped_early = bool(state.get(StateKey.STOPPED_EARLY, False))
         log_rank0("resumed at epoch %d", self.epoch)
+
+    def _apply_configured_hyperparameters(self, configured: list[tuple[float, float]]) -> None:
+        """After a resume, each group's base LR and weight decay are this run's config's, not the checkpoint's: the
+        same when a run simply continues; new ones when population-based training (or a user) changed them."""
+        if len(configured) != len(self.optimizer.param_groups):
+            return
+        self.scheduler.base_lrs = [lr for lr, _ in configured]
+        for group, (lr, weight_decay), factor in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["weight_decay"] = lr, weight_decay
+            group["lr"] = lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ------------------------------------------------------------ the epoch
 
