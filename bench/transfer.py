@@ -349,11 +349,12 @@ def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
     previous = json.loads((RESULTS / "transfer.json").read_text()) if (RESULTS / "transfer.json").is_file() else []
     rows = [r for r in previous if r["target"] not in measured] + rows
     targets = [t for t in SPLITS if any(r["target"] == t for r in rows)]
+    labels = sorted({r["labels_per_class"] for r in rows})  # every column any target measured; a missing cell stays empty
     table = summarise(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transfer.json").write_text(json.dumps(rows, indent=1))
-    plot(table, targets, args.labels, RESULTS / "transfer.png")
-    table_md = markdown(table, rows, targets, args.labels)
+    plot(table, targets, labels, RESULTS / "transfer.png")
+    table_md = markdown(table, rows, targets, labels)
     (RESULTS / "transfer.md").write_text(table_md)
     update_readme(table_md)
     print(table_md)
