@@ -65,6 +65,7 @@ def data_classes_and_size(cfg: RunConfig, local: RunConfig) -> tuple[list[str], 
             raise ConfigError(f"data.root: {cfg.data.root} is a packed image dataset, which supervised image runs stream; "
                               "give this run an image folder or a table")
         manifest = streaming.read_manifest(cfg)
+        streaming.check_shards(cfg, manifest)
         return manifest.classes, manifest.rows("train")
     try:
         index = RECIPES[cfg.pretrain.method].index(local.data, cfg.train.seed)

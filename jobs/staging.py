@@ -140,7 +140,8 @@ def fetch_hub_weights(cfg: RunConfig) -> None:
             hub.download()
 
 
-def _staged_location(cfg: RunConfig, hub: HubWeights) -> Location:
+def _staged_location(cfg: RunConfig, hub: HubWeights | HubModel) -> Location:
+    """Where the driver stages hub weights (a file) or a hub text encoder (a folder): STORAGE_ROOT/_weights/..."""
     return root_location(cfg).child(WEIGHTS_DIR, *hub.staged_dir.split("/"))
 
 
@@ -182,7 +183,7 @@ def _stage_hub_model(cfg: RunConfig) -> RunConfig:
     cached = model.cached()
     if cached is None:
         return with_overrides(cfg, [f"model.backbone={HF_PREFIX}{staged_hub_model(cfg, model).uri}"])
-    location = root_location(cfg).child(WEIGHTS_DIR, *model.staged_dir.split("/"))
+    location = _staged_location(cfg, model)
     if not storage.exists(location.child("config.json"), "model.backbone"):  # config.json goes last: there means complete
         if location.is_s3:
             storage.upload_dir(cached, location, last="config.json")
@@ -194,7 +195,7 @@ def _stage_hub_model(cfg: RunConfig) -> RunConfig:
 
 def staged_hub_model(cfg: RunConfig, model: HubModel) -> Location:
     """Where the driver staged a hub text encoder under STORAGE_ROOT/_weights/; ConfigError when it did not."""
-    location = root_location(cfg).child(WEIGHTS_DIR, *model.staged_dir.split("/"))
+    location = _staged_location(cfg, model)
     if not storage.exists(location.child("config.json"), "model.backbone"):
         raise ConfigError(f"model.backbone: {model.repo} is neither in this node's Hugging Face cache ({model.cache_dir()}) "
                           f"nor staged under {location.uri}")

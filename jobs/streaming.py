@@ -40,14 +40,18 @@ def is_packed(cfg: RunConfig) -> bool:
 
 
 def read_manifest(cfg: RunConfig) -> Manifest:
-    """The manifest of the packed dataset at `data.root`, its shards checked present; DataError naming what is wrong."""
+    """The manifest of the packed dataset at `data.root`; DataError when it is not one."""
+    location = data_location(cfg).child(MANIFEST_FILE)
+    return Manifest.from_json(storage.read_text(location, "data.root"), location.uri)
+
+
+def check_shards(cfg: RunConfig, manifest: Manifest) -> None:
+    """Every shard the manifest names is there (once, in the driver's pre-flight: not again on every worker)."""
     location = data_location(cfg)
-    manifest = Manifest.from_json(storage.read_text(location.child(MANIFEST_FILE), "data.root"), location.child(MANIFEST_FILE).uri)
     for shard in (s for split in manifest.shards.values() for s in split):
         if not storage.exists(location.child(shard["path"]), "data.root"):
             raise DataError(f"data.root: {location.uri}'s manifest names shard {shard['path']}, which is gone; pack it again "
                             "with python -m jobs.pack_data")
-    return manifest
 
 
 def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
