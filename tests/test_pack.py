@@ -182,11 +182,9 @@ def test_a_packed_dataset_on_s3_streams_to_two_ddp_workers_and_survives_a_killed
     """Packed once from S3 to S3, then streamed with Ray Data to 2 DDP workers (decoded in map_batches tasks beside
     them), never copied to the node cache; a worker killed after the first checkpoint is replaced and the run goes
     on from it; every validation image is evaluated exactly once per epoch across the ranks."""
-    import signal
-    import threading
 
     from helpers import write_config
-    from test_s3_jobs import last_modified, train_workers, wait_for_object
+    from test_s3_jobs import WorkerKiller, last_modified
 
     from cluster.storage import cache
     from jobs import finetune
@@ -200,19 +198,9 @@ def test_a_packed_dataset_on_s3_streams_to_two_ddp_workers_and_survives_a_killed
                           data={"decode_cpus": 0.5, "image_size": 16}, storage={"root": "s3://tl-test/runs"}, checkpoint={"keep": None},
                           scaling={"num_workers": 2, "max_failures": 1, "resources_per_worker": {"CPU": 0.5}})
     first = f"runs/streamed/checkpoint_epoch_0001/{META_FILE}"
-    killed = []
-
-    def kill_a_worker_after_the_first_checkpoint():
-        wait_for_object(s3, first)
-        killed.append(last_modified(s3, first))
-        victim = train_workers()[0]
-        victim.send_signal(signal.SIGKILL)
-        killed.append(victim.pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
+    killer = WorkerKiller(s3, first)
     assert finetune.main(["--config", str(config)]) == 0
-    killer.join(5)
+    killed = killer.join()
     assert len(killed) == 2 and last_modified(s3, first) == killed[0]
     result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/streamed/result.json")["Body"].read())
     assert result["epochs_completed"] == 3 and result["classes"] == manifest.classes

@@ -47,6 +47,29 @@ def train_workers() -> list[psutil.Process]:
             if "RayTrainWorker" in " ".join(p.cmdline() if p.is_running() else [])]
 
 
+class WorkerKiller:
+    """A thread that SIGKILLs one Ray Train worker once `key` (the first checkpoint's meta.json) is on S3, `pause`
+    seconds later; `killed` is then [that meta.json's LastModified, the worker's pid]."""
+
+    def __init__(self, s3, key: str, pause: float = 0.0):
+        self.killed: list = []
+
+        def kill() -> None:
+            wait_for_object(s3, key)
+            self.killed.append(last_modified(s3, key))
+            time.sleep(pause)
+            victim = train_workers()[0]
+            victim.send_signal(signal.SIGKILL)
+            self.killed.append(victim.pid)
+
+        self.thread = threading.Thread(target=kill, daemon=True)
+        self.thread.start()
+
+    def join(self) -> list:
+        self.thread.join(5)
+        return self.killed
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_everything_on_s3_and_a_killed_worker_resumes(ray_cluster, s3, tmp_path):
@@ -66,20 +89,9 @@ def test_everything_on_s3_and_a_killed_worker_resumes(ray_cluster, s3, tmp_path)
     ft = write_config(tmp_path, "s3://tl-test/data/target", "ft.yaml", experiment="s3-ft", train={"epochs": 4},
                       model={"weights": "s3://tl-test/runs/s3-pre"}, checkpoint={"keep": None},
                       scaling={"num_workers": 2, "max_failures": 1}, **s3_runs)
-    killed = []
-
-    def kill_a_worker_after_the_first_checkpoint():
-        wait_for_object(s3, f"runs/s3-ft/checkpoint_epoch_0001/{META_FILE}")
-        killed.append(last_modified(s3, f"runs/s3-ft/checkpoint_epoch_0001/{META_FILE}"))
-        time.sleep(0.5)  # into epoch 2
-        victim = train_workers()[0]
-        victim.send_signal(signal.SIGKILL)
-        killed.append(victim.pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
+    killer = WorkerKiller(s3, f"runs/s3-ft/checkpoint_epoch_0001/{META_FILE}", pause=0.5)  # into epoch 2
     assert finetune.main(["--config", str(ft)]) == 0
-    killer.join(5)
+    killed = killer.join()
     assert len(killed) == 2 and not psutil.pid_exists(killed[1])
 
     result = json.loads(s3.client().get_object(Bucket=BUCKET, Key="runs/s3-ft/result.json")["Body"].read())

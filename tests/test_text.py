@@ -3,8 +3,6 @@ and the text mistakes a user can make (one line, exit 2, nothing written)."""
 
 import json
 import random
-import signal
-import threading
 
 import pyarrow as pa
 import pyarrow.csv
@@ -271,7 +269,7 @@ def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, ml
     """A text dataset and the encoder itself (`hf:s3://...`) read from the S3 server, MiniLM fine-tuned (top layer
     open) by 2 DDP workers; a worker killed after the first checkpoint is replaced and the run goes on from it.
     Checkpoints carry the tokenizer, so the run is a complete source for the next stage."""
-    from test_s3_jobs import keys, last_modified, train_workers, wait_for_object
+    from test_s3_jobs import WorkerKiller, keys, last_modified
 
     from cluster import storage
     from tl_core.checkpoint import META_FILE
@@ -288,19 +286,9 @@ def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, ml
                           checkpoint={"keep": None}, scaling={"num_workers": 2, "max_failures": 1},
                           tracking={"mlflow": {"uri": mlflow_server, "experiment": "text-ddp"}})
     first = f"runs/text-ddp/checkpoint_epoch_0001/{META_FILE}"
-    killed = []
-
-    def kill_a_worker_after_the_first_checkpoint():
-        wait_for_object(s3, first)
-        killed.append(last_modified(s3, first))
-        victim = train_workers()[0]
-        victim.send_signal(signal.SIGKILL)
-        killed.append(victim.pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
+    killer = WorkerKiller(s3, first)
     assert finetune.main(["--config", str(config)]) == 0
-    killer.join(5)
+    killed = killer.join()
     assert len(killed) == 2
     result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/text-ddp/result.json")["Body"].read())
     assert result["epochs_completed"] == 4 and result["classes"] == ["neg", "pos"]
