@@ -145,8 +145,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
             trainable,
             param_space=param_space(search),
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                                        max_concurrent_trials=search.max_concurrent_trials, scheduler=scheduler,
-                                        search_alg=search_alg),
+                                        scheduler=scheduler, search_alg=search_alg),
             run_config=tune.RunConfig(
                 name=cfg.experiment, storage_path=root.path, storage_filesystem=fs, verbose=1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=kept_checkpoints(cfg, search), checkpoint_score_attribute=search.metric,
@@ -171,9 +170,10 @@ def kept_checkpoints(cfg: RunConfig, search: SearchConfig) -> int | None:
 
 
 def scheduler_and_searcher(search: SearchConfig):
-    """Ray Tune's own scheduler and search algorithm for the sweep file's names, seeded from `search.seed`."""
+    """Ray Tune's own scheduler and search algorithm for the sweep file's names, seeded from `search.seed`, the
+    search algorithm holding `max_concurrent_trials` (Tune ignores TuneConfig's for a BasicVariantGenerator)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     s = search.scheduler
     if s.name == "pbt":
@@ -191,12 +191,14 @@ def scheduler_and_searcher(search: SearchConfig):
     if search.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return scheduler, OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed)
-    if search.search_alg == "bohb":
+        searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed)
+    elif search.search_alg == "bohb":
         from ray.tune.search.bohb import TuneBOHB
 
-        return scheduler, TuneBOHB(metric=search.metric, mode=search.mode, seed=search.seed)
-    return scheduler, BasicVariantGenerator(random_state=search.seed)
+        searcher = TuneBOHB(metric=search.metric, mode=search.mode, seed=search.seed)
+    else:
+        return scheduler, BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials)
+    return scheduler, ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
 
 
 def trial_resources(cfg: RunConfig) -> dict:

@@ -14,7 +14,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 from jobs import analyze, finetune, sweep
-from jobs.sweep_config import load_sweep
+from jobs.sweep_config import SearchConfig, load_sweep
 
 REPO = Path(__file__).parent.parent
 
@@ -273,3 +273,15 @@ def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
     restarts = [r for r in rows[1:] if r["iterations_since_restore"] == 1]
     # The restored trial's first epoch is the damaged checkpoint's: it resumed from the one before, not from scratch.
     assert restarts and restarts[-1]["epoch"] == damaged_epoch
+
+
+@pytest.mark.parametrize("searcher,scheduler", [("random", "asha"), ("grid", "fifo"), ("optuna", "asha"), ("bohb", "bohb")])
+def test_every_search_algorithm_holds_max_concurrent_trials(searcher, scheduler):
+    """Tune ignores TuneConfig(max_concurrent_trials) for a BasicVariantGenerator (random and grid search) with only a
+    warning, so the search algorithm itself must hold the limit."""
+    space = {"optim.lr": {"grid": [0.1, 0.01]} if searcher == "grid" else {"loguniform": [1.0e-4, 1.0e-1]}}
+    search = SearchConfig.model_validate({"space": space, "search_alg": searcher, "max_concurrent_trials": 3,
+                                          "scheduler": {"name": scheduler, "max_t": 3}})
+    _, search_alg = sweep.scheduler_and_searcher(search)
+    limit = getattr(search_alg, "max_concurrent", None) or getattr(search_alg, "_max_concurrent", None)
+    assert limit == 3, type(search_alg).__name__
