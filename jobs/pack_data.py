@@ -1,7 +1,8 @@
-"""Pack an image folder once into Parquet shards that every run streams: `python -m jobs.pack_data SOURCE DEST`.
+"""Pack an image folder or a text table once into Parquet shards that every run streams:
+`python -m jobs.pack_data SOURCE DEST`.
 
     python -m jobs.pack_data s3://bucket/raw/flowers s3://bucket/packed/flowers [--val-fraction 0.2] [--seed 0]
-                             [--shard-mb 256]
+                             [--shard-mb 256] [--text-column text --label-column label]
 
 SOURCE is an image folder (local or s3://) laid out as `data.root` is: train/ (+ val/) of class folders, or class
 folders. The cleaning a run would do (unreadable files skipped and counted, exact duplicates dropped by content
@@ -14,6 +15,11 @@ cluster:
 2. the driver drops duplicates and splits, from the hashes alone (`tl_core.data.clean_and_split`);
 3. write: one task per group keeps its rows that survived and writes DEST/<version>/train-NNNNN.parquet and
    val-NNNNN.parquet; then DEST/manifest.json, last (`tl_core.packed.Manifest`).
+
+SOURCE holding table files where an image folder holds class folders (train.csv + val.csv, or one table; CSV,
+JSON lines or Parquet: what `data.root` reads as text) is packed as text: the tables are read and cleaned once in
+the driver, as a text run does (`tl_core.text.index_text_table`: empty texts and missing labels skipped, duplicates
+dropped, a stratified split), and the shuffled rows are written as shards of (text, label) by Ray tasks.
 
 The version is the fingerprint of the source listing (every file's path, size and ETag or mtime) and the split
 settings: re-running on an unchanged source does nothing; a changed one is packed again as a new version. A run
@@ -30,6 +36,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +48,11 @@ import pyarrow.parquet as pq
 from cluster import storage
 from cluster.storage import Location
 from jobs.cli import guarded
+from tl_core.config import DataConfig
 from tl_core.data import clean_and_split, image_digest, layout_from_paths
 from tl_core.errors import DataError
-from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, Manifest
+from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
+from tl_core.text import TABLE_SUFFIXES, index_text_table
 
 log = logging.getLogger("jobs")
 
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share when SOURCE has no val/ (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the shuffle into shards")
     parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    parser.add_argument("--text-column", default="text", help="text tables: the column holding the text (default text)")
+    parser.add_argument("--label-column", default="label", help="text tables: the column holding the label (default label)")
     args = parser.parse_args(argv)
     if not 0.0 < args.val_fraction < 1.0:
         raise DataError(f"--val-fraction: {args.val_fraction} is not between 0 and 1")
@@ -74,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"--shard-mb: {args.shard_mb} must be positive")
     source = storage.parse(args.source, field="SOURCE")
     dest = storage.parse(args.dest, field="DEST")
-    manifest = pack(source, dest, args.val_fraction, args.seed, int(args.shard_mb * 2**20))
+    shard_bytes = int(args.shard_mb * 2**20)
+    tables = list_tables(source)
+    if tables:
+        manifest = pack_text(source, dest, tables, args.val_fraction, args.seed, shard_bytes, (args.text_column, args.label_column))
+    else:
+        manifest = pack(source, dest, args.val_fraction, args.seed, shard_bytes)
     print(f"{dest.uri}: {manifest.summary()}")
     return 0
 
@@ -84,8 +100,7 @@ def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard
     classes, train_files, val_files = layout_from_paths([f.path for f in files], source.uri)
     version = fingerprint(files, val_fraction, seed)
     existing = read_manifest(dest)
-    if existing is not None and existing.fingerprint == version:
-        log.info("pack: %s is up to date with %s (version %s)", dest.uri, source.uri, version[:12])
+    if is_current(existing, version, dest, source):
         return existing
     check_dest(dest, source, version[:12])
     created = not storage.exists(dest, "DEST")
@@ -129,13 +144,95 @@ def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard
                         per_class=per_class, unreadable=index.unreadable[:100])
     storage.write_text(dest.child(MANIFEST_FILE), manifest.to_json())
     storage.delete(dest.child(STAGING))
-    if existing is not None:
-        log.info("pack: the shards of the earlier version %s stay under %s/%s until no run reads them",
-                 existing.fingerprint[:12], dest.uri, existing.fingerprint[:12])
+    note_earlier_version(existing, dest)
     return manifest
 
 
+def pack_text(source: Location, dest: Location, tables: list[SourceFile], val_fraction: float, seed: int, shard_bytes: int,
+              columns: tuple[str, str]) -> Manifest:
+    """A text table: cleaned and split once here (as a text run would), its rows shuffled and written as shards of
+    about `shard_bytes` by Ray tasks."""
+    version = fingerprint(tables, val_fraction, seed, list(columns))
+    existing = read_manifest(dest)
+    if is_current(existing, version, dest, source):
+        return existing
+    check_dest(dest, source, version[:12])
+    index = read_text_source(source, tables, val_fraction, seed, columns)  # a mistake in the data: nothing written yet
+
+    import ray
+
+    from jobs.runner import connect_ray
+
+    connect_ray()
+    write_task = ray.remote(num_cpus=1)(write_text_shard)
+    futures = {}
+    for split, rows in (("train", index.train), ("val", index.val)):
+        order = rows[:]
+        random.Random(seed).shuffle(order)  # every shard mixes the classes
+        sizes = {i: len(text.encode()) for i, (text, _) in enumerate(order)}
+        groups = cut([(i, label) for i, (_, label) in enumerate(order)], sizes, shard_bytes)
+        for n, group in enumerate(groups):
+            name = f"{version[:12]}/{split}-{n:05d}.parquet"
+            futures[write_task.remote(dest, name, [order[i][0] for i, _ in group], [label for _, label in group])] = len(group)
+    written = list(progress(futures, len(index.train) + len(index.val), "written", unit="texts"))
+    shards = {split: sorted((s for s in written if s["path"].split("/")[-1].startswith(split)), key=lambda s: s["path"])
+              for split in SPLITS}
+    per_class = {split: {c: 0 for c in index.classes} for split in SPLITS}
+    for split, rows in (("train", index.train), ("val", index.val)):
+        for _, label in rows:
+            per_class[split][index.classes[label]] += 1
+    manifest = Manifest(classes=index.classes, shards=shards, source=source.uri, fingerprint=version, val_fraction=val_fraction,
+                        seed=seed, counts={"train": len(index.train), "val": len(index.val), "unreadable": len(index.unreadable),
+                                           "duplicates": index.duplicates},
+                        per_class=per_class, unreadable=index.unreadable[:100], modality="text")
+    storage.write_text(dest.child(MANIFEST_FILE), manifest.to_json())
+    note_earlier_version(existing, dest)
+    return manifest
+
+
+def read_text_source(source: Location, tables: list[SourceFile], val_fraction: float, seed: int, columns: tuple[str, str]):
+    """The cleaned, split rows of SOURCE's tables (copied from S3 to a temporary folder first); DataError naming
+    this command's arguments."""
+    with tempfile.TemporaryDirectory(prefix="tl-pack-text-") as tmp:
+        root = Path(tmp) if source.is_s3 else Path(source.path)
+        for table in tables if source.is_s3 else ():
+            storage.download(source.child(table.path), root / table.path, "SOURCE")
+        try:
+            return index_text_table(DataConfig(root=str(root), val_fraction=val_fraction, text_column=columns[0],
+                                               label_column=columns[1]), seed)
+        except DataError as exc:
+            message = str(exc).replace(str(root), source.uri).replace("data.root", "SOURCE")
+            raise DataError(message.replace("data.text_column", "--text-column").replace("data.label_column", "--label-column")) from None
+
+
+def is_current(existing: Manifest | None, version: str, dest: Location, source: Location) -> bool:
+    if existing is not None and existing.fingerprint == version:
+        log.info("pack: %s is up to date with %s (version %s)", dest.uri, source.uri, version[:12])
+        return True
+    return False
+
+
+def note_earlier_version(existing: Manifest | None, dest: Location) -> None:
+    if existing is not None:
+        log.info("pack: the shards of the earlier version %s stay under %s/%s until no run reads them",
+                 existing.fingerprint[:12], dest.uri, existing.fingerprint[:12])
+
+
 # ---------------------------------------------------------------- listing
+
+def list_tables(source: Location) -> list[SourceFile]:
+    """SOURCE's table files (train.csv, val.jsonl, ...) at its top level: [] for an image folder."""
+    if source.is_s3:
+        objects = storage.list_objects(source, "SOURCE")
+        return [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in objects
+                if "/" not in o["Key"] and Path(o["Key"]).suffix.lower() in TABLE_SUFFIXES and not o["Key"].startswith(".")]
+    from tl_core.text import table_files
+
+    root = Path(source.path)
+    if not root.is_dir():
+        return []  # list_source names the missing directory
+    return [SourceFile(p.name, p.stat().st_size, str(p.stat().st_mtime_ns)) for p in table_files(root)]
+
 
 def list_source(source: Location) -> list[SourceFile]:
     if source.is_s3:
@@ -155,8 +252,9 @@ def list_source(source: Location) -> list[SourceFile]:
     return found
 
 
-def fingerprint(files: list[SourceFile], val_fraction: float, seed: int) -> str:
-    listing = json.dumps([[f.path, f.size, f.stamp] for f in sorted(files, key=lambda f: f.path)] + [val_fraction, seed])
+def fingerprint(files: list[SourceFile], val_fraction: float, seed: int, settings: list | None = None) -> str:
+    listing = json.dumps([[f.path, f.size, f.stamp] for f in sorted(files, key=lambda f: f.path)] + [val_fraction, seed]
+                         + (settings or []))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -178,7 +276,7 @@ def check_dest(dest: Location, source: Location, version: str) -> None:
         raise DataError(f"DEST: {dest.uri} holds files and no packed dataset; give a new or empty location")
 
 
-def cut(order: list[tuple[str, int]], sizes: dict[str, int], shard_bytes: int) -> list[list[tuple[str, int]]]:
+def cut(order: list[tuple], sizes: dict, shard_bytes: int) -> list[list[tuple]]:
     """`order` in consecutive groups of about `shard_bytes` (at least one file each)."""
     groups, group, total = [], [], 0
     for sample in order:
@@ -190,7 +288,7 @@ def cut(order: list[tuple[str, int]], sizes: dict[str, int], shard_bytes: int) -
     return groups + [group] if group else groups
 
 
-def progress(futures: dict, total: int, verb: str):
+def progress(futures: dict, total: int, verb: str, unit: str = "images"):
     """Each finished task's result as it lands, with a progress line: images done, images/s, time left."""
     import ray
 
@@ -203,7 +301,7 @@ def progress(futures: dict, total: int, verb: str):
         elapsed = time.monotonic() - started
         if time.monotonic() - last > 5 or not pending:
             rate = done / max(elapsed, 1e-9)
-            log.info("pack: %d/%d images %s (%.0f images/s, %s left)", done, total, verb, rate,
+            log.info("pack: %d/%d %s %s (%.0f %s/s, %s left)", done, total, unit, verb, rate, unit,
                      _duration((total - done) / rate if rate else 0))
             last = time.monotonic()
 
@@ -270,11 +368,19 @@ def write_group(staging: Location, dest: Location, version: str, i: int, keep: d
     return shards
 
 
-def write_parquet(table: pa.Table, target: Location) -> None:
+def write_text_shard(dest: Location, name: str, texts: list[str], labels: list[int]) -> dict:
+    """One shard of text rows at DEST/NAME (kept if written before); its record {"path", "rows", "bytes"}."""
+    target = dest.child(name)
+    if not storage.exists(target, "DEST"):
+        write_parquet(pa.table({"text": texts, "label": labels}, schema=TEXT_SCHEMA), target, compression="zstd")
+    return {"path": name, "rows": len(texts), "bytes": storage.filesystem(dest).get_file_info(target.path).size}
+
+
+def write_parquet(table: pa.Table, target: Location, compression: str = "none") -> None:
     """Whole or not at all: locally under a temporary name renamed into place; on S3 one upload, atomic by itself."""
     filesystem = storage.filesystem(target)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression="none")  # encoded images do not compress
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression=compression)  # encoded images do not compress
     if target.is_s3:
         with filesystem.open_output_stream(target.path) as f:
             f.write(buffer.getvalue())

@@ -18,6 +18,7 @@ from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError, DataError
 from tl_core.modality import check_modality
+from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
 
 log = logging.getLogger("jobs")
@@ -45,10 +46,11 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
                           "or choose another experiment name")
     fetch_hub_weights(cfg)  # once, here on the driver, before any worker starts
     local = localize(cfg)
+    manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
     if cfg.pretrain.method == "supervised":
-        check_modality(local)
+        check_modality(local, manifest.modality if manifest else None)
     recipe = RECIPES[cfg.pretrain.method]
-    classes, n_train = data_classes_and_size(cfg, local)
+    classes, n_train = data_classes_and_size(cfg, local, manifest)
     model = recipe.build_model(local, classes)  # unknown or mismatched weights fail here
     if cfg.pretrain.method == "supervised":
         check_batch_norm_batches(cfg, n_train, model)
@@ -57,14 +59,13 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     return cfg
 
 
-def data_classes_and_size(cfg: RunConfig, local: RunConfig) -> tuple[list[str], int]:
-    """(class names, training samples) of the run's data: a packed dataset's manifest (its shards checked present),
+def data_classes_and_size(cfg: RunConfig, local: RunConfig, manifest: Manifest | None) -> tuple[list[str], int]:
+    """(class names, training samples) of the run's data: a packed dataset's `manifest` (its shards checked present),
     or the data indexed and cleaned as the recipe reads it."""
-    if streaming.is_packed(cfg):
-        if cfg.pretrain.method != "supervised" or check_modality(local) != "image":
-            raise ConfigError(f"data.root: {cfg.data.root} is a packed image dataset, which supervised image runs stream; "
-                              "give this run an image folder or a table")
-        manifest = streaming.read_manifest(cfg)
+    if manifest is not None:
+        if cfg.pretrain.method != "supervised":
+            raise ConfigError(f"data.root: {cfg.data.root} is a packed dataset, which supervised runs stream; give "
+                              f"pretrain.method: {cfg.pretrain.method} an image folder")
         streaming.check_shards(cfg, manifest)
         return manifest.classes, manifest.rows("train")
     try:

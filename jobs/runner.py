@@ -59,7 +59,8 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
 
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
-    RECIPES[recipe].fit(localize(cfg), report, data=packed_data(cfg, session), resume_from=resume, device=session.device)
+    local = localize(cfg)
+    RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device)
 
 
 def packed_data(cfg: RunConfig, session: WorkerSession):

@@ -2,8 +2,9 @@
 
 `data.root: DEST` holding manifest.json is read shard by shard with `ray.data.read_parquet`; its images are decoded
 and transformed in `map_batches` tasks on the cluster's CPUs (any node's, CPU-only nodes included), and each
-Ray Train worker iterates its split of the stream (`get_dataset_shard`) with `iter_torch_batches`. The core sees a
-`tl_core.batches.StreamedData`: it never imports Ray.
+Ray Train worker iterates its split of the stream (`get_dataset_shard`) with `iter_torch_batches`. Texts need no
+decoding: each batch is tokenised by the worker with the model's tokenizer and padded to its longest text. The core
+sees a `tl_core.batches.StreamedData`: it never imports Ray.
 
 Epochs: every rank gets the same number of training rows (Ray's equal split; with N workers at most N-1 rows sit
 out an epoch, other ones each epoch because the order is shuffled), shuffled from the run's seed and the epoch
@@ -16,6 +17,9 @@ from __future__ import annotations
 import logging
 import math
 from typing import Callable
+
+import numpy as np
+import torch
 
 from cluster import storage
 from cluster.storage import Location
@@ -55,7 +59,7 @@ def check_shards(cfg: RunConfig, manifest: Manifest) -> None:
 
 
 def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
-    """{"train", "val"}: Ray Datasets of decoded, transformed images, read lazily from the shards."""
+    """{"train", "val"}: Ray Datasets read lazily from the shards: decoded, transformed images, or texts as stored."""
     import ray.data
 
     from tl_core.data import image_transforms
@@ -64,10 +68,13 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
     context.enable_progress_bars = context.enable_operator_progress_bars = context.print_on_execution_start = False
     location = data_location(cfg)
     filesystem = storage.filesystem(location)
-    transforms = dict(zip(("train", "val"), image_transforms(cfg), strict=True))
+    text = manifest.modality == "text"
+    transforms = {} if text else dict(zip(("train", "val"), image_transforms(cfg), strict=True))
 
     def stream(split: str):
         paths = [location.child(shard["path"]).path for shard in manifest.shards[split]]
+        if text:
+            return ray.data.read_parquet(paths, filesystem=filesystem, columns=["text", "label"])
         return (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image", "label", "path"])
                 .map_batches(decode_batch, fn_kwargs={"transform": transforms[split]}, batch_size=DECODE_BATCH,
                              batch_format="numpy", num_cpus=cfg.data.decode_cpus))
@@ -93,11 +100,26 @@ def data_config():
     return EveryValidationRowOnce()
 
 
-class StreamedBatches:
-    """(images, labels) batches of one rank's split of a stream, `len()` of them per epoch."""
+def tokenized_batches(tokenizer, max_length: int):
+    """Ray Data's collate for a stream of texts: a numpy batch -> (the tokenizer's inputs, padded to the batch's
+    longest text, labels)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    def __init__(self, iterator, batch_size: int, rows: int, shuffle: bool):
-        self.iterator, self.batch_size, self.rows, self.shuffle = iterator, batch_size, rows, shuffle
+    class TokenizedBatch(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict, torch.Tensor]:
+            inputs = tokenizer([str(t) for t in batch["text"]], truncation=True, max_length=max_length, padding="longest",
+                               return_tensors="pt")
+            return dict(inputs), torch.from_numpy(batch["label"].astype(np.int64))
+
+    return TokenizedBatch()
+
+
+class StreamedBatches:
+    """(inputs, labels) batches of one rank's split of a stream, `len()` of them per epoch: decoded images as Ray
+    Data converts them, or what `collate` makes of a numpy batch (texts)."""
+
+    def __init__(self, iterator, batch_size: int, rows: int, shuffle: bool, collate=None):
+        self.iterator, self.batch_size, self.rows, self.shuffle, self.collate = iterator, batch_size, rows, shuffle, collate
         self.drop_last = rows % batch_size == 1 and rows > 1 and shuffle  # a training batch of one breaks BatchNorm
         self.seed = 0
 
@@ -106,17 +128,27 @@ class StreamedBatches:
 
     def __iter__(self):
         buffer = self.batch_size * SHUFFLE_BUFFER_BATCHES if self.shuffle else None
-        for batch in self.iterator.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last,
-                                                      local_shuffle_buffer_size=buffer,
-                                                      local_shuffle_seed=self.seed if self.shuffle else None):
-            yield batch["image"], batch["label"]
+        batches = self.iterator.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last, collate_fn=self.collate,
+                                                   local_shuffle_buffer_size=buffer,
+                                                   local_shuffle_seed=self.seed if self.shuffle else None)
+        if self.collate is not None:
+            yield from batches
+        else:
+            for batch in batches:
+                yield batch["image"], batch["label"]
 
 
 def streamed_data(cfg: RunConfig, manifest: Manifest, shard: Callable[[str], object], world_size: int) -> StreamedData:
-    """This rank's `TaskData` over the stream; `shard(name)` is its DataIterator of "train" or "val"."""
-    train = StreamedBatches(shard("train"), cfg.train.batch_size, manifest.rows("train") // world_size, shuffle=True)
+    """This rank's `TaskData` over the stream; `shard(name)` is its DataIterator of "train" or "val". `cfg` is as
+    this node reads it (a text encoder's tokenizer in the node's cache)."""
+    collate = None
+    if manifest.modality == "text":
+        from tl_core.text_models import load_tokenizer
+
+        collate = tokenized_batches(load_tokenizer(cfg.model.backbone, cfg.data.max_length), cfg.data.max_length)
+    train = StreamedBatches(shard("train"), cfg.train.batch_size, manifest.rows("train") // world_size, shuffle=True, collate=collate)
     val_rows = math.ceil(manifest.rows("val") / world_size)  # an upper bound: the split is unequal, nothing dropped
-    val = StreamedBatches(shard("val"), max(2 * cfg.train.batch_size, 32), val_rows, shuffle=False)
+    val = StreamedBatches(shard("val"), max(2 * cfg.train.batch_size, 32), val_rows, shuffle=False, collate=collate)
 
     def on_epoch(epoch: int, seed: int) -> None:
         train.seed = (cfg.train.seed * 1_000_003 + epoch) % 2**32

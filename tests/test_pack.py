@@ -112,6 +112,8 @@ def test_a_class_with_no_readable_image_is_one_line_and_leaves_nothing(ray_clust
     ("dest_not_packed", "holds files and no packed dataset"),
     ("bad_manifest", "is not a packed dataset's manifest"),
     ("val_fraction", "--val-fraction: 1.5 is not between 0 and 1"),
+    ("text_one_class", "--label-column: train.csv has 1 class(es) in column 'label'; need at least 2"),
+    ("text_no_column", "--text-column: train.csv has no column 'text'; its columns: review, label"),
 ])
 def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
     source, dest = tmp_path / "data", tmp_path / "runs" / "packed"
@@ -120,6 +122,14 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
         source.mkdir()
     elif case == "one_class":
         make_image_folder(source, n_classes=1, per_class=3)
+    elif case.startswith("text"):
+        from test_text import sentiment_rows, write_csv
+
+        rows = sentiment_rows(8)
+        if case == "text_one_class":
+            write_csv(source / "train.csv", [{**r, "label": "pos"} for r in rows])
+        else:
+            write_csv(source / "train.csv", [{"review": r["text"], "label": r["label"]} for r in rows], columns=("review", "label"))
     elif case != "missing":
         make_image_folder(source, n_classes=2, per_class=3)
     if case == "dest_inside":
@@ -133,6 +143,49 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
     one_line_exit_2(pack_data.main, [str(source), str(dest), *extra], capsys, tmp_path, message, written=written)
     if written:
         assert len(list(dest.iterdir())) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_text_table_on_s3_is_packed_once_and_streams_to_a_text_run(ray_cluster, s3, tmp_path, capsys):
+    """Text tables (train.csv with empty, unlabelled and duplicate rows; val.csv) packed from S3 to S3, cleaned as a
+    text run cleans them; a MiniLM run streams the shards (tokenised per batch by the worker), learns, and evaluates
+    every validation text once."""
+    from helpers import write_config
+    from test_text import MINILM, sentiment_rows, write_csv
+
+    from jobs import finetune
+    from tl_core.text import index_text_table
+
+    source = tmp_path / "text"
+    rows = sentiment_rows(48)
+    write_csv(source / "train.csv", rows[:36] + [{"text": "", "label": "pos"}, {"text": "no label here", "label": None}, rows[0]])
+    write_csv(source / "val.csv", rows[36:])
+    storage.upload_dir(source, storage.parse("s3://tl-test/raw/text"))
+    argv = ["s3://tl-test/raw/text", "s3://tl-test/packed/text", "--shard-mb", "0.001"]
+    assert pack_data.main(argv) == 0
+    manifest = Manifest.from_json(s3.client().get_object(Bucket="tl-test", Key="packed/text/manifest.json")["Body"].read(), "s3")
+    index = index_text_table(DataConfig(root=str(source)), seed=0)  # what a text run reads
+    assert manifest.modality == "text" and manifest.classes == index.classes == ["neg", "pos"]
+    assert manifest.counts == {"train": 36, "val": 12, "unreadable": 2, "duplicates": 1}
+    filesystem = storage.filesystem(storage.parse("s3://tl-test/packed/text"))
+    stored = {split: sorted(row for shard in manifest.shards[split] for row in zip(
+        *pq.read_table(f"tl-test/packed/text/{shard['path']}", filesystem=filesystem).to_pydict().values(), strict=True))
+        for split in ("train", "val")}
+    assert stored == {"train": sorted(index.train), "val": sorted(index.val)} and len(manifest.shards["train"]) > 1
+    assert pack_data.main(argv) == 0 and "up to date" in capsys.readouterr().err
+
+    config = write_config(tmp_path, "s3://tl-test/packed/text", experiment="streamed-text", train={"epochs": 2, "batch_size": 8},
+                          data={"max_length": 32, "decode_cpus": 0.5}, storage={"root": "s3://tl-test/runs"},
+                          model={"backbone": MINILM, "weights": "pretrained", "strategy": "linear_probe"},
+                          optim={"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "scheduler": "cosine"},
+                          scaling={"num_workers": 1, "resources_per_worker": {"CPU": 1}})
+    assert finetune.main(["--config", str(config)]) == 0
+    result = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/streamed-text/result.json")["Body"].read())
+    assert result["epochs_completed"] == 2 and result["classes"] == ["neg", "pos"]
+    assert result["best_metric"]["val/acc"] >= 0.8
+    meta = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/streamed-text/checkpoint_epoch_0002/meta.json")["Body"].read())
+    assert sum(map(sum, meta["confusion_matrix"])) == 12  # every validation text once
 
 
 # ---------------------------------------------------------------- streaming a packed dataset to training
@@ -156,7 +209,7 @@ def test_a_row_that_does_not_decode_is_dropped_not_fatal():
 
 @pytest.mark.parametrize("case,message", [
     ("missing_shard", "names shard"),
-    ("simclr", "is a packed image dataset, which supervised image runs stream"),
+    ("simclr", "is a packed dataset, which supervised runs stream"),
 ])
 def test_a_packed_dataset_that_cannot_stream_is_one_line_exit_2(case, message, tmp_path, capsys):
     from helpers import write_config

@@ -20,13 +20,16 @@ def modality(data: DataConfig) -> str:
     return "text" if is_text_root(data.root) else "image"
 
 
-def check_modality(cfg: RunConfig) -> str:
-    """The run's modality; ConfigError when the backbone is of the other kind, or a text encoder cannot take the
-    configured `data.max_length` (or has no tokenizer)."""
-    kind = modality(cfg.data)
+def check_modality(cfg: RunConfig, found: str | None = None) -> str:
+    """The run's modality (`found`: what a job read in the data itself, a packed dataset's manifest); ConfigError
+    when the backbone is of the other kind, or a text encoder cannot take the configured `data.max_length` (or has
+    no tokenizer)."""
+    if found and cfg.data.modality not in ("auto", found):
+        raise ConfigError(f"data.modality: {cfg.data.modality}, but data.root {cfg.data.root} is a packed {found} dataset")
+    kind = found or modality(cfg.data)
     if kind == "text" and not is_text_backbone(cfg.model.backbone):
-        raise ConfigError(f"model.backbone: {cfg.model.backbone} is an image model, but data.root {cfg.data.root} holds text "
-                          "(table files); use a text encoder, hf:<model>")
+        raise ConfigError(f"model.backbone: {cfg.model.backbone} is an image model, but data.root {cfg.data.root} holds text"
+                          f"{'' if found else ' (table files)'}; use a text encoder, hf:<model>")
     if kind == "image" and is_text_backbone(cfg.model.backbone):
         raise ConfigError(f"model.backbone: {cfg.model.backbone} is a text model, but data.root {cfg.data.root} holds images "
                           "(class folders); use an image backbone, or train.csv/jsonl/parquet for text")

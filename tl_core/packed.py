@@ -1,11 +1,12 @@
-"""A packed dataset: an image folder cleaned and split once, its images stored in a few large Parquet shards.
+"""A packed dataset: an image folder or a text table cleaned and split once, its samples stored in a few large
+Parquet shards.
 
 `python -m jobs.pack_data SOURCE DEST` writes one (jobs/pack_data.py); `data.root: DEST` trains on it by streaming
 the shards. Layout of DEST (local or s3://):
 
     manifest.json              written last: its presence means the dataset is complete (`Manifest`)
-    <version>/train-00000.parquet ...   rows (image: the file's encoded bytes, label: class index, path: source path)
-    <version>/val-00000.parquet ...
+    <version>/train-00000.parquet ...   rows: images (image: the file's encoded bytes, label: class index, path: source
+    <version>/val-00000.parquet ...           path) or texts (text, label: class index), as the manifest's `modality` says
 
 Parquet rather than WebDataset tar: one columnar file type that pyarrow (already how runs reach S3) and Ray Data
 (`read_parquet`) read natively, with the label and path columns readable without touching the image bytes, row
@@ -33,6 +34,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "tl-finetune/packed-images/1"
 SPLITS = ("train", "val")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
+TEXT_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int32())])
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Manifest:
     seed: int
     counts: dict[str, int] = field(default_factory=dict)  # train, val, unreadable, duplicates
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> rows
-    unreadable: list[str] = field(default_factory=list)  # the first skipped files, for the user to look at
+    unreadable: list[str] = field(default_factory=list)  # the first skipped files (or table rows), for the user to look at
+    modality: str = "image"  # or "text"
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -64,6 +67,8 @@ class Manifest:
             manifest = cls(**raw)
             if len(manifest.classes) < 2 or set(manifest.shards) != set(SPLITS) or not all(manifest.shards.values()):
                 raise ValueError("classes or shards missing")
+            if manifest.modality not in ("image", "text"):
+                raise ValueError(f"modality {manifest.modality!r}")
             for shard in (s for split in manifest.shards.values() for s in split):
                 if not isinstance(shard.get("path"), str) or ".." in shard["path"] or not isinstance(shard.get("rows"), int):
                     raise ValueError(f"shard {shard!r}")
@@ -75,9 +80,10 @@ class Manifest:
         return sum(s["rows"] for s in self.shards[split])
 
     def summary(self) -> str:
-        return (f"{len(self.classes)} classes, {self.rows('train')} train / {self.rows('val')} val images in "
+        unit, skipped = ("texts", "empty or unlabelled") if self.modality == "text" else ("images", "unreadable")
+        return (f"{len(self.classes)} classes, {self.rows('train')} train / {self.rows('val')} val {unit} in "
                 f"{len(self.shards['train'])} + {len(self.shards['val'])} shards; skipped {self.counts.get('unreadable', 0)} "
-                f"unreadable, dropped {self.counts.get('duplicates', 0)} duplicates")
+                f"{skipped}, dropped {self.counts.get('duplicates', 0)} duplicates")
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform: Callable, seed: int | None = None) -> dict[str, np.ndarray]:
