@@ -8,6 +8,7 @@ Ray Tune trial (jobs.sweep), so they resume, report and upload alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,10 +25,11 @@ from jobs import ray_private, streaming, tracking
 from jobs.cli import RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
 from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
-from tl_core.checkpoint import META_FILE, Checkpoint, load_checkpoint
+from tl_core.checkpoint import META_FILE, Checkpoint, Mirror, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
 from tl_core.distributed import get_world_size
 from tl_core.errors import CheckpointError
+from tl_core.state import CheckpointMirror
 
 log = logging.getLogger("jobs")
 EPOCH_CHECKPOINT = "checkpoint_epoch_{:04d}"
@@ -51,6 +53,7 @@ class WorkerSession:
     device: object
     dataset_shard: Optional[Callable[[str], object]] = None  # a packed dataset's split for this worker (Ray Train's)
     mlflow_run: Optional[tuple[str, str]] = None  # (tracking URI, run id) that rank 0 logs each epoch to
+    mirror: Optional[CheckpointMirror] = None  # where each checkpoint streams while it is saved (S3 runs)
 
 
 def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
@@ -60,7 +63,8 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
     local = localize(cfg)
-    RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device)
+    RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device,
+                        mirror=session.mirror)
 
 
 def packed_data(cfg: RunConfig, session: WorkerSession):
@@ -154,7 +158,8 @@ def train_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     extras = loop_config["extra_metrics"]
     experiment = experiment_location(cfg)
-    upload = checkpoint_uploader(experiment) if experiment.is_s3 else local_publisher(experiment)
+    checkpoints = S3Checkpoints(experiment) if experiment.is_s3 else None
+    upload = checkpoints.upload if checkpoints else local_publisher(experiment)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -165,21 +170,44 @@ def train_worker(loop_config: dict) -> None:
     run_recipe(cfg, loop_config["recipe"], WorkerSession(report, run.storage_filesystem, run.experiment_fs_path,
                                                          ray.train.get_checkpoint(), ray.train.torch.get_device(),
                                                          ray.train.get_dataset_shard if loop_config["packed"] else None,
-                                                         loop_config["mlflow_run"]))
+                                                         loop_config["mlflow_run"], checkpoints and checkpoints.mirror))
 
 
-def checkpoint_uploader(experiment: Location) -> Callable:
-    """Ray Train's `checkpoint_upload_fn` for S3: our upload, retried with backoff, meta.json last (so a
-    checkpoint cut short by a failure has no meta.json and never verifies)."""
+class S3Checkpoints:
+    """A run's checkpoints on S3. `mirror(epoch)` streams each weights file to its place while torch.save writes it
+    (the upload overlaps the save); `upload` is Ray Train's `checkpoint_upload_fn`: what was not streamed whole,
+    retried with backoff, then meta.json last (so a checkpoint cut short by a failure has no meta.json and never
+    verifies)."""
 
-    def upload(checkpoint, checkpoint_dir_name: str):
+    def __init__(self, experiment: Location):
+        self.experiment = experiment
+        self.streamed: dict[str, dict[str, int]] = {}  # checkpoint directory name -> {file: bytes streamed whole}
+
+    def mirror(self, epoch: int) -> Mirror:
+        name = EPOCH_CHECKPOINT.format(epoch)
+        streamed = self.streamed[name] = {}
+
+        @contextlib.contextmanager
+        def stream(file: str):
+            copy = storage.UploadStream(self.experiment.child(name, file))
+            try:
+                yield copy
+            finally:
+                if copy.finish():
+                    streamed[file] = copy.size
+                else:
+                    log.warning("checkpoint %s/%s: streaming it to %s failed (%s); it is uploaded after the save instead",
+                                name, file, self.experiment.uri, copy.error)
+        return stream
+
+    def upload(self, checkpoint, checkpoint_dir_name: str):
         import ray.train
 
-        destination = experiment.child(checkpoint_dir_name)
-        storage.upload_dir(checkpoint.path, destination, last=META_FILE)
+        local, destination = Path(checkpoint.path), self.experiment.child(checkpoint_dir_name)
+        streamed = self.streamed.pop(checkpoint_dir_name, {})
+        whole = frozenset(f for f, size in streamed.items() if (local / f).is_file() and (local / f).stat().st_size == size)
+        storage.upload_dir(local, destination, last=META_FILE, skip=whole)
         return ray.train.Checkpoint(destination.path, filesystem=storage.filesystem(destination))
-
-    return upload
 
 
 def local_publisher(experiment: Location) -> Callable:

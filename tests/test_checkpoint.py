@@ -142,3 +142,34 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     (run / "checkpoint_epoch_0005").symlink_to(other)
     found = latest_valid_checkpoint(pyarrow.fs.LocalFileSystem(), str(run), "mine")
     assert found.meta["epoch"] == 1
+
+
+@pytest.mark.parametrize("stream_fails", [False, True])
+def test_an_s3_checkpoint_streams_while_saved_and_the_upload_sends_only_the_rest(stream_fails, s3, tmp_path, monkeypatch, caplog):
+    """The weights files reach S3 while torch.save writes them; Ray Train's upload then sends meta.json (last) and
+    nothing twice. A stream that fails is only a warning: the upload sends that file whole instead."""
+    from cluster import storage
+    from jobs.runner import S3Checkpoints
+
+    sent = []
+    upload_dir = storage.upload_dir
+    monkeypatch.setattr(storage, "upload_dir", lambda local, where, last=None, skip=frozenset():
+                        sent.append(sorted(p.name for p in local.iterdir() if p.name not in skip)) or upload_dir(local, where, last, skip))
+    if stream_fails:
+        def broken(self, data):
+            self.error = OSError("connection reset")
+        monkeypatch.setattr(storage.UploadStream, "write", broken)
+    experiment = storage.parse(f"s3://tl-test/streamed-{stream_fails}")
+    checkpoints = S3Checkpoints(experiment)
+    model = torch.nn.Linear(300, 200)
+    path = save_checkpoint(tmp_path / "c", model.state_dict(), {"epoch": 1}, {"epoch": 1}, mirror=checkpoints.mirror(1))
+    keys = {o["Key"] for o in storage.list_objects(experiment)}
+    assert f"checkpoint_epoch_0001/{META_FILE}" not in keys  # not complete before Ray Train's upload
+    if not stream_fails:
+        assert keys == {"checkpoint_epoch_0001/model.pt", "checkpoint_epoch_0001/train_state.pt"}
+
+    restored = checkpoints.upload(type("Local", (), {"path": str(path)})(), "checkpoint_epoch_0001")
+    assert sent == [[META_FILE, MODEL_FILE, STATE_FILE] if stream_fails else [META_FILE]]
+    assert ("streaming it to" in caplog.text) == stream_fails
+    with restored.as_directory() as local:
+        assert torch.equal(load_checkpoint(local).model_state["weight"], model.weight.detach())

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator
 
 import torch
 import torchvision
@@ -31,6 +31,10 @@ from tl_core.errors import CheckpointError
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+
+#: file name -> a writable stream that receives a copy of that checkpoint file's bytes while it is written (an upload
+#: to the run's storage: the checkpoint leaves the node while torch.save runs). Closing it ends the copy.
+Mirror = Callable[[str], ContextManager[BinaryIO]]
 
 
 @dataclass
@@ -64,15 +68,17 @@ def to_json(obj: Any) -> str:
 
 
 def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict, meta: dict,
-                    files: dict[str, Path] | None = None) -> Path:
+                    files: dict[str, Path] | None = None, mirror: Mirror | None = None) -> Path:
     """Write a complete checkpoint at `directory` (which must not exist yet), atomically. `files` (name inside the
     checkpoint -> local file) travel with it, checksummed like the weights: what makes it a complete source for
-    the next stage (a text model's tokenizer). Each file is hashed as it is written, never read back."""
+    the next stage (a text model's tokenizer). Each weights file is hashed as it is written, never read back, and
+    written to `mirror(its name)` too when given."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        digests = {MODEL_FILE: _save_hashed(model_state, tmp / MODEL_FILE), STATE_FILE: _save_hashed(train_state, tmp / STATE_FILE)}
+        digests = {MODEL_FILE: _save_hashed(model_state, tmp / MODEL_FILE, mirror),
+                   STATE_FILE: _save_hashed(train_state, tmp / STATE_FILE, mirror)}
         for name, source in (files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
@@ -91,22 +97,25 @@ def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict,
 
 
 class _HashingWriter:
-    """A file torch.save writes through (sequentially: its zip writer never seeks), hashing every byte on the way."""
+    """A file torch.save writes through (sequentially: its zip writer never seeks), hashing every byte on the way
+    and copying it to `copy` when given."""
 
-    def __init__(self, file):
-        self.file, self.digest = file, hashlib.sha256()
+    def __init__(self, file, copy=None):
+        self.file, self.copy, self.digest = file, copy, hashlib.sha256()
 
     def write(self, data) -> int:
         self.digest.update(data)
+        if self.copy is not None:
+            self.copy.write(data)
         return self.file.write(data)
 
     def flush(self) -> None:
         self.file.flush()
 
 
-def _save_hashed(obj: Any, path: Path) -> str:
-    with open(path, "wb") as f:
-        writer = _HashingWriter(f)
+def _save_hashed(obj: Any, path: Path, mirror: Mirror | None = None) -> str:
+    with open(path, "wb") as f, (mirror(path.name) if mirror else contextlib.nullcontext()) as copy:
+        writer = _HashingWriter(f, copy)
         torch.save(obj, writer)
     return writer.digest.hexdigest()
 

@@ -21,7 +21,7 @@ from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log
 from tl_core.metrics import ClassificationMeter
 from tl_core.modality import labelled_data
 from tl_core.models import apply_strategy, build_model, set_train_mode
-from tl_core.state import Reporter, TrainingState, default_device
+from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
 
@@ -52,11 +52,12 @@ def evaluate(model: nn.Module, batches, state: TrainingState, num_classes: int, 
 
 
 def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, resume_from: str | Path | Checkpoint | None = None,
-        device: torch.device | None = None, checkpoints: bool = True) -> list[dict]:
+        device: torch.device | None = None, checkpoints: bool = True, mirror: CheckpointMirror | None = None) -> list[dict]:
     """Train and validate for `cfg.train.epochs` (or until early stopping); returns each epoch's metrics.
 
     `data` defaults to the images or text at `cfg.data.root`; `resume_from` (a checkpoint directory, or one
-    already loaded) continues a run where it stopped; `checkpoints=False` reports metrics only.
+    already loaded) continues a run where it stopped; `checkpoints=False` reports metrics only; `mirror` copies each
+    checkpoint's files to the run's storage while they are written.
     """
     device = device or default_device(cfg.scaling.use_gpu)
     if data is None:
@@ -94,6 +95,6 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
         }
         meta = {"classes": data.classes, "per_class": val["per_class"], "confusion_matrix": val["confusion_matrix"]}
         history.append(metrics)
-        if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints):
+        if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror):
             break
     return history

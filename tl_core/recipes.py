@@ -21,7 +21,7 @@ from tl_core.simclr import build_simclr_model, fit_simclr
 
 @dataclass(frozen=True)
 class Recipe:
-    fit: Callable[..., list[dict]]  # fit(cfg, reporter, *, data=None, resume_from=None, device=None, checkpoints=True)
+    fit: Callable[..., list[dict]]  # fit(cfg, reporter, *, data=None, resume_from=None, device=None, checkpoints=True, mirror=None)
     index: Callable[[DataConfig, int], DatasetIndex]  # index(cfg.data, seed): the data it reads, cleaned and split
     build_model: Callable[[RunConfig, list[str]], nn.Module]  # the model, source weights loaded
 

@@ -23,7 +23,7 @@ from tl_core.config import ModelConfig, PretrainConfig, RunConfig
 from tl_core.data import ImageData, index_unlabelled, loaders_for
 from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, wrap_ddp
 from tl_core.models import build_model, find_head, normalization, set_submodule, set_train_mode
-from tl_core.state import Reporter, TrainingState, default_device
+from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
 # ---------------------------------------------------------------- the loss
 
@@ -130,7 +130,7 @@ def contrastive_step(temperature: float):
 
 
 def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, resume_from: str | Checkpoint | None = None,
-               device: Optional[torch.device] = None, checkpoints: bool = True) -> list[dict]:
+               device: Optional[torch.device] = None, checkpoints: bool = True, mirror: CheckpointMirror | None = None) -> list[dict]:
     """Pretrain with SimCLR for `cfg.train.epochs` (or until early stopping); every epoch reports train/loss,
     val/loss and val/acc (the top-1 accuracy of finding each view's partner) with a checkpoint of the backbone."""
     device = device or default_device(cfg.scaling.use_gpu)
@@ -161,7 +161,7 @@ def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = No
         metrics = {"epoch": epoch + 1, "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
                    "lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started}
         history.append(metrics)
-        if state.end_epoch(epoch, metrics, {"classes": None, "method": "simclr"}, reporter, checkpoint=checkpoints):
+        if state.end_epoch(epoch, metrics, {"classes": None, "method": "simclr"}, reporter, checkpoint=checkpoints, mirror=mirror):
             break
     return history
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tl_core.batches import TaskData, move_to
-from tl_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, staging_dir
+from tl_core.checkpoint import Checkpoint, Mirror, load_checkpoint, save_checkpoint, staging_dir
 from tl_core.config import EarlyStoppingConfig, RunConfig
 from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0, unwrap
 from tl_core.errors import TrainingDiverged
@@ -30,6 +30,8 @@ from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
 
 #: `reporter(metrics, checkpoint_dir)`: every rank calls it once per epoch; only rank 0 passes a directory.
 Reporter = Callable[[dict[str, float], Optional[str]], None]
+#: (epoch) -> where the files of that epoch's checkpoint are copied while they are written (`Mirror`), or None.
+CheckpointMirror = Callable[[int], Optional[Mirror]]
 #: A train step: (model, inputs, labels) -> {"loss": tensor to minimise, "logged": tensor to average, "n": weight};
 #: the optimizer step adds `optim.l1`'s penalty to "loss" for every recipe.
 StepFn = Callable[[nn.Module, object, torch.Tensor], dict]
@@ -237,9 +239,11 @@ class TrainingState:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def end_epoch(self, epoch: int, metrics: dict, meta: dict, reporter: Reporter, *, checkpoint: bool = True) -> bool:
+    def end_epoch(self, epoch: int, metrics: dict, meta: dict, reporter: Reporter, *, checkpoint: bool = True,
+                  mirror: CheckpointMirror | None = None) -> bool:
         """Record epoch `epoch` (0-based): refuse a diverged loss, step early stopping, log, report every rank's
-        metrics (rank 0 with a checkpoint unless `checkpoint` is False). True when training should stop."""
+        metrics (rank 0 with a checkpoint unless `checkpoint` is False; its files copied to `mirror(epoch + 1)` while
+        they are written, when given). True when training should stop."""
         for name in ("train/loss", "val/loss"):
             if name in metrics and not math.isfinite(metrics[name]):
                 raise TrainingDiverged(f"epoch {epoch + 1}: {name} is {metrics[name]}; lower optim.lr or set train.clip_grad_norm")
@@ -251,7 +255,7 @@ class TrainingState:
             with staging_dir() as tmp:
                 meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "metrics": metrics, **meta}
                 path = save_checkpoint(tmp / "checkpoint", self.model.state_dict(), self.state_dict(), meta,
-                                       files=checkpoint_files(self.cfg.model))
+                                       files=checkpoint_files(self.cfg.model), mirror=mirror(self.epoch) if mirror else None)
                 reporter(metrics, str(path))
         else:
             reporter(metrics, None)

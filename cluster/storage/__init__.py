@@ -209,11 +209,12 @@ def write_text(location: Location, text: str) -> None:
     os.replace(tmp, path)
 
 
-def upload_dir(local_dir: str | Path, location: Location, last: str | None = None) -> None:
+def upload_dir(local_dir: str | Path, location: Location, last: str | None = None, skip: frozenset[str] = frozenset()) -> None:
     """Upload every file of `local_dir` under the prefix `location` (in parallel, each retried with backoff),
-    the file named `last` after all others, so that its presence means the upload is complete."""
+    the file named `last` after all others, so that its presence means the upload is complete; `skip`: relative
+    paths already there."""
     local_dir = Path(local_dir)
-    files = [p for p in sorted(local_dir.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(local_dir.rglob("*")) if p.is_file() and p.relative_to(local_dir).as_posix() not in skip]
     first, final = [p for p in files if p.name != last], [p for p in files if p.name == last]
     client = s3_client(location)
 
@@ -225,6 +226,35 @@ def upload_dir(local_dir: str | Path, location: Location, last: str | None = Non
             list(pool.map(put, first))
         for path in final:
             put(path)
+
+
+class UploadStream:
+    """A best-effort copy of bytes, as they are produced, to the object at `location` (pyarrow's S3 output stream:
+    parts upload in the background while the writer goes on). It never raises: a failure is remembered, and
+    `finish()` says whether the object is complete, so the caller can upload the file the usual way instead."""
+
+    def __init__(self, location: Location):
+        self.location, self.size, self.error = location, 0, None
+        try:
+            self.stream = filesystem(location).open_output_stream(location.path)
+        except Exception as exc:  # noqa: BLE001 - the copy is an optimisation: the caller falls back to an upload
+            self.stream, self.error = None, exc
+
+    def write(self, data) -> None:
+        if self.error is None:
+            try:
+                self.stream.write(data)
+                self.size += memoryview(data).nbytes
+            except Exception as exc:  # noqa: BLE001
+                self.error = exc
+
+    def finish(self) -> bool:
+        if self.stream is not None and not self.stream.closed:
+            try:
+                self.stream.close()  # waits for the last parts
+            except Exception as exc:  # noqa: BLE001
+                self.error = self.error or exc
+        return self.error is None
 
 
 def upload_file(local_file: str | Path, location: Location) -> None:
