@@ -49,7 +49,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs.cli import guarded
 from tl_core.config import DataConfig
-from tl_core.data import clean_and_split, image_digest, layout_from_paths
+from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths
 from tl_core.errors import DataError
 from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
 from tl_core.text import TABLE_SUFFIXES, index_text_table
@@ -134,17 +134,9 @@ def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard
     shards = {split: [s for group in written for s in group if s["split"] == split] for split in SPLITS}
     for shard in (s for split in shards.values() for s in split):
         del shard["split"]
-    per_class = {split: {c: 0 for c in classes} for split in SPLITS}
-    for split, rows in (("train", index.train), ("val", index.val)):
-        for _, label in rows:
-            per_class[split][classes[label]] += 1
-    manifest = Manifest(classes=classes, shards=shards, source=source.uri, fingerprint=version, val_fraction=val_fraction,
-                        seed=seed, counts={"train": len(index.train), "val": len(index.val), "unreadable": len(index.unreadable),
-                                           "duplicates": index.duplicates},
-                        per_class=per_class, unreadable=index.unreadable[:100])
-    storage.write_text(dest.child(MANIFEST_FILE), manifest.to_json())
+    manifest = write_manifest(dest, Manifest(classes=index.classes, shards=shards, source=source.uri, fingerprint=version,
+                                             val_fraction=val_fraction, seed=seed), index, existing)
     storage.delete(dest.child(STAGING))
-    note_earlier_version(existing, dest)
     return manifest
 
 
@@ -177,17 +169,8 @@ def pack_text(source: Location, dest: Location, tables: list[SourceFile], val_fr
     written = list(progress(futures, len(index.train) + len(index.val), "written", unit="texts"))
     shards = {split: sorted((s for s in written if s["path"].split("/")[-1].startswith(split)), key=lambda s: s["path"])
               for split in SPLITS}
-    per_class = {split: {c: 0 for c in index.classes} for split in SPLITS}
-    for split, rows in (("train", index.train), ("val", index.val)):
-        for _, label in rows:
-            per_class[split][index.classes[label]] += 1
-    manifest = Manifest(classes=index.classes, shards=shards, source=source.uri, fingerprint=version, val_fraction=val_fraction,
-                        seed=seed, counts={"train": len(index.train), "val": len(index.val), "unreadable": len(index.unreadable),
-                                           "duplicates": index.duplicates},
-                        per_class=per_class, unreadable=index.unreadable[:100], modality="text")
-    storage.write_text(dest.child(MANIFEST_FILE), manifest.to_json())
-    note_earlier_version(existing, dest)
-    return manifest
+    return write_manifest(dest, Manifest(classes=index.classes, shards=shards, source=source.uri, fingerprint=version,
+                                         val_fraction=val_fraction, seed=seed, modality="text"), index, existing)
 
 
 def read_text_source(source: Location, tables: list[SourceFile], val_fraction: float, seed: int, columns: tuple[str, str]):
@@ -203,6 +186,20 @@ def read_text_source(source: Location, tables: list[SourceFile], val_fraction: f
         except DataError as exc:
             message = str(exc).replace(str(root), source.uri).replace("data.root", "SOURCE")
             raise DataError(message.replace("data.text_column", "--text-column").replace("data.label_column", "--label-column")) from None
+
+
+def write_manifest(dest: Location, manifest: Manifest, index: DatasetIndex, existing: Manifest | None) -> Manifest:
+    """`manifest` completed with what cleaning and splitting `index` counted, written last: DEST is complete."""
+    manifest.counts = {"train": len(index.train), "val": len(index.val), "unreadable": len(index.unreadable),
+                       "duplicates": index.duplicates}
+    manifest.per_class = {split: {c: 0 for c in index.classes} for split in SPLITS}
+    for split, rows in (("train", index.train), ("val", index.val)):
+        for _, label in rows:
+            manifest.per_class[split][index.classes[label]] += 1
+    manifest.unreadable = index.unreadable[:100]
+    storage.write_text(dest.child(MANIFEST_FILE), manifest.to_json())
+    note_earlier_version(existing, dest)
+    return manifest
 
 
 def is_current(existing: Manifest | None, version: str, dest: Location, source: Location) -> bool:
