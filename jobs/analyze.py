@@ -159,9 +159,9 @@ def pick_best(trials: list[Trial], mode: str) -> Trial:
 
 
 def with_best_name(cfg: RunConfig, sweep_name: str) -> RunConfig:
-    from tl_core.config import with_overrides
+    from tl_core.config import override, with_overrides
 
-    return with_overrides(cfg, [f"experiment={sweep_name}-best"])
+    return with_overrides(cfg, [override("experiment", f"{sweep_name}-best")])
 
 
 # --- plots -----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from cluster.storage import Location, cache
 from jobs.streaming import is_packed
 from tl_core import run_dir
 from tl_core.checkpoint import META_FILE
-from tl_core.config import RunConfig, with_overrides
+from tl_core.config import RunConfig, override, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.text_models import HF_PREFIX, HubModel, hub_repo, is_text_backbone
 from tl_core.weights import HubWeights, hub_weights
@@ -85,16 +85,16 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local paths made absolute (workers do not share the driver's working directory), and the S3 endpoint
     pinned from AWS_ENDPOINT_URL so workers get it too."""
     absolute = lambda path: path if storage.is_uri(path) else str(Path(path).expanduser().resolve())  # noqa: E731
-    overrides = [f"data.root={absolute(cfg.data.root)}", f"storage.root={absolute(cfg.storage.root)}"]
+    overrides = [override("data.root", absolute(cfg.data.root)), override("storage.root", absolute(cfg.storage.root))]
     weights = cfg.model.weights
     if weights and not storage.is_uri(weights) and not _hub(cfg) and Path(weights).expanduser().exists():
-        overrides.append(f"model.weights={absolute(weights)}")
+        overrides.append(override("model.weights", absolute(weights)))
     encoder = cfg.model.backbone[len(HF_PREFIX):] if is_text_backbone(cfg.model.backbone) else ""
     if encoder and not storage.is_uri(encoder) and Path(encoder).expanduser().exists():
-        overrides.append(f"model.backbone={HF_PREFIX}{absolute(encoder)}")
+        overrides.append(override("model.backbone", f"{HF_PREFIX}{absolute(encoder)}"))
     uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights, encoder))
     if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
-        overrides.append(f"storage.endpoint_url={os.environ['AWS_ENDPOINT_URL']}")
+        overrides.append(override("storage.endpoint_url", os.environ['AWS_ENDPOINT_URL']))
     return with_overrides(cfg, overrides)
 
 
@@ -103,13 +103,13 @@ def localize(cfg: RunConfig) -> RunConfig:
     overrides = []
     if cfg.data.root.startswith("s3://") and not is_packed(cfg):  # a packed dataset streams; it is never copied
         data = storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
-        overrides.append(f"data.root={cache.sync_prefix(data, 'data.root')}")
+        overrides.append(override("data.root", cache.sync_prefix(data, 'data.root')))
     if cfg.model.weights and cfg.model.weights.startswith("s3://"):
-        overrides.append(f"model.weights={fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)}")
+        overrides.append(override("model.weights", fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)))
     hub = _hub(cfg)
     if hub is not None and hub.cached() is None:  # not in this node's library cache: the copy the driver staged
         staged = staged_hub_weights(cfg, hub)
-        overrides.append(f"model.weights={fetch_weights(staged, cfg.storage.endpoint_url) if storage.is_uri(staged) else staged}")
+        overrides.append(override("model.weights", fetch_weights(staged, cfg.storage.endpoint_url) if storage.is_uri(staged) else staged))
     backbone = cfg.model.backbone
     model = _hub_model(cfg)
     if model is not None and model.cached() is None:  # not in this node's Hugging Face cache: the folder the driver staged
@@ -118,7 +118,7 @@ def localize(cfg: RunConfig) -> RunConfig:
         location = storage.parse(backbone[len(HF_PREFIX):], cfg.storage.endpoint_url, field="model.backbone")
         backbone = f"{HF_PREFIX}{cache.sync_prefix(location, 'model.backbone')}"
     if backbone != cfg.model.backbone:
-        overrides.append(f"model.backbone={backbone}")
+        overrides.append(override("model.backbone", backbone))
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
@@ -155,7 +155,7 @@ def stage_hub_weights(cfg: RunConfig) -> RunConfig:
         return cfg
     cached = hub.cached()
     if cached is None:
-        return with_overrides(cfg, [f"model.weights={staged_hub_weights(cfg, hub)}"])
+        return with_overrides(cfg, [override("model.weights", staged_hub_weights(cfg, hub))])
     target = _staged_location(cfg, hub).child(cached.name)
     if not storage.exists(target, "model.weights"):
         storage.upload_file(cached, target)
@@ -182,7 +182,7 @@ def _stage_hub_model(cfg: RunConfig) -> RunConfig:
         return cfg
     cached = model.cached()
     if cached is None:
-        return with_overrides(cfg, [f"model.backbone={HF_PREFIX}{staged_hub_model(cfg, model).uri}"])
+        return with_overrides(cfg, [override("model.backbone", f"{HF_PREFIX}{staged_hub_model(cfg, model).uri}")])
     location = _staged_location(cfg, model)
     if not storage.exists(location.child("config.json"), "model.backbone"):  # config.json goes last: there means complete
         if location.is_s3:

@@ -35,7 +35,7 @@ SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config an
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
     base, search = load_sweep(args.config, args.overrides)
-    base = check_run(with_overrides(base, [f"train.epochs={search.scheduler.max_t}"]), resume=args.resume,
+    base = check_run(with_overrides(base, [override("train.epochs", search.scheduler.max_t)]), resume=args.resume,
                      has_progress=sweep_has_progress)
     with claimed(base):
         results = run_sweep(base, search, resume=args.resume)
@@ -66,7 +66,7 @@ def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
     params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # BOHB samples numpy scalars
     cfg = with_overrides(from_dict(base), [override(k, v) for k, v in params.items()])
     if search["scale_lr"] == "linear":
-        cfg = with_overrides(cfg, [f"optim.lr={cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size']}"])
+        cfg = with_overrides(cfg, [override("optim.lr", cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size'])])
     return cfg
 
 
@@ -110,8 +110,8 @@ def _ddp_trial(cfg: RunConfig, sizes: dict, mlflow_parent: str | None) -> None:
 
     context = ray.tune.get_context()
     cfg = stage_hub_weights(cfg)  # the sweep's staged copy, before the trial's own storage root
-    cfg = with_overrides(cfg, [f"experiment={context.get_trial_id()}",
-                               f"storage.root={experiment_location(cfg).uri}/ddp-trials"])
+    cfg = with_overrides(cfg, [override("experiment", context.get_trial_id()),
+                               override("storage.root", f"{experiment_location(cfg).uri}/ddp-trials")])
     run_trainer(cfg, cfg.pretrain.method, callbacks=[TuneReportCallback()], extra_metrics=sizes, mlflow_parent=mlflow_parent)
     tracking.finish_mlflow_run(tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment))
 

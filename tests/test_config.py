@@ -5,7 +5,7 @@ import yaml
 from pydantic import ValidationError
 
 from jobs.sweep_config import load_sweep
-from tl_core.config import METRIC_NAMES, RunConfig, from_dict, with_overrides
+from tl_core.config import METRIC_NAMES, RunConfig, from_dict, override, with_overrides
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError
 
@@ -127,3 +127,15 @@ def test_num_workers_is_a_count_or_an_elastic_range():
     elastic = from_dict({**MINIMAL, "scaling": {"num_workers": {"min": 1, "max": 4}, "accelerator_type": "A10G"}}).scaling
     assert (elastic.elastic, elastic.min_workers, elastic.max_workers) == (True, 1, 4)
     assert from_dict(yaml.safe_load(RunConfig.model_validate({**MINIMAL, "scaling": elastic.model_dump()}).to_yaml())).scaling == elastic
+
+
+@pytest.mark.parametrize("key,value", [
+    ("experiment", "76333_00000"),  # a Ray Tune trial id: YAML 1.1 reads bare digits with underscores as an integer
+    ("experiment", "1e5"),
+    ("data.root", Path("/data/set: two")),  # ": " would make a bare value a mapping
+    ("storage.root", "s3://bucket/runs"),
+])
+def test_an_override_keeps_a_string_a_string(key, value):
+    cfg = with_overrides(from_dict(MINIMAL), [override(key, value)])
+    section, _, name = key.rpartition(".")
+    assert getattr(getattr(cfg, section) if section else cfg, name) == str(value)

@@ -6,6 +6,7 @@ Validation errors become one `ConfigError` line that names the field and what is
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import urlsplit
@@ -369,5 +370,8 @@ def _allowed_keys(loc: tuple, model: Any) -> str:
 
 
 def override(key: str, value: Any) -> str:
-    """`key=value` for `with_overrides`, with the value written as YAML (so None, lists and strings survive)."""
+    """`key=value` for `with_overrides`, with the value written as YAML (so None, lists and strings survive: a trial id
+    such as 76333_00000 stays a string, where a bare `experiment=76333_00000` would read as an integer)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
