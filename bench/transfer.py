@@ -220,9 +220,10 @@ def markdown(table: dict, rows: list[dict], targets: list[str], labels: list[int
     for target in targets:
         mine = [r for r in rows if r["target"] == target]
         sizes = SPLITS[target]
+        minutes = sorted({r.get("study_minutes", 0) for r in mine})  # one value per run of the study that measured it
         out.append(f"- {target}: {sizes.val * sizes.classes} reported validation samples, {sizes.tune * sizes.classes} for "
                    f"tuning; {max(r['seed'] for r in mine) + 1} seeds, {mine[0].get('trials', '?')}-trial sweeps; "
-                   f"`python -m bench.transfer --targets {target} ...` took {mine[0].get('study_minutes', 0):.0f} min"
+                   f"`python -m bench.transfer --targets {target} ...` took {' + '.join(f'{m:.0f}' for m in minutes)} min"
                    + ("\n" if target == targets[-1] else ""))
     for target in targets:
         goals = GAP_TARGETS["text" if target in TEXT_TARGETS else "image"]
@@ -340,14 +341,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
-    """Write transfer.json, .png, .md and the README table; rows of targets this run did not measure are kept from
-    the transfer.json already there."""
+    """Write transfer.json, .png, .md and the README table; rows of cells (target, labels per class) this run did not
+    measure are kept from the transfer.json already there."""
     for row in rows:
         row.setdefault("trials", args.trials)
         row.setdefault("study_minutes", round(minutes, 1))
-    measured = {r["target"] for r in rows}
+    measured = {(r["target"], r["labels_per_class"]) for r in rows}
     previous = json.loads((RESULTS / "transfer.json").read_text()) if (RESULTS / "transfer.json").is_file() else []
-    rows = [r for r in previous if r["target"] not in measured] + rows
+    rows = [r for r in previous if (r["target"], r["labels_per_class"]) not in measured] + rows
     targets = [t for t in SPLITS if any(r["target"] == t for r in rows)]
     labels = sorted({r["labels_per_class"] for r in rows})  # every column any target measured; a missing cell stays empty
     table = summarise(rows)
