@@ -161,11 +161,10 @@ def pack_text(source: Location, dest: Location, tables: list[SourceFile], val_fr
     for split, rows in (("train", index.train), ("val", index.val)):
         order = rows[:]
         random.Random(seed).shuffle(order)  # every shard mixes the classes
-        sizes = {i: len(text.encode()) for i, (text, _) in enumerate(order)}
-        groups = cut([(i, label) for i, (_, label) in enumerate(order)], sizes, shard_bytes)
+        groups = cut(order, {text: len(text.encode()) for text, _ in order}, shard_bytes)  # texts are unique: duplicates dropped
         for n, group in enumerate(groups):
             name = f"{version[:12]}/{split}-{n:05d}.parquet"
-            futures[write_task.remote(dest, name, [order[i][0] for i, _ in group], [label for _, label in group])] = len(group)
+            futures[write_task.remote(dest, name, [text for text, _ in group], [label for _, label in group])] = len(group)
     written = list(progress(futures, len(index.train) + len(index.val), "written", unit="texts"))
     shards = {split: sorted((s for s in written if s["path"].split("/")[-1].startswith(split)), key=lambda s: s["path"])
               for split in SPLITS}
@@ -219,10 +218,10 @@ def note_earlier_version(existing: Manifest | None, dest: Location) -> None:
 
 def list_tables(source: Location) -> list[SourceFile]:
     """SOURCE's table files (train.csv, val.jsonl, ...) at its top level: [] for an image folder."""
-    if source.is_s3:
-        objects = storage.list_objects(source, "SOURCE")
+    if source.is_s3:  # the top level only: an image folder's million objects are listed once, by list_source
+        objects = storage.list_objects(source, "SOURCE", top_level=True)
         return [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in objects
-                if "/" not in o["Key"] and Path(o["Key"]).suffix.lower() in TABLE_SUFFIXES and not o["Key"].startswith(".")]
+                if Path(o["Key"]).suffix.lower() in TABLE_SUFFIXES and not o["Key"].startswith(".")]
     from tl_core.text import table_files
 
     root = Path(source.path)
@@ -273,8 +272,9 @@ def check_dest(dest: Location, source: Location, version: str) -> None:
         raise DataError(f"DEST: {dest.uri} holds files and no packed dataset; give a new or empty location")
 
 
-def cut(order: list[tuple], sizes: dict, shard_bytes: int) -> list[list[tuple]]:
-    """`order` in consecutive groups of about `shard_bytes` (at least one file each)."""
+def cut(order: list[tuple[str, int]], sizes: dict[str, int], shard_bytes: int) -> list[list[tuple[str, int]]]:
+    """`order` ((path or text, label) samples) in consecutive groups of about `shard_bytes` (at least one each), a
+    sample's size being `sizes` of its first element."""
     groups, group, total = [], [], 0
     for sample in order:
         if group and total + sizes[sample[0]] > shard_bytes:
@@ -286,7 +286,7 @@ def cut(order: list[tuple], sizes: dict, shard_bytes: int) -> list[list[tuple]]:
 
 
 def progress(futures: dict, total: int, verb: str, unit: str = "images"):
-    """Each finished task's result as it lands, with a progress line: images done, images/s, time left."""
+    """Each finished task's result as it lands, with a progress line: samples (`unit`) done, per second, time left."""
     import ray
 
     started, done, last = time.monotonic(), 0, 0.0
@@ -373,11 +373,11 @@ def write_text_shard(dest: Location, name: str, texts: list[str], labels: list[i
     return {"path": name, "rows": len(texts), "bytes": storage.filesystem(dest).get_file_info(target.path).size}
 
 
-def write_parquet(table: pa.Table, target: Location, compression: str = "none") -> None:
+def write_parquet(table: pa.Table, target: Location, compression: str = "none") -> None:  # "none": encoded images do not compress
     """Whole or not at all: locally under a temporary name renamed into place; on S3 one upload, atomic by itself."""
     filesystem = storage.filesystem(target)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression=compression)  # encoded images do not compress
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression=compression)
     if target.is_s3:
         with filesystem.open_output_stream(target.path) as f:
             f.write(buffer.getvalue())

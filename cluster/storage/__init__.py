@@ -177,12 +177,14 @@ def is_object(location: Location, field: str = "storage") -> bool:
             raise
 
 
-def list_objects(location: Location, field: str = "storage") -> Iterator[dict]:
-    """Every object under the prefix `location` ({"Key", "Size", "ETag", ...}), keys relative to it."""
+def list_objects(location: Location, field: str = "storage", top_level: bool = False) -> Iterator[dict]:
+    """Every object under the prefix `location` ({"Key", "Size", "ETag", ...}), keys relative to it; with `top_level`,
+    only those directly under it (S3's delimiter: the "folders" below are not walked)."""
     prefix = location.key.rstrip("/") + "/" if location.key else ""
     client = s3_client(location)
+    delimiter = {"Delimiter": "/"} if top_level else {}
     with s3_errors(location, field):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix, **delimiter):
             for obj in page.get("Contents", []):
                 if not obj["Key"].endswith("/"):
                     yield {**obj, "Key": obj["Key"][len(prefix):]}
@@ -234,7 +236,7 @@ class UploadStream:
     `finish()` says whether the object is complete, so the caller can upload the file the usual way instead."""
 
     def __init__(self, location: Location):
-        self.location, self.size, self.error = location, 0, None
+        self.size, self.error = 0, None
         try:
             self.stream = filesystem(location).open_output_stream(location.path)
         except Exception as exc:  # noqa: BLE001 - the copy is an optimisation: the caller falls back to an upload
