@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,10 +47,19 @@ def main(argv: list[str] | None = None) -> int:
                      "checkpoint": {"keep": None}, "storage": {"root": storage}})
 
     def core_run() -> tuple[list[float], list[dict], float]:
-        """The core loop alone, in this process, with the threads a one-worker trainer gets (2 CPUs)."""
+        """The core loop alone, in this process, with the threads a one-worker trainer gets (2 CPUs). It keeps every
+        checkpoint as the trainer does (checkpoint.keep is None): moved into the run directory, a rename like the
+        trainer's local publish. Dropping them instead spares the disk their writeback, which slows each later save
+        here (~0.09 s to ~0.2 s for this 90 MB checkpoint), and made the core look faster than a real run."""
         times: list[float] = []
+        kept = Path(tempfile.mkdtemp(prefix="core-", dir=storage))
+
+        def keep(metrics: dict, checkpoint_dir: str | None) -> None:
+            times.append(time.time())
+            shutil.move(checkpoint_dir, kept / f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+
         start = time.perf_counter()
-        history = fit(cfg, lambda metrics, checkpoint_dir: times.append(time.time()))
+        history = fit(cfg, keep)
         return times, history, time.perf_counter() - start
 
     try:
