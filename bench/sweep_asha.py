@@ -14,7 +14,8 @@ searchers compare on the same task and budget.
    and the epochs each needed to come within 1 point of the best any fifo trial reached).
    Target: ASHA spends <= 40% of fifo's epochs and finds a best metric within 1 point (0.01) of fifo's.
 
-    python -m bench.sweep_asha [--samples 12 --max-t 9] [--searchers fifo asha optuna+asha bohb]
+    python -m bench.sweep_asha [--samples 24 --max-t 9] [--searchers fifo asha optuna+asha bohb] [--name sweep_asha]
+                               (--name: the result's file names, bench/results/NAME.json and NAME.png)
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def epochs_to_reach(curve: list[tuple[int, float]], level: float) -> int | None:
     return next((spent for spent, best in curve if best >= level), None)
 
 
-def plot(sweeps: dict[str, dict], path: Path) -> None:
+def plot(sweeps: dict[str, dict], samples: int, max_t: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +117,7 @@ def plot(sweeps: dict[str, dict], path: Path) -> None:
         ax.step(spent, [100 * b for b in best], where="post", label=f"{name} ({sweep['epochs']} epochs)")
     ax.set_xlabel("epochs spent by the sweep")
     ax.set_ylabel("best val accuracy so far (%)")
-    ax.set_title("shapes, 50 labels/class, Lite0 fine-tuned")
+    ax.set_title(f"shapes, 50 labels/class, Lite0 fine-tuned: {samples} trials, max_t {max_t}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -126,9 +127,10 @@ def plot(sweeps: dict[str, dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--max-t", type=int, default=9)
     parser.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
+    parser.add_argument("--name", default="sweep_asha", help="write bench/results/NAME.json and NAME.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -164,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             asha = sweeps["asha"]
             payload["asha_target"] = {"target": "epoch_fraction <= 0.40 and best_gap <= 0.01",
                                       "meets_target": asha["epoch_fraction"] <= 0.40 and asha["best_gap"] <= WITHIN}
-    plot(sweeps, RESULTS / "sweep_asha.png")
-    write_result("sweep_asha", payload)
+    plot(sweeps, args.samples, args.max_t, RESULTS / f"{args.name}.png")
+    write_result(args.name, payload)
     return 0
 
 
