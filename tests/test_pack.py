@@ -196,15 +196,15 @@ def test_a_row_that_does_not_decode_is_dropped_not_fatal():
     import numpy as np
     from PIL import Image
 
-    from tl_core.data import build_transforms
+    from tl_core.data import crop_transform
     from tl_core.packed import decode_batch
 
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 10, 10)).save(buffer, format="JPEG")
     batch = {"image": np.array([buffer.getvalue(), b"not an image", buffer.getvalue()], dtype=object),
              "label": np.array([0, 1, 2]), "path": np.array(["a.jpg", "b.jpg", "c.jpg"], dtype=object)}
-    out = decode_batch(batch, build_transforms(16, [0.5] * 3, [0.5] * 3, train=False, augment=False, hflip=False))
-    assert out["image"].shape == (2, 3, 16, 16) and out["label"].tolist() == [0, 2]
+    out = decode_batch(batch, crop_transform(16, train=False, augment=False, hflip=False))
+    assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.uint8 and out["label"].tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("case,message", [

@@ -271,13 +271,24 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool, augment: bool, hflip: bool) -> v2.Compose:
     """Resize and normalise with the backbone's statistics; random crops (and flips) for training only."""
+    return v2.Compose([crop_transform(image_size, train=train, augment=augment, hflip=hflip), normalize_transform(mean, std)])
+
+
+def crop_transform(image_size: int, *, train: bool, augment: bool, hflip: bool) -> v2.Compose:
+    """A PIL image -> a uint8 tensor C x H x W of `image_size`: random crops (and flips) for training only, a resize
+    and centre crop otherwise."""
     if train and augment:
         geometry = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True)]
         if hflip:
             geometry.append(v2.RandomHorizontalFlip())
     else:
         geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return v2.Compose([v2.ToImage(), *geometry])
+
+
+def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """uint8 images (one C x H x W, or a batch N x C x H x W) -> float32, normalised with the backbone's statistics."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 class ImageListDataset(Dataset):
@@ -367,12 +378,23 @@ class ImageData(IndexedData):
 
 def image_transforms(cfg: RunConfig) -> tuple[v2.Compose, v2.Compose]:
     """(train, val) transforms of a run: its image size and augmentation, normalised with the backbone's statistics."""
+    normalize = image_normalization(cfg)
+    return tuple(v2.Compose([crop, normalize]) for crop in image_crops(cfg))
+
+
+def image_crops(cfg: RunConfig) -> tuple[v2.Compose, v2.Compose]:
+    """(train, val) transforms of a run up to the uint8 crop: what a packed stream decodes to, a quarter of the
+    bytes of a float image through Ray's object store; the worker normalises each batch (image_normalization)."""
+    data = cfg.data
+    return (crop_transform(data.image_size, train=True, augment=data.augment, hflip=data.hflip),
+            crop_transform(data.image_size, train=False, augment=False, hflip=False))
+
+
+def image_normalization(cfg: RunConfig) -> v2.Compose:
+    """uint8 images -> float32 normalised with the run's backbone statistics."""
     from tl_core.models import normalization
 
-    mean, std = normalization(cfg.model.backbone)
-    data = cfg.data
-    return (build_transforms(data.image_size, mean, std, train=True, augment=data.augment, hflip=data.hflip),
-            build_transforms(data.image_size, mean, std, train=False, augment=False, hflip=False))
+    return normalize_transform(*normalization(cfg.model.backbone))
 
 
 def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> ImageData:

@@ -87,8 +87,9 @@ class Manifest:
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform: Callable, seed: int | None = None) -> dict[str, np.ndarray]:
-    """Rows of a shard -> {"image": float32 array N x C x H x W, "label": int64 array}: each image decoded and
-    transformed (augmented from `seed` and its row's path when given, so a row's augmentation is reproducible).
+    """Rows of a shard -> {"image": array N x C x H x W as `transform` makes it (uint8 crops for a stream, normalised
+    later by the worker), "label": int64 array}: each image decoded and transformed (augmented from `seed` and its
+    row's path when given, so a row's augmentation is reproducible).
     A row that fails to decode is dropped and counted in "undecodable" (one per row, never fatal mid-epoch)."""
     images, labels = [], []
     dropped = 0
@@ -104,7 +105,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Callable, seed: int | 
         images.append(transform(image).numpy())
         labels.append(int(label))
     if not images:
-        return {"image": np.zeros((0, 3, 1, 1), dtype=np.float32), "label": np.zeros(0, dtype=np.int64)}
+        return {"image": np.zeros((0, 3, 1, 1), dtype=np.uint8), "label": np.zeros(0, dtype=np.int64)}
     return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
 
 
