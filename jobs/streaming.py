@@ -3,9 +3,9 @@
 `data.root: DEST` holding manifest.json is read shard by shard with `ray.data.read_parquet`; its images are decoded
 and cropped in `map_batches` tasks on the cluster's CPUs (any node's, CPU-only nodes included), and each
 Ray Train worker iterates its split of the stream (`get_dataset_shard`) with `iter_torch_batches`. Images travel
-as uint8 crops, a quarter of the bytes of float ones through the object store; the worker normalises each batch. Texts need no
-decoding: each batch is tokenised by the worker with the model's tokenizer and padded to its longest text. The core
-sees a `tl_core.batches.StreamedData`: it never imports Ray.
+as uint8 crops, a quarter of the bytes of float ones through the object store; the worker normalises each batch.
+Texts need no decoding: each batch is tokenised by the worker with the model's tokenizer and padded to its longest
+text. The core sees a `tl_core.batches.StreamedData`: it never imports Ray.
 
 Epochs: every rank gets the same number of training rows (Ray's equal split; with N workers at most N-1 rows sit
 out an epoch, other ones each epoch because the order is shuffled), shuffled from the run's seed and the epoch
@@ -116,8 +116,8 @@ def tokenized_batches(tokenizer, max_length: int):
 
 
 class StreamedBatches:
-    """(inputs, labels) batches of one rank's split of a stream, `len()` of them per epoch: decoded images as Ray
-    Data converts them, through `normalize` when given, or what `collate` makes of a numpy batch (texts)."""
+    """(inputs, labels) batches of one rank's split of a stream, `len()` of them per epoch: decoded uint8 images
+    through `normalize`, or what `collate` makes of a numpy batch (texts). One of the two is given."""
 
     def __init__(self, iterator, batch_size: int, rows: int, shuffle: bool, collate=None, normalize=None):
         self.iterator, self.batch_size, self.rows, self.shuffle = iterator, batch_size, rows, shuffle
@@ -137,7 +137,7 @@ class StreamedBatches:
             yield from batches
         else:
             for batch in batches:
-                yield (self.normalize(batch["image"]) if self.normalize else batch["image"]), batch["label"]
+                yield self.normalize(batch["image"]), batch["label"]
 
 
 def streamed_data(cfg: RunConfig, manifest: Manifest, shard: Callable[[str], object], world_size: int) -> StreamedData:
