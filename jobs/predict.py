@@ -39,7 +39,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str, top_k: int, device: str):
         from tl_core.config import from_dict
-        from tl_core.data import image_transforms
+        from tl_core.data import image_normalization, image_transforms
 
         self.model, self.description = load_model(local_checkpoint(checkpoint, "--run"), "--run")
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
@@ -53,7 +53,7 @@ class Predictor:
 
             self.tokenizer, self.max_length = AutoTokenizer.from_pretrained(self.description["input"]["tokenizer"]), cfg.data.max_length
         else:
-            self.transform = image_transforms(cfg)[1]
+            self.transform = image_transforms(cfg.data, image_normalization(cfg))[1]
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])

@@ -70,7 +70,7 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
     location = data_location(cfg)
     filesystem = storage.filesystem(location)
     text = manifest.modality == "text"
-    transforms = {} if text else dict(zip(("train", "val"), image_crops(cfg), strict=True))
+    transforms = {} if text else dict(zip(("train", "val"), image_crops(cfg.data), strict=True))
 
     def stream(split: str):
         paths = [location.child(shard["path"]).path for shard in manifest.shards[split]]

@@ -376,16 +376,15 @@ class ImageData(IndexedData):
         self.train_sampler.augment_seed = seed
 
 
-def image_transforms(cfg: RunConfig) -> tuple[v2.Compose, v2.Compose]:
-    """(train, val) transforms of a run: its image size and augmentation, normalised with the backbone's statistics."""
-    normalize = image_normalization(cfg)
-    return tuple(v2.Compose([crop, normalize]) for crop in image_crops(cfg))
+def image_transforms(data: DataConfig, normalize: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
+    """(train, val) transforms: the crops of `data`'s image size and augmentation (image_crops), then `normalize`
+    (image_normalization: the backbone's statistics)."""
+    return tuple(v2.Compose([crop, normalize]) for crop in image_crops(data))
 
 
-def image_crops(cfg: RunConfig) -> tuple[v2.Compose, v2.Compose]:
-    """(train, val) transforms of a run up to the uint8 crop: what a packed stream decodes to, a quarter of the
-    bytes of a float image through Ray's object store; the worker normalises each batch (image_normalization)."""
-    data = cfg.data
+def image_crops(data: DataConfig) -> tuple[v2.Compose, v2.Compose]:
+    """(train, val) transforms up to the uint8 crop: what a packed stream decodes to, a quarter of the bytes of a
+    float image through Ray's object store; the worker normalises each batch (image_normalization)."""
     return (crop_transform(data.image_size, train=True, augment=data.augment, hflip=data.hflip),
             crop_transform(data.image_size, train=False, augment=False, hflip=False))
 
@@ -401,7 +400,7 @@ def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory
     """The labelled image folder at `cfg.data.root`, indexed and cleaned, as this rank's loaders, normalised with
     the backbone's own statistics."""
     index = index_image_folder(cfg.data, seed=cfg.train.seed)
-    train_transform, val_transform = image_transforms(cfg)
+    train_transform, val_transform = image_transforms(cfg.data, image_normalization(cfg))
     return loaders_for(index, cfg.data, train_transform, val_transform, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                        rank=rank, world_size=world_size, pin_memory=pin_memory)
 
@@ -410,9 +409,8 @@ def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean
                   rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> ImageData:
     """Train loader sharded like DistributedSampler (padded, shuffled, augmented); val loader sharded without
     padding, resized and centre-cropped."""
-    return loaders_for(index, cfg, build_transforms(cfg.image_size, mean, std, train=True, augment=cfg.augment, hflip=cfg.hflip),
-                       build_transforms(cfg.image_size, mean, std, train=False, augment=False, hflip=False),
-                       batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory)
+    return loaders_for(index, cfg, *image_transforms(cfg, normalize_transform(mean, std)), batch_size=batch_size, seed=seed,
+                       rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
 def loaders_for(index: DatasetIndex, cfg: DataConfig, train_transform, val_transform, *, batch_size: int, seed: int,
