@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
-from tl_core.data import ImageData, index_unlabelled, loaders_for
+from tl_core.data import ImageData, Normalize, index_unlabelled, loaders_for
 from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, wrap_ddp
 from tl_core.models import build_model, find_head, normalization, set_submodule, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
@@ -101,7 +101,7 @@ def view_transform(image_size: int, mean, std, pretrain: PretrainConfig, hflip: 
         steps.append(v2.RandomHorizontalFlip())
     if s > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(s, s, s, s / 4)], p=0.8))
-    steps += [v2.RandomGrayscale(p=0.2), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    steps += [v2.RandomGrayscale(p=0.2), Normalize(mean, std)]
     return v2.Compose(steps)
 
 
