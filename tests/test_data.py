@@ -77,6 +77,19 @@ def test_split_keeps_one_of_each_class_for_training():
     assert Counter(label for _, label in train) == {0: 1, 1: 1} and val in ([("a0", 0)], [("a1", 0)])
 
 
+def test_normalize_computes_what_torchvision_does_for_an_image_and_a_batch_and_leaves_its_input():
+    from torchvision.transforms import v2
+
+    from tl_core.data import Normalize
+
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
+    for images in (torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8), torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)):
+        before = images.clone()
+        out = Normalize(IMAGENET_MEAN, IMAGENET_STD)(images)
+        assert out.dtype == torch.float32 and out.shape == images.shape
+        assert torch.allclose(out, reference(images), atol=1e-5) and torch.equal(images, before)
+
+
 def test_transforms_normalise_and_augment_only_for_training(image_folder):
     from PIL import Image
 

@@ -207,6 +207,49 @@ def test_a_row_that_does_not_decode_is_dropped_not_fatal():
     assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.uint8 and out["label"].tolist() == [0, 2]
 
 
+def test_a_decode_task_holds_torch_to_its_cpus_and_decodes_as_decode_batch_does():
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from jobs.streaming import decode_with_threads
+    from tl_core.data import crop_transform
+    from tl_core.packed import decode_batch
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(buffer, format="JPEG")
+    batch = {"image": np.array([buffer.getvalue()] * 2, dtype=object), "label": np.array([3, 4]),
+             "path": np.array(["a.jpg", "b.jpg"], dtype=object)}
+    transform = crop_transform(16, train=False, augment=False, hflip=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # a worker whose torch started with a thread per core
+        out = decode_with_threads(batch, transform, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    expected = decode_batch(batch, transform)
+    assert np.array_equal(out["image"], expected["image"]) and out["label"].tolist() == [3, 4]
+
+
+def test_parquet_read_units_are_set_while_planning_and_a_users_setting_wins(monkeypatch):
+    import os
+
+    from jobs.streaming import read_units
+
+    key = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+    monkeypatch.delenv(key, raising=False)
+    with read_units(1234):
+        assert os.environ[key] == "1234"
+    assert key not in os.environ
+    monkeypatch.setenv(key, "99")
+    with read_units(1234):
+        assert os.environ[key] == "99"
+    assert os.environ[key] == "99"
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing_shard", "names shard"),
     ("simclr", "is a packed dataset, which supervised runs stream"),
