@@ -93,7 +93,7 @@ def read_units(size: int):
     """Ray Data's Parquet reader packs row groups into read tasks of `size` bytes while a dataset is planned here
     (RAY_DATA_PARQUET_BIN_PACKING_BYTES, unless a user set it). A read task decodes what it reads: with Ray's
     128 MiB, 10,000 images of 20 KB made two tasks of unequal size, and one decode task at a time delivered 960
-    images/s; with 16 MiB (~800 images a task), 1,070 (measured, bench.data_scale's 10k set, 1 worker)."""
+    images/s; with 16 MiB (~800 images a task), 1,056 (measured, bench.data_scale's 10k set, 1 worker)."""
     key = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
     if key in os.environ:
         yield
@@ -108,7 +108,7 @@ def read_units(size: int):
 def decode_with_threads(batch: dict[str, np.ndarray], transform: Callable, threads: int) -> dict[str, np.ndarray]:
     """decode_batch with torch held to the decode task's CPUs. A Ray worker process reused for a decode task may
     have started torch's thread pool with a thread per core; its idle OpenMP thread then spins beside every
-    transform (measured: 0.65 of a core spent spinning, the stream at 520 instead of 860 images/s)."""
+    transform (measured: 0.65 of a core spent spinning, the stream at 520 instead of 960 images/s)."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return decode_batch(batch, transform)
