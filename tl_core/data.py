@@ -287,16 +287,15 @@ def crop_transform(image_size: int, *, train: bool, augment: bool, hflip: bool) 
 
 
 class Normalize:
-    """uint8 images (one C x H x W, or a batch N x C x H x W) -> float32 (x / 255 - mean) / std, as v2.ToDtype then
-    v2.Normalize compute it (to within 1e-6), in one copy and two in-place passes: half their time, which a streaming
-    worker pays on every batch (measured: 0.35 against 0.65 ms per 224 px image)."""
+    """uint8 images (one C x H x W, or a batch N x C x H x W) -> float32 (x / 255 - mean) / std, the same operations
+    as v2.ToDtype then v2.Normalize (bit for bit), in one copy and three in-place passes instead of two copies."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(torch.float32, copy=True).sub_(self.shift).mul_(self.scale)
+        return images.to(torch.float32, copy=True).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
 
 class ImageListDataset(Dataset):
