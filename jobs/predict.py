@@ -17,7 +17,6 @@ that cannot be read is counted, listed in its row's `error`, never fatal.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import sys
 
@@ -66,13 +65,12 @@ class Predictor:
                                     return_tensors="pt") if ok else None
             inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask")} if ok else None
         else:
-            from PIL import Image
+            from tl_core.data import decode_rgb
 
             images, ok = [], []
             for i, data in enumerate(batch["bytes"]):
                 try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        images.append(self.transform(img.convert("RGB")))
+                    images.append(self.transform(decode_rgb(data)))
                     ok.append(i)
                 except Exception as exc:  # noqa: BLE001 - an unreadable input is listed, never fatal
                     errors[i] = f"{type(exc).__name__}: {str(exc)[:120]}"

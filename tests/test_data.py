@@ -90,6 +90,40 @@ def test_normalize_computes_what_torchvision_does_for_an_image_and_a_batch_and_l
         assert torch.equal(out, reference(images)) and torch.equal(images, before)
 
 
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "GIF")])
+def test_decode_rgb_gives_the_pixels_pil_decodes_for_every_format(mode, fmt):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from tl_core.data import decode_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 256, (21, 34, 4 if mode == "CMYK" else 3), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., :3]).convert(mode) if mode != "CMYK" else Image.fromarray(pixels, "CMYK")
+    buf = io.BytesIO()
+    image.save(buf, fmt, quality=90) if fmt == "JPEG" else image.save(buf, fmt)
+    data = buf.getvalue()
+    decoded = decode_rgb(data)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 34)
+    assert torch.equal(decoded, pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_decode_rgb_refuses_a_truncated_jpeg_and_bytes_that_are_no_image():
+    import io
+
+    from PIL import Image
+
+    from tl_core.data import decode_rgb
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "JPEG")
+    for data in (buf.getvalue()[: len(buf.getvalue()) // 2], b"\xff\xd8\xff not a jpeg", b"plain text"):
+        with pytest.raises(Exception):  # noqa: B017 - any decoder error; the callers count the image as unreadable
+            decode_rgb(data)
+
+
 def test_transforms_normalise_and_augment_only_for_training(image_folder):
     from PIL import Image
 

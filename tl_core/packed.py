@@ -18,7 +18,6 @@ Nothing here imports Ray: the job lists, reads and writes; this module defines t
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -26,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
+from tl_core.data import decode_rgb
 from tl_core.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -95,8 +94,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Callable, seed: int | 
     dropped = 0
     for data, label, path in zip(batch["image"], batch["label"], batch["path"], strict=True):
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                image = img.convert("RGB")
+            image = decode_rgb(data)
         except Exception:  # noqa: BLE001 - a damaged row is skipped like an unreadable file
             dropped += 1
             continue
