@@ -12,7 +12,7 @@ For each size (generated JPEGs of 256 px, 10 classes, on the local S3 server, wr
                   count what the stream decoded ahead while the workers started);
   the folder path runs twice per worker count: the node cache cold, then warm (its index read back, not rebuilt);
 - limit_images_per_s: the bare loop: the same files decoded and transformed (224 px, the training transform) from
-  local disk by a DataLoader of 2 processes on the same 2 cores, no Ray, no S3.
+  local disk by a DataLoader of 2 processes on the same 2 cores, no Ray, no S3 (the best of two passes).
 
 Targets (the issue's): packed first step at the largest size within 1.5x of that at the smallest; packed images/s at
 least 0.9x the bare limit; the folder path's second run no longer pays a decode of every image.
@@ -140,8 +140,13 @@ def measure(root: str, packed: bool, workers: int, endpoint: str) -> dict:
     return json.loads(out.read_text())
 
 
-def bare_limit(root: Path) -> float:
-    """Images/s of a DataLoader of 2 processes decoding and transforming the files from local disk."""
+def bare_limit(root: Path, passes: int = 2) -> float:
+    """Images/s of a DataLoader of 2 processes decoding and transforming the files from local disk: the best of
+    `passes` passes (the first may read from disk, not the page cache), so the limit errs high, never low."""
+    return max(_bare_pass(root) for _ in range(passes))
+
+
+def _bare_pass(root: Path) -> float:
     from torch.utils.data import DataLoader
 
     from tl_core.data import ImageListDataset, build_transforms
