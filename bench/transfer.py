@@ -215,11 +215,15 @@ def run_seed(cell: Cell, data_root: str, weights: str | None, seed: int, budget:
 
 # ---------------------------------------------------------------- report
 
+def cell_key(row: dict) -> tuple:
+    return row["target"], row["source"], row["method"], row["labels_per_class"]
+
+
 def summarise(rows: list[dict]) -> dict:
     """(target, source, method, labels) -> (mean, std) of val_acc over seeds."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        groups.setdefault((r["target"], r["source"], r["method"], r["labels_per_class"]), []).append(r["val_acc"])
+        groups.setdefault(cell_key(r), []).append(r["val_acc"])
     return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in groups.items()}
 
 
@@ -251,7 +255,7 @@ def markdown(table: dict, rows: list[dict], targets: list[str], labels: list[int
         lines = [head, "|---|" + "---:|" * len(labels)]
         for source in SOURCES:
             for method in METHODS:
-                if (target, source, method, labels[0]) not in table:
+                if not any((target, source, method, n) in table for n in labels):
                     continue
                 cells_ = [f"{100 * table[(target, source, method, n)][0]:.1f} ± {100 * table[(target, source, method, n)][1]:.1f}"
                           if (target, source, method, n) in table else "" for n in labels]
@@ -285,8 +289,10 @@ def plot(table: dict, targets: list[str], labels: list[int], path: Path) -> None
         for source in SOURCES:  # each source with its best method per column
             best = [max((table[(target, source, m, n)] for m in METHODS if (target, source, m, n) in table), default=None)
                     for n in labels]
-            if all(b is not None for b in best):
-                ax.errorbar(xs, [100 * b[0] for b in best], yerr=[100 * b[1] for b in best], marker="o", capsize=3, label=source)
+            measured = [(x, b) for x, b in zip(xs, best, strict=True) if b is not None]
+            if measured:
+                ax.errorbar([x for x, _ in measured], [100 * b[0] for _, b in measured], yerr=[100 * b[1] for _, b in measured],
+                            marker="o", capsize=3, label=source)
         ax.set_xticks(xs, [str(n) for n in labels])
         ax.set_xlabel("labels per class")
         ax.set_ylabel("reported val accuracy (%)")
@@ -361,14 +367,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
-    """Write transfer.json, .png, .md and the README table; rows of cells (target, labels per class) this run did not
-    measure are kept from the transfer.json already there."""
+    """Write transfer.json, .png, .md and the README table; rows of cells (target, source, method, labels per class)
+    this run did not measure are kept from the transfer.json already there."""
     for row in rows:
         row.setdefault("trials", args.trials)
         row.setdefault("study_minutes", round(minutes, 1))
-    measured = {(r["target"], r["labels_per_class"]) for r in rows}
+    measured = {cell_key(r) for r in rows}
     previous = json.loads((RESULTS / "transfer.json").read_text()) if (RESULTS / "transfer.json").is_file() else []
-    rows = [r for r in previous if (r["target"], r["labels_per_class"]) not in measured] + rows
+    rows = [r for r in previous if cell_key(r) not in measured] + rows
     targets = [t for t in SPLITS if any(r["target"] == t for r in rows)]
     labels = sorted({r["labels_per_class"] for r in rows})  # every column any target measured; a missing cell stays empty
     table = summarise(rows)
