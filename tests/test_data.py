@@ -103,7 +103,7 @@ def test_decode_rgb_gives_the_pixels_pil_decodes_for_every_format(mode, fmt):
     pixels = np.random.default_rng(0).integers(0, 256, (21, 34, 4 if mode == "CMYK" else 3), dtype=np.uint8)
     image = Image.fromarray(pixels[..., :3]).convert(mode) if mode != "CMYK" else Image.fromarray(pixels, "CMYK")
     buf = io.BytesIO()
-    image.save(buf, fmt, quality=90) if fmt == "JPEG" else image.save(buf, fmt)
+    image.save(buf, fmt, quality=90)  # PNG and GIF ignore quality
     data = buf.getvalue()
     decoded = decode_rgb(data)
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 34)

@@ -294,8 +294,8 @@ def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float
 
 
 def crop_transform(image_size: int, *, train: bool, augment: bool, hflip: bool) -> v2.Compose:
-    """A decoded image (decode_rgb's tensor, or a PIL image) -> a uint8 tensor C x H x W of `image_size`: random crops (and flips) for training only, a resize
-    and centre crop otherwise."""
+    """A decoded image (decode_rgb's tensor, or a PIL image) -> a uint8 tensor C x H x W of `image_size`: random
+    crops (and flips) for training only, a resize and centre crop otherwise."""
     if train and augment:
         geometry = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True)]
         if hflip:
