@@ -138,9 +138,11 @@ def check_capacity(cfg: RunConfig) -> None:
 
 
 def check_decode_room(cfg: RunConfig, held: float, cpus: float) -> None:
-    """A packed dataset is decoded by Ray Data tasks beside the workers: refuse, rather than wait forever, when the
-    workers (or trials) hold so many of the cluster's CPUs that no decode task can start."""
-    if cpus - held + 1e-9 < cfg.data.decode_cpus:
-        raise ConfigError(f"data.decode_cpus: a packed dataset is decoded by Ray Data tasks of {cfg.data.decode_cpus:g} CPU beside "
-                          f"the workers, but they hold {held:g} of the cluster's {cpus:g} CPUs; lower "
-                          "scaling.resources_per_worker.CPU (or the concurrent trials) or data.decode_cpus")
+    """A packed dataset is read and decoded by Ray Data tasks beside the workers: refuse, rather than wait forever,
+    when the workers (or trials) hold so many of the cluster's CPUs that no read or decode task can start."""
+    needed = max(streaming.READ_TASK_CPUS, cfg.data.decode_cpus)
+    if cpus - held + 1e-9 < needed:
+        raise ConfigError(f"data.decode_cpus: a packed dataset is read by Ray Data tasks of {streaming.READ_TASK_CPUS:g} CPU and "
+                          f"decoded by tasks of {cfg.data.decode_cpus:g} CPU beside the workers, but they hold {held:g} of the "
+                          f"cluster's {cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials) or "
+                          "data.decode_cpus")

@@ -33,9 +33,9 @@ from tl_core.packed import MANIFEST_FILE, Manifest, decode_batch
 
 log = logging.getLogger("jobs")
 
-DECODE_BATCH = 32  # images per map_batches call
 READ_UNIT_BYTES = 16 * 2**20  # Parquet bytes per read task: Ray's default (128 MiB) puts ~6,000 images in one
 SHUFFLE_BUFFER_BATCHES = 8  # the local shuffle buffer holds this many training batches
+READ_TASK_CPUS = 1.0  # what a Ray Data read task holds (Ray's default), beside the decode tasks' data.decode_cpus
 
 
 def data_location(cfg: RunConfig) -> Location:
@@ -63,7 +63,14 @@ def check_shards(cfg: RunConfig, manifest: Manifest) -> None:
 
 
 def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
-    """{"train", "val"}: Ray Datasets read lazily from the shards: decoded, transformed images, or texts as stored."""
+    """{"train", "val"}: Ray Datasets read lazily from the shards: decoded, transformed images, or texts as stored.
+
+    A decode task takes whole read blocks (batch_size=None: one read unit, ~800 images) and `data.decode_cpus`
+    defaults to 0.5, two decode tasks per CPU. Measured on bench.data_scale's 100k set from S3, one worker, images/s
+    over batches 60-400 of an epoch, 2 runs each: 1,074 / 1,107 so, against 945 / 963 with batches of 32 and 1 CPU a
+    task (the plan before); 853 / 838 with batches of 32, 0.5 CPU a task and reads at 0.1 CPU, one at a time; 846 /
+    888 with whole blocks at 1 CPU a task, where Ray fuses the read into the decode (it does not at 0.5 CPU: the two
+    hold different CPUs, so reads stay tasks of their own)."""
     import ray.data
 
     from tl_core.data import image_crops
@@ -82,7 +89,7 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
             return ray.data.read_parquet(paths, filesystem=filesystem, columns=["text", "label"])
         return (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image", "label", "path"])
                 .map_batches(decode_with_threads, fn_kwargs={"transform": transforms[split], "threads": threads},
-                             batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=cfg.data.decode_cpus))
+                             batch_size=None, batch_format="numpy", num_cpus=cfg.data.decode_cpus))
 
     with read_units(READ_UNIT_BYTES):
         return {split: stream(split) for split in ("train", "val")}
@@ -91,7 +98,7 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
 @contextlib.contextmanager
 def read_units(size: int):
     """Ray Data's Parquet reader packs row groups into read tasks of `size` bytes while a dataset is planned here
-    (RAY_DATA_PARQUET_BIN_PACKING_BYTES, unless a user set it). A read task decodes what it reads: with Ray's
+    (RAY_DATA_PARQUET_BIN_PACKING_BYTES, unless a user set it). A decode task takes what a read task read: with Ray's
     128 MiB, 10,000 images of 20 KB made two tasks of unequal size, and one decode task at a time delivered 960
     images/s; with 16 MiB (~800 images a task), 1,056 (measured, bench.data_scale's 10k set, 1 worker)."""
     key = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"

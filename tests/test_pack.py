@@ -250,6 +250,19 @@ def test_parquet_read_units_are_set_while_planning_and_a_users_setting_wins(monk
     assert os.environ[key] == "99"
 
 
+def test_a_run_that_leaves_no_room_for_read_or_decode_tasks_is_refused_not_left_waiting():
+    from jobs.preflight import check_decode_room
+    from tl_core.config import from_dict
+    from tl_core.errors import ConfigError
+
+    cfg = from_dict({"experiment": "room", "data": {"root": "unused"}})
+    check_decode_room(cfg, held=1.0, cpus=2.0)  # one CPU left: a read task (1 CPU), or two decode tasks (0.5 each)
+    with pytest.raises(ConfigError, match=r"data.decode_cpus: .* read by Ray Data tasks of 1 CPU .* hold 1.5 of the cluster's 2 CPUs"):
+        check_decode_room(cfg, held=1.5, cpus=2.0)  # room for a decode task, but never for a read
+    with pytest.raises(ConfigError, match="decoded by tasks of 4 CPU"):
+        check_decode_room(from_dict({"experiment": "room", "data": {"root": "unused", "decode_cpus": 4}}), held=1.0, cpus=4.0)
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing_shard", "names shard"),
     ("simclr", "is a packed dataset, which supervised runs stream"),

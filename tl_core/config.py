@@ -49,7 +49,7 @@ class DataConfig(Section):
     text_column: str = Field("text", min_length=1)  # text: the columns of the table files
     label_column: str = Field("label", min_length=1)
     max_length: int = Field(128, ge=2, le=32768)  # text: tokens per text, after truncation (batches pad to their longest)
-    decode_cpus: float = Field(1.0, gt=0.0, le=64)  # packed datasets: CPUs each Ray Data decode task holds
+    decode_cpus: float = Field(0.5, gt=0.0, le=64)  # packed datasets: CPUs each Ray Data decode task holds (reads hold 1)
 
 
 class ModelConfig(Section):
