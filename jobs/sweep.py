@@ -181,7 +181,7 @@ def scheduler_and_searcher(search: SearchConfig):
 
         scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                                             hyperparam_mutations=param_space(search),  # PBT_KEYS only (sweep_config)
-                                            quantile_fraction=s.quantile_fraction)
+                                            quantile_fraction=s.quantile_fraction, synch=s.synch)
     elif s.name == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     elif s.name == "bohb":

@@ -28,6 +28,7 @@ class SchedulerConfig(Section):
     reduction_factor: float = Field(3.0, gt=1.0)
     perturbation_interval: int = Field(2, ge=1)  # pbt: epochs between exploit/explore steps
     quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)  # pbt: the bottom share copies the top share
+    synch: bool = False  # pbt: every trial waits at each interval and the population is perturbed together
 
     @model_validator(mode="after")
     def _grace_within_max_t(self) -> SchedulerConfig:
@@ -84,6 +85,12 @@ class SearchConfig(Section):
                                  f"its space may hold {', '.join(PBT_KEYS)}")
             if self.search_alg not in ("random",):
                 raise ValueError("scheduler.name: pbt draws its own starting points; use search_alg: random")
+            if self.scheduler.synch and self.num_samples > self.max_concurrent_trials:
+                raise ValueError(f"scheduler.synch: synchronous PBT waits for the whole population at every interval, so "
+                                 f"num_samples ({self.num_samples}) may not exceed max_concurrent_trials "
+                                 f"({self.max_concurrent_trials})")
+        elif self.scheduler.synch:
+            raise ValueError(f"scheduler.synch: applies to scheduler.name pbt, not {self.scheduler.name}")
         return self
 
     def trial_values(self) -> list[tuple[str, Any]]:

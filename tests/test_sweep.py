@@ -147,6 +147,9 @@ SWEEP_BAD_INPUTS = {
     "a grid for optuna": ({"search_alg": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},
                           "search_alg: optuna samples its own points; use choice instead of grid"),
     "pbt on a fixed key": ({"scheduler": {"name": "pbt"}}, "pbt changes hyperparameters of running trials, which train.batch_size"),
+    "synch without pbt": ({"scheduler": {"synch": True}}, "scheduler.synch: applies to scheduler.name pbt, not asha"),
+    "synch pbt beyond the concurrency": ({"scheduler": {"name": "pbt", "synch": True}, "space": {"optim.lr": {"choice": [0.1]}}},
+                                         "num_samples (6) may not exceed max_concurrent_trials (2)"),
     "unknown searcher": ({"search_alg": "hyperopt"}, "search.search_alg: Input should be 'random', 'grid', 'optuna' or 'bohb'"),
 }
 
@@ -189,19 +192,24 @@ def test_optuna_and_bohb_search_through_ray_tunes_own_integrations(searcher, sch
 @pytest.mark.slow
 def test_population_based_training_copies_a_better_trial_and_trains_on_with_new_hyperparameters(ray_cluster, tmp_path):
     """PBT through Ray Tune: a trial in the bottom quantile takes a top trial's checkpoint and goes on from its epoch
-    with a perturbed LR, which its optimizer really uses (the resume takes LR and weight decay from the new config)."""
+    with a perturbed LR, which its optimizer really uses (the resume takes LR and weight decay from the new config).
+    Synchronous PBT and a loss (no ties) make the exploit certain: both trials meet at epoch 2, the worse copies the
+    better one's epoch-2 checkpoint and trains epoch 3 (asynchronous PBT may exploit only at the last epoch, when no
+    epoch is left to train)."""
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, size=16)
-    config = write_sweep(tmp_path, data, experiment="sweep-pbt", num_samples=4,
-                         scheduler={"name": "pbt", "max_t": 3, "perturbation_interval": 1, "quantile_fraction": 0.25},
+    config = write_sweep(tmp_path, data, experiment="sweep-pbt", num_samples=2, metric="val/loss", mode="min",
+                         scheduler={"name": "pbt", "max_t": 3, "perturbation_interval": 2, "quantile_fraction": 0.5,
+                                    "synch": True},
                          space={"optim.lr": {"loguniform": [1.0e-5, 3.0e-2]}, "model.dropout": {"choice": [0.0, 0.3]}})
     assert sweep.main(["--config", str(config)]) == 0
     histories = trial_histories(tmp_path / "runs" / "sweep-pbt")
+    assert len(histories) == 2 and all(rows[-1]["epoch"] == 3 for rows in histories.values())
     exploited = [rows for rows in histories.values() if len({r["trial_lr"] for r in rows}) > 1]
-    assert exploited, "no trial was exploited"
-    for rows in exploited:
-        change = next(i for i in range(1, len(rows)) if rows[i]["trial_lr"] != rows[i - 1]["trial_lr"])
-        assert rows[change]["epoch"] > 1  # it went on from the donor's epoch, not from scratch
-        assert rows[change]["lr"] == pytest.approx(rows[change]["trial_lr"])  # constant schedule: the new LR is used
+    assert len(exploited) == 1, "the bottom trial of two was not exploited exactly once"
+    (rows,) = exploited  # Tune does not log the result that triggered the exploit: epochs 1 and 3
+    assert rows[0]["epoch"] == 1 and rows[-1]["epoch"] == 3 and rows[-1]["trial_lr"] != rows[0]["trial_lr"]
+    assert all(r["trial_lr"] == rows[0]["trial_lr"] for r in rows if r["epoch"] <= 2)  # it went on from epoch 2
+    assert rows[-1]["lr"] == pytest.approx(rows[-1]["trial_lr"])  # constant schedule: the new LR is used
 
 
 @pytest.mark.integration
