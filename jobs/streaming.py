@@ -35,7 +35,7 @@ log = logging.getLogger("jobs")
 
 READ_UNIT_BYTES = 16 * 2**20  # Parquet bytes per read task: Ray's default (128 MiB) puts ~6,000 images in one
 SHUFFLE_BUFFER_BATCHES = 8  # the local shuffle buffer holds this many training batches
-READ_TASK_CPUS = 1.0  # what a Ray Data read task holds (Ray's default), beside the decode tasks' data.decode_cpus
+READ_TASK_CPUS = 1.0  # what a Ray Data read task holds (Ray's default, set here so the pre-flight room check holds)
 
 
 def data_location(cfg: RunConfig) -> Location:
@@ -86,8 +86,8 @@ def datasets(cfg: RunConfig, manifest: Manifest) -> dict:
     def stream(split: str):
         paths = [location.child(shard["path"]).path for shard in manifest.shards[split]]
         if text:
-            return ray.data.read_parquet(paths, filesystem=filesystem, columns=["text", "label"])
-        return (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image", "label", "path"])
+            return ray.data.read_parquet(paths, filesystem=filesystem, columns=["text", "label"], num_cpus=READ_TASK_CPUS)
+        return (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image", "label", "path"], num_cpus=READ_TASK_CPUS)
                 .map_batches(decode_with_threads, fn_kwargs={"transform": transforms[split], "threads": threads},
                              batch_size=None, batch_format="numpy", num_cpus=cfg.data.decode_cpus))
 

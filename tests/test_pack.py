@@ -250,6 +250,25 @@ def test_parquet_read_units_are_set_while_planning_and_a_users_setting_wins(monk
     assert os.environ[key] == "99"
 
 
+@pytest.mark.integration
+def test_read_and_decode_tasks_ask_for_the_cpus_the_room_check_counts(ray_cluster, tmp_path):
+    """The plan's read tasks hold streaming.READ_TASK_CPUS and its decode tasks data.decode_cpus: what
+    check_decode_room counts, so the check and the plan cannot drift apart."""
+    from jobs import streaming
+    from tl_core.config import from_dict
+
+    data, dest = make_image_folder(tmp_path / "data", n_classes=2, per_class=4, size=16), tmp_path / "packed"
+    assert pack_data.main([str(data), str(dest)]) == 0
+    cfg = from_dict({"experiment": "plan", "data": {"root": str(dest), "image_size": 16, "decode_cpus": 0.25}})
+    manifest = Manifest.from_json((dest / MANIFEST_FILE).read_text(), "test")
+    asked, op = {}, streaming.datasets(cfg, manifest)["train"]._logical_plan.dag
+    while op is not None:
+        if getattr(op, "ray_remote_args", None):
+            asked[op.name] = op.ray_remote_args.get("num_cpus")
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert sorted(asked.values()) == [0.25, streaming.READ_TASK_CPUS], asked
+
+
 def test_a_run_that_leaves_no_room_for_read_or_decode_tasks_is_refused_not_left_waiting():
     from jobs.preflight import check_decode_room
     from tl_core.config import from_dict
