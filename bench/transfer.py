@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -225,11 +226,39 @@ def cell_key(row: dict) -> tuple:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """(target, source, method, labels) -> (mean, std) of val_acc over seeds."""
+    """(target, source, method, labels) -> (mean, std) of val_acc over seeds (a carried row holds them already)."""
     groups: dict[tuple, list[float]] = {}
+    carried = {cell_key(r): (r["mean"], r["std"]) for r in rows if r.get("carried")}
     for r in rows:
-        groups.setdefault(cell_key(r), []).append(r["val_acc"])
-    return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in groups.items()}
+        if not r.get("carried"):
+            groups.setdefault(cell_key(r), []).append(r["val_acc"])
+    return {**carried, **{k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in groups.items()}}
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def carried_rows(md: str) -> list[dict]:
+    """The cells of a committed transfer.md as summary rows (`carried`: mean and std over `seeds`, no per-seed
+    values): transfer.json is a run output and not committed, so in a fresh clone a run of part of the grid keeps
+    the table's other cells from here (their gaps are then taken from the means as printed, to 0.1 point)."""
+    header = re.compile(r"^- (\w+): .*?; (\d+) seeds, (\d+)-trial sweeps; .* took ([\d +]+) min$")
+    runs, rows, target, labels = {}, [], None, []
+    for line in md.splitlines():
+        if m := header.match(line):
+            runs[m[1]] = {"seeds": int(m[2]), "trials": int(m[3]), "study_minutes": [float(x) for x in m[4].split("+")]}
+        elif m := re.match(r"^\| (\w+): source, method \|(.*)\|$", line):
+            target, labels = m[1], [int(c.split("/")[0]) for c in m[2].split("|")]
+        elif line.startswith("| **best") or not line.startswith("|"):
+            target = None
+        elif target and (m := re.match(r"^\| ([\w/-]+), (\w+) \|(.*)\|$", line)):
+            for n, value in zip(labels, m[3].split("|"), strict=True):
+                if "±" in value:
+                    mean, std = (float(x) / 100 for x in value.split("±"))
+                    rows.append({"target": target, "source": m[1], "method": m[2], "labels_per_class": n, "carried": True,
+                                 "mean": mean, "std": std, **runs[target]})
+    return rows
 
 
 def best_of(table: dict, target: str, labels: int, pretrained: bool) -> tuple[float, str] | None:
@@ -249,9 +278,10 @@ def markdown(table: dict, rows: list[dict], targets: list[str], labels: list[int
     for target in targets:
         mine = [r for r in rows if r["target"] == target]
         sizes = SPLITS[target]
-        minutes = sorted({r.get("study_minutes", 0) for r in mine})  # one value per run of the study that measured it
+        minutes = sorted({m for r in mine for m in as_list(r.get("study_minutes", 0))})  # a value per run of the study
+        seeds = max(r["seeds"] if r.get("carried") else r["seed"] + 1 for r in mine)
         out.append(f"- {target}: {sizes.val * sizes.classes} reported validation samples, {sizes.tune * sizes.classes} for "
-                   f"tuning; {max(r['seed'] for r in mine) + 1} seeds, {mine[0].get('trials', '?')}-trial sweeps; "
+                   f"tuning; {seeds} seeds, {mine[0].get('trials', '?')}-trial sweeps; "
                    f"`python -m bench.transfer --targets {target} ...` took {' + '.join(f'{m:.0f}' for m in minutes)} min"
                    + ("\n" if target == targets[-1] else ""))
     for target in targets:
@@ -378,7 +408,10 @@ def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
         row.setdefault("trials", args.trials)
         row.setdefault("study_minutes", round(minutes, 1))
     measured = {cell_key(r) for r in rows}
-    previous = json.loads((RESULTS / "transfer.json").read_text()) if (RESULTS / "transfer.json").is_file() else []
+    if (RESULTS / "transfer.json").is_file():
+        previous = json.loads((RESULTS / "transfer.json").read_text())
+    else:
+        previous = carried_rows((RESULTS / "transfer.md").read_text()) if (RESULTS / "transfer.md").is_file() else []
     rows = [r for r in previous if cell_key(r) not in measured] + rows
     targets = [t for t in SPLITS if any(r["target"] == t for r in rows)]
     labels = sorted({r["labels_per_class"] for r in rows})  # every column any target measured; a missing cell stays empty
