@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cluster import storage
+from jobs import ray_private
 from jobs.best_model import load_model, local_checkpoint
 from jobs.cli import guarded
 from tl_core.errors import DataError
@@ -40,6 +41,7 @@ class Predictor:
         from tl_core.config import from_dict
         from tl_core.data import image_normalization, image_transforms
 
+        ray_private.hold_torch_to_assigned_cpus()
         self.model, self.description = load_model(local_checkpoint(checkpoint, "--run"), "--run")
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.model.to(self.device)

@@ -60,6 +60,7 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     """Run recipe `recipe` (a key of tl_core.recipes.RECIPES) on this Ray worker, resuming where the run stopped."""
     from tl_core.recipes import RECIPES
 
+    ray_private.hold_torch_to_assigned_cpus()
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
     local = localize(cfg)

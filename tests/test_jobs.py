@@ -233,6 +233,23 @@ def test_a_job_that_starts_its_own_ray_listens_on_loopback_only(image_folder, tm
     assert sorted(s for s in seen if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")) == []
 
 
+def test_torch_in_a_ray_worker_runs_the_threads_ray_assigned_not_one_per_core(ray_cluster):
+    """The setup hook imports torch as a worker process starts, before Ray sets OMP_NUM_THREADS for the task it runs;
+    run_recipe (Train workers, Tune trials) and the predictor apply it, so concurrent trials do not oversubscribe."""
+    import ray
+
+    from jobs import ray_private
+
+    @ray.remote(num_cpus=1)
+    def threads() -> tuple[int, int]:
+        started_with = torch.get_num_threads()
+        ray_private.hold_torch_to_assigned_cpus()
+        return started_with, torch.get_num_threads()
+
+    started_with, held = ray.get(threads.remote())
+    assert held == 1, f"a 1-CPU task runs {held} torch threads (its torch started with {started_with})"
+
+
 def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd):
     """Ray Train's controller logs its PreemptionWatcher actor at error level on every run (ray-project/ray#53727);
     a driver of ours leaves that line out and echoes every other worker line as Ray would."""
