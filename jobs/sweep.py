@@ -125,8 +125,9 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     if is_packed(cfg) and cfg.scaling.max_workers == 1:
         import ray
 
+        cpus = ray.cluster_resources().get("CPU", 0.0)
         held = trial_resources(cfg).get("CPU", 0.0) * search.max_concurrent_trials
-        check_decode_room(cfg, min(held, ray.cluster_resources().get("CPU", 0.0)), ray.cluster_resources().get("CPU", 0.0))
+        check_decode_room(cfg, min(held, cpus), cpus)
     ray_private.keep_credentials_out_of_tune_runtime_env()
     root = root_location(cfg)
     fs = storage.filesystem(root) if root.is_s3 else None
