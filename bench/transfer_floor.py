@@ -56,9 +56,14 @@ def seconds_per_image(cell: Cell, batch: int = 16, steps: int = 4) -> tuple[floa
     return train, (time.perf_counter() - started) / (steps * batch)
 
 
-def floor_seconds(cell: Cell, costs: dict, trials: int, seeds: int) -> tuple[float, float]:
-    """The least single-core seconds the cell takes: (its sweep's trials to the first rung, its seeds' shortest
-    budget); `costs`: method -> seconds per image; LP-FT's first LP_EPOCHS epochs are a probe's."""
+def model_of(cell: Cell) -> tuple[str, int]:
+    """What a cell's per-image costs depend on: its backbone and input size."""
+    return SOURCES[cell.source][0], image_size(cell)
+
+
+def floor_seconds(cell: Cell, costs: dict, trials: int, seeds: int) -> dict[str, float]:
+    """The least single-core seconds the cell takes: {"sweeps": its sweep's trials to the first rung, "seeds": its
+    seeds' shortest budget}; `costs`: method -> seconds per image; LP-FT's first LP_EPOCHS epochs are a probe's."""
     space = search_space(cell, trials)
     sweep_trials = space["num_samples"] * math.prod(len(v["grid"]) for v in space["space"].values() if "grid" in v)
     split = SPLITS[cell.target]
@@ -70,7 +75,7 @@ def floor_seconds(cell: Cell, costs: dict, trials: int, seeds: int) -> tuple[flo
 
     rung = space["scheduler"]["grace_period"]
     tuning = sweep_trials * (training(rung) + rung * tune * costs["full"][1])
-    return tuning, seeds * (training(min(space["space"]["train.epochs"]["choice"])) + val * costs["full"][1])
+    return {"sweeps": tuning, "seeds": seeds * (training(min(space["space"]["train.epochs"]["choice"])) + val * costs["full"][1])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,15 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     grid = cells(targets, [1, 3, 10, 50], list(SOURCES), ["linear_probe", "full", "lp_ft"])
     costs: dict[tuple, dict] = {}  # (backbone, size) -> method -> (training, scoring) seconds per image
     for cell in grid:
-        key = (SOURCES[cell.source][0], image_size(cell))
+        key = model_of(cell)
         if key not in costs:
             costs[key] = {m: seconds_per_image(Cell(cell.target, cell.source, m, cell.labels)) for m in ("linear_probe", "full")}
             for method, (train, score) in costs[key].items():
                 print(f"{key[0]} at {key[1]} px, {method}: {1000 * train:.1f} ms a training image, {1000 * score:.2f} ms a "
                       "scored image", flush=True)
-    floors = {c: floor_seconds(c, costs[(SOURCES[c.source][0], image_size(c))], args.trials, args.seeds) for c in grid}
-    per_target = {t: {part: sum(f[i] for c, f in floors.items() if c.target == t) / 60 for i, part in enumerate(("sweeps", "seeds"))}
-                  for t in targets}
+    floors = {c: floor_seconds(c, costs[model_of(c)], args.trials, args.seeds) for c in grid}
+    per_target = {t: {part: sum(floors[c][part] for c in grid if c.target == t) / 60 for part in ("sweeps", "seeds")} for t in targets}
     write_result("transfer_floor", {
         "trials": args.trials, "seeds": args.seeds, "cores": args.cores, "cells": {t: sum(c.target == t for c in grid) for t in targets},
         "ms_per_image": {f"{b}@{px} {m}": [round(1000 * v, 2) for v in c] for (b, px), methods in costs.items() for m, c in methods.items()},
