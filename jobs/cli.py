@@ -66,7 +66,7 @@ def setup_logging(in_worker: bool = False) -> None:
     """Our own progress lines at INFO on stderr.
 
     In a Ray worker the root logger already prints at INFO (Ray sets it up), so our loggers stop there
-    instead of printing twice, and Ray Train's line-per-report echo of every metric is turned down.
+    instead of printing twice, and Ray's line-per-report echoes (metrics, "Checkpoint successfully created") are turned down.
     """
     for name in ("tl_core", "jobs"):
         log = logging.getLogger(name)
@@ -80,4 +80,5 @@ def setup_logging(in_worker: bool = False) -> None:
     if in_worker:
         from jobs import ray_private
 
-        logging.getLogger(ray_private.train_report_logger_name()).setLevel(logging.WARNING)
+        for name in ray_private.report_echo_logger_names():
+            logging.getLogger(name).setLevel(logging.WARNING)

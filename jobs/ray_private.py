@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 
 
-def train_report_logger_name() -> str:
-    """The logger that echoes every `ray.train.report` as a line of metrics. It is named after its file
-    (`logging.getLogger(__file__)`), so only its module path can name it; there is no setting for it."""
+def report_echo_logger_names() -> list[str]:
+    """The loggers that echo every report as a line: Ray Train's metrics line, named after its file
+    (`logging.getLogger(__file__)`, so only its module path can name it), and the "Checkpoint successfully created"
+    line a Tune trial's checkpoint prints each epoch. There is no setting for either."""
+    from ray.train._internal import storage
     from ray.train.v2._internal.execution import context
 
-    return context.__file__
+    return [context.__file__, storage.logger.name]
 
 
 def autoscaler_max_resources() -> dict[str, float] | None:
