@@ -139,6 +139,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except ValidationError as exc:
         raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
     base = from_dict(data, (), source=str(path))
+    interval, every = search.scheduler.perturbation_interval, base.checkpoint.every
+    if search.scheduler.name == "pbt" and interval % every:
+        raise ConfigError(f"{path}: checkpoint.every: {every} must divide scheduler.perturbation_interval ({interval}): "
+                          "a pbt exploit copies the checkpoint of the epoch it happens at")
     for key, value in search.trial_values():
         try:
             with_overrides(base, [override(key, value)])

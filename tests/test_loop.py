@@ -38,6 +38,19 @@ def test_fit_learns_and_checkpoints_every_epoch(image_folder, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt.model_state)
 
 
+def test_checkpoint_every_n_epochs_and_always_the_last_and_an_early_stop(image_folder, tmp_path):
+    reporter = LocalReporter(tmp_path / "run")
+    fit(config(image_folder, train={"epochs": 5}, checkpoint={"every": 2}), reporter)
+    assert len(reporter.history) == 5  # every epoch is reported; a checkpoint comes with epochs 2, 4 and the last
+    assert [load_checkpoint(path).meta["epoch"] for path in reporter.checkpoints] == [2, 4, 5]
+
+    stopping = {"metric": "val/loss", "mode": "min", "patience": 1, "min_delta": 1.0}
+    stopped = LocalReporter(tmp_path / "stopped")
+    cfg = config(image_folder, optim={"lr": 1e-9}, train={"epochs": 8, "early_stopping": stopping}, checkpoint={"every": 5})
+    assert len(fit(cfg, stopped)) == 2
+    assert [load_checkpoint(path).meta["epoch"] for path in stopped.checkpoints] == [2]
+
+
 def test_early_stopping_rule():
     stopper = EarlyStopping(EarlyStoppingConfig(metric="val/loss", mode="min", patience=2, min_delta=0.01))
     assert [stopper.step(v) for v in (1.0, 0.5, 0.495, 0.6, 0.4, 0.45, 0.41)] == [False, False, False, True, False, False, True]

@@ -65,6 +65,7 @@ def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys
     for rows in histories.values():
         assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))  # one report per epoch
         assert rows[-1]["global_batch_size"] == rows[-1]["batch_size_per_worker"] in (4, 8)
+    assert len({rows[-1]["pid"] for rows in histories.values()}) < 6  # a trial's process runs later trials too
 
     capsys.readouterr()
     assert analyze.main([str(experiment)]) == 0
@@ -119,7 +120,8 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
     assert len(trial_histories(experiment)) < 4 or not all(h and h[-1]["epoch"] == 3 for h in trial_histories(experiment).values())
 
     assert sweep.main(["--config", str(config), "--resume"]) == 0
-    after = trial_histories(experiment)
+    # A trial begun after Tune's last snapshot of the experiment runs again in a new directory; the partial one stays.
+    after = {name: rows for name, rows in trial_histories(experiment).items() if rows}
     assert len(after) == 4 and all(h[-1]["epoch"] == 3 for h in after.values())
     for name, rows in finished.items():
         assert after[name] == rows  # finished before the kill: not run again
@@ -152,6 +154,19 @@ SWEEP_BAD_INPUTS = {
                                          "num_samples (6) may not exceed max_concurrent_trials (2)"),
     "unknown searcher": ({"search_alg": "hyperopt"}, "search.search_alg: Input should be 'random', 'grid', 'optuna' or 'bohb'"),
 }
+
+
+def test_pbt_needs_a_checkpoint_at_every_perturbation(tmp_path, capsys):
+    space = {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}
+    config = write_sweep(tmp_path, make_image_folder(tmp_path / "data", n_classes=2, per_class=4), space=space,
+                         scheduler={"name": "pbt", "perturbation_interval": 2})
+    assert sweep.main(["--config", str(config), "--set", "checkpoint.every=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {config}: checkpoint.every: 3 must divide scheduler.perturbation_interval (2): a pbt exploit "
+                       "copies the checkpoint of the epoch it happens at"), err
+    assert not (tmp_path / "runs").exists()
+    base, _ = load_sweep(config, ["checkpoint.every=2"])  # one at every perturbation
+    assert base.checkpoint.every == 2
 
 
 @pytest.mark.parametrize("case", list(SWEEP_BAD_INPUTS))

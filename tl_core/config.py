@@ -194,6 +194,7 @@ class ScalingConfig(Section):
 
 class CheckpointConfig(Section):
     keep: Optional[int] = Field(2, ge=1)  # null keeps every checkpoint
+    every: int = Field(1, ge=1)  # epochs between checkpoints; the last epoch and an early stop always write one
     metric: MetricName = "val/acc"
     mode: Literal["max", "min"] = "max"
 

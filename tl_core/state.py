@@ -242,8 +242,9 @@ class TrainingState:
     def end_epoch(self, epoch: int, metrics: dict, meta: dict, reporter: Reporter, *, checkpoint: bool = True,
                   mirror: CheckpointMirror | None = None) -> bool:
         """Record epoch `epoch` (0-based): refuse a diverged loss, step early stopping, log, report every rank's
-        metrics (rank 0 with a checkpoint unless `checkpoint` is False; its files copied to `mirror(epoch + 1)` while
-        they are written, when given). True when training should stop."""
+        metrics (rank 0 with a checkpoint every `checkpoint.every` epochs, at the last and at an early stop, unless
+        `checkpoint` is False; its files copied to `mirror(epoch + 1)` while they are written, when given). True when
+        training should stop."""
         for name in ("train/loss", "val/loss"):
             if name in metrics and not math.isfinite(metrics[name]):
                 raise TrainingDiverged(f"epoch {epoch + 1}: {name} is {metrics[name]}; lower optim.lr or set train.clip_grad_norm")
@@ -251,7 +252,8 @@ class TrainingState:
         self.stopped_early = self.stopper.step(metrics[self.cfg.train.early_stopping.metric])
         log_rank0("epoch %d/%d  %s", epoch + 1, self.cfg.train.epochs,
                   "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if checkpoint and is_main_process():
+        due = self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs or self.stopped_early
+        if checkpoint and due and is_main_process():
             with staging_dir() as tmp:
                 meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "metrics": metrics, **meta}
                 path = save_checkpoint(tmp / "checkpoint", self.model.state_dict(), self.state_dict(), meta,
