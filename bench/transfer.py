@@ -123,7 +123,7 @@ def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> 
         "optim": optim,
         "train": {"epochs": MAX_EPOCHS, "batch_size": 16, "seed": seed},
         "scaling": {"num_workers": 1},
-        "checkpoint": {"keep": 1},
+        "checkpoint": {"keep": 1, "every": MAX_EPOCHS},  # a sweep trial's last epoch only: the study keeps budgets, not weights
         "storage": {"root": str(WORK / "sweeps")},
     }
 
