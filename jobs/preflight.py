@@ -134,12 +134,20 @@ def check_capacity(cfg: RunConfig) -> None:
                 f"scaling.{what}: {workers} workers x {amount:g} {name} need {needed:g} {name}, "
                 f"but the Ray cluster has {capacity.get(name, 0.0):g}")
     if streaming.is_packed(cfg):
-        check_decode_room(cfg, worker_resources(cfg.scaling).get("CPU", 0.0) * workers, capacity.get("CPU", 0.0))
+        check_decode_room(cfg, worker_resources(cfg.scaling).get("CPU", 0.0) * workers, capacity.get("CPU", 0.0),
+                          streaming.read_manifest(cfg).modality)
 
 
-def check_decode_room(cfg: RunConfig, held: float, cpus: float) -> None:
-    """A packed dataset is read and decoded by Ray Data tasks beside the workers: refuse, rather than wait forever,
-    when the workers (or trials) hold so many of the cluster's CPUs that no read or decode task can start."""
+def check_decode_room(cfg: RunConfig, held: float, cpus: float, modality: str) -> None:
+    """A packed dataset is read (and images decoded) by Ray Data tasks beside the workers: refuse, rather than wait
+    forever, when the workers (or trials) hold so many of the cluster's CPUs that no read or decode task can start.
+    `modality`: the manifest's; texts are read as stored, with no decode tasks."""
+    if modality == "text":
+        if cpus - held + 1e-9 < streaming.READ_TASK_CPUS:
+            raise ConfigError(f"scaling.resources_per_worker: a packed text dataset is read by Ray Data tasks of "
+                              f"{streaming.READ_TASK_CPUS:g} CPU beside the workers, but they hold {held:g} of the cluster's "
+                              f"{cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials)")
+        return
     needed = max(streaming.READ_TASK_CPUS, cfg.data.decode_cpus)
     if cpus - held + 1e-9 < needed:
         raise ConfigError(f"data.decode_cpus: a packed dataset is read by Ray Data tasks of {streaming.READ_TASK_CPUS:g} CPU and "

@@ -19,13 +19,12 @@ import yaml
 
 from cluster import storage
 from cluster.storage import Location
-from jobs import ray_private, tracking
+from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args
 from jobs.preflight import check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
-from jobs.streaming import is_packed
 from jobs.sweep_config import SearchConfig, load_sweep
 from tl_core.config import RunConfig, from_dict, override, with_overrides
 
@@ -123,12 +122,12 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
     stage_hub_weights(cfg)
-    if is_packed(cfg) and cfg.scaling.max_workers == 1:
+    if streaming.is_packed(cfg) and cfg.scaling.max_workers == 1:
         import ray
 
         cpus = ray.cluster_resources().get("CPU", 0.0)
         held = trial_resources(cfg).get("CPU", 0.0) * search.max_concurrent_trials
-        check_decode_room(cfg, min(held, cpus), cpus)
+        check_decode_room(cfg, min(held, cpus), cpus, streaming.read_manifest(cfg).modality)
     ray_private.keep_credentials_out_of_tune_runtime_env()
     # With checkpoint.keep set, Tune saves the experiment's state after every checkpoint (so `--resume` never points
     # at a deleted one) and warns, three lines each time, that it "may become a bottleneck": expected here, so quiet.

@@ -276,11 +276,15 @@ def test_a_run_that_leaves_no_room_for_read_or_decode_tasks_is_refused_not_left_
     from tl_core.errors import ConfigError
 
     cfg = from_dict({"experiment": "room", "data": {"root": "unused"}})
-    check_decode_room(cfg, held=1.0, cpus=2.0)  # one CPU left: a read task (1 CPU), or two decode tasks (0.5 each)
+    check_decode_room(cfg, held=1.0, cpus=2.0, modality="image")  # one CPU left: a read task (1 CPU), or two decode tasks
     with pytest.raises(ConfigError, match=r"data.decode_cpus: .* read by Ray Data tasks of 1 CPU .* hold 1.5 of the cluster's 2 CPUs"):
-        check_decode_room(cfg, held=1.5, cpus=2.0)  # room for a decode task, but never for a read
+        check_decode_room(cfg, held=1.5, cpus=2.0, modality="image")  # room for a decode task, but never for a read
+    wide = from_dict({"experiment": "room", "data": {"root": "unused", "decode_cpus": 4}})
     with pytest.raises(ConfigError, match="decoded by tasks of 4 CPU"):
-        check_decode_room(from_dict({"experiment": "room", "data": {"root": "unused", "decode_cpus": 4}}), held=1.0, cpus=4.0)
+        check_decode_room(wide, held=1.0, cpus=4.0, modality="image")
+    check_decode_room(wide, held=1.0, cpus=4.0, modality="text")  # texts are read as stored: no decode task to fit
+    with pytest.raises(ConfigError, match=r"scaling.resources_per_worker: a packed text dataset is read by Ray Data tasks of 1 CPU"):
+        check_decode_room(wide, held=3.5, cpus=4.0, modality="text")
 
 
 @pytest.mark.parametrize("case,message", [
