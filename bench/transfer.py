@@ -300,9 +300,10 @@ def markdown(table: dict, rows: list[dict], targets: list[str], labels: list[int
         sizes = SPLITS[target]
         minutes = sorted({m for r in mine for m in as_list(r.get("study_minutes", 0))})  # a value per run of the study
         seeds = max(r["seeds"] if r.get("carried") else r["seed"] + 1 for r in mine)
+        ran = sorted({t for r in mine for t in r.get("study_targets", [target])}, key=list(SPLITS).index)  # with the targets
         out.append(f"- {target}: {sizes.val * sizes.classes} reported validation samples, {sizes.tune * sizes.classes} for "
                    f"tuning; {seeds} seeds, {mine[0].get('trials', '?')}-trial sweeps; "
-                   f"`python -m bench.transfer --targets {target} ...` took {' + '.join(f'{m:.0f}' for m in minutes)} min"
+                   f"`python -m bench.transfer --targets {' '.join(ran)} ...` took {' + '.join(f'{m:.0f}' for m in minutes)} min"
                    + ("\n" if target == targets[-1] else ""))
     for target in targets:
         goals = GAP_TARGETS["text" if target in TEXT_TARGETS else "image"]
@@ -427,6 +428,7 @@ def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
     for row in rows:
         row.setdefault("trials", args.trials)
         row.setdefault("study_minutes", round(minutes, 1))
+        row.setdefault("study_targets", args.targets)
     measured = {cell_key(r) for r in rows}
     if (RESULTS / "transfer.json").is_file():
         previous = json.loads((RESULTS / "transfer.json").read_text())
