@@ -142,15 +142,15 @@ def check_decode_room(cfg: RunConfig, held: float, cpus: float, modality: str) -
     """A packed dataset is read (and images decoded) by Ray Data tasks beside the workers: refuse, rather than wait
     forever, when the workers (or trials) hold so many of the cluster's CPUs that no read or decode task can start.
     `modality`: the manifest's; texts are read as stored, with no decode tasks."""
-    if modality == "text":
-        if cpus - held + 1e-9 < streaming.READ_TASK_CPUS:
-            raise ConfigError(f"scaling.resources_per_worker: a packed text dataset is read by Ray Data tasks of "
-                              f"{streaming.READ_TASK_CPUS:g} CPU beside the workers, but they hold {held:g} of the cluster's "
-                              f"{cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials)")
+    decoded = modality != "text"
+    needed = max(streaming.READ_TASK_CPUS, cfg.data.decode_cpus if decoded else 0.0)
+    if cpus - held + 1e-9 >= needed:
         return
-    needed = max(streaming.READ_TASK_CPUS, cfg.data.decode_cpus)
-    if cpus - held + 1e-9 < needed:
-        raise ConfigError(f"data.decode_cpus: a packed dataset is read by Ray Data tasks of {streaming.READ_TASK_CPUS:g} CPU and "
-                          f"decoded by tasks of {cfg.data.decode_cpus:g} CPU beside the workers, but they hold {held:g} of the "
-                          f"cluster's {cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials) or "
-                          "data.decode_cpus")
+    if not decoded:
+        raise ConfigError(f"scaling.resources_per_worker: a packed text dataset is read by Ray Data tasks of "
+                          f"{streaming.READ_TASK_CPUS:g} CPU beside the workers, but they hold {held:g} of the cluster's "
+                          f"{cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials)")
+    raise ConfigError(f"data.decode_cpus: a packed dataset is read by Ray Data tasks of {streaming.READ_TASK_CPUS:g} CPU and "
+                      f"decoded by tasks of {cfg.data.decode_cpus:g} CPU beside the workers, but they hold {held:g} of the "
+                      f"cluster's {cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials) or "
+                      "data.decode_cpus")
