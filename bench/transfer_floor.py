@@ -28,13 +28,17 @@ def seconds_per_image(cell: Cell, batch: int = 16, steps: int = 4) -> tuple[floa
     thread, no data loading."""
     from tl_core.config import from_dict
     from tl_core.models import apply_strategy, build_model
+    from tl_core.state import memory_format_for
 
     cfg = from_dict(cell_config(cell, Path("unused"), weights=None, seed=0))  # models only: no data is read
     classes = [str(i) for i in range(SPLITS[cell.target].classes)]
     model = build_model(cfg.model, classes, cfg.data.image_size)
     apply_strategy(model, cfg.model, 0)
+    layout = memory_format_for(model, torch.device("cpu"), cfg.data.image_size)  # the layout the product trains in
+    model = model.to(memory_format=layout)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x, y = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size), torch.randint(0, len(classes), (batch,))
+    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size).contiguous(memory_format=layout)
+    y = torch.randint(0, len(classes), (batch,))
 
     def step() -> None:
         optimizer.zero_grad()

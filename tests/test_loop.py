@@ -113,20 +113,23 @@ def test_resume_mid_gradual_unfreeze_matches_an_unbroken_run(image_folder, tmp_p
     assert sorted(a.train_state["optimizer"]["state"]) == sorted(b.train_state["optimizer"]["state"])
 
 
-def test_channels_last_on_cuda_for_conv_nets_only():
+def test_channels_last_for_conv_nets_on_cuda_and_on_the_cpu_from_64_px():
     from tl_core.config import ModelConfig
     from tl_core.models import build_model
     from tl_core.state import memory_format_for
 
     resnet = build_model(ModelConfig(backbone="resnet18"), ["a", "b"], 32)
     vit = build_model(ModelConfig(backbone="vit_b_16"), ["a", "b"], 32)
-    assert memory_format_for(resnet, torch.device("cuda")) == torch.channels_last
-    assert memory_format_for(resnet, torch.device("cpu")) == torch.preserve_format
-    assert memory_format_for(vit, torch.device("cuda")) == torch.preserve_format
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format_for(resnet, cuda, 32) == torch.channels_last
+    assert memory_format_for(resnet, cpu, 64) == torch.channels_last
+    assert memory_format_for(resnet, cpu, 32) == torch.preserve_format  # below 64 px the CPU kernels are faster in NCHW
+    assert memory_format_for(vit, cuda, 224) == torch.preserve_format
+    assert memory_format_for(vit, cpu, 224) == torch.preserve_format
 
 
 def test_a_channels_last_epoch_computes_what_a_contiguous_one_does(image_folder):
-    """The CUDA layout path, run on the CPU: the same loss and the same updated weights."""
+    """The channels_last path a conv net takes: the same loss and the same updated weights as a contiguous one."""
     from torch import nn
 
     from tl_core.config import ModelConfig
@@ -149,7 +152,7 @@ def test_a_channels_last_epoch_computes_what_a_contiguous_one_does(image_folder)
         torch.manual_seed(0)
         model = build_model(ModelConfig(backbone="resnet18"), index.classes, 16).to(memory_format=memory_format)
         state = TrainingState.create(cfg, model, torch.device("cpu"), steps_per_epoch=4)
-        state.memory_format = memory_format  # the layout CUDA would choose, on the CPU
+        state.memory_format = memory_format  # the layout under test, whichever create chose
         loaders = build_loaders(index, cfg.data, batch_size=8, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0)
         loaders.set_epoch(0, seed=1)
         set_train_mode(model)
