@@ -33,6 +33,32 @@ def test_every_optimizer_trains(name):
     assert {g["name"]: g["lr"] for g in opt.param_groups}["backbone/decay"] == pytest.approx(0.005)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_step_is_fused_where_torch_has_the_kernels_and_computes_what_the_loop_does(name):
+    """On the CPU the fused step is several times faster (bench.optimizer_step) and must move the weights as the
+    loop over tensors does."""
+    torch.manual_seed(0)
+    fused_model = build_model(ModelConfig(backbone="resnet18"), CLASSES, image_size=32)
+    looped_model = build_model(ModelConfig(backbone="resnet18"), CLASSES, image_size=32)
+    looped_model.load_state_dict(fused_model.state_dict())
+    cfg = OptimConfig(name=name, lr=0.01, weight_decay=1e-2)
+    fused = build_optimizer(fused_model, cfg)
+    assert bool(fused.defaults.get("fused")) is (name != "rmsprop")  # torch has no fused RMSprop
+    before = fused_model.conv1.weight.detach().clone()
+    looped = OPTIMIZERS[name](param_groups(looped_model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=1.0),
+                              lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas, eps=cfg.eps,
+                              weight_decay=cfg.weight_decay, fused=False)
+    grads = [torch.randn_like(p) for p in fused_model.parameters()]
+    for model, opt in ((fused_model, fused), (looped_model, looped)):
+        for _ in range(3):  # the same gradients each step: the optimizers' arithmetic alone is compared
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for (key, a), b in zip(fused_model.state_dict().items(), looped_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(fused_model.conv1.weight, before)  # the steps moved the weights
+
+
 def test_no_weight_decay_on_norms_and_biases_and_discriminative_lr(model):
     groups = {g["name"]: g for g in param_groups(model, lr=0.1, weight_decay=0.01, backbone_lr_mult=0.1)}
     assert set(groups) == {"backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"}

@@ -56,23 +56,23 @@ def _group_order(key: str) -> tuple:
     return (part == "head", -below, decay)
 
 
-def _sgd(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+def _sgd(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, fused=fused)
 
 
-def _adam(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
-    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+def _adam(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):
+    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-def _adamw(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+def _adamw(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-def _adagrad(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
-    return torch.optim.Adagrad(groups, lr=lr, eps=eps, weight_decay=weight_decay)
+def _adagrad(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):
+    return torch.optim.Adagrad(groups, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-def _rmsprop(groups, *, lr, momentum, nesterov, betas, eps, weight_decay):
+def _rmsprop(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):  # torch has no fused RMSprop
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay)
 
 
@@ -91,7 +91,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: flo
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=backbone_lr_mult, head=head,
                           layer_decay=layer_decay)
     return OPTIMIZERS[cfg.name](groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+                                betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                fused=fused_kernels_fit([p for g in groups for p in g["params"]]))
+
+
+#: devices whose optimizer steps run as fused kernels (torch has them for SGD, Adam, AdamW and Adagrad)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_kernels_fit(params: list[torch.Tensor]) -> bool:
+    """Whether the optimizer step can run as one fused kernel per parameter group instead of a Python loop over
+    tensors: every parameter a floating-point tensor on one device that has the kernels. On the CPU it is what a small
+    model's step costs most: one thread, a ResNet-18 AdamW step took 55 ms looped and 10 ms fused (bench.optimizer_step)."""
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and devices <= set(FUSED_DEVICES) and all(p.is_floating_point() for p in params)
 
 
 def _constant(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float,
