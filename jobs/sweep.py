@@ -85,11 +85,13 @@ def trial(params: dict, base: dict, search: dict, mlflow_parent: str | None = No
     cfg = trial_config(base, search, params)
     sizes = {"batch_size_per_worker": cfg.train.batch_size, "global_batch_size": global_batch_size(cfg), "trial_lr": cfg.optim.lr}
     if cfg.scaling.max_workers > 1:
-        return _ddp_trial(cfg, sizes, mlflow_parent)
+        return _ddp_trial(cfg, sizes, search["metric"], mlflow_parent)
 
     setup_logging(in_worker=True)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        if not reaches_tune(metrics, search["metric"]):
+            return
         saved = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report({**metrics, **sizes, "timestamp": time.time()}, checkpoint=saved)
 
@@ -103,7 +105,7 @@ def trial(params: dict, base: dict, search: dict, mlflow_parent: str | None = No
     tracking.finish_mlflow_run(mlflow)  # a trial the scheduler stops never gets here: the sweep closes it as KILLED
 
 
-def _ddp_trial(cfg: RunConfig, sizes: dict, mlflow_parent: str | None) -> None:
+def _ddp_trial(cfg: RunConfig, sizes: dict, search_metric: str, mlflow_parent: str | None) -> None:
     """A TorchTrainer named after the trial, in the sweep's storage, reporting each epoch to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -112,8 +114,20 @@ def _ddp_trial(cfg: RunConfig, sizes: dict, mlflow_parent: str | None) -> None:
     cfg = stage_hub_weights(cfg)  # the sweep's staged copy, before the trial's own storage root
     cfg = with_overrides(cfg, [override("experiment", context.get_trial_id()),
                                override("storage.root", f"{experiment_location(cfg).uri}/ddp-trials")])
-    run_trainer(cfg, cfg.pretrain.method, callbacks=[TuneReportCallback()], extra_metrics=sizes, mlflow_parent=mlflow_parent)
+    class ValidatedEpochsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if reaches_tune(metrics[0], search_metric):
+                super().after_report(run_context, metrics, checkpoint)
+
+    run_trainer(cfg, cfg.pretrain.method, callbacks=[ValidatedEpochsToTune()], extra_metrics=sizes, mlflow_parent=mlflow_parent)
     tracking.finish_mlflow_run(tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment))
+
+
+def reaches_tune(metrics: dict, search_metric: str) -> bool:
+    """Whether an epoch's metrics go to Tune: those holding the searched metric. With `train.val_every` > 1 the
+    epochs between validations have no val/ metrics, and Tune's schedulers and searchers read the metric from every
+    result they get (a checkpoint only comes with a validated epoch: `checkpoint.every` is a multiple of it)."""
+    return search_metric in metrics
 
 
 def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):

@@ -88,6 +88,8 @@ BAD = [
     ({"scaling": {"num_workers": {"min": 1}}}, "scaling.num_workers: {min, max} range: max: required key is missing"),
     ({"scaling": {"num_workers": "many"}}, "scaling.num_workers: expected a number of workers or {min: N, max: M} (got 'many')"),
     ({"scaling": {"resources_per_worker": {"GPU": 1}}}, "scaling: resources_per_worker: GPU needs use_gpu: true"),
+    ({"train": {"val_every": 2}}, "checkpoint.every: 1 must be a multiple of train.val_every (2): a checkpoint holds"),
+    ({"train": {"val_every": 0}}, "train.val_every: Input should be greater than or equal to 1"),
 ]
 
 

@@ -51,6 +51,23 @@ def test_checkpoint_every_n_epochs_and_always_the_last_and_an_early_stop(image_f
     assert [load_checkpoint(path).meta["epoch"] for path in stopped.checkpoints] == [2]
 
 
+def test_validation_every_n_epochs_and_always_the_last(image_folder, tmp_path):
+    """`train.val_every: 2` of 5 epochs scores the validation data after epochs 2, 4 and 5; the others report training
+    metrics only, checkpoints come with validated epochs, and early stopping counts validations."""
+    reporter = LocalReporter(tmp_path / "run")
+    history = fit(config(image_folder, train={"epochs": 5, "val_every": 2}, checkpoint={"every": 2}), reporter)
+    assert [h["epoch"] for h in history if "val/acc" in h] == [2, 4, 5]
+    assert all(set(h) >= {"train/loss", "lr"} for h in history)
+    assert METRICS <= set(history[-1]) and not any(k.startswith("val/") for k in history[0])
+    assert [load_checkpoint(path).meta["epoch"] for path in reporter.checkpoints] == [2, 4, 5]
+    assert "confusion_matrix" in load_checkpoint(reporter.latest).meta
+
+    stopping = {"metric": "val/loss", "mode": "min", "patience": 1, "min_delta": 1.0}  # nothing improves by 1.0
+    cfg = config(image_folder, optim={"lr": 1e-9}, train={"epochs": 9, "val_every": 3, "early_stopping": stopping},
+                 checkpoint={"every": 3})
+    assert len(fit(cfg, LocalReporter(tmp_path / "stopped"))) == 6  # validations at 3 (the best) and 6 (no better)
+
+
 def test_early_stopping_rule():
     stopper = EarlyStopping(EarlyStoppingConfig(metric="val/loss", mode="min", patience=2, min_delta=0.01))
     assert [stopper.step(v) for v in (1.0, 0.5, 0.495, 0.6, 0.4, 0.45, 0.41)] == [False, False, False, True, False, False, True]

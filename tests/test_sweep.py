@@ -195,9 +195,12 @@ def test_optuna_and_bohb_search_through_ray_tunes_own_integrations(searcher, sch
     config = write_sweep(tmp_path, data, experiment=f"sweep-{searcher}", num_samples=4, search_alg=searcher,
                          scheduler={"name": scheduler, "max_t": 3, "grace_period": 1, "reduction_factor": 2},
                          space={"optim.lr": {"loguniform": [1.0e-4, 3.0e-2]}, "model.dropout": {"choice": [0.0, 0.3]}})
-    assert sweep.main(["--config", str(config)]) == 0
+    # Validation every 2 epochs: the searchers and schedulers, which read the metric from every result, get
+    # validated epochs only (2 and the last, 3).
+    assert sweep.main(["--config", str(config), "--set", "train.val_every=2", "--set", "checkpoint.every=2"]) == 0
     histories = trial_histories(tmp_path / "runs" / f"sweep-{searcher}")
     assert len(histories) == 4 and all(rows for rows in histories.values())
+    assert {r["epoch"] for rows in histories.values() for r in rows} <= {2, 3}
     lrs = {rows[0]["config"]["optim.lr"] for rows in histories.values()}
     assert len(lrs) == 4 and all(1e-4 <= lr <= 3e-2 for lr in lrs)
     assert analyze.main([str(tmp_path / "runs" / f"sweep-{searcher}")]) == 0
@@ -231,16 +234,17 @@ def test_population_based_training_copies_a_better_trial_and_trains_on_with_new_
 @pytest.mark.slow
 def test_ddp_trials_run_a_torch_trainer_and_are_analyzed(ray_cluster, tmp_path):
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
-    config = write_sweep(tmp_path, data, experiment="ddp-sweep", num_samples=1, scheduler={"name": "fifo", "max_t": 2},
+    config = write_sweep(tmp_path, data, experiment="ddp-sweep", num_samples=1, scheduler={"name": "fifo", "max_t": 3},
                          space={"optim.lr": {"choice": [1.0e-3]}})
-    assert sweep.main(["--config", str(config), "--set", "scaling.num_workers=2"]) == 0
+    assert sweep.main(["--config", str(config), "--set", "scaling.num_workers=2", "--set", "train.val_every=2",
+                       "--set", "checkpoint.every=2"]) == 0
     experiment = tmp_path / "runs" / "ddp-sweep"
     (rows,) = trial_histories(experiment).values()
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [2, 3]  # validated epochs only reach Tune (val_every 2, and the last)
     assert rows[-1]["global_batch_size"] == 16 and rows[-1]["batch_size_per_worker"] == 8  # 2 workers x 8
     assert rows[-1]["checkpoint_path"].startswith(str(experiment / "ddp-trials"))
     assert analyze.main([str(experiment)]) == 0
-    assert json.loads((experiment / "report" / "per_class.json").read_text())["epoch"] in (1, 2)
+    assert json.loads((experiment / "report" / "per_class.json").read_text())["epoch"] in (2, 3)
 
 
 @pytest.mark.integration

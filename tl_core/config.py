@@ -113,7 +113,7 @@ class OptimConfig(Section):
 class EarlyStoppingConfig(Section):
     metric: MetricName = "val/acc"
     mode: Literal["max", "min"] = "max"
-    patience: Optional[int] = Field(None, ge=1)  # epochs without improvement; null = never stop early
+    patience: Optional[int] = Field(None, ge=1)  # measurements without improvement (epochs, or validations of a val/ metric); null = never
     min_delta: float = Field(0.0, ge=0.0)
 
 
@@ -124,6 +124,7 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     grad_accum: int = Field(1, ge=1)
     clip_grad_norm: Optional[float] = Field(None, gt=0.0)
+    val_every: int = Field(1, ge=1)  # epochs between validations; the last epoch always validates
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     seed: int = Field(0, ge=0, lt=2**63)  # torch and numpy take seeds below 2**63 (numpy: below 2**32, reduced)
 
@@ -285,6 +286,9 @@ class RunConfig(Section):
         if self.model.strategy == "lp_ft" and self.model.lp_epochs >= self.train.epochs:
             raise ValueError(f"model.lp_epochs: {self.model.lp_epochs} must be less than train.epochs ({self.train.epochs}), "
                              "or lp_ft never fine-tunes")
+        if self.checkpoint.every % self.train.val_every:
+            raise ValueError(f"checkpoint.every: {self.checkpoint.every} must be a multiple of train.val_every ({self.train.val_every}): "
+                             "a checkpoint holds the metrics of a validated epoch")
         reported = RECIPE_METRICS[method]
         for key, metric in (("checkpoint.metric", self.checkpoint.metric), ("train.early_stopping.metric", self.train.early_stopping.metric)):
             if metric not in reported:

@@ -53,7 +53,8 @@ def evaluate(model: nn.Module, batches, state: TrainingState, num_classes: int, 
 
 def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, resume_from: str | Path | Checkpoint | None = None,
         device: torch.device | None = None, checkpoints: bool = True, mirror: CheckpointMirror | None = None) -> list[dict]:
-    """Train and validate for `cfg.train.epochs` (or until early stopping); returns each epoch's metrics.
+    """Train for `cfg.train.epochs` (or until early stopping), validating every `train.val_every` epochs and at the
+    last; returns each epoch's metrics (val/ ones at validated epochs).
 
     `data` defaults to the images or text at `cfg.data.root`; `resume_from` (a checkpoint directory, or one
     already loaded) continues a run where it stopped; `checkpoints=False` reports metrics only; `mirror` copies each
@@ -85,15 +86,13 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
         set_train_mode(model, cfg.model.freeze_bn_stats)
         train_loss = state.train_epoch(ddp_model, data.train, step)
         broadcast_buffers(model)
-        val = evaluate(model, data.val, state, len(data.classes), cfg.train.label_smoothing)
-        metrics = {
-            "epoch": epoch + 1,
-            "train/loss": train_loss,
-            **{f"val/{k}": val[k] for k in VAL_METRICS},
-            "lr": state.optimizer.param_groups[-1]["lr"],
-            "epoch_time_s": time.perf_counter() - started,
-        }
-        meta = {"classes": data.classes, "per_class": val["per_class"], "confusion_matrix": val["confusion_matrix"]}
+        metrics = {"epoch": epoch + 1, "train/loss": train_loss}
+        meta = {"classes": data.classes}
+        if state.validates(epoch):
+            val = evaluate(model, data.val, state, len(data.classes), cfg.train.label_smoothing)
+            metrics.update({f"val/{k}": val[k] for k in VAL_METRICS})
+            meta.update(per_class=val["per_class"], confusion_matrix=val["confusion_matrix"])
+        metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
         history.append(metrics)
         if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror):
             break

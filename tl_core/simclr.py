@@ -131,8 +131,9 @@ def contrastive_step(temperature: float):
 
 def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, resume_from: str | Checkpoint | None = None,
                device: Optional[torch.device] = None, checkpoints: bool = True, mirror: CheckpointMirror | None = None) -> list[dict]:
-    """Pretrain with SimCLR for `cfg.train.epochs` (or until early stopping); every epoch reports train/loss,
-    val/loss and val/acc (the top-1 accuracy of finding each view's partner) with a checkpoint of the backbone."""
+    """Pretrain with SimCLR for `cfg.train.epochs` (or until early stopping); every epoch reports train/loss, and
+    every validated one (`train.val_every`) val/loss and val/acc (the top-1 accuracy of finding each view's partner),
+    with a checkpoint of the backbone."""
     device = device or default_device(cfg.scaling.use_gpu)
     if data is None:
         data = view_data(cfg, rank=get_rank(), world_size=get_world_size(), pin_memory=device.type == "cuda")
@@ -157,9 +158,11 @@ def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = No
         set_train_mode(model, cfg.model.freeze_bn_stats)
         train_loss = state.train_epoch(ddp_model, data.train, step)
         broadcast_buffers(model)
-        val = evaluate_views(ddp_model, data.val, state, step)
-        metrics = {"epoch": epoch + 1, "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
-                   "lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started}
+        metrics = {"epoch": epoch + 1, "train/loss": train_loss}
+        if state.validates(epoch):
+            val = evaluate_views(ddp_model, data.val, state, step)
+            metrics.update({"val/loss": val["loss"], "val/acc": val["acc"]})
+        metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
         history.append(metrics)
         if state.end_epoch(epoch, metrics, {"classes": None, "method": "simclr"}, reporter, checkpoint=checkpoints, mirror=mirror):
             break

@@ -209,6 +209,11 @@ class TrainingState:
         seed_everything(seed)
         data.set_epoch(epoch, seed)
 
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (0-based) is scored on the validation data: every `train.val_every`-th and the last."""
+        done = epoch + 1
+        return done % self.cfg.train.val_every == 0 or done == self.cfg.train.epochs
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
@@ -248,15 +253,18 @@ class TrainingState:
 
     def end_epoch(self, epoch: int, metrics: dict, meta: dict, reporter: Reporter, *, checkpoint: bool = True,
                   mirror: CheckpointMirror | None = None) -> bool:
-        """Record epoch `epoch` (0-based): refuse a diverged loss, step early stopping, log, report every rank's
-        metrics (rank 0 with a checkpoint every `checkpoint.every` epochs, at the last and at an early stop, unless
+        """Record epoch `epoch` (0-based): refuse a diverged loss, step early stopping (when `metrics` has its metric),
+        log, report every rank's metrics (rank 0 with a checkpoint every `checkpoint.every` epochs, at the last and at
+        an early stop, unless
         `checkpoint` is False; its files copied to `mirror(epoch + 1)` while they are written, when given). True when
         training should stop."""
         for name in ("train/loss", "val/loss"):
             if name in metrics and not math.isfinite(metrics[name]):
                 raise TrainingDiverged(f"epoch {epoch + 1}: {name} is {metrics[name]}; lower optim.lr or set train.clip_grad_norm")
         self.epoch = epoch + 1
-        self.stopped_early = self.stopper.step(metrics[self.cfg.train.early_stopping.metric])
+        watched = self.cfg.train.early_stopping.metric
+        if watched in metrics:  # a val/ metric is measured at validated epochs only (train.val_every)
+            self.stopped_early = self.stopper.step(metrics[watched])
         log_rank0("epoch %d/%d  %s", epoch + 1, self.cfg.train.epochs,
                   "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
         due = self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs or self.stopped_early
