@@ -57,7 +57,9 @@ def _group_order(key: str) -> tuple:
 
 
 def _sgd(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, fused=fused)
+    # Not fused: torch's fused SGD needs a momentum buffer for every parameter or for none, and parameters that
+    # gradual unfreezing (or LP-FT) starts training later have none yet.
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def _adam(groups, *, lr, momentum, nesterov, betas, eps, weight_decay, fused):
@@ -95,7 +97,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, backbone_lr_mult: flo
                                 fused=fused_kernels_fit([p for g in groups for p in g["params"]]))
 
 
-#: devices whose optimizer steps run as fused kernels (torch has them for SGD, Adam, AdamW and Adagrad)
+#: devices whose optimizer steps run as fused kernels (Adam, AdamW and Adagrad)
 FUSED_DEVICES = ("cpu", "cuda")
 
 
