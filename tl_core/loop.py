@@ -18,9 +18,10 @@ from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import RunConfig
 from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log_rank0, wrap_ddp
+from tl_core.features import probe_features
 from tl_core.metrics import ClassificationMeter
 from tl_core.modality import labelled_data
-from tl_core.models import apply_strategy, build_model, set_train_mode
+from tl_core.models import apply_strategy, build_model, find_head, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
@@ -73,13 +74,18 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     if resume_from is not None:
         state.load(resume_from)
     step = classification_step(nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing))
+    # What the loop runs: the model on `data`, or a linear probe's head on the backbone's features computed once.
+    trained = model
+    if (features := probe_features(cfg, model, data, state)) is not None:
+        trained, data = find_head(model)[1], features
+        log_rank0("linear probe: the backbone's features are computed once (%s)", data.summary())
 
     history: list[dict] = []
-    n_trainable, ddp_model = None, model
+    n_trainable, ddp_model = None, trained
     for epoch in state.epochs():
         trainable = apply_strategy(model, cfg.model, epoch)
         if trainable != n_trainable:  # DDP must be rebuilt whenever the set of trainable parameters changes
-            n_trainable, ddp_model = trainable, wrap_ddp(model, device)
+            n_trainable, ddp_model = trainable, wrap_ddp(trained, device)
             log_rank0("epoch %d: %d backbone block(s) trainable", epoch + 1, trainable)
         state.begin_epoch(epoch, data)
         started = time.perf_counter()
@@ -89,7 +95,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
         metrics = {"epoch": epoch + 1, "train/loss": train_loss}
         meta = {"classes": data.classes}
         if state.validates(epoch):
-            val = evaluate(model, data.val, state, len(data.classes), cfg.train.label_smoothing)
+            val = evaluate(trained, data.val, state, len(data.classes), cfg.train.label_smoothing)
             metrics.update({f"val/{k}": val[k] for k in VAL_METRICS})
             meta.update(per_class=val["per_class"], confusion_matrix=val["confusion_matrix"])
         metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
