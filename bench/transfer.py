@@ -71,6 +71,12 @@ LP_EPOCHS = 6  # lp_ft: the probe's epochs, then fine-tuning for the rest of the
 #: 250 can (the own digit source fine-tuned on 50 digits per class: 98.2 ± 0.2% re-estimating, 96.3 ± 1.4% frozen)
 FREEZE_BN_BELOW = 50
 MAX_EPOCHS = 20
+#: a sweep trial scores the tuning images every VAL_EVERY epochs (ASHA's rungs: 2, 6, 18) and at its last, not every
+#: epoch: scoring 120 images is most of a few-label trial's epoch
+VAL_EVERY = 2
+#: cells tuned at once: each sweep runs its trials one after another in one process, and the sweeps and the seeds
+#: they hand on queue for the two cores, so one sweep's start-up overlaps another's training
+PARALLEL_SWEEPS = 3
 
 
 @dataclass(frozen=True)
@@ -103,15 +109,21 @@ def image_size(cell: Cell) -> int:
     return LITE0_PX[cell.target] if size is None else size
 
 
+def freezes_bn_stats(cell: Cell) -> bool:
+    """A pretrained image backbone being fine-tuned on fewer than FREEZE_BN_BELOW labels per class."""
+    return bool(SOURCES[cell.source][2]) and cell.method != "linear_probe" and image_size(cell) > 0 and cell.labels < FREEZE_BN_BELOW
+
+
 def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> dict:
     backbone, size = SOURCES[cell.source][0], image_size(cell)
     model = {"backbone": backbone, "weights": weights, "strategy": cell.method}
-    if weights and cell.method != "linear_probe" and size and cell.labels < FREEZE_BN_BELOW:
+    if freezes_bn_stats(cell):
         model["freeze_bn_stats"] = True
     if cell.method == "lp_ft":
         model["lp_epochs"] = LP_EPOCHS
-    if size:
-        data = {"root": str(data_root), "image_size": size, "augment": True, "hflip": cell.target != "digits", "loader_workers": 0}
+    if size:  # a linear probe sees the images as they are, so the backbone's features are computed once (tl_core.features)
+        data = {"root": str(data_root), "image_size": size, "augment": cell.method != "linear_probe", "hflip": cell.target != "digits",
+                "loader_workers": 0}
         optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "scheduler": "cosine"}
     else:  # text: AdamW with a warmup, the documented text recipe
         data = {"root": str(data_root), "max_length": TEXT_MAX_LENGTH, "loader_workers": 0}
@@ -121,7 +133,7 @@ def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> 
         "data": data,
         "model": model,
         "optim": optim,
-        "train": {"epochs": MAX_EPOCHS, "batch_size": 16, "seed": seed},
+        "train": {"epochs": MAX_EPOCHS, "batch_size": 16, "seed": seed, "val_every": VAL_EVERY},
         "scaling": {"num_workers": 1},
         "checkpoint": {"keep": 1, "every": MAX_EPOCHS},  # a sweep trial's last epoch only: the study keeps budgets, not weights
         "storage": {"root": str(WORK / "sweeps")},
@@ -129,19 +141,22 @@ def cell_config(cell: Cell, data_root: Path, weights: str | None, seed: int) -> 
 
 
 def search_space(cell: Cell, trials: int) -> dict:
-    """The budget a cell's sweep searches: LR (a probe takes larger steps than a fine-tune), weight decay, epochs,
-    and for images whether to augment (each sampled point tried with and without: random crops can cut a small
-    object out of its image, and a probe of a few examples may do better on the images as they are)."""
+    """The budget a cell's sweep searches, in `trials` trials: a grid of LRs spread evenly in log scale over the
+    method's range (a probe takes larger steps than a fine-tune), for images trained through the backbone each tried
+    with and without augmentation (random crops can cut a small object out of its image); weight decay and epochs
+    drawn per trial. A linear probe is fitted to the features of the images as they are (the usual protocol), which
+    are computed once."""
     if is_text(cell.source):  # a pretrained transformer is fine-tuned with small steps; one from scratch takes larger
-        lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-5, 1e-3] if SOURCES[cell.source][2] else [1e-4, 3e-3], "lp_ft": [1e-3, 3e-2]}[cell.method]
+        low, high = {"linear_probe": (1e-3, 1e-1), "full": (1e-5, 1e-3) if SOURCES[cell.source][2] else (1e-4, 3e-3), "lp_ft": (1e-3, 3e-2)}[cell.method]
     else:
-        lr = {"linear_probe": [1e-3, 1e-1], "full": [1e-4, 1e-2] if SOURCES[cell.source][2] else [3e-4, 3e-2], "lp_ft": [1e-3, 3e-2]}[cell.method]
+        low, high = {"linear_probe": (1e-3, 1e-1), "full": (1e-4, 1e-2) if SOURCES[cell.source][2] else (3e-4, 3e-2), "lp_ft": (1e-3, 3e-2)}[cell.method]
+    augment = {} if is_text(cell.source) or cell.method == "linear_probe" else {"data.augment": {"grid": [True, False]}}
+    points = max(1, trials // 2 if augment else trials)
     epochs = [12, MAX_EPOCHS] if cell.method == "lp_ft" else [10, MAX_EPOCHS]
-    augment = {} if is_text(cell.source) else {"data.augment": {"grid": [True, False]}}
-    return {"num_samples": trials, "max_concurrent_trials": 2, "seed": 0, "metric": "val/acc", "mode": "max",
-            "scheduler": {"name": "asha", "max_t": MAX_EPOCHS, "grace_period": 4, "reduction_factor": 2},
-            "space": {"optim.lr": {"loguniform": lr}, "optim.weight_decay": {"choice": [0.0, 0.05]},
-                      "train.epochs": {"choice": epochs}, **augment}}
+    return {"num_samples": 1, "max_concurrent_trials": 1, "seed": 0, "metric": "val/acc", "mode": "max",
+            "scheduler": {"name": "asha", "max_t": MAX_EPOCHS, "grace_period": 2, "reduction_factor": 3},
+            "space": {"optim.lr": {"grid": [low * (high / low) ** ((i + 0.5) / points) for i in range(points)]},
+                      "optim.weight_decay": {"choice": [0.0, 0.05]}, "train.epochs": {"choice": epochs}, **augment}}
 
 
 # ---------------------------------------------------------------- the work
@@ -179,41 +194,55 @@ def pretrain_source(method: str, out: Path) -> str:
     return str(path)
 
 
-def tune_cell(cell: Cell, data_root: Path, weights: str | None, trials: int) -> dict:
-    """The cell's budget from an ASHA sweep with jobs.sweep: the best trial that ran its whole budget."""
+def tune_cell(cell: Cell, data_root: Path, seed0_root: Path, weights: str | None, trials: int) -> dict:
+    """The cell's budget from an ASHA sweep with jobs.sweep (the best trial that ran its whole budget), and seed 0's
+    reported accuracy (`seed0_acc`): the best trial is seed 0's run (the same training images, seed and budget;
+    validation never changes what is trained), so its last checkpoint is scored on the reported images instead of
+    being trained again."""
+    import torch
+
     from cluster import storage
     from jobs.staging import experiment_location
     from jobs.sweep import run_sweep
     from jobs.sweep_config import SearchConfig
     from tl_core.config import from_dict
 
+    torch.set_num_threads(1)
+    started = time.perf_counter()
     cfg = from_dict(cell_config(cell, data_root, weights, seed=0))
     storage.delete(experiment_location(cfg))
     results = run_sweep(cfg, SearchConfig.model_validate(search_space(cell, trials)), resume=False)
     finished = [r for r in results if r.metrics and r.metrics.get("epoch") == r.config["train.epochs"]]
     best = max(finished, key=lambda r: r.metrics["val/acc"])
+    seed0_acc = score_checkpoint(best.checkpoint.path, seed0_root)
     storage.delete(experiment_location(cfg))  # the trials' checkpoints: gigabytes over a study, and the budget is all we keep
     budget = {"lr": best.config["optim.lr"], "weight_decay": best.config["optim.weight_decay"], "epochs": best.config["train.epochs"]}
     if "data.augment" in best.config:
         budget["augment"] = best.config["data.augment"]
-    return {**budget, "tune_acc": best.metrics["val/acc"]}
+    return {**budget, "tune_acc": best.metrics["val/acc"], "seed0_acc": seed0_acc, "tune_seconds": round(time.perf_counter() - started, 1)}
 
 
-class ScoredAtTheEnd:
-    """A seed's data (TaskData) whose reported validation images are scored at the last epoch only, the one the
-    study reports; the epochs before score one batch. Each epoch reseeds from (seed, epoch), so the trained model
-    is the one scoring every epoch would give, without 500 images an epoch (8.5 s for EfficientNet-Lite0 at 128 px)."""
+def score_checkpoint(checkpoint: str, data_root: Path) -> float:
+    """Accuracy of a checkpoint's model (built as its run built it) on the validation images under `data_root`."""
+    import torch
 
-    def __init__(self, data, epochs: int):
-        self.data, self.epochs = data, epochs
-        self.classes, self.train, self.val = data.classes, data.train, data.val
+    from jobs.best_model import load_model
+    from tl_core.config import from_dict
+    from tl_core.loop import evaluate
+    from tl_core.modality import labelled_data
+    from tl_core.state import TrainingState
 
-    def set_epoch(self, epoch: int, seed: int) -> None:
-        self.data.set_epoch(epoch, seed)
-        self.val = self.data.val if epoch == self.epochs - 1 else [next(iter(self.data.val))]
+    model, description = load_model(Path(checkpoint))
+    cfg = from_dict({**description["config"], "data": {**description["config"]["data"], "root": str(data_root)}})
+    data = labelled_data(cfg)
+    state = TrainingState.create(cfg, model, torch.device("cpu"), steps_per_epoch=1)
+    return evaluate(model, data.val, state, len(data.classes))["acc"]
 
-    def summary(self) -> str:
-        return self.data.summary()
+
+def result_row(cell: Cell, seed: int, val_acc: float, budget: dict, seconds: float) -> dict:
+    """One row of transfer.json: a seed of a cell, its reported accuracy and the budget it trained with."""
+    return {**asdict(cell), "labels_per_class": cell.labels, "backbone": SOURCES[cell.source][0], "seed": seed,
+            "freeze_bn_stats": freezes_bn_stats(cell), "val_acc": val_acc, **budget, "seconds": seconds}
 
 
 def run_seed(cell: Cell, data_root: str, weights: str | None, seed: int, budget: dict) -> dict:
@@ -222,21 +251,19 @@ def run_seed(cell: Cell, data_root: str, weights: str | None, seed: int, budget:
 
     from tl_core.config import from_dict
     from tl_core.loop import fit
-    from tl_core.modality import labelled_data
 
     torch.set_num_threads(1)
     cfg = cell_config(cell, Path(data_root), weights, seed)
     cfg["optim"].update(lr=budget["lr"], weight_decay=budget["weight_decay"])
-    cfg["train"]["epochs"] = budget["epochs"]
+    # the reported images are scored once, after the last epoch: the one the study reports (every epoch reseeds from
+    # (seed, epoch), so the model trained is the one scoring every epoch would give)
+    cfg["train"].update(epochs=budget["epochs"], val_every=budget["epochs"])
+    cfg["checkpoint"]["every"] = budget["epochs"]
     if "augment" in budget:
         cfg["data"]["augment"] = budget["augment"]
     started = time.perf_counter()
-    run = from_dict(cfg)
-    history = fit(run, lambda metrics, checkpoint_dir: None, data=ScoredAtTheEnd(labelled_data(run), run.train.epochs),
-                  device=torch.device("cpu"), checkpoints=False)
-    return {**asdict(cell), "labels_per_class": cell.labels, "backbone": SOURCES[cell.source][0], "seed": seed,
-            "freeze_bn_stats": cfg["model"].get("freeze_bn_stats", False), "val_acc": history[-1]["val/acc"], **budget,
-            "seconds": round(time.perf_counter() - started, 1)}
+    history = fit(from_dict(cfg), lambda metrics, checkpoint_dir: None, device=torch.device("cpu"), checkpoints=False)
+    return result_row(cell, seed, history[-1]["val/acc"], budget, round(time.perf_counter() - started, 1))
 
 
 # ---------------------------------------------------------------- report
@@ -373,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--labels", type=int, nargs="+", default=[1, 3, 10, 50], choices=[1, 3, 10, 50])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=4, help="ASHA trials per cell's sweep")
+    parser.add_argument("--trials", type=int, default=4, help="trials per cell's ASHA sweep")
+    parser.add_argument("--parallel", type=int, default=PARALLEL_SWEEPS, help="cells tuned at once")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--report", type=float, metavar="MINUTES",
@@ -389,37 +417,51 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     connect_ray()
-    remote = ray.remote(num_cpus=1)
-    pretrained = {f"digits-{m}": remote(pretrain_source).remote(m, WORK / "sources") for m in ("supervised", "simclr")
-                  if f"digits-{m}" in args.sources}
+    on_a_core = ray.remote(num_cpus=1)
+    sources = {f"digits-{m}": on_a_core(pretrain_source).remote(m, WORK / "sources") for m in ("supervised", "simclr")
+               if f"digits-{m}" in args.sources}
     splits = {t: write_target(WORK / t, t) for t in args.targets}
-    futures, budgets, rows = [], {}, []
+    # A sweep's driver holds no CPU (its trials do); the seeds wait for their cell's budget inside Ray, not here.
+    tune, seed_run = ray.remote(num_cpus=0)(tune_cell), on_a_core(run_seed)
+    todo = sorted(cells(args.targets, args.labels, args.sources, args.methods), key=heaviest_first)
+    tuning: dict = {}  # a sweep in flight -> its cell
+    seeds, rows = [], []
     progress = WORK / "rows.jsonl"  # every finished run as it lands, so a study cut short keeps what it measured
     progress.unlink(missing_ok=True)
 
-    def collect(timeout: float | None) -> None:
-        done, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout) if futures else ([], [])
-        for future in done:
-            futures.remove(future)
-            rows.append(ray.get(future))
-            with progress.open("a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
-            print(f"[{len(rows)}] {json.dumps(rows[-1])}", flush=True)
+    def landed(row: dict) -> None:
+        rows.append(row)
+        with progress.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[{len(rows)}] {json.dumps(row)} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
 
-    for cell in cells(args.targets, args.labels, args.sources, args.methods):
-        source_weights = SOURCES[cell.source][2]
-        if source_weights in pretrained:
-            source_weights = ray.get(pretrained[source_weights])
-        tune_root = write_split(cell.target, splits[cell.target], WORK / cell.target / f"tune-{cell.labels}", cell.labels, seed=0, tuning=True)
-        budgets[cell] = tune_cell(cell, tune_root, source_weights, args.trials)
-        print(f"tuned {cell.name}: {json.dumps(budgets[cell])} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
-        for seed in range(args.seeds):
-            root = write_split(cell.target, splits[cell.target], WORK / cell.target / f"eval-{cell.labels}-seed{seed}", cell.labels, seed,
-                               tuning=False)
-            futures.append(remote(run_seed).remote(cell, str(root), source_weights, seed, budgets[cell]))
-        collect(timeout=0)
-    collect(timeout=None)
+    while todo or tuning or seeds:
+        while todo and len(tuning) < args.parallel:
+            cell = todo.pop(0)
+            weights = sources.get(SOURCES[cell.source][2], SOURCES[cell.source][2])  # an own source: its pretraining's result
+            roots = [write_split(cell.target, splits[cell.target], WORK / cell.target / f"eval-{cell.labels}-seed{seed}", cell.labels,
+                                 seed, tuning=False) for seed in range(args.seeds)]
+            tune_root = write_split(cell.target, splits[cell.target], WORK / cell.target / f"tune-{cell.labels}", cell.labels,
+                                    seed=0, tuning=True)
+            budget = tune.remote(cell, tune_root, roots[0], weights, args.trials)
+            tuning[budget] = cell
+            seeds += [seed_run.remote(cell, str(root), weights, seed, budget) for seed, root in enumerate(roots) if seed > 0]
+        done, _ = ray.wait([*tuning, *seeds], num_returns=1)
+        for future in done:
+            if future in tuning:
+                cell, budget = tuning.pop(future), ray.get(future)
+                print(f"tuned {cell.name}: {json.dumps(budget)} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
+                landed(result_row(cell, 0, budget["seed0_acc"], budget, budget["tune_seconds"]))
+            else:
+                seeds.remove(future)
+                landed(ray.get(future))
     return report(rows, args, (time.perf_counter() - started) / 60)
+
+
+def heaviest_first(cell: Cell) -> tuple:
+    """The order cells start in: the most training first (labels, then pixels), so the study ends on light cells that
+    fill the cores' last gaps."""
+    return -cell.labels, -image_size(cell)
 
 
 def report(rows: list[dict], args: argparse.Namespace, minutes: float) -> int:
