@@ -151,6 +151,9 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     parent = tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment,
                                  params={f"search.{k}": v for k, v in search.model_dump().items()})
     trainable = tune.with_parameters(trial, base=cfg.to_dict(), search=search.model_dump(), mlflow_parent=parent and parent[1])
+    # Tune registers a trainable under its name, per Ray job: two sweeps run at once in one job (a script's Ray
+    # tasks) under one name would run each other's trials with the last one's config.
+    trainable.__name__ = f"trial-{cfg.experiment}"
     trainable = tune.with_resources(trainable, trial_resources(cfg))
     experiment = experiment_location(cfg)
     if resume and tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):

@@ -127,6 +127,30 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
         assert after[name] == rows  # finished before the kill: not run again
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_sweeps_at_once_in_one_ray_job_each_run_their_own_config(ray_cluster, tmp_path):
+    """Ray Tune registers a trainable under its name for the whole Ray job: two sweeps started together from one
+    script (as Ray tasks) once ran each other's trials with one base config."""
+    import ray
+
+    from jobs.sweep_config import load_sweep
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, size=16)
+    sweeps = {}
+    for batch_size in (4, 6):
+        config = write_sweep(tmp_path, data, experiment=f"together-{batch_size}", name=f"together-{batch_size}.yaml", num_samples=2,
+                             max_concurrent_trials=1, scheduler={"name": "fifo", "max_t": 1}, space={"optim.lr": {"choice": [1.0e-3]}})
+        sweeps[batch_size] = load_sweep(config, [f"train.batch_size={batch_size}"])
+
+    def run(base, search) -> list[int]:
+        return [r.metrics["batch_size_per_worker"] for r in sweep.run_sweep(base, search, resume=False)]
+
+    together = ray.remote(num_cpus=0)(run)
+    done = ray.get([together.remote(base, search) for base, search in sweeps.values()], timeout=300)
+    assert done == [[4, 4], [6, 6]]
+
+
 def test_sweep_config_values_and_rungs(tmp_path):
     config = write_sweep(tmp_path, tmp_path, space={"train.batch_size": {"choice": [16, 32]}, "optim.lr": {"uniform": [0.1, 0.2]}},
                          scale_lr="linear", base_batch_size=64)
