@@ -64,8 +64,12 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
     local = localize(cfg)
-    RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device,
-                        mirror=session.mirror)
+    history = RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device,
+                                  mirror=session.mirror)
+    if not history and resume is not None:
+        # The run had finished, but was stopped before Ray took its last report (its checkpoint was already stored):
+        # report that epoch again, so Tune and Train end on it rather than on the epoch before.
+        session.report(resume.meta["metrics"], None)
 
 
 def packed_data(cfg: RunConfig, session: WorkerSession):
