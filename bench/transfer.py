@@ -16,15 +16,16 @@ Sources, and the methods each is adapted with (linear probe, full fine-tune, LP-
     minilm            all-MiniLM-L6-v2's pretrained encoder, offline                  (text)
 
 Fairness: every (target, source, method, labels) cell gets its budget (optim.lr, optim.weight_decay, train.epochs,
-and for images data.augment) from its own ASHA sweep, run by the product's jobs.sweep on the tuning split (seed 0's
-training draw); then every seed trains with that budget and is scored on the reported validation images. Scratch is
-tuned the same way on both backbones; the better one is the baseline to beat.
+and for images trained through the backbone data.augment) from its own ASHA sweep, run by the product's jobs.sweep
+on the tuning split (seed 0's training draw); then every seed is scored on the reported validation images with that
+budget: seed 0 is the sweep's best trial (its checkpoint scored), the others are trained. Scratch is tuned the same
+way on both backbones; the better one is the baseline to beat.
 
 Writes bench/results/transfer.json (one row per run, with `target` and `source`), transfer.png and transfer.md, and
 the tables into README.md. Single node: the data and the sweeps' storage are on this machine's disk.
 
     python -m bench.transfer [--targets digits shapes docstrings] [--labels 1 3 10 50] [--seeds 3] [--trials 4]
-                             [--sources ...] [--methods ...]    (a part of the grid; the README table is the whole)
+                             [--parallel 3] [--sources ...] [--methods ...]   (a part of the grid; the README table is the whole)
 """
 
 from __future__ import annotations
