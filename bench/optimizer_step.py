@@ -17,7 +17,7 @@ import torch
 from bench.common import write_result
 from tl_core.config import ModelConfig, OptimConfig
 from tl_core.models import build_model
-from tl_core.optim import OPTIMIZERS, build_optimizer, param_groups
+from tl_core.optim import OPTIMIZERS, build_optimizer
 
 MODELS = {"resnet18": 32, "timm:tf_efficientnet_lite0": 128}
 
@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             fused = build_optimizer(model, OptimConfig(name=name))  # what the product builds
             if not fused.defaults.get("fused"):
                 continue  # rmsprop: torch has no fused kernel
-            cfg = OptimConfig(name=name)
-            looped = OPTIMIZERS[name](param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=1.0), lr=cfg.lr,
-                                      momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas, eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay, fused=False)
+            looped = build_optimizer(model, OptimConfig(name=name), fused=False)
             f, loop = seconds_per_step(fused, args.steps), seconds_per_step(looped, args.steps)
             results[f"{backbone} {name}"] = {"fused_ms": round(1000 * f, 2), "looped_ms": round(1000 * loop, 2), "ratio": round(f / loop, 3)}
     ratio = results["resnet18 adamw"]["ratio"]

@@ -45,9 +45,7 @@ def test_the_step_is_fused_where_torch_has_the_kernels_and_computes_what_the_loo
     fused = build_optimizer(fused_model, cfg)
     assert bool(fused.defaults.get("fused")) is (name in ("adam", "adamw", "adagrad"))  # no fused RMSprop; SGD: see _sgd
     before = fused_model.conv1.weight.detach().clone()
-    looped = OPTIMIZERS[name](param_groups(looped_model, lr=cfg.lr, weight_decay=cfg.weight_decay, backbone_lr_mult=1.0),
-                              lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas, eps=cfg.eps,
-                              weight_decay=cfg.weight_decay, fused=False)
+    looped = build_optimizer(looped_model, cfg, fused=False)
     grads = [torch.randn_like(p) for p in fused_model.parameters()]
     for model, opt in ((fused_model, fused), (looped_model, looped)):
         for _ in range(3):  # the same gradients each step: the optimizers' arithmetic alone is compared
