@@ -32,11 +32,17 @@ def log_rank0(msg: str, *args) -> None:
         logger.info(msg, *args)
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL (Ray Train's backend for GPU workers) reduces CUDA tensors
+    only, and refuses a CPU tensor ("No backend type associated with device type cpu"); gloo reduces CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all ranks in place (a no-op in a single process)."""
+    """Sum `tensor` (on any device) over all ranks in place (a no-op in a single process)."""
     if is_distributed():
         # gloo has no all-reduce for int64 on every build path we care about; doubles are exact to 2**53.
-        work = tensor.double()
+        work = tensor.to(collective_device(), torch.float64, copy=True)
         dist.all_reduce(work)
         tensor.copy_(work)
     return tensor
