@@ -37,7 +37,7 @@ from bench.common import write_result
 from tl_core import distributed
 from tl_core.batches import move_to
 from tl_core.config import from_dict
-from tl_core.data import image_data
+from tl_core.data import image_data, image_normalization, image_transforms, index_image_folder, loaders_for
 from tl_core.loop import classification_step, fit
 from tl_core.models import build_model, set_train_mode
 from tl_core.state import TrainingState
@@ -140,25 +140,35 @@ def write_jpeg_folder(root: Path, per_class: int) -> Path:
 
 def loader_rates(root: str, batch: int, workers: list[int], gpu_rate: float) -> list[dict]:
     """Images/s the image loader delivers to the GPU per number of loader workers (the second epoch: the first
-    starts the persistent workers)."""
+    starts the persistent workers): the product's (uint8 batches normalised on the GPU) and, as the baseline,
+    float32 batches normalised by the workers (the product's CPU path, and its GPU path before BatchesNormalizedOn)."""
+    device = torch.device(DEVICE)
     rows = []
     for n in workers:
         cfg = run_config(root, "resnet50", batch, data__loader_workers=n)
-        data = image_data(cfg, pin_memory=True)
-        rate = 0.0
-        for epoch in range(2):
-            data.set_epoch(epoch, epoch)
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            seen = 0
-            for images, labels in data.train:
-                images = move_to(images, torch.device(DEVICE), torch.channels_last)
-                seen += len(labels)
-            torch.cuda.synchronize()
-            rate = seen / (time.perf_counter() - started)
-        rows.append({"loader_workers": n, "images_per_s": rate, "ratio_vs_gpu_step": rate / gpu_rate})
-        del data
+        index = index_image_folder(cfg.data, seed=cfg.train.seed)
+        in_workers = loaders_for(index, cfg.data, *image_transforms(cfg.data, image_normalization(cfg)), batch_size=batch,
+                                 seed=0, pin_memory=True)
+        rates = {"float32_in_workers": epoch_rate(in_workers, device), "uint8_to_gpu": epoch_rate(image_data(cfg, device=device), device)}
+        rows.append({"loader_workers": n, **rates, "ratio_uint8_vs_float32": rates["uint8_to_gpu"] / rates["float32_in_workers"],
+                     "ratio_vs_gpu_step": rates["uint8_to_gpu"] / gpu_rate})
     return rows
+
+
+def epoch_rate(data, device: torch.device) -> float:
+    """Images/s of `data`'s second training epoch, each batch on `device` in channels_last."""
+    rate = 0.0
+    for epoch in range(2):
+        data.set_epoch(epoch, epoch)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        seen = 0
+        for images, labels in data.train:
+            images = move_to(images, device, torch.channels_last)
+            seen += len(labels)
+        torch.cuda.synchronize()
+        rate = seen / (time.perf_counter() - started)
+    return rate
 
 
 def fit_rates(root: str, batch: int, workers: int, epochs: int, backbone: str = "resnet50") -> dict:
@@ -218,15 +228,44 @@ def main(argv: list[str] | None = None) -> int:
         root = str(write_jpeg_folder(Path(tmp) / "jpegs", per_class))
         result["loader"] = {"backbone_step_rate": gpu_rate, "rows": loader_rates(root, 256, workers, gpu_rate)}
         print(json.dumps(result["loader"], indent=1), flush=True)
-        best_workers = max(result["loader"]["rows"], key=lambda row: row["images_per_s"])["loader_workers"]
+        best_workers = max(result["loader"]["rows"], key=lambda row: row["uint8_to_gpu"])["loader_workers"]
         result["fit"] = {"loader_workers": best_workers, **fit_rates(root, 256, best_workers, epochs=4 if not args.quick else 3)}
         result["fit"]["ratio_vs_gpu_step"] = result["fit"]["images_per_s"] / gpu_rate
         result["nccl"] = nccl_checks(root, 256, best_workers)
     result["wall_s"] = time.perf_counter() - started
     path = write_result("cuda_paths", result)
+    table = path.with_suffix(".md")
+    table.write_text(markdown(result))
     if args.out:
-        Path(args.out, path.name).write_text(path.read_text())
+        for written in (path, table):
+            Path(args.out, written.name).write_text(written.read_text())
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The measurements as the tables bench/results/cuda_paths.md keeps."""
+    lines = [f"# CUDA paths on one {result['gpu']} (CUDA {result['cuda']}), {result['image_size']} px, batch 256",
+             "", "Training step, images/s (batches already on the GPU):", "",
+             "| backbone | fp32 | bf16 | bf16 + channels_last | product (auto) | product / minimal loop |", "|---|---|---|---|---|---|"]
+    for backbone, row in result["step"].items():
+        lines.append(f"| {backbone} | {row['fp32']:.0f} | {row['bf16']:.0f} | {row['bf16_channels_last']:.0f} | "
+                     f"{row['product']:.0f} ({row['product_amp'].removeprefix('torch.')}, {row['product_layout'].removeprefix('torch.')}) "
+                     f"| {row['ratio_core_vs_minimal']:.2f} |")
+    loader = result["loader"]
+    lines += ["", f"Image loader to the GPU (320 px JPEGs, random resized crop), images/s; the GPU's ResNet-50 step takes "
+              f"{loader['backbone_step_rate']:.0f}:", "",
+              "| loader workers | float32 normalised in the workers | uint8, normalised on the GPU (product) | ratio | product / GPU step |",
+              "|---|---|---|---|---|"]
+    for row in loader["rows"]:
+        lines.append(f"| {row['loader_workers']} | {row['float32_in_workers']:.0f} | {row['uint8_to_gpu']:.0f} | "
+                     f"{row['ratio_uint8_vs_float32']:.2f} | {row['ratio_vs_gpu_step']:.2f} |")
+    fitted, nccl = result["fit"], result["nccl"]
+    lines += ["", f"tl_core.loop.fit, ResNet-50, {fitted['loader_workers']} loader workers: {fitted['images_per_s']:.0f} train "
+              f"images/s ({fitted['ratio_vs_gpu_step']:.2f} of the GPU step), val/acc {fitted['val_acc']:.3f}.", "",
+              f"DDP over {nccl['backend']}, one rank: a raw all-reduce of a CPU tensor {nccl['raw_cpu_all_reduce']}; "
+              f"tl_core's all_reduce_sum gave {nccl['core_all_reduce_sum']}; fit under DDP {nccl['ddp_fit']['images_per_s']:.0f} "
+              f"train images/s, val/acc {nccl['ddp_fit']['val_acc']:.3f}.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,25 @@ def test_the_index_is_built_once_per_dataset_version_and_read_back(image_folder,
     again = index_image_folder(cfg(image_folder), seed=0)
     assert len(again.unreadable) == 1 and len(again.train) + len(again.val) == len(first.train) + len(first.val) - 1
     assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
+
+
+def test_batches_normalized_on_the_device_equal_those_normalized_by_the_workers(image_folder):
+    """On a GPU the loaders ship uint8 crops and normalise each batch on the device (BatchesNormalizedOn): the same
+    pixels, bit for bit, as float32 images normalised one by one in the loader workers."""
+    from tl_core.data import BatchesNormalizedOn, Normalize, image_crops, image_transforms, loaders_for
+
+    data_cfg = cfg(image_folder, loader_workers=2)
+    index = index_image_folder(data_cfg, seed=0)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    in_workers = loaders_for(index, data_cfg, *image_transforms(data_cfg, normalize), batch_size=4, seed=0)
+    uint8 = loaders_for(index, data_cfg, *image_crops(data_cfg), batch_size=4, seed=0)
+    on_device = BatchesNormalizedOn(uint8.train, normalize, torch.device("cpu"))
+    assert len(on_device) == len(in_workers.train)
+    for data in (in_workers, uint8):
+        data.set_epoch(1, seed=7)
+    expected = [(images, labels) for images, labels in in_workers.train]
+    got = list(on_device)
+    assert next(iter(uint8.train))[0].dtype == torch.uint8
+    assert len(got) == len(expected)
+    for (a, la), (b, lb) in zip(expected, got, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(la, lb)

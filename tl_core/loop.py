@@ -63,7 +63,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     """
     device = device or default_device(cfg.scaling.use_gpu)
     if data is None:
-        data = labelled_data(cfg, rank=get_rank(), world_size=get_world_size(), pin_memory=device.type == "cuda")
+        data = labelled_data(cfg, rank=get_rank(), world_size=get_world_size(), device=device)
     log_rank0("data: %s", data.summary())
 
     torch.manual_seed(cfg.train.seed)  # the same initial head on every rank

@@ -6,6 +6,8 @@ class folders as images; the backbone must be of the same kind.
 
 from __future__ import annotations
 
+import torch
+
 from tl_core.batches import TaskData
 from tl_core.config import DataConfig, RunConfig
 from tl_core.data import DatasetIndex, image_data, index_image_folder
@@ -42,6 +44,8 @@ def index_labelled(data: DataConfig, seed: int) -> DatasetIndex:
     return index_text_table(data, seed) if modality(data) == "text" else index_image_folder(data, seed)
 
 
-def labelled_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TaskData:
-    make = text_data if check_modality(cfg) == "text" else image_data
-    return make(cfg, rank=rank, world_size=world_size, pin_memory=pin_memory)
+def labelled_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> TaskData:
+    """This rank's `TaskData` of the run's labelled images or text, for batches trained on `device`."""
+    if check_modality(cfg) == "text":
+        return text_data(cfg, rank=rank, world_size=world_size, pin_memory=device is not None and device.type == "cuda")
+    return image_data(cfg, rank=rank, world_size=world_size, device=device)
