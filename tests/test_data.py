@@ -213,3 +213,16 @@ def test_batches_normalized_on_the_device_equal_those_normalized_by_the_workers(
     assert len(got) == len(expected)
     for (a, la), (b, lb) in zip(expected, got, strict=True):
         assert b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_each_view_of_a_batch_is_normalized_on_the_device():
+    """SimCLR's batches hold two views of each image; on a GPU both travel as uint8 and are normalised there."""
+    from tl_core.data import BatchesNormalizedOn, Normalize
+
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    views = (torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))
+    labels = torch.tensor([0, 1])
+    (got, got_labels), = list(BatchesNormalizedOn([(views, labels)], normalize, torch.device("cpu")))
+    assert isinstance(got, tuple) and len(got) == 2 and torch.equal(got_labels, labels)
+    for view, normalized in zip(views, got, strict=True):
+        assert torch.equal(normalized, normalize(view))

@@ -314,26 +314,43 @@ class Normalize:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean.device != images.device:  # a batch normalised on the GPU (BatchesNormalizedOn)
+        if self.mean.device != images.device:  # on the GPU: BatchesNormalizedOn, or a stream Ray Data moved there
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         return images.to(torch.float32, copy=True).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
 
 class BatchesNormalizedOn:
-    """`loader`'s uint8 image batches copied to `device` as they are and normalised there: a quarter of float32's
-    bytes through the loader workers' shared memory, the pinned copy and the bus, and no float work on the CPU.
-    On an H200 with 14 loader workers the loader delivered 1.8x the images/s to ResNet-50 at 224 px, and fit trained
-    1.7x as fast (bench.cuda_paths)."""
+    """`loader`'s uint8 image batches (or each of their views) copied to `device` as they are and normalised there:
+    a quarter of float32's bytes through the loader workers' shared memory, the pinned copy and the bus, and no float
+    work on the CPU. On an H200 with 14 loader workers the loader delivered 1.8x the images/s to ResNet-50 at 224 px,
+    and fit trained 1.7x as fast (bench.cuda_paths)."""
 
     def __init__(self, loader: DataLoader, normalize: Normalize, device: torch.device):
         self.loader, self.normalize, self.device = loader, normalize, device
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]:
         for images, labels in self.loader:
-            yield self.normalize(images.to(self.device, non_blocking=True)), labels
+            yield self._normalized(images), labels
+
+    def _normalized(self, images: torch.Tensor | tuple | list):
+        """A batch, or each of a batch's views (SimCLR's pair), on the device and normalised."""
+        if isinstance(images, (tuple, list)):
+            return type(images)(self._normalized(view) for view in images)
+        return self.normalize(images.to(self.device, non_blocking=True))
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def normalizes_on(device: torch.device | None) -> bool:
+    """Whether image batches bound for `device` travel as uint8 and are normalised there: on a GPU."""
+    return device is not None and device.type == "cuda"
+
+
+def normalized_on(data: ImageData, normalize: Normalize, device: torch.device) -> ImageData:
+    """`data`, whose loaders yield uint8 images, with both loaders' batches normalised on `device`."""
+    data.train, data.val = BatchesNormalizedOn(data.train, normalize, device), BatchesNormalizedOn(data.val, normalize, device)
+    return data
 
 
 class ImageListDataset(Dataset):
@@ -445,13 +462,11 @@ def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, device: to
     the backbone's own statistics: by the loader workers, or on `device` when it is a GPU (BatchesNormalizedOn)."""
     index = index_image_folder(cfg.data, seed=cfg.train.seed)
     normalize = image_normalization(cfg)
-    on_gpu = device is not None and device.type == "cuda"
+    on_gpu = normalizes_on(device)
     transforms = image_crops(cfg.data) if on_gpu else image_transforms(cfg.data, normalize)
     data = loaders_for(index, cfg.data, *transforms, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                        rank=rank, world_size=world_size, pin_memory=on_gpu)
-    if on_gpu:
-        data.train, data.val = BatchesNormalizedOn(data.train, normalize, device), BatchesNormalizedOn(data.val, normalize, device)
-    return data
+    return normalized_on(data, normalize, device) if on_gpu else data
 
 
 def build_loaders(index: DatasetIndex, cfg: DataConfig, *, batch_size: int, mean, std, seed: int,

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
-from tl_core.data import ImageData, Normalize, index_unlabelled, loaders_for
+from tl_core.data import ImageData, Normalize, index_unlabelled, loaders_for, normalized_on, normalizes_on
 from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, wrap_ddp
 from tl_core.models import build_model, find_head, normalization, set_submodule, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
@@ -92,27 +92,31 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def view_transform(image_size: int, mean, std, pretrain: PretrainConfig, hflip: bool) -> v2.Compose:
-    """SimCLR's augmentation: a random resized crop, a flip where the data allows it, strong colour jitter
-    (most of the time) and random greyscale."""
+def view_transform(image_size: int, pretrain: PretrainConfig, hflip: bool) -> v2.Compose:
+    """SimCLR's augmentation, to a uint8 view: a random resized crop, a flip where the data allows it, strong colour
+    jitter (most of the time) and random greyscale."""
     s = pretrain.color_jitter
     steps = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=pretrain.crop_scale, antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if s > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(s, s, s, s / 4)], p=0.8))
-    steps += [v2.RandomGrayscale(p=0.2), Normalize(mean, std)]
+    steps.append(v2.RandomGrayscale(p=0.2))
     return v2.Compose(steps)
 
 
-def view_data(cfg: RunConfig, *, rank: int, world_size: int, pin_memory: bool) -> ImageData:
+def view_data(cfg: RunConfig, *, rank: int, world_size: int, device: torch.device | None = None) -> ImageData:
     """Unlabelled images as pairs of views: every batch full and equal on every rank (the loss needs equal
-    local batches); validation views drawn from a fixed seed, so val metrics are comparable across epochs."""
+    local batches); validation views drawn from a fixed seed, so val metrics are comparable across epochs. The views
+    are normalised by the loader workers, or on `device` when it is a GPU (as for labelled images)."""
     index = index_unlabelled(cfg.data, seed=cfg.train.seed)
-    mean, std = normalization(cfg.model.backbone)
-    views = TwoViews(view_transform(cfg.data.image_size, mean, std, cfg.pretrain, cfg.data.hflip))
-    return loaders_for(index, cfg.data, views, views, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
-                       world_size=world_size, pin_memory=pin_memory, equal_batches=True)
+    normalize = Normalize(*normalization(cfg.model.backbone))
+    on_gpu = normalizes_on(device)
+    view = view_transform(cfg.data.image_size, cfg.pretrain, cfg.data.hflip)
+    views = TwoViews(view if on_gpu else v2.Compose([view, normalize]))
+    data = loaders_for(index, cfg.data, views, views, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
+                       world_size=world_size, pin_memory=on_gpu, equal_batches=True)
+    return normalized_on(data, normalize, device) if on_gpu else data
 
 
 # ---------------------------------------------------------------- the recipe
@@ -136,7 +140,7 @@ def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = No
     with a checkpoint of the backbone."""
     device = device or default_device(cfg.scaling.use_gpu)
     if data is None:
-        data = view_data(cfg, rank=get_rank(), world_size=get_world_size(), pin_memory=device.type == "cuda")
+        data = view_data(cfg, rank=get_rank(), world_size=get_world_size(), device=device)
     log_rank0("data: %s", data.summary())
 
     torch.manual_seed(cfg.train.seed)
