@@ -61,3 +61,16 @@ def test_two_ranks_on_two_shards_equal_one_rank_on_all(tmp_path):
         for key in ("loss", "acc", "acc5", "precision", "recall", "f1"):
             assert out[rank][key] == pytest.approx(single[key], abs=1e-12), key
         assert out[rank]["confusion_matrix"] == single["confusion_matrix"]
+
+
+def test_metric_tensors_are_reduced_where_the_backend_can_reduce_them(monkeypatch):
+    """NCCL, Ray Train's backend for GPU workers, refuses CPU tensors ("No backend type associated with device type
+    cpu", seen on an H200 with bench.cuda_paths): the metric sums, kept on the CPU, are reduced on the GPU there and
+    on the CPU under gloo."""
+    from tl_core import distributed
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert distributed.collective_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
