@@ -177,7 +177,7 @@ def fit_rates(root: str, batch: int, workers: int, epochs: int, backbone: str = 
                      checkpoint__every=epochs)
     reports = []
     history = fit(cfg, lambda metrics, _: reports.append(metrics), checkpoints=False)
-    n_train = len(image_data(cfg).index.train)
+    n_train = len(index_image_folder(cfg.data, seed=cfg.train.seed).train)
     times = [h["epoch_time_s"] for h in history[1:-1]] or [history[-1]["epoch_time_s"]]
     return {"train_images": n_train, "images_per_s": n_train / statistics.median(times), "val_acc": history[-1]["val/acc"],
             "epochs": len(history), "reports": len(reports)}

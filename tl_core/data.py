@@ -342,8 +342,9 @@ class BatchesNormalizedOn:
         return len(self.loader)
 
 
-def normalizes_on(device: torch.device | None) -> bool:
-    """Whether image batches bound for `device` travel as uint8 and are normalised there: on a GPU."""
+def is_gpu(device: torch.device | None) -> bool:
+    """Whether batches bound for `device` go to a GPU: loaded into pinned memory, and images sent as uint8 and
+    normalised there (BatchesNormalizedOn)."""
     return device is not None and device.type == "cuda"
 
 
@@ -462,7 +463,7 @@ def image_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, device: to
     the backbone's own statistics: by the loader workers, or on `device` when it is a GPU (BatchesNormalizedOn)."""
     index = index_image_folder(cfg.data, seed=cfg.train.seed)
     normalize = image_normalization(cfg)
-    on_gpu = normalizes_on(device)
+    on_gpu = is_gpu(device)
     transforms = image_crops(cfg.data) if on_gpu else image_transforms(cfg.data, normalize)
     data = loaders_for(index, cfg.data, *transforms, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                        rank=rank, world_size=world_size, pin_memory=on_gpu)

@@ -10,7 +10,7 @@ import torch
 
 from tl_core.batches import TaskData
 from tl_core.config import DataConfig, RunConfig
-from tl_core.data import DatasetIndex, image_data, index_image_folder
+from tl_core.data import DatasetIndex, image_data, index_image_folder, is_gpu
 from tl_core.errors import ConfigError
 from tl_core.text import index_text_table, is_text_root, text_data
 from tl_core.text_models import is_text_backbone, load_tokenizer
@@ -47,5 +47,5 @@ def index_labelled(data: DataConfig, seed: int) -> DatasetIndex:
 def labelled_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> TaskData:
     """This rank's `TaskData` of the run's labelled images or text, for batches trained on `device`."""
     if check_modality(cfg) == "text":
-        return text_data(cfg, rank=rank, world_size=world_size, pin_memory=device is not None and device.type == "cuda")
+        return text_data(cfg, rank=rank, world_size=world_size, pin_memory=is_gpu(device))
     return image_data(cfg, rank=rank, world_size=world_size, device=device)

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
-from tl_core.data import ImageData, image_normalization, index_unlabelled, loaders_for, normalized_on, normalizes_on
+from tl_core.data import ImageData, image_normalization, index_unlabelled, is_gpu, loaders_for, normalized_on
 from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, wrap_ddp
 from tl_core.models import build_model, find_head, set_submodule, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
@@ -111,7 +111,7 @@ def view_data(cfg: RunConfig, *, rank: int, world_size: int, device: torch.devic
     are normalised by the loader workers, or on `device` when it is a GPU (as for labelled images)."""
     index = index_unlabelled(cfg.data, seed=cfg.train.seed)
     normalize = image_normalization(cfg)
-    on_gpu = normalizes_on(device)
+    on_gpu = is_gpu(device)
     view = view_transform(cfg.data.image_size, cfg.pretrain, cfg.data.hflip)
     views = TwoViews(view if on_gpu else v2.Compose([view, normalize]))
     data = loaders_for(index, cfg.data, views, views, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
