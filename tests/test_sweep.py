@@ -51,6 +51,11 @@ def trial_histories(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
+def epoch_metrics(row: dict) -> dict:
+    """What the product reported for an epoch, without the keys Tune adds to every row (time, pid, iteration...)."""
+    return {k: v for k, v in row.items() if k in ("epoch", "epoch_time_s", "lr") or "/" in k}
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys):
@@ -124,7 +129,11 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
     after = {name: rows for name, rows in trial_histories(experiment).items() if rows}
     assert len(after) == 4 and all(h[-1]["epoch"] == 3 for h in after.values())
     for name, rows in finished.items():
-        assert after[name] == rows  # finished before the kill: not run again
+        # Finished before the kill: not trained again. Killed between such a trial's last report and Tune's next
+        # snapshot, the resumed trial finds its last checkpoint complete and reports that epoch once more (jobs.runner).
+        again = after[name][len(rows):]
+        assert after[name][:len(rows)] == rows and len(again) <= 1
+        assert all(epoch_metrics(row) == epoch_metrics(rows[-1]) for row in again)  # its epoch_time_s too: not retrained
 
 
 @pytest.mark.integration
