@@ -52,7 +52,7 @@ TEXT_MAX_LENGTH = 64  # tokens per docstring (truncated at 600 characters, ~120 
 #: upsampled to 128 px, where ImageNet features see their outlines at a scale they know (measured with a closed-form
 #: probe of the features, 10 draws: 30 / 43 / 51 / 62% at 1 / 3 / 10 / 50 labels per class at 64 px, 38 / 53 / 68 / 83%
 #: at 128 px, 41 / 53 / 70 / 84% at 160 px, 35 / 50 / 67 / 82% at 224 px); digits' linear probe, 3 seeds: 59 / 68% at
-#: 1 / 3 labels per class at 64 px, 52-53 / 65% at 32, 48, 96 and 128 px
+#: 1 / 3 labels per class at 64 px, 48-53 / 65% at 32, 48, 96 and 128 px
 LITE0_PX = {"digits": 64, "shapes": 128}
 
 #: source -> (backbone, image size (0: text; None: LITE0_PX), model.weights: None, a pretrained source file, or a
