@@ -134,7 +134,9 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
         frame = result.metrics_dataframe
         if frame is None or search.metric not in frame:
             continue
-        frame = frame.dropna(subset=[search.metric]).sort_values("epoch")
+        # A trial resumed after its driver was killed reports again from its last checkpoint: an epoch can appear
+        # twice in its rows, and the later report is the run that went on.
+        frame = frame.dropna(subset=[search.metric]).sort_values("epoch", kind="stable").drop_duplicates("epoch", keep="last")
         epochs = [int(e) for e in frame["epoch"]]
         curve = [float(v) for v in frame[search.metric]]
         last = epochs[-1]

@@ -56,6 +56,21 @@ def epoch_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if k in ("epoch", "epoch_time_s", "lr") or "/" in k}
 
 
+def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():
+    """A resumed trial re-reports from its last checkpoint (epoch 2 here, then 2 and 3 again): each epoch is one point
+    of its curve, the later report winning, and the epochs it ran are 3."""
+    import pandas as pd
+
+    rows = [{"epoch": 1, "val/acc": 0.2}, {"epoch": 2, "val/acc": 0.4}, {"epoch": 3, "val/acc": 0.1},  # killed after 3
+            {"epoch": 2, "val/acc": 0.4}, {"epoch": 3, "val/acc": 0.5}]
+    result = type("Result", (), {"metrics_dataframe": pd.DataFrame([{**r, "trial_id": "t0"} for r in rows]), "error": None,
+                                 "config": {"optim.lr": 1e-3}, "path": "/runs/sweep/trial_t0"})()
+    search = SearchConfig.model_validate({"metric": "val/acc", "mode": "max", "scheduler": {"name": "asha", "max_t": 3},
+                                          "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    [trial] = analyze.summarize([result], search)
+    assert trial.epochs == [1, 2, 3] and trial.curve == [0.2, 0.4, 0.5] and trial.best == 0.5 and trial.status == "ran to max_t"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys):
