@@ -11,6 +11,9 @@ Needs a machine with a GPU (CI has none). Every rate is measured in the same run
 - fit: tl_core.loop.fit end to end on that JPEG folder (train images/s per epoch, validation accuracy), then again
   as a DDP rank over NCCL. NCCL refuses two ranks on one GPU, so this is one rank with DDP forced on: it runs the
   NCCL communicator, DDP's gradient all-reduce and the metric all-reduces, not multi-GPU scaling.
+- recipes: every recipe and strategy path once on that folder (RECIPE_RUNS: a linear probe on features computed
+  once, LP-FT from the offline ImageNet EfficientNet-Lite0, gradual unfreezing of a ViT, SimCLR's views normalised
+  on the GPU), each epoch's loss finite: train images/s and the last validation metric.
 
     python -m bench.cuda_paths [--quick] [--out DIR]
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -207,6 +211,44 @@ def nccl_checks(root: str, batch: int, workers: int) -> dict:
     return out
 
 
+#: (name, backbone, model overrides, pretrain section): the recipe and strategy paths a GPU run takes besides `fit`
+RECIPE_RUNS = [
+    ("linear_probe", "resnet50", {"strategy": "linear_probe"}, None),
+    ("lp_ft, ImageNet weights", "timm:tf_efficientnet_lite0", {"strategy": "lp_ft", "lp_epochs": 1, "weights": "efficientnet_lite0_imagenet"}, None),
+    ("gradual_unfreeze", "timm:vit_small_patch16_224", {"strategy": "gradual_unfreeze", "unfreeze_every": 1}, None),
+    ("simclr", "resnet50", {}, {"method": "simclr"}),
+]
+
+
+def recipe_checks(root: str, batch: int, workers: int, epochs: int) -> list[dict]:
+    """Each of RECIPE_RUNS for `epochs` epochs on the JPEG folder: train images/s after the first epoch, every
+    epoch's train/loss finite, the last val/acc (SimCLR's: finding each view's partner)."""
+    from tl_core.recipes import RECIPES
+
+    rows = []
+    for name, backbone, model, pretrain in RECIPE_RUNS:
+        cfg = run_config(root, backbone, batch, data__loader_workers=workers, train__epochs=epochs, train__val_every=epochs,
+                         checkpoint__every=epochs)
+        raw = cfg.to_dict()
+        raw["model"].update(model)
+        if pretrain:
+            raw["pretrain"] = {**raw.get("pretrain", {}), **pretrain}
+        cfg = from_dict(raw)
+        try:
+            history = RECIPES[cfg.pretrain.method].fit(cfg, lambda metrics, _: None, checkpoints=False)
+        except Exception as exc:  # recorded, and the other paths still measured
+            rows.append({"run": name, "backbone": backbone, "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        n_images = len(RECIPES[cfg.pretrain.method].index(cfg.data, cfg.train.seed).train)
+        times = [h["epoch_time_s"] for h in history[1:]] or [history[-1]["epoch_time_s"]]
+        rows.append({"run": name, "backbone": backbone, "epochs": len(history), "images_per_s": n_images / statistics.median(times),
+                     "losses_finite": all(math.isfinite(h["train/loss"]) for h in history), "val_acc": history[-1]["val/acc"]})
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
@@ -232,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fit"] = {"loader_workers": best_workers, **fit_rates(root, 256, best_workers, epochs=4 if not args.quick else 3)}
         result["fit"]["ratio_vs_gpu_step"] = result["fit"]["images_per_s"] / gpu_rate
         result["nccl"] = nccl_checks(root, 256, best_workers)
+        result["recipes"] = recipe_checks(root, 128, best_workers, epochs=3)
     result["wall_s"] = time.perf_counter() - started
     path = write_result("cuda_paths", result)
     table = path.with_suffix(".md")
@@ -265,7 +308,15 @@ def markdown(result: dict) -> str:
               f"DDP over {nccl['backend']}, one rank: a raw all-reduce of a CPU tensor {nccl['raw_cpu_all_reduce']}; "
               f"tl_core's all_reduce_sum gave {nccl['core_all_reduce_sum']}; fit under DDP {nccl['ddp_fit']['images_per_s']:.0f} "
               f"train images/s, val/acc {nccl['ddp_fit']['val_acc']:.3f}.", ""]
-    return "\n".join(lines)
+    lines += ["Every recipe path, 3 epochs at batch 128 on the same folder (product precision and layout):", "",
+              "| run | backbone | train images/s | every loss finite | last val/acc |", "|---|---|---|---|---|"]
+    for row in result.get("recipes", []):
+        if "error" in row:
+            lines.append(f"| {row['run']} | {row['backbone']} | **failed**: {row['error']} | | |")
+            continue
+        lines.append(f"| {row['run']} | {row['backbone']} | {row['images_per_s']:.0f} | {'yes' if row['losses_finite'] else '**no**'} | "
+                     f"{row['val_acc']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
