@@ -59,7 +59,7 @@ def run_config(root: str, backbone: str, batch_size: int, **overrides) -> object
            "train": {"batch_size": batch_size, "epochs": 3}, "checkpoint": {}, "scaling": {"num_workers": 1, "use_gpu": True}}
     for key, value in overrides.items():
         section, name = key.split("__")
-        raw[section][name] = value
+        raw.setdefault(section, {})[name] = value
     return from_dict(raw)
 
 
@@ -228,12 +228,8 @@ def recipe_checks(root: str, batch: int, workers: int, epochs: int) -> list[dict
     rows = []
     for name, backbone, model, pretrain in RECIPE_RUNS:
         cfg = run_config(root, backbone, batch, data__loader_workers=workers, train__epochs=epochs, train__val_every=epochs,
-                         checkpoint__every=epochs)
-        raw = cfg.to_dict()
-        raw["model"].update(model)
-        if pretrain:
-            raw["pretrain"] = {**raw.get("pretrain", {}), **pretrain}
-        cfg = from_dict(raw)
+                         checkpoint__every=epochs, **{f"model__{k}": v for k, v in model.items()},
+                         **{f"pretrain__{k}": v for k, v in (pretrain or {}).items()})
         try:
             history = RECIPES[cfg.pretrain.method].fit(cfg, lambda metrics, _: None, checkpoints=False)
         except Exception as exc:  # recorded, and the other paths still measured
