@@ -13,7 +13,12 @@ Needs a machine with a GPU (CI has none). Every rate is measured in the same run
   NCCL communicator, DDP's gradient all-reduce and the metric all-reduces, not multi-GPU scaling.
 - recipes: every recipe and strategy path once on that folder (RECIPE_RUNS: a linear probe on features computed
   once, LP-FT from the offline ImageNet EfficientNet-Lite0, gradual unfreezing of a ViT, SimCLR's views normalised
-  on the GPU), each epoch's loss finite: train images/s and the last validation metric.
+  on the GPU), each epoch's loss finite: train images/s and the last validation metric (SimCLR's beside its chance
+  level, 1 in 2 x batch - 1).
+
+cuDNN's autotuning (torch.backends.cudnn.benchmark) stays off, as tl_core leaves it: on an H200 it made LP-FT of
+EfficientNet-Lite0 spend 25 s and 53 s searching algorithms in its first two epochs (the probe's, then the first
+fine-tune's) and train no faster once done (1.5 s an epoch, 1.3-1.6 s without it).
 
     python -m bench.cuda_paths [--quick] [--out DIR]
 """
@@ -239,7 +244,10 @@ def recipe_checks(root: str, batch: int, workers: int, epochs: int) -> list[dict
         n_images = len(RECIPES[cfg.pretrain.method].index(cfg.data, cfg.train.seed).train)
         times = [h["epoch_time_s"] for h in history[1:]] or [history[-1]["epoch_time_s"]]
         rows.append({"run": name, "backbone": backbone, "epochs": len(history), "images_per_s": n_images / statistics.median(times),
+                     "epoch_times_s": [h["epoch_time_s"] for h in history],
                      "losses_finite": all(math.isfinite(h["train/loss"]) for h in history), "val_acc": history[-1]["val/acc"]})
+        if cfg.pretrain.method == "simclr":  # finding a view's partner among the batch's other 2 x batch - 1 views
+            rows[-1]["val_acc_chance"] = 1 / (2 * cfg.train.batch_size - 1)
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -253,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.cuda_paths needs a CUDA GPU; none is visible")
         return 2
-    torch.backends.cudnn.benchmark = True
     steps, repeats, per_class = (4, 2, 100) if args.quick else (12, 3, 600)
-    result = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "image_size": SIZE}
+    result = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "image_size": SIZE,
+              "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
     started = time.perf_counter()
     result["step"] = {backbone: step_rates(backbone, batch, steps, repeats) for backbone, batch in BACKBONES}
@@ -283,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: dict) -> str:
     """The measurements as the tables bench/results/cuda_paths.md keeps."""
-    lines = [f"# CUDA paths on one {result['gpu']} (CUDA {result['cuda']}), {result['image_size']} px, batch 256",
+    autotuning = {True: ", cuDNN autotuning on", False: ", cuDNN autotuning off (as in the product)"}.get(result.get("cudnn_benchmark"), "")
+    lines = [f"# CUDA paths on one {result['gpu']} (CUDA {result['cuda']}), {result['image_size']} px, batch 256{autotuning}",
              "", "Training step, images/s (batches already on the GPU):", "",
              "| backbone | fp32 | bf16 | bf16 + channels_last | product (auto) | product / minimal loop |", "|---|---|---|---|---|---|"]
     for backbone, row in result["step"].items():
@@ -310,8 +319,9 @@ def markdown(result: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['run']} | {row['backbone']} | **failed**: {row['error']} | | |")
             continue
+        chance = f" (chance {row['val_acc_chance']:.3f})" if "val_acc_chance" in row else ""
         lines.append(f"| {row['run']} | {row['backbone']} | {row['images_per_s']:.0f} | {'yes' if row['losses_finite'] else '**no**'} | "
-                     f"{row['val_acc']:.3f} |")
+                     f"{row['val_acc']:.3f}{chance} |")
     return "\n".join(lines) + "\n"
 
 
