@@ -54,3 +54,18 @@ def test_unreachable_endpoint(aws_env, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError, match="storage.endpoint_url: cannot reach http://127.0.0.1:"):
         storage.check_access(storage.parse("s3://tl-test/x"))
+
+
+@pytest.mark.parametrize("probe", [storage.check_access, storage.exists, storage.is_object, storage.read_text])
+def test_missing_credentials_are_one_line_naming_the_field(probe, tmp_path, monkeypatch):
+    """No credentials anywhere in boto3's chain: every probe a run makes before training (the storage root, a
+    source model's state-dict object on S3, a run's result.json) says so in one line, not botocore's traceback."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup off this machine
+    location = storage.parse("s3://tl-test/sources/r18.pt", endpoint_url=f"http://127.0.0.1:{free_ports(1)[0]}", field="model.weights")
+    with pytest.raises(StorageError, match=r"no AWS credentials found for s3://tl-test/sources/r18.pt") as err:
+        probe(location) if probe is storage.check_access else probe(location, "model.weights")
+    assert "\n" not in str(err.value)

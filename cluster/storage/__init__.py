@@ -167,13 +167,13 @@ def is_object(location: Location, field: str = "storage") -> bool:
     """Whether `location` is one S3 object (as opposed to a prefix, or nothing)."""
     from botocore.exceptions import ClientError
 
-    try:
-        s3_client(location).head_object(Bucket=location.bucket, Key=location.key)
-        return True
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-            return False
-        with s3_errors(location, field):
+    with s3_errors(location, field):  # missing credentials, an unreachable endpoint: one line, like every other call
+        try:
+            s3_client(location).head_object(Bucket=location.bucket, Key=location.key)
+            return True
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return False
             raise
 
 
