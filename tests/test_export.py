@@ -44,9 +44,9 @@ def preprocess(paths, description):
     return np.stack(batch).astype(np.float32)
 
 
-def reference(run, images, description):
+def reference(run, images, description, backbone="resnet18"):
     state, meta = load_model_state(json.loads((run / "result.json").read_text())["best_checkpoint"])
-    model = build_model(ModelConfig(), meta["classes"], description["input"]["size"])
+    model = build_model(ModelConfig(backbone=backbone), meta["classes"], description["input"]["size"])
     model.load_state_dict(state)
     return model.eval()(torch.from_numpy(images)).detach()
 
@@ -68,6 +68,44 @@ def test_an_exported_image_model_gives_the_checkpoints_logits_on_real_images(fmt
         got = model.eval()(torch.from_numpy(images)).detach()
         assert torch.equal(got, expected)
         return
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(torch.from_numpy(images)).detach()
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": images})[0])
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module", params=["timm:tf_efficientnet_lite0", "timm:vit_tiny_patch16_224"])
+def timm_run(request, tmp_path_factory):
+    """A finished one-epoch run of a timm backbone at 32 px: its backbone, checkpoint directory and images."""
+    root = tmp_path_factory.mktemp("export-timm")
+    data = make_image_folder(root / "data", n_classes=3, per_class=6, size=40)
+    cfg = from_dict({"experiment": "exp", "data": {"root": str(data), "image_size": 32, "loader_workers": 0},
+                     "model": {"backbone": request.param}, "train": {"epochs": 1, "batch_size": 8},
+                     "optim": {"name": "adam", "lr": 1e-3}})
+    reporter = LocalReporter(root / "run")
+    fit(cfg, reporter)
+    (root / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(reporter.latest)}))
+    return request.param, root / "run", sorted(data.rglob("*.png"))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_exported_timm_model_gives_the_checkpoints_logits(fmt, timm_run, tmp_path):
+    """timm models trace too: EfficientNet-Lite0's TF "same" padding (computed from the input in forward) and a
+    ViT's attention give the checkpoint's logits, at a batch size the export never saw, with timm's own
+    normalisation (Lite0's mean = std = 0.5) in the description."""
+    backbone, run, paths = timm_run
+    out = tmp_path / f"model.{fmt}"
+    assert export.main([str(run), "--format", fmt, "--out", str(out)]) == 0
+    description = json.loads(out.with_name(out.name + ".json").read_text())
+    assert description["input"]["size"] == 32
+    if backbone == "timm:tf_efficientnet_lite0":
+        assert description["input"]["mean"] == [0.5] * 3 and description["input"]["std"] == [0.5] * 3
+    images = preprocess(paths[:5], description)
+    expected = reference(run, images, description, backbone)
     if fmt == "torchscript":
         got = torch.jit.load(str(out))(torch.from_numpy(images)).detach()
     else:
