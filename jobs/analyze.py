@@ -15,7 +15,6 @@ import html
 import json
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cluster import storage
-from jobs.cli import guarded
+from jobs.cli import guarded, run_module
 from jobs.results import read_meta
 from jobs.sweep import SWEEP_FILE, trial_config
 from jobs.sweep_config import SearchConfig
@@ -322,4 +321,4 @@ def print_summary(trials: list[Trial], winner: Trial, search: SearchConfig) -> N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.analyze")

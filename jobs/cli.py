@@ -7,6 +7,7 @@ and failed is one line and exit status 1; a bug raises with its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Callable
@@ -82,3 +83,12 @@ def setup_logging(in_worker: bool = False) -> None:
 
         for name in ray_private.report_echo_logger_names():
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_module(name: str) -> None:
+    """`python -m NAME`: exit with the status of NAME's `main`, run from the importable module, not from the `__main__`
+    copy that `-m` executes. Ray pickles a class or function defined in `__main__` by value, with what its globals
+    reach (jobs.predict's Ray Data actor class failed so: "cannot pickle '_Classes' object"), and one defined in
+    jobs.NAME by reference, as every Ray worker imports it."""
+    sys.exit(importlib.import_module(name).main())
+

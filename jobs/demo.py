@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 from cluster import storage
 from jobs.claim import claimed
-from jobs.cli import guarded
+from jobs.cli import guarded, run_module
 from jobs.preflight import check_run
 from jobs.results import write_result
 from jobs.runner import run_trainer
@@ -151,4 +150,4 @@ def print_table(results: dict, configs: dict, target: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.demo")

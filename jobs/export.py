@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from cluster import storage
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import guarded
+from jobs.cli import guarded, run_module
 from tl_core.errors import ConfigError
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -144,4 +143,4 @@ def publish(files: list[tuple[Path, str]], out) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.export")

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.storage import Location
-from jobs.cli import guarded
+from jobs.cli import guarded, run_module
 from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths
 from tl_core.errors import DataError
@@ -390,4 +389,4 @@ def write_parquet(table: pa.Table, target: Location, compression: str = "none") 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.pack_data")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ import torch
 from cluster import storage
 from jobs import ray_private
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import guarded
+from jobs.cli import guarded, run_module
 from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
@@ -178,4 +177,4 @@ def predictions_errors(out) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.predict")

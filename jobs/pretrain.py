@@ -9,10 +9,8 @@ backbone with a contrastive loss on unlabelled ones (tl_core.simclr) and keeps t
 
 from __future__ import annotations
 
-import sys
-
 from jobs.claim import claimed
-from jobs.cli import guarded, parse_args
+from jobs.cli import guarded, parse_args, run_module
 from jobs.preflight import load_and_check
 from jobs.results import write_result
 from jobs.runner import run_trainer
@@ -30,4 +28,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.pretrain")

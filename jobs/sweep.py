@@ -12,7 +12,6 @@ finished trials.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import yaml
@@ -21,7 +20,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
-from jobs.cli import RunFailed, guarded, parse_args
+from jobs.cli import RunFailed, guarded, parse_args, run_module
 from jobs.preflight import check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
@@ -234,4 +233,4 @@ def trial_resources(cfg: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("jobs.sweep")

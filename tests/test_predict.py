@@ -1,7 +1,11 @@
 """jobs.predict: a finished run's best model over new images with Ray Data, predictions as Parquet."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.dataset
 import pytest
@@ -83,3 +87,20 @@ def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path):
     by_row = {int(r["path"]): r for r in table}
     assert len(by_row) == 11 and by_row[10]["error"] is not None and by_row[10]["predicted"] is None
     assert sum(by_row[i]["predicted"] == rows[i]["label"] for i in range(10)) >= 8
+
+
+@pytest.mark.integration
+def test_the_command_line_predicts_through_the_cluster(ray_cluster, finished_run, tmp_path):
+    """`python -m jobs.predict`, as a user (or `ray job submit`) runs it: its Ray Data actor class must reach the
+    workers from the importable module; defined in `__main__`, Ray pickled it by value and failed ("cannot pickle
+    '_Classes' object") where in-process calls of main() passed. Its output is the summary line, not Ray's chatter."""
+    run, data = finished_run
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "jobs.predict", "--run", str(run), "--data", str(data / "val"), "--out",
+                           str(tmp_path / "out")], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_images = len(list((data / "val").rglob("*.png")))
+    assert proc.stdout.strip().endswith(f"{n_images} images predicted with {json.loads((run / 'result.json').read_text())['best_checkpoint']}; "
+                                        "0 could not be read")
+    assert len(pyarrow.dataset.dataset(str(tmp_path / "out"), format="parquet").to_table()) == n_images
