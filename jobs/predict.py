@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dataset = ray.data.read_binary_files(inputs, include_paths=True, filesystem=storage.filesystem(data))
     predictions = dataset.map_batches(Predictor, fn_constructor_args=(str(checkpoint), args.top_k, "cuda" if gpus else "cpu"),
-                                      batch_size=args.batch_size, batch_format="numpy", concurrency=(1, actors),
+                                      batch_size=args.batch_size, batch_format="numpy",
+                                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                       num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
     predictions.write_parquet(out.path, filesystem=storage.filesystem(out))
     errors = predictions_errors(out)
