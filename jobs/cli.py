@@ -10,7 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from tl_core.errors import UserError
 from tl_core.secrets import redact
@@ -85,10 +85,9 @@ def setup_logging(in_worker: bool = False) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_module(name: str) -> None:
+def run_module(name: str) -> NoReturn:
     """`python -m NAME`: exit with the status of NAME's `main`, run from the importable module, not from the `__main__`
     copy that `-m` executes. Ray pickles a class or function defined in `__main__` by value, with what its globals
     reach (jobs.predict's Ray Data actor class failed so: "cannot pickle '_Classes' object"), and one defined in
     jobs.NAME by reference, as every Ray worker imports it."""
     sys.exit(importlib.import_module(name).main())
-
