@@ -146,6 +146,18 @@ BENIGN_RAY_LINES = (
 )
 
 
+def plain_repeat_notes_off_terminals() -> None:
+    """Ray marks a deduplicated worker line's " [repeated 3x across cluster]" in green whatever it prints to
+    (`ray_logging._color`, unlike its line prefixes, which RAY_COLOR_PREFIX=0 turns off): in a log file that is an
+    escape sequence. Unless both stdout and stderr are terminals, the note is printed plain."""
+    import sys
+
+    from ray._private import ray_logging
+
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        ray_logging._color = lambda msg: msg
+
+
 def drop_benign_ray_lines() -> None:
     """Leave BENIGN_RAY_LINES out of the worker output Ray echoes to this driver. Ray prints worker lines through a
     handler it registers, as "ray_print_logs", on a private dispatcher; there is no public filter, so that handler is

@@ -248,6 +248,7 @@ def connect_ray() -> None:
     else:
         start_local_ray()
     ray_private.drop_benign_ray_lines()
+    ray_private.plain_repeat_notes_off_terminals()
 
 
 def start_local_ray(**init_kwargs) -> None:

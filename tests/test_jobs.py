@@ -275,6 +275,20 @@ def test_torch_in_a_ray_worker_runs_the_threads_ray_assigned_not_one_per_core(ra
     assert held == 1, f"a 1-CPU task runs {held} torch threads (its torch started with {started_with})"
 
 
+def test_repeated_worker_lines_are_noted_without_colour_codes_off_a_terminal(monkeypatch):
+    """Ray's " [repeated 3x across cluster]" note came out green in a driver's log file ("\x1b[32m"); off a terminal
+    (pytest captures both streams) our drivers print it plain."""
+    from ray._private import ray_logging
+
+    from jobs import ray_private
+
+    monkeypatch.setattr(ray_logging, "_color", ray_logging._color)  # restored after the test
+    assert "\x1b[" in ray_logging._color(" [repeated 3x across cluster]")
+    ray_private.plain_repeat_notes_off_terminals()
+    state = ray_logging.DedupState(timestamp=0, count=3, line="(trial pid=1) epoch 2/2", metadata={}, sources=set())
+    assert "\x1b[" not in state.formatted() and state.formatted().startswith("(trial pid=1) epoch 2/2 [repeated 3x across cluster]")
+
+
 def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd):
     """Ray Train's controller logs its PreemptionWatcher actor at error level on every run (ray-project/ray#53727);
     a driver of ours leaves that line out and echoes every other worker line as Ray would."""
