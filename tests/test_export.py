@@ -16,17 +16,22 @@ from tl_core.loop import fit
 from tl_core.models import build_model
 
 
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
-    """A finished one-epoch run on 16 px images: its checkpoint directory, and its images."""
-    root = tmp_path_factory.mktemp("export")
-    data = make_image_folder(root / "data", n_classes=3, per_class=8, size=20)
-    cfg = from_dict({"experiment": "exp", "data": {"root": str(data), "image_size": 16, "loader_workers": 0},
-                     "train": {"epochs": 1, "batch_size": 8}, "optim": {"name": "adam", "lr": 1e-3}})
+def finished_run(root, backbone: str, image_size: int, per_class: int):
+    """A finished one-epoch run of `backbone` on 3 classes of images a little larger than `image_size`: its
+    directory (result.json naming its checkpoint), and its images."""
+    data = make_image_folder(root / "data", n_classes=3, per_class=per_class, size=image_size + image_size // 4)
+    cfg = from_dict({"experiment": "exp", "data": {"root": str(data), "image_size": image_size, "loader_workers": 0},
+                     "model": {"backbone": backbone}, "train": {"epochs": 1, "batch_size": 8}, "optim": {"name": "adam", "lr": 1e-3}})
     reporter = LocalReporter(root / "run")
     fit(cfg, reporter)
     (root / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(reporter.latest)}))
     return root / "run", sorted(data.rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A finished one-epoch ResNet-18 run on 16 px images: its checkpoint directory, and its images."""
+    return finished_run(tmp_path_factory.mktemp("export"), "resnet18", 16, per_class=8)
 
 
 def preprocess(paths, description):
@@ -42,6 +47,16 @@ def preprocess(paths, description):
         pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
         batch.append(((pixels - mean) / std).transpose(2, 0, 1))
     return np.stack(batch).astype(np.float32)
+
+
+def traced_logits(fmt: str, path, images: np.ndarray) -> torch.Tensor:
+    """The logits of an exported TorchScript or ONNX (through onnxruntime) model on `images`."""
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))(torch.from_numpy(images)).detach()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": images})[0])
 
 
 def reference(run, images, description, backbone="resnet18"):
@@ -68,28 +83,13 @@ def test_an_exported_image_model_gives_the_checkpoints_logits_on_real_images(fmt
         got = model.eval()(torch.from_numpy(images)).detach()
         assert torch.equal(got, expected)
         return
-    if fmt == "torchscript":
-        got = torch.jit.load(str(out))(torch.from_numpy(images)).detach()
-    else:
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"images": images})[0])
-    assert (got - expected).abs().max().item() <= 1e-4
+    assert (traced_logits(fmt, out, images) - expected).abs().max().item() <= 1e-4
 
 
 @pytest.fixture(scope="module", params=["timm:tf_efficientnet_lite0", "timm:vit_tiny_patch16_224"])
 def timm_run(request, tmp_path_factory):
     """A finished one-epoch run of a timm backbone at 32 px: its backbone, checkpoint directory and images."""
-    root = tmp_path_factory.mktemp("export-timm")
-    data = make_image_folder(root / "data", n_classes=3, per_class=6, size=40)
-    cfg = from_dict({"experiment": "exp", "data": {"root": str(data), "image_size": 32, "loader_workers": 0},
-                     "model": {"backbone": request.param}, "train": {"epochs": 1, "batch_size": 8},
-                     "optim": {"name": "adam", "lr": 1e-3}})
-    reporter = LocalReporter(root / "run")
-    fit(cfg, reporter)
-    (root / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(reporter.latest)}))
-    return request.param, root / "run", sorted(data.rglob("*.png"))
+    return request.param, *finished_run(tmp_path_factory.mktemp("export-timm"), request.param, 32, per_class=6)
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
@@ -106,14 +106,7 @@ def test_an_exported_timm_model_gives_the_checkpoints_logits(fmt, timm_run, tmp_
         assert description["input"]["mean"] == [0.5] * 3 and description["input"]["std"] == [0.5] * 3
     images = preprocess(paths[:5], description)
     expected = reference(run, images, description, backbone)
-    if fmt == "torchscript":
-        got = torch.jit.load(str(out))(torch.from_numpy(images)).detach()
-    else:
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"images": images})[0])
-    assert (got - expected).abs().max().item() <= 1e-4
+    assert (traced_logits(fmt, out, images) - expected).abs().max().item() <= 1e-4
 
 
 def test_an_exported_text_model_runs_in_onnxruntime_with_its_own_tokenizer(tmp_path):
