@@ -93,7 +93,7 @@ def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path):
 def test_the_command_line_predicts_through_the_cluster(ray_cluster, finished_run, tmp_path):
     """`python -m jobs.predict`, as a user (or `ray job submit`) runs it: its Ray Data actor class must reach the
     workers from the importable module; defined in `__main__`, Ray pickled it by value and failed ("cannot pickle
-    '_Classes' object") where in-process calls of main() passed. Its output is the summary line, not Ray's chatter."""
+    '_Classes' object") where in-process calls of main() passed. Its standard output ends with the summary line."""
     run, data = finished_run
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-m", "jobs.predict", "--run", str(run), "--data", str(data / "val"), "--out",
