@@ -3,7 +3,9 @@ the scheduler). This schema belongs to jobs.sweep; every trial's run config is v
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,10 @@ from tl_core.config_file import read_config_file
 from tl_core.errors import ConfigError
 
 _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+#: How many combinations of the space's values load_sweep validates at most: every key's values alone, then every
+#: pair, every triple ... (the whole space, for any space of up to 7 keys with 3 values each).
+MAX_CHECKED_COMBINATIONS = 10_000
 
 
 #: What population-based training may change in a running trial: hyperparameters that a resume from a checkpoint
@@ -107,6 +113,22 @@ class SearchConfig(Section):
                 values += [(key, v) for v in given]
         return values
 
+    def trial_combinations(self) -> Iterator[tuple[tuple[str, Any], ...]]:
+        """`trial_values` combined across keys: each key's alone, then every pair of keys, every triple ... up to the
+        whole space, smallest first (a clash is named by the fewest keys), within MAX_CHECKED_COMBINATIONS."""
+        by_key: dict[str, list[Any]] = {}
+        for key, value in self.trial_values():
+            by_key.setdefault(key, []).append(value)
+        left = MAX_CHECKED_COMBINATIONS
+        for size in range(1, len(by_key) + 1):
+            subsets = list(itertools.combinations(by_key, size))
+            left -= sum(math.prod(len(by_key[key]) for key in subset) for subset in subsets)
+            if left < 0 and size > 1:
+                return
+            for subset in subsets:
+                for values in itertools.product(*(by_key[key] for key in subset)):
+                    yield tuple(zip(subset, values, strict=True))
+
 
 def _check_config_key(key: str) -> None:
     model: Any = RunConfig
@@ -126,8 +148,9 @@ def _check_config_key(key: str) -> None:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SearchConfig]:
-    """A sweep file: the run config every trial starts from, and its `search:` section. Every edge of the
-    space is applied to the run config and validated, so a bad range fails here, not in trial 7."""
+    """A sweep file: the run config every trial starts from (train.epochs: the scheduler's max_t), and its `search:`
+    section. Every edge of the space, and their combinations, are applied to the run config and validated, so a bad
+    range or a clash of two keys fails here, not in trial 7."""
     raw = read_config_file(path)
     search_raw = raw.pop("search", None)
     if search_raw is None:
@@ -138,14 +161,19 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
-    base = from_dict(data, (), source=str(path))
+    base = from_dict(data, [override("train.epochs", search.scheduler.max_t)], source=str(path))
     interval, every = search.scheduler.perturbation_interval, base.checkpoint.every
     if search.scheduler.name == "pbt" and interval % every:
         raise ConfigError(f"{path}: checkpoint.every: {every} must divide scheduler.perturbation_interval ({interval}): "
                           "a pbt exploit copies the checkpoint of the epoch it happens at")
-    for key, value in search.trial_values():
+    for combination in search.trial_combinations():
         try:
-            with_overrides(base, [override(key, value)])
+            with_overrides(base, [override(key, value) for key, value in combination])
         except ConfigError as exc:
-            raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {str(exc).split(': ', 1)[-1]}") from None
+            reason = str(exc).split(": ", 1)[-1]
+            if len(combination) == 1:
+                (key, value), = combination
+                raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {reason}") from None
+            *firsts, last = (f"{key} {value!r}" for key, value in combination)
+            raise ConfigError(f"{path}: search.space: {', '.join(firsts)} and {last} are not valid together: {reason}") from None
     return base, search

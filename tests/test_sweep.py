@@ -14,7 +14,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 from jobs import analyze, finetune, sweep
-from jobs.sweep_config import SearchConfig, load_sweep
+from jobs.sweep_config import MAX_CHECKED_COMBINATIONS, SearchConfig, load_sweep
 
 REPO = Path(__file__).parent.parent
 
@@ -206,7 +206,32 @@ SWEEP_BAD_INPUTS = {
     "synch pbt beyond the concurrency": ({"scheduler": {"name": "pbt", "synch": True}, "space": {"optim.lr": {"choice": [0.1]}}},
                                          "num_samples (6) may not exceed max_concurrent_trials (2)"),
     "unknown searcher": ({"search_alg": "hyperopt"}, "search.search_alg: Input should be 'random', 'grid', 'optuna' or 'bohb'"),
+    "two keys that clash": ({"space": {"model.strategy": {"choice": ["full", "lp_ft"]}, "train.epochs": {"choice": [1, 4]}}},
+                            "search.space: model.strategy 'lp_ft' and train.epochs 1 are not valid together: model.lp_epochs: "
+                            "1 must be less than train.epochs (1)"),
+    "three keys that clash": ({"space": {"model.strategy": {"choice": ["full", "lp_ft"]}, "model.lp_epochs": {"choice": [1, 3]},
+                                         "train.epochs": {"choice": [2, 6]}}},
+                              "search.space: model.lp_epochs 3, model.strategy 'lp_ft' and train.epochs 2 are not valid together"),
+    "lp_epochs beyond max_t": ({"space": {"model.strategy": {"choice": ["full", "lp_ft"]}, "model.lp_epochs": {"choice": [1, 6]}}},
+                               "search.space: model.lp_epochs 6 and model.strategy 'lp_ft' are not valid together: "
+                               "model.lp_epochs: 6 must be less than train.epochs (6)"),
 }
+
+
+def test_sweep_checks_combinations_of_keys_smallest_first_within_a_budget():
+    """Every key alone, then every pair, ...: the whole product of a small space; a large one stops at the size whose
+    combinations would pass the budget, never before every pair."""
+    small = SearchConfig(space={"optim.lr": {"choice": [0.1, 0.2]}, "train.epochs": {"choice": [1, 2, 3]},
+                                "model.dropout": {"choice": [0.0, 0.5]}})
+    sizes = [len(c) for c in small.trial_combinations()]
+    assert sizes == sorted(sizes) and sizes.count(1) == 7 and sizes.count(2) == 2 * 3 + 2 * 2 + 3 * 2 and sizes.count(3) == 12
+    keys = ("optim.lr", "optim.weight_decay", "optim.l1", "optim.momentum", "optim.min_lr_ratio", "optim.gamma", "model.dropout",
+            "model.backbone_lr_mult", "train.label_smoothing")
+    large = SearchConfig(space={key: {"choice": [0.1, 0.2, 0.3]} for key in keys})
+    combos = list(large.trial_combinations())
+    # 9 keys of 3 values: 27 alone, 36 * 9 pairs, 84 * 27 triples; the 126 * 81 quadruples would pass the budget
+    assert [sum(len(c) == size for c in combos) for size in (1, 2, 3, 4)] == [27, 36 * 9, 84 * 27, 0]
+    assert len(combos) <= MAX_CHECKED_COMBINATIONS
 
 
 def test_pbt_needs_a_checkpoint_at_every_perturbation(tmp_path, capsys):
