@@ -57,6 +57,36 @@ def test_a_key_that_fits_no_layout_is_named():
         convert_layout({"_conv_stem.weight": torch.zeros(1)}, resnet, source="x.pt")
 
 
+@pytest.mark.parametrize("size", [32, 384])
+def test_a_timm_vit_pretrained_at_224_px_loads_at_another_size(tmp_path, size):
+    """timm's own checkpoint filter resamples the position embeddings to the new patch grid, as timm does for its
+    pretrained weights; every other weight is the source's."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    source = build_model(ModelConfig(backbone=VIT), ["a", "b"], 224).state_dict()
+    torch.save(source, tmp_path / "vit224.pt")
+    model = build_model(ModelConfig(backbone=VIT, weights=str(tmp_path / "vit224.pt")), ["a", "b"], size)
+    grid = size // 16
+    assert model.pos_embed.shape == (1, 1 + grid * grid, 192)
+    expected = resample_abs_pos_embed(source["pos_embed"], new_size=(grid, grid), old_size=(14, 14), num_prefix_tokens=1)
+    assert torch.allclose(model.pos_embed, expected)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 2)
+
+
+def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_position_embeddings():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    small = dict(patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    source = VisionTransformer(image_size=224, **small).state_dict()
+    model = VisionTransformer(image_size=64, **small)
+    state = convert_layout(source, model, source="vit.pt")
+    assert state["encoder.pos_embedding"].shape == (1, 1 + 4 * 4, 32)
+    assert torch.equal(state["encoder.pos_embedding"][:, 0], source["encoder.pos_embedding"][:, 0])  # the class token's
+    model.load_state_dict(state)
+
+
 @pytest.mark.parametrize("patch,message", [
     ({"backbone": "timm:resnet_nope"}, "unknown timm model 'resnet_nope'; list timm's names with"),
     ({"backbone": LITE0, "weights": "ResNet18_Weights.IMAGENET1K_V1"}, "names torchvision weights"),

@@ -289,11 +289,39 @@ _EFFNET_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 
 def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """`state` renamed into `model`'s layout when it is another library's. Known: torchvision and timm (their own
-    names, nothing to do) and EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...),
-    which maps onto a timm EfficientNet. A key that fits nowhere stays as it is and load_source_weights names it."""
-    if not any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
+    """`state` renamed into `model`'s layout when it is another library's, then passed through the model library's
+    own conversion. Known: torchvision and timm (their own names), EfficientNet-PyTorch (`_conv_stem`,
+    `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a timm EfficientNet, and whatever the timm
+    family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A key that fits nowhere stays as it is and
+    load_source_weights names it."""
+    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
+        state = _from_efficientnet_pytorch(state, model, source)
+    return _library_conversion(state, model)
+
+
+def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the model's library does to the weights it loads itself: timm runs its family's `checkpoint_filter_fn`
+    (other layouts it knows; position embeddings, patch embeddings and relative-position tables resampled to the
+    model's input size); torchvision interpolates a ViT's position embeddings with `interpolate_embeddings`. So a
+    ViT pretrained at 224 px fine-tunes at 64 or 384."""
+    if isinstance(model, torchvision.models.VisionTransformer):
+        key = "encoder.pos_embedding"
+        if key in state and state[key].shape != model.encoder.pos_embedding.shape:
+            from torchvision.models.vision_transformer import interpolate_embeddings
+
+            return interpolate_embeddings(model.image_size, model.patch_size, state)
         return state
+    family = type(model).__module__
+    if family.startswith("timm."):
+        import importlib
+
+        filter_fn = getattr(importlib.import_module(family), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            return filter_fn(state, model)
+    return state
+
+
+def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
         raise ConfigError(f"model.weights: {source} is in the EfficientNet-PyTorch layout (_conv_stem, _blocks.N...), which fits "
