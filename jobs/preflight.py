@@ -8,6 +8,7 @@ import logging
 import math
 from typing import Callable
 
+import torch
 from torch import nn
 
 from cluster import storage
@@ -20,6 +21,7 @@ from tl_core.errors import ConfigError, DataError
 from tl_core.modality import check_modality
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
+from tl_core.text_models import is_text_backbone
 
 log = logging.getLogger("jobs")
 
@@ -52,6 +54,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     recipe = RECIPES[cfg.pretrain.method]
     classes, n_train = data_classes_and_size(cfg, local, manifest)
     model = recipe.build_model(local, classes)  # unknown or mismatched weights fail here
+    check_input_size(cfg, model)
     if cfg.pretrain.method == "supervised":
         check_batch_norm_batches(cfg, n_train, model)
     if resume:
@@ -73,6 +76,20 @@ def data_classes_and_size(cfg: RunConfig, local: RunConfig, manifest: Manifest |
     except DataError as exc:  # name the user's s3:// prefix, not this node's cache
         raise DataError(str(exc).replace(local.data.root, cfg.data.root)) from None
     return index.classes, len(index.train)
+
+
+def check_input_size(cfg: RunConfig, model: nn.Module) -> None:
+    """An image backbone that cannot take data.image_size (an input smaller than its kernels, say) is refused here,
+    by one forward pass of a blank image, not in the first training step of every worker."""
+    if is_text_backbone(cfg.model.backbone):
+        return
+    size = cfg.data.image_size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({reason}); use a larger size") from None
 
 
 def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> None:

@@ -128,6 +128,13 @@ def test_a_batch_of_one_for_batchnorm_is_refused(image_folder, tmp_path, capsys)
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path, "train.batch_size: 1 with 27 training image(s)")
 
 
+def test_an_image_size_the_backbone_cannot_take_is_refused(image_folder, tmp_path, capsys):
+    """ConvNeXt-atto's third downsampling (a 2x2 kernel) meets a 1x1 map at 16 px: refused before any worker trains."""
+    config = write_config(tmp_path, image_folder, model={"backbone": "timm:convnext_atto"}, data={"image_size": 16})
+    one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
+                    "data.image_size: timm:convnext_atto cannot take 16 px images (")
+
+
 def test_a_storage_root_that_is_a_file_is_refused(image_folder, tmp_path, capsys):
     (tmp_path / "runs").write_text("not a directory")
     config = write_config(tmp_path, image_folder)

@@ -91,6 +91,7 @@ def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_po
     ({"backbone": "timm:resnet_nope"}, "unknown timm model 'resnet_nope'; list timm's names with"),
     ({"backbone": LITE0, "weights": "ResNet18_Weights.IMAGENET1K_V1"}, "names torchvision weights"),
     ({"backbone": "resnet18", "weights": "efficientnet_lite0_imagenet"}, "are weights for model.backbone: timm:tf_efficientnet_lite0"),
+    ({"backbone": "timm:deit_tiny_distilled_patch16_224"}, "has 2 classifier heads (head, head_dist"),
 ])
 def test_bad_pretrained_model_input_is_one_line(patch, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -146,7 +146,11 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
         model = timm.create_model(name, pretrained=False)
     except (AssertionError, ValueError) as exc:
         raise ConfigError(f"data.image_size: {backbone} cannot take {image_size} px ({exc})") from None
-    return model, model.pretrained_cfg.get("classifier") or _last_linear_name(model)
+    classifier = model.pretrained_cfg.get("classifier")
+    if isinstance(classifier, (tuple, list)):  # distilled models (DeiT, LeViT): a class head and a distillation head
+        raise ConfigError(f"model.backbone: {backbone} has {len(classifier)} classifier heads ({', '.join(classifier)}); "
+                          "choose a model with one (a distilled model's plain variant, e.g. timm:deit_tiny_patch16_224)")
+    return model, classifier or _last_linear_name(model)
 
 
 def init_head(head: ClassifierHead, method: str) -> None:
