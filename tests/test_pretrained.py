@@ -75,6 +75,13 @@ def test_a_timm_vit_pretrained_at_224_px_loads_at_another_size(tmp_path, size):
     assert model(torch.randn(2, 3, size, size)).shape == (2, 2)
 
 
+def test_a_timm_tag_without_a_classifier_gets_a_head():
+    """Self-supervised tags (MIM, DINOv2) default to num_classes 0, no head at all; the task's head is added."""
+    model = build_model(ModelConfig(backbone="timm:eva02_tiny_patch14_224.mim_in22k"), ["a", "b", "c"], 56)
+    assert model(torch.randn(2, 3, 56, 56)).shape == (2, 3)
+    assert backbone_blocks(model)  # gradual unfreezing finds its blocks
+
+
 def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_position_embeddings():
     from torchvision.models.vision_transformer import VisionTransformer
 

@@ -140,10 +140,12 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
     import timm
 
     name = backbone[len(TIMM_PREFIX):]
+    # num_classes: a linear head even where the tag has none (self-supervised tags: `.mim_in22k`, DINOv2's `.lvd142m`);
+    # build_model replaces it.
     try:
-        model = timm.create_model(name, pretrained=False, img_size=image_size)  # transformers take the input size
+        model = timm.create_model(name, pretrained=False, num_classes=1, img_size=image_size)  # transformers take the input size
     except TypeError:  # convolutional nets take any size and no such argument
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, num_classes=1)
     except (AssertionError, ValueError) as exc:
         raise ConfigError(f"data.image_size: {backbone} cannot take {image_size} px ({exc})") from None
     classifier = model.pretrained_cfg.get("classifier")
