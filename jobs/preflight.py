@@ -87,7 +87,7 @@ def check_input_size(cfg: RunConfig, model: nn.Module) -> None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # what torch and timm raise for an input they cannot take
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({reason}); use a larger size") from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -312,13 +313,8 @@ def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module) -> dic
             return interpolate_embeddings(model.image_size, model.patch_size, state)
         return state
     family = type(model).__module__
-    if family.startswith("timm."):
-        import importlib
-
-        filter_fn = getattr(importlib.import_module(family), "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            return filter_fn(state, model)
-    return state
+    filter_fn = getattr(sys.modules[family], "checkpoint_filter_fn", None) if family.startswith("timm.") else None
+    return filter_fn(state, model) if filter_fn else state
 
 
 def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
