@@ -9,7 +9,6 @@ self-contained file), curves.png, params.png, confusion.png, per_class.json and 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -22,7 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cluster import storage
-from jobs.cli import guarded, run_module
+from jobs.cli import ArgumentParser, guarded, run_module
 from jobs.results import read_meta
 from jobs.sweep import SWEEP_FILE, trial_config
 from jobs.sweep_config import SearchConfig
@@ -46,7 +45,7 @@ class Trial:
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(__name__, __doc__)
     parser.add_argument("experiment", help="the sweep's directory: ROOT/EXPERIMENT, local or s3://")
     args = parser.parse_args(argv)
 

@@ -16,8 +16,24 @@ from tl_core.errors import UserError
 from tl_core.secrets import redact
 
 
-def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+class UsageError(UserError):
+    """Arguments the command line cannot take: a missing or unknown argument, a value of the wrong type."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for a job: named as it is run (`python -m jobs.NAME`), described by its docstring's first line, and a
+    mistake in the arguments is a UsageError, one line with the usage in it (exit status 2 under `guarded`)."""
+
+    def __init__(self, module: str, doc: str | None):
+        super().__init__(prog=f"python -m {module}", description=doc.strip().splitlines()[0] if doc else None)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
+
+
+def parse_args(argv: list[str] | None, module: str, doc: str | None) -> argparse.Namespace:
+    """The arguments of the jobs that run a config: --config, --set (repeatable) and --resume."""
+    parser = ArgumentParser(module, doc)
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.01 (repeatable)")

@@ -8,14 +8,13 @@ compared on the same validation images: from scratch, fine-tuned from a source m
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
 
 from cluster import storage
 from jobs.claim import claimed
-from jobs.cli import guarded, run_module
+from jobs.cli import ArgumentParser, guarded, run_module
 from jobs.preflight import check_run
 from jobs.results import write_result
 from jobs.runner import run_trainer
@@ -31,7 +30,7 @@ LOCAL_DIGITS = Path("data/digits")
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(__name__, __doc__)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--prepare", action="store_true",
                         help="only the data and the source model (what `ray job submit ... configs/demo.yaml` reads)")

@@ -17,7 +17,6 @@ written by torch.onnx's TorchScript-based exporter (opset 17) and checked with o
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from torch import nn
 
 from cluster import storage
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import guarded, run_module
+from jobs.cli import ArgumentParser, guarded, run_module
 from tl_core.errors import ConfigError
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -39,7 +38,7 @@ TOLERANCE = 1e-4
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(__name__, __doc__)
     parser.add_argument("run", help="a finished run or a checkpoint directory, local or s3://")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="where the model goes, local or s3://; its description goes to OUT.json")

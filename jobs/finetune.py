@@ -15,7 +15,7 @@ from tl_core.errors import ConfigError
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, description=__doc__.splitlines()[0])
+    args = parse_args(argv, __name__, __doc__)
     cfg = load_and_check(args)
     if cfg.pretrain.method != "supervised":
         raise ConfigError(f"pretrain.method: {cfg.pretrain.method} is a pretraining method; run it with python -m jobs.pretrain")

@@ -28,7 +28,6 @@ cut short resumes: staged groups and written shards that exist are kept, nothing
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -46,7 +45,7 @@ import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.storage import Location
-from jobs.cli import guarded, run_module
+from jobs.cli import ArgumentParser, guarded, run_module
 from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths
 from tl_core.errors import DataError
@@ -69,7 +68,7 @@ class SourceFile:
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(__name__, __doc__)
     parser.add_argument("source", help="image folder to pack: local path or s3://bucket/prefix")
     parser.add_argument("dest", help="where the packed dataset goes: local path or s3://bucket/prefix")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share when SOURCE has no val/ (default 0.2)")

@@ -16,7 +16,6 @@ that cannot be read is counted, listed in its row's `error`, never fatal.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from cluster import storage
 from jobs import ray_private
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import guarded, run_module
+from jobs.cli import ArgumentParser, guarded, run_module
 from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
@@ -96,7 +95,7 @@ class Predictor:
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(__name__, __doc__)
     parser.add_argument("--run", required=True, help="a finished run or a checkpoint, local or s3://")
     parser.add_argument("--data", required=True, help="images (a folder or s3:// prefix) or a text table file")
     parser.add_argument("--out", required=True, help="where the Parquet predictions go, local or s3://")

@@ -18,7 +18,7 @@ from jobs.runner import run_trainer
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, description=__doc__.splitlines()[0])
+    args = parse_args(argv, __name__, __doc__)
     cfg = load_and_check(args)
     with claimed(cfg):
         result = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))

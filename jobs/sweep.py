@@ -32,7 +32,7 @@ SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config an
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, description=__doc__.splitlines()[0])
+    args = parse_args(argv, __name__, __doc__)
     base, search = load_sweep(args.config, args.overrides)
     base = check_run(base, resume=args.resume, has_progress=sweep_has_progress)
     with claimed(base):

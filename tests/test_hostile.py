@@ -128,6 +128,22 @@ def test_a_batch_of_one_for_batchnorm_is_refused(image_folder, tmp_path, capsys)
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path, "train.batch_size: 1 with 27 training image(s)")
 
 
+@pytest.mark.parametrize("job,argv,message", [
+    ("finetune", [], "the following arguments are required: --config (usage: python -m jobs.finetune [-h] --config CONFIG"),
+    ("sweep", ["--config", "x.yaml", "--bogus"], "unrecognized arguments: --bogus (usage: python -m jobs.sweep"),
+    ("predict", ["--run", "r", "--data", "d", "--out", "o", "--top-k", "two"], "argument --top-k: invalid int value: 'two'"),
+    ("export", ["run"], "the following arguments are required: --format, --out (usage: python -m jobs.export"),
+    ("analyze", [], "the following arguments are required: experiment (usage: python -m jobs.analyze [-h] experiment)"),
+    ("pack_data", ["src"], "the following arguments are required: dest"),
+    ("pretrain", ["--config"], "argument --config: expected one argument"),
+    ("demo", ["--txt"], "unrecognized arguments: --txt"),
+])
+def test_command_line_mistakes_are_one_line_with_the_usage(job, argv, message, tmp_path, capsys):
+    import importlib
+
+    one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, message)
+
+
 def test_an_image_size_the_backbone_cannot_take_is_refused(image_folder, tmp_path, capsys):
     """ConvNeXt-atto's third downsampling (a 2x2 kernel) meets a 1x1 map at 16 px: refused before any worker trains."""
     config = write_config(tmp_path, image_folder, model={"backbone": "timm:convnext_atto"}, data={"image_size": 16})
