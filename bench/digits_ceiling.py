@@ -28,7 +28,7 @@ from PIL import Image
 
 from bench.common import write_result
 from bench.transfer import LITE0
-from bench.transfer_data import SPLITS, write_target
+from bench.transfer_data import SPLITS, parts, write_target
 
 LABELS = (1, 3)
 #: (resnet18 stages kept, grid of the head's average pool, epochs): whole at the study's cap and at 60, then cut ones
@@ -36,18 +36,15 @@ SCRATCH = [(4, 1, 20), (4, 1, 60), (1, 4, 60), (2, 4, 60), (2, 2, 60)]
 SCRATCH_LRS = (1e-3, 3e-3)
 
 
-def digit_splits() -> dict[str, np.ndarray]:
-    """The digits target's images in [0, 1], N x 8 x 8, per split, with labels: val, tune and the training pool."""
-    sizes = SPLITS["digits"]
+def digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The digits target's images (N x 8 x 8 in [0, 1]) and labels, per split: val, tune and the training pool."""
+    out: dict[str, tuple[list, list]] = {"val": ([], []), "tune": ([], []), "pool": ([], [])}
     with tempfile.TemporaryDirectory() as root:
-        by_class = write_target(Path(root), "digits")
-        out: dict[str, list] = {"val": [], "tune": [], "pool": []}
-        for label, paths in enumerate(by_class.values()):
-            images = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255.0 for p in paths])
-            bounds = {"val": (0, sizes.val), "tune": (sizes.val, sizes.val + sizes.tune), "pool": (sizes.val + sizes.tune, None)}
-            for split, (start, end) in bounds.items():
-                out[split].append((images[start:end], np.full(len(images[start:end]), label)))
-    return {split: (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])) for split, parts in out.items()}
+        for label, paths in enumerate(write_target(Path(root), "digits").values()):
+            for split, chosen in zip(out, parts(paths, SPLITS["digits"]), strict=True):
+                out[split][0].extend(np.asarray(Image.open(p), dtype=np.float32) / 255.0 for p in chosen)
+                out[split][1].extend([label] * len(chosen))
+    return {split: (np.stack(images), np.array(labels)) for split, (images, labels) in out.items()}
 
 
 def draw(pool: tuple[np.ndarray, np.ndarray], per_class: int, seed: int) -> np.ndarray:

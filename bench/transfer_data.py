@@ -65,6 +65,11 @@ def write_target(root: Path, target: str) -> dict[str, list]:
     return split
 
 
+def parts(items: list, sizes: Split) -> tuple[list, list, list]:
+    """One class's samples, in write_target's order, as (reported validation, tuning validation, training pool)."""
+    return items[:sizes.val], items[sizes.val:sizes.val + sizes.tune], items[sizes.val + sizes.tune:]
+
+
 def write_split(target: str, split: dict[str, list], out: Path, labels_per_class: int, seed: int, tuning: bool) -> Path:
     """OUT as a data root: `labels_per_class` pool samples drawn by `seed` for training, and the reported validation
     samples (or, with `tuning`, the tuning-validation ones); {train,val}/<class>/ links for images, {train,val}.csv
@@ -72,7 +77,7 @@ def write_split(target: str, split: dict[str, list], out: Path, labels_per_class
     sizes = SPLITS[target]
     chosen: dict[str, dict[str, list]] = {"train": {}, "val": {}}
     for label, items in split.items():
-        val, tune, pool = items[:sizes.val], items[sizes.val:sizes.val + sizes.tune], items[sizes.val + sizes.tune:]
+        val, tune, pool = parts(items, sizes)
         drawn = pool[:]
         random.Random(seed * 1000 + sum(map(ord, label))).shuffle(drawn)
         chosen["train"][label], chosen["val"][label] = drawn[:labels_per_class], tune if tuning else val
