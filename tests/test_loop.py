@@ -91,8 +91,11 @@ def test_gradient_accumulation_takes_fewer_optimizer_steps(image_folder, tmp_pat
     assert load_checkpoint(reporter.latest).train_state["global_step"] == math.ceil(batches / 3)
 
 
+# Not bf16 here: bf16 training on this CPU is not deterministic (4 steps of resnet18 from one seed gave 19 different
+# sets of weights in 20 runs, full precision 1), and a CI run's epoch once validated to NaN. The autocast wiring is
+# tested below; bf16 numerics on a GPU by bench.cuda_paths.
 @pytest.mark.parametrize("options", [
-    {"train": {"amp": "bf16", "label_smoothing": 0.1, "clip_grad_norm": 1.0}},
+    {"train": {"label_smoothing": 0.1, "clip_grad_norm": 1.0}},
     {"optim": {"name": "adamw", "lr": 1e-3, "l1": 1e-5, "scheduler": "onecycle"}},
     {"model": {"strategy": "linear_probe", "dropout": 0.3, "head_init": "xavier"}},
 ])
