@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,11 +71,13 @@ def nearest_mean(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.
     return (norm(x) @ means.T).argmax(1)
 
 
-def logistic(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def logistic(train_x: np.ndarray, train_y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A logistic regression fitted to (train_x, train_y), as features -> predicted labels."""
     from sklearn.linear_model import LogisticRegression
 
     scale = train_x.std(0).mean() + 1e-6
-    return LogisticRegression(C=1.0, max_iter=2000).fit(train_x / scale, train_y).predict(x / scale)
+    fitted = LogisticRegression(C=1.0, max_iter=2000).fit(train_x / scale, train_y)
+    return lambda x: fitted.predict(x / scale)
 
 
 def imagenet_features(model: torch.nn.Module, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 def probe_rows(features: dict, labels: dict, idx: np.ndarray) -> dict:
     """The study's probe (the last block's averaged features) and the probe of the block and form best on tuning."""
 
+    fitted = {name: logistic(train[idx], labels["pool"][idx]) for name, train in features["pool"].items()}
+
     def score(name: str, split: str) -> float:
-        return accuracy(logistic(features["pool"][name][idx], labels["pool"][idx], features[split][name]), labels[split])
+        return accuracy(fitted[name](features[split][name]), labels[split])
 
     best = max(features["pool"], key=lambda name: score(name, "tune"))
     return {"imagenet probe, study's features (head, pool)": score("head, pool", "val"),
@@ -187,8 +192,10 @@ def scratch_rows(inputs: dict, labels: dict, idx: np.ndarray, seed: int) -> dict
         with torch.no_grad():
             return accuracy(trained[key](inputs[split]).argmax(1).numpy(), labels[split])
 
+    tuned = {key: score(key, "tune") for key in trained}
+
     def best(keys) -> tuple:
-        return max(keys, key=lambda key: score(key, "tune"))
+        return max(keys, key=tuned.get)
 
     rows = {f"scratch resnet18, whole (as in the study), {epochs} epochs": score(best(k for k in trained if k[:3] == (4, 1, epochs)), "val")
             for epochs in (20, 60)}
