@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from typing import Callable, NoReturn
 
@@ -21,14 +22,53 @@ class UsageError(UserError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for a job: named as it is run (`python -m jobs.NAME`), described by its docstring's first line, and a
-    mistake in the arguments is a UsageError, one line with the usage in it (exit status 2 under `guarded`)."""
+    """argparse for a command: named as it is run (`python -m MODULE`), described by its docstring's first line, and
+    a mistake in the arguments is a UsageError, one line with the usage in it (exit status 2 under `guarded`).
+    Its subcommands' parsers (`add_subparsers`) are of this class too; they come with their own `prog`."""
 
-    def __init__(self, module: str, doc: str | None):
-        super().__init__(prog=f"python -m {module}", description=doc.strip().splitlines()[0] if doc else None)
+    def __init__(self, module: str | None = None, doc: str | None = None, **kwargs):
+        if module is not None:
+            kwargs["prog"] = f"python -m {module}"
+        if doc:
+            kwargs["description"] = doc.strip().splitlines()[0]
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
+
+
+def count(text: str) -> int:
+    """argparse type of a number of things (a batch size, actors, top-k): a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """argparse type of a size: a finite number above 0."""
+    value = _number(text)
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type of a share: a number strictly between 0 and 1."""
+    value = _number(text)
+    if not (0 < value < 1):
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1 (both excluded)")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def parse_args(argv: list[str] | None, module: str, doc: str | None) -> argparse.Namespace:

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.storage import Location
-from jobs.cli import ArgumentParser, guarded, run_module
+from jobs.cli import ArgumentParser, fraction, guarded, positive_number, run_module
 from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths
 from tl_core.errors import DataError
@@ -71,16 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(__name__, __doc__)
     parser.add_argument("source", help="image folder to pack: local path or s3://bucket/prefix")
     parser.add_argument("dest", help="where the packed dataset goes: local path or s3://bucket/prefix")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share when SOURCE has no val/ (default 0.2)")
+    parser.add_argument("--val-fraction", type=fraction, default=0.2, help="validation share when SOURCE has no val/ (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the shuffle into shards")
-    parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    parser.add_argument("--shard-mb", type=positive_number, default=256.0, help="target shard size in MB (default 256)")
     parser.add_argument("--text-column", default="text", help="text tables: the column holding the text (default text)")
     parser.add_argument("--label-column", default="label", help="text tables: the column holding the label (default label)")
     args = parser.parse_args(argv)
-    if not 0.0 < args.val_fraction < 1.0:
-        raise DataError(f"--val-fraction: {args.val_fraction} is not between 0 and 1")
-    if args.shard_mb <= 0:
-        raise DataError(f"--shard-mb: {args.shard_mb} must be positive")
     source = storage.parse(args.source, field="SOURCE")
     dest = storage.parse(args.dest, field="DEST")
     shard_bytes = int(args.shard_mb * 2**20)

@@ -24,7 +24,7 @@ import torch
 from cluster import storage
 from jobs import ray_private
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import ArgumentParser, guarded, run_module
+from jobs.cli import ArgumentParser, count, guarded, run_module
 from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
@@ -99,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="a finished run or a checkpoint, local or s3://")
     parser.add_argument("--data", required=True, help="images (a folder or s3:// prefix) or a text table file")
     parser.add_argument("--out", required=True, help="where the Parquet predictions go, local or s3://")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--actors", type=int, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
+    parser.add_argument("--top-k", type=count, default=5)
+    parser.add_argument("--batch-size", type=count, default=64)
+    parser.add_argument("--actors", type=count, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        raise DataError("--top-k and --batch-size must be at least 1")
     checkpoint = local_checkpoint(args.run, "--run")
     _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
     data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")

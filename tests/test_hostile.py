@@ -131,10 +131,14 @@ def test_a_batch_of_one_for_batchnorm_is_refused(image_folder, tmp_path, capsys)
 @pytest.mark.parametrize("job,argv,message", [
     ("finetune", [], "the following arguments are required: --config (usage: python -m jobs.finetune [-h] --config CONFIG"),
     ("sweep", ["--config", "x.yaml", "--bogus"], "unrecognized arguments: --bogus (usage: python -m jobs.sweep"),
-    ("predict", ["--run", "r", "--data", "d", "--out", "o", "--top-k", "two"], "argument --top-k: invalid int value: 'two'"),
+    ("predict", ["--run", "r", "--data", "d", "--out", "o", "--top-k", "two"], "argument --top-k: 'two' is not a whole number"),
+    ("predict", ["--run", "r", "--data", "d", "--out", "o", "--actors", "-3"], "argument --actors: -3 must be at least 1"),
+    ("predict", ["--run", "r", "--data", "d", "--out", "o", "--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
     ("export", ["run"], "the following arguments are required: --format, --out (usage: python -m jobs.export"),
     ("analyze", [], "the following arguments are required: experiment (usage: python -m jobs.analyze [-h] experiment)"),
     ("pack_data", ["src"], "the following arguments are required: dest"),
+    ("pack_data", ["src", "dest", "--shard-mb", "inf"], "argument --shard-mb: inf must be a finite number above 0"),
+    ("pack_data", ["src", "dest", "--shard-mb", "nan"], "argument --shard-mb: nan must be a finite number above 0"),
     ("pretrain", ["--config"], "argument --config: expected one argument"),
     ("demo", ["--txt"], "unrecognized arguments: --txt"),
 ])
@@ -142,6 +146,39 @@ def test_command_line_mistakes_are_one_line_with_the_usage(job, argv, message, t
     import importlib
 
     one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, message)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["up", "--num-cpus", "0"], "argument --num-cpus: 0 must be at least 1 (usage: python -m cluster.local up"),
+    (["up", "--dashboard-port", "70000"], "argument --dashboard-port: 70000 is not a TCP port (1 to 65535)"),
+    (["up", "--autoscale", "--idle-timeout-minutes", "inf"], "argument --idle-timeout-minutes: inf must be a finite"),
+    (["up", "--autoscale", "--num-cpus", "2"], "--num-cpus and --autoscale: the autoscaled head has no CPUs"),
+    (["up", "--dashboard-port", "BUSY"], "is in use on 127.0.0.1; choose another"),
+    (["start"], "argument command: invalid choice: 'start' (choose from 'up', 'down', 'status', 'env')"),
+])
+def test_local_cluster_mistakes_are_one_line_and_start_nothing(argv, message, tmp_path, monkeypatch, capsys):
+    """Before these were checked, `up --dashboard-port 0` waited two minutes for a dashboard that could not come."""
+    from cluster.local.head import main
+
+    monkeypatch.setenv("TL_LOCAL_DIR", str(tmp_path / "local"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in argv]
+        one_line_exit_2(main, argv, capsys, tmp_path, message)
+    assert not (tmp_path / "local").exists()
+
+
+def test_a_failed_ray_start_is_reported_with_its_own_error_line(tmp_path, monkeypatch):
+    """Only this start's lines of the appended ray.log count."""
+    from cluster.local.head import _last_error
+
+    monkeypatch.setenv("TL_LOCAL_DIR", str(tmp_path))
+    earlier = "ValueError: Resource quantities must be nonnegative.\n"
+    (tmp_path / "ray.log").write_text(earlier + "INFO starting\nTraceback (most recent call last):\n  File ...\n"
+                                      "ValueError: Ray component worker_ports is trying to use a port number 18266.\n")
+    assert _last_error(len(earlier)) == ": ValueError: Ray component worker_ports is trying to use a port number 18266"
+    assert _last_error((tmp_path / "ray.log").stat().st_size) == ""
 
 
 def test_an_image_size_the_backbone_cannot_take_is_refused(image_folder, tmp_path, capsys):

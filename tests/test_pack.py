@@ -111,7 +111,7 @@ def test_a_class_with_no_readable_image_is_one_line_and_leaves_nothing(ray_clust
     ("dest_inside", "is inside SOURCE"),
     ("dest_not_packed", "holds files and no packed dataset"),
     ("bad_manifest", "is not a packed dataset's manifest"),
-    ("val_fraction", "--val-fraction: 1.5 is not between 0 and 1"),
+    ("val_fraction", "argument --val-fraction: 1.5 must be between 0 and 1 (both excluded) (usage: python -m jobs.pack_data"),
     ("text_one_class", "--label-column: train.csv has 1 class(es) in column 'label'; need at least 2"),
     ("text_no_column", "--text-column: train.csv has no column 'text'; its columns: review, label"),
 ])

@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from cluster.local.s3_server import free_ports, start_s3_server
+from jobs.cli import ArgumentParser, count, guarded, positive_number
 
 BUCKET = "tl-local"
 FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
@@ -47,6 +50,12 @@ def state_dir() -> Path:
 def read_state() -> dict | None:
     path = state_dir() / "cluster.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def running() -> dict | None:
+    """The state of the head `up` started, if it is still running."""
+    state = read_state()
+    return state if state and alive(state.get("ray_pid")) else None
 
 
 def write_state(state: dict) -> None:
@@ -87,8 +96,7 @@ def job_env(state: dict) -> dict[str, str]:
 def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict | None = None, timeout: float = 120.0) -> dict:
     """Start the head (and the S3 server); `autoscale` ({"max_workers", "idle_timeout_minutes"}) makes it a
     head with no CPUs whose autoscaler launches fake worker nodes."""
-    state = read_state()
-    if state and alive(state.get("ray_pid")):
+    if state := running():
         return state
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -119,10 +127,11 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict
     # A job's `python -m jobs...` is this interpreter, with this project's dependencies, whatever the caller's PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with open(directory / "ray.log", "ab") as log:
+        log_start = log.tell()
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state["ray_pid"] = head.pid
     write_state(state)
-    _wait_for_dashboard(state, head, timeout)
+    _wait_for_dashboard(state, head, timeout, log_start)
     return state
 
 
@@ -135,18 +144,29 @@ def fake_autoscaling_config(gcs_address: str, max_workers: int, idle_timeout_min
     return config
 
 
-def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float) -> None:
-    """Until the dashboard and the head's job agent (which runs submitted jobs) both answer."""
+def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float, log_start: int) -> None:
+    """Until the dashboard and the head's job agent (which runs submitted jobs) both answer. If `ray start` exits
+    instead, its last error line in ray.log (from `log_start`, where this start's lines begin) is the message."""
     deadline = time.monotonic() + timeout
     for url in (f"{state['dashboard_url']}/api/version", f"{state['agent_url']}/api/local_raylet_healthz"):
         while not _answers(url):
             if head.poll() is not None:
                 down()
-                raise SystemExit(f"error: ray start exited with {head.returncode}; see {state_dir() / 'ray.log'}")
+                raise SystemExit(f"error: ray start exited with {head.returncode}{_last_error(log_start)}; "
+                                 f"see {state_dir() / 'ray.log'}")
             if time.monotonic() > deadline:
                 down()
                 raise SystemExit(f"error: {url} did not answer within {timeout:.0f}s; see {state_dir() / 'ray.log'}")
             time.sleep(1)
+
+
+def _last_error(log_start: int) -> str:
+    """': <the last line of ray.log naming an error>' since `log_start`, or '' if there is none."""
+    with open(state_dir() / "ray.log", "rb") as log:
+        log.seek(log_start)
+        lines = log.read().decode(errors="replace").splitlines()
+    errors = [line.strip() for line in lines if re.match(r"\s*\w*(Error|Exception): ", line)]
+    return f": {errors[-1].rstrip('.')}" if errors else ""
 
 
 def _answers(url: str) -> bool:
@@ -216,18 +236,36 @@ def exports(state: dict) -> str:
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(state).items())
 
 
+def port(text: str) -> int:
+    """argparse type of a TCP port to listen on: 1 to 65535."""
+    value = count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
+    return value
+
+
+def port_free(number: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", number))
+        except OSError:
+            return False
+    return True
+
+
+@guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.splitlines()[0])
+    parser = ArgumentParser("cluster.local", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("up", help="start a Ray head on 127.0.0.1 (and the S3 server with --s3)")
     start.add_argument("--s3", action="store_true", help="also start the local S3 server and point jobs at it")
-    start.add_argument("--num-cpus", type=int, default=None, help="CPUs of the head (default: all)")
+    start.add_argument("--num-cpus", type=count, default=None, help="CPUs of the head (default: all)")
     start.add_argument("--autoscale", action="store_true",
                        help="a head with no CPUs plus autoscaled 1-CPU worker nodes on this machine (fake multi-node)")
-    start.add_argument("--max-workers", type=int, default=3, help="with --autoscale: the most worker nodes")
-    start.add_argument("--idle-timeout-minutes", type=float, default=0.2,
+    start.add_argument("--max-workers", type=count, default=3, help="with --autoscale: the most worker nodes")
+    start.add_argument("--idle-timeout-minutes", type=positive_number, default=0.2,
                        help="with --autoscale: how long an idle worker node lives")
-    start.add_argument("--dashboard-port", type=int, default=8265)
+    start.add_argument("--dashboard-port", type=port, default=8265)
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="what is running")
     sub.add_parser("env", help="the exports for this shell: eval \"$(python -m cluster.local env)\"")
@@ -235,11 +273,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         if args.autoscale and args.num_cpus is not None:
-            parser.error("--num-cpus and --autoscale: the autoscaled head has no CPUs; choose one")
-        if args.max_workers < 1 or args.idle_timeout_minutes <= 0:
-            parser.error("--max-workers must be >= 1 and --idle-timeout-minutes > 0")
-        autoscale = {"max_workers": args.max_workers, "idle_timeout_minutes": args.idle_timeout_minutes} if args.autoscale else None
-        state = up(args.num_cpus, args.dashboard_port, args.s3, autoscale)
+            start.error("--num-cpus and --autoscale: the autoscaled head has no CPUs; choose one")
+        if state := running():
+            print("already running; `python -m cluster.local down` first to start it with other options", file=sys.stderr)
+        elif not port_free(args.dashboard_port):
+            start.error(f"--dashboard-port: {args.dashboard_port} is in use on 127.0.0.1; choose another")
+        else:
+            autoscale = {"max_workers": args.max_workers, "idle_timeout_minutes": args.idle_timeout_minutes} if args.autoscale else None
+            state = up(args.num_cpus, args.dashboard_port, args.s3, autoscale)
         print(describe(state), file=sys.stderr)
         print("\n# to use it from this shell:", file=sys.stderr)
         print(exports(state))
