@@ -32,6 +32,7 @@ from jobs.cli import ArgumentParser, guarded, run_module
 from tl_core.errors import ConfigError
 
 FORMATS = ("safetensors", "torchscript", "onnx")
+OUTPUT_SUFFIXES = ("", ".json", ".tokenizer")  # OUT itself, its description, a text model's tokenizer
 ONNX_OPSET = 17
 TOLERANCE = 1e-4
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where the model goes, local or s3://; its description goes to OUT.json")
     args = parser.parse_args(argv)
     out = storage.parse(args.out, field="--out")
+    for suffix in OUTPUT_SUFFIXES:  # never over an earlier export, nor into a folder
+        if storage.exists(target := storage.parse(out.uri + suffix, field="--out"), "--out"):
+            raise ConfigError(f"--out: {target.uri} already exists; an export goes to a new path")
     checkpoint = local_checkpoint(args.run)
     model, description = load_model(checkpoint)
     with tempfile.TemporaryDirectory(prefix="tl-export-") as tmp:

@@ -141,6 +141,8 @@ def test_export_to_s3(image_run, s3, tmp_path):
     ("missing", "RUN: "),
     ("simclr", "pretraining checkpoint, which has no classifier"),
     ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
+    ("earlier_export", "model.onnx.json already exists; an export goes to a new path"),
+    ("a_folder", "model.onnx already exists; an export goes to a new path"),
 ])
 def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, image_run, tmp_path, capsys, monkeypatch):
     run, _ = image_run
@@ -155,9 +157,17 @@ def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, im
                               "train": {"epochs": 1, "batch_size": 4}, "pretrain": {"method": "simclr"}}), reporter)
         run = reporter.latest
         capsys.readouterr()  # the pretraining's own log lines
-    else:  # what torch.onnx says of an operator ONNX has no counterpart for
+    elif case == "unexportable":  # what torch.onnx says of an operator ONNX has no counterpart for
         def refuse(*args, **kwargs):
             raise RuntimeError("an operator ONNX lacks: aten::unsupported_op")
         monkeypatch.setattr(torch.onnx, "export", refuse)
+    elif case == "earlier_export":
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "model.onnx.json").write_text("kept")
+    elif case == "a_folder":
+        (tmp_path / "runs" / "model.onnx").mkdir(parents=True)
+    written = {"earlier_export": ["model.onnx.json"], "a_folder": ["model.onnx"]}.get(case, [])
     one_line_exit_2(export.main, [str(run), "--format", "onnx", "--out", str(tmp_path / "runs" / "model.onnx")], capsys, tmp_path,
-                    message)
+                    message, written=written)
+    if case == "earlier_export":
+        assert (tmp_path / "runs" / "model.onnx.json").read_text() == "kept"
