@@ -173,3 +173,27 @@ def test_an_s3_checkpoint_streams_while_saved_and_the_upload_sends_only_the_rest
     assert ("streaming it to" in caplog.text) == stream_fails
     with restored.as_directory() as local:
         assert torch.equal(load_checkpoint(local).model_state["weight"], model.weight.detach())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_what_is_written_whole_gets_the_umask_mode_not_tempfiles(umask, tmp_path, monkeypatch):
+    """A checkpoint folder, a run's text files (config.yaml, result.json) and copied or downloaded files are made
+    under temporary names by tempfile (0700 / 0600): once in place they read as a plain mkdir / open makes them,
+    so that others on a shared file system can read the run, as the umask allows."""
+    import stat
+
+    from cluster import storage
+    from tl_core import files
+
+    previous = os.umask(umask)
+    monkeypatch.setattr(files, "UMASK", umask)
+    try:
+        checkpoint = write(tmp_path)
+        storage.write_text(storage.parse(str(tmp_path / "result.json")), "{}")
+        storage.upload_file(checkpoint / META_FILE, storage.parse(str(tmp_path / "copy" / "meta.json")))
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode)
+             for p in (checkpoint, checkpoint / MODEL_FILE, tmp_path / "result.json", tmp_path / "copy" / "meta.json")}
+    assert modes == {"ckpt": 0o777 & ~umask, MODEL_FILE: 0o666 & ~umask, "result.json": 0o666 & ~umask,
+                     "meta.json": 0o666 & ~umask}

@@ -27,6 +27,7 @@ import torch
 import torchvision
 
 from tl_core.errors import CheckpointError
+from tl_core.files import as_created
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -89,6 +90,7 @@ def save_checkpoint(directory: str | Path, model_state: dict, train_state: dict,
             "sha256": digests,
         }
         (tmp / META_FILE).write_text(to_json(full_meta))
+        as_created(tmp)
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

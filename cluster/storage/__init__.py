@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs
 
 from tl_core.errors import StorageError
+from tl_core.files import as_created
 
 DEFAULT_MAX_ATTEMPTS = 6
 PROBE_READ_TIMEOUT_S = 8
@@ -208,6 +209,7 @@ def write_text(location: Location, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    as_created(tmp)
     os.replace(tmp, path)
 
 
@@ -271,6 +273,7 @@ def upload_file(local_file: str | Path, location: Location) -> None:
     os.close(fd)
     try:
         shutil.copyfile(local_file, tmp)
+        as_created(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -285,6 +288,7 @@ def download(location: Location, target: str | Path, field: str = "storage", cli
     try:
         with s3_errors(location, field):
             (client or s3_client(location)).download_file(location.bucket, location.key, tmp)
+        as_created(tmp)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
