@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from cluster import storage
@@ -30,6 +31,8 @@ from tl_core.errors import DataError
 log = logging.getLogger("jobs")
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+SCHEMA = pa.schema([("path", pa.string()), ("predicted", pa.string()), ("probability", pa.float64()),
+                    ("top_k", pa.list_(pa.string())), ("top_k_probability", pa.list_(pa.float64())), ("error", pa.string())])
 
 
 class Predictor:
@@ -75,12 +78,8 @@ class Predictor:
                 except Exception as exc:  # noqa: BLE001 - an unreadable input is listed, never fatal
                     errors[i] = f"{type(exc).__name__}: {str(exc)[:120]}"
             inputs = torch.stack(images).to(self.device) if ok else None
-        predicted = np.full(n, None, dtype=object)
-        probability = np.full(n, np.nan)
-        top_k = np.empty(n, dtype=object)
-        top_k_probability = np.empty(n, dtype=object)
-        for i in range(n):
-            top_k[i], top_k_probability[i] = [], []
+        predicted, probability = [None] * n, [None] * n
+        top_k, top_k_probability = [[] for _ in range(n)], [[] for _ in range(n)]
         if ok:
             with torch.no_grad():
                 probs = torch.softmax(self.model(inputs).float(), dim=1).cpu()
@@ -89,8 +88,10 @@ class Predictor:
                 predicted[i], probability[i] = self.classes[indices[row, 0]], float(values[row, 0])
                 top_k[i] = list(self.classes[indices[row].numpy()])
                 top_k_probability[i] = values[row].tolist()
-        return {"path": np.asarray(batch["path"], dtype=object), "predicted": predicted, "probability": probability,
-                "top_k": top_k, "top_k_probability": top_k_probability, "error": np.array(errors, dtype=object)}
+        # One schema for every batch, whatever its rows hold: a batch with no unreadable input has no error strings
+        # to infer a type from, and Parquet files of two schemas are one dataset nobody can read.
+        return pa.Table.from_pydict({"path": [str(p) for p in batch["path"]], "predicted": predicted, "probability": probability,
+                                     "top_k": top_k, "top_k_probability": top_k_probability, "error": errors}, schema=SCHEMA)
 
 
 @guarded
@@ -170,7 +171,8 @@ def text_rows(data: str, description: dict) -> list[dict]:
 def predictions_errors(out) -> list[str]:
     import pyarrow.dataset
 
-    table = pyarrow.dataset.dataset(out.path, filesystem=storage.filesystem(out), format="parquet").to_table(columns=["path", "error"])
+    table = pyarrow.dataset.dataset(out.path, filesystem=storage.filesystem(out), format="parquet",
+                                    schema=SCHEMA).to_table(columns=["path", "error"])
     return [p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True) if e is not None]
 
 

@@ -37,10 +37,13 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     new = tmp_path / "new"
     shutil.copytree(data / "val", new)
     (new / "class_0" / "broken.png").write_bytes(b"not an image")
-    assert predict.main(["--run", str(run), "--data", str(new), "--out", "s3://tl-test/predictions/p", "--top-k", "2"]) == 0
+    assert predict.main(["--run", str(run), "--data", str(new), "--out", "s3://tl-test/predictions/p", "--top-k", "2",
+                         "--batch-size", "4"]) == 0
 
     location = storage.parse("s3://tl-test/predictions/p")
-    table = pyarrow.dataset.dataset(location.path, filesystem=storage.filesystem(location), format="parquet").to_table()
+    files = pyarrow.dataset.dataset(location.path, filesystem=storage.filesystem(location), format="parquet")
+    assert len(files.files) > 1  # batches whose rows all read (no error strings) beside the one that holds broken.png
+    table = files.to_table()  # one schema across them, as a user reads it
     rows = table.to_pylist()
     assert len(rows) == len(list(new.rglob("*.png")))
     (broken,) = [r for r in rows if r["error"] is not None]
