@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,6 +24,22 @@ METRIC_NAMES = ("train/loss", "val/loss", "val/acc", "val/acc5", "val/precision"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN or infinite number trains
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_number_is_not_yes_or_no(cls, value: Any, info) -> Any:
+        """pydantic takes `true` as 1 for a number (`epochs: true` trained one epoch): refused."""
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not true/false")
+        return value
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (int, float; Optional or Annotated ones too) and not also a bool."""
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    return bool not in args and any(_is_number(a) for a in args)
 
 
 def _check_metric(name: str) -> str:
@@ -283,6 +299,9 @@ class RunConfig(Section):
         for key, is_set in unused.items():
             if is_set:
                 raise ValueError(f"{key}: not used by pretrain.method: {method}; remove it")
+        if self.optim.warmup_epochs >= self.train.epochs:
+            raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs:g} must be less than train.epochs "
+                             f"({self.train.epochs}), or the learning rate never reaches optim.lr")
         if self.model.strategy == "lp_ft" and self.model.lp_epochs >= self.train.epochs:
             raise ValueError(f"model.lp_epochs: {self.model.lp_epochs} must be less than train.epochs ({self.train.epochs}), "
                              "or lp_ft never fine-tunes")
