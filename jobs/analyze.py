@@ -71,7 +71,7 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     from ray import tune
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    storage.check_access(location)  # a missing bucket, refused credentials, an endpoint that never answers: one line
+    storage.check_access(location, "experiment")  # a missing bucket, refused credentials, an endpoint that never answers: one line
     fs = storage.filesystem(location)
     if not tune.Tuner.can_restore(location.path, storage_filesystem=fs if location.is_s3 else None):
         raise ConfigError(f"experiment: there is no Ray Tune experiment at {location.uri}")

@@ -119,7 +119,7 @@ def place_digits(pretrain, finetune) -> Path:
     _, target = write_digits(LOCAL_DIGITS, labels_per_class=3, seed=0)
     if storage.is_uri(digits_root):
         location = storage.parse(digits_root, pretrain.storage.endpoint_url, field="data.root")
-        storage.check_access(location)
+        storage.check_access(location, "data.root")
         storage.upload_dir(LOCAL_DIGITS, location)
         print(f"digits uploaded to {location.uri}", flush=True)
     elif Path(digits_root).resolve() != LOCAL_DIGITS.resolve():

@@ -108,12 +108,12 @@ def s3_client(location: Location, probe: bool = False):
                                           config=config)
 
 
-def check_access(location: Location) -> None:
-    """Fail with one line, before any training, when the bucket is missing, the credentials are refused,
-    or the endpoint cannot be reached. Never names a key."""
+def check_access(location: Location, field: str = "storage.root") -> None:
+    """Fail with one line naming `field`, before any training, when the bucket is missing, the credentials are
+    refused, or the endpoint cannot be reached. Never names a key."""
     if not location.is_s3:
         return
-    with s3_errors(location, "storage.root"):
+    with s3_errors(location, field):
         # A listing, not HeadBucket: some S3 servers answer HEAD without checking the signature.
         s3_client(location, probe=True).list_objects_v2(Bucket=location.bucket, MaxKeys=1)
 
