@@ -1,3 +1,4 @@
+import collections
 import logging
 
 import pytest
@@ -82,6 +83,25 @@ def test_source_with_the_same_head_keeps_it(tmp_path):
     assert torch.equal(model.fc.linear.weight, source.fc.weight)
 
 
+@pytest.mark.parametrize("wrap", ["lightning", "simclr_encoder", "ddp"])
+def test_a_model_nested_in_a_training_checkpoint_is_found(wrap, tmp_path):
+    """A Lightning checkpoint (the module's `model.` attribute under `state_dict`, beside the epoch), a SimCLR
+    encoder saved beside its projector, and a DDP `module.` prefix: the backbone is the part under one prefix."""
+    path, source = save_source(tmp_path, num_classes=3)
+    state = source.state_dict()
+    if wrap == "lightning":
+        saved = {"epoch": 7, "global_step": 70, "state_dict": {f"model.{k}": v for k, v in state.items()}}
+    elif wrap == "simclr_encoder":
+        saved = {**{f"online.encoder.{k}": v for k, v in state.items() if not k.startswith("fc.")},
+                 "online.projector.0.weight": torch.zeros(64, 512), "online.projector.0.bias": torch.zeros(64)}
+    else:
+        saved = {f"module.{k}": v for k, v in state.items()}
+    torch.save(saved, path)
+    model = build_model(ModelConfig(weights=str(path)), CLASSES, image_size=32)
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert torch.equal(model.fc.linear.weight, source.fc.weight) == (wrap != "simclr_encoder")
+
+
 def test_other_shape_mismatch_names_the_key(tmp_path):
     path, source = save_source(tmp_path, num_classes=3)
     state = source.state_dict()
@@ -104,6 +124,11 @@ def test_weights_that_are_not_a_state_dict(tmp_path):
         build_model(ModelConfig(weights=str(bad)), CLASSES, image_size=32)
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), CLASSES, image_size=32)
+    objects = tmp_path / "objects.pt"  # a training checkpoint with a pickled object beside the weights, never loaded
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "hyper_parameters": collections.OrderedDict(
+        lr=0.1), "callbacks": logging.Formatter()}, objects)
+    with pytest.raises(ConfigError, match=r"holds a pickled logging.Formatter, and weights never load objects"):
+        build_model(ModelConfig(weights=str(objects)), CLASSES, image_size=32)
 
 
 def test_the_core_reads_torchvision_weights_from_the_local_hub_cache_only(tmp_path, monkeypatch):

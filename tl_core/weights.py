@@ -270,6 +270,9 @@ def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
             return dict(load_file(str(path)))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(exc)):  # e.g. a Lightning checkpoint's hyperparameters
+            raise ConfigError(f"model.weights: {source} holds a pickled {found.group(1)}, and weights never load "
+                              "objects (torch.load weights_only=True); save model.state_dict() alone") from None
         raise ConfigError(f"model.weights: {source} is not a PyTorch state dict ({type(exc).__name__})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -340,16 +343,31 @@ def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module,
     return converted
 
 
+def _nested_model(state: dict[str, torch.Tensor], backbone_keys: set[str], source: str) -> dict[str, torch.Tensor]:
+    """`state` itself, or the part of it under the one prefix that holds exactly the backbone's keys: DDP's
+    `module.`, a Lightning module's attribute (`model.`), a SimCLR or BYOL encoder beside its projector
+    (`backbone.`, `encoder.`, `online_network.encoder.`), however deep."""
+    if backbone_keys <= state.keys():
+        return state
+    prefixes = sorted({".".join(k.split(".")[:depth]) + "." for k in state for depth in range(1, k.count(".") + 1)}, key=len)
+    for prefix in prefixes:
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if backbone_keys <= inner.keys():
+            logger.info("weights: the model in %s is the part under %r", source, prefix)
+            return inner
+    return state
+
+
 def load_source_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, head_name: str, keep_head: bool = True) -> None:
     """Load a source model into `model`: the backbone must match exactly. The head is re-initialised (and
     the skipped keys logged) when its shape differs, when the source has none, or when `keep_head` is
     False (the source was trained on other classes)."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731
+    state = _nested_model(state, {k for k in own if not is_head(k)}, source)
     # torchvision files name the head `fc.weight`; ours is `fc.linear.weight`.
     state = {(f"{head_name}.linear.{k[len(head_name) + 1:]}" if k in (f"{head_name}.weight", f"{head_name}.bias") else k): v
              for k, v in state.items()}
-    own = model.state_dict()
-    is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state and not is_head(k))
     mismatched = [k for k in state if k in own and not is_head(k) and state[k].shape != own[k].shape]
