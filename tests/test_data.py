@@ -110,6 +110,26 @@ def test_decode_rgb_gives_the_pixels_pil_decodes_for_every_format(mode, fmt):
     assert torch.equal(decoded, pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_grey_image_keeps_its_contrast(fmt):
+    """PIL opens 16-bit grey PNG and TIFF as mode I;16, and its convert("RGB") clips every sample above 255: a
+    microscope scan came out nearly all white. Each sample keeps its top 8 bits."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tl_core.data import decode_rgb
+
+    samples = np.random.default_rng(0).integers(0, 65536, (12, 20), dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(samples).save(buf, fmt)
+    decoded = decode_rgb(buf.getvalue())
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 12, 20)
+    expected = torch.from_numpy((samples >> 8).astype(np.uint8))
+    assert all(torch.equal(decoded[c], expected) for c in range(3))
+
+
 def test_decode_rgb_refuses_a_truncated_jpeg_and_bytes_that_are_no_image():
     import io
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -237,6 +238,8 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         except RuntimeError:
             pass
     with Image.open(io.BytesIO(data)) as img:
+        if img.mode.startswith("I;16"):  # 16-bit grey (PNG, TIFF): PIL's convert would clip it at 255, nearly all white
+            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
         return pil_to_tensor(img.convert("RGB"))
 
 
