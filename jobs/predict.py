@@ -30,7 +30,6 @@ from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
 
-TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 SCHEMA = pa.schema([("path", pa.string()), ("predicted", pa.string()), ("probability", pa.float64()),
                     ("top_k", pa.list_(pa.string())), ("top_k_probability", pa.list_(pa.float64())), ("error", pa.string())])
 
@@ -157,7 +156,7 @@ def text_rows(data: str, description: dict) -> list[dict]:
     from pathlib import Path
 
     from tl_core.config import from_dict
-    from tl_core.text import read_table
+    from tl_core.text import TABLE_SUFFIXES, read_table
 
     cfg = from_dict(description["config"])
     if storage.is_uri(data) or Path(data).suffix.lower() not in TABLE_SUFFIXES:

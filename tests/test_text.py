@@ -91,6 +91,26 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path):
     assert index.classes == ["2", "10"] and len(index.train) == 8 and len(index.val) == 4
 
 
+def test_a_csv_keeps_its_texts_and_labels_as_written(tmp_path):
+    """pyarrow infers number columns: label codes "01" and "1" became one class 1, and a text of digits became no
+    text (skipped). Read as strings, both stay as written; NA markers are missing values, as in pandas."""
+    rows = ["text,label"] + [f"0012{i},01" for i in range(6)] + [f"word {i},1" for i in range(6)] + ["an NA label,NA"]
+    (tmp_path / "codes.csv").write_text("\n".join(rows) + "\n")
+    index = index_text_table(DataConfig(root=str(tmp_path), val_fraction=0.5), seed=0)
+    assert index.classes == ["01", "1"] and len(index.unreadable) == 1
+    assert {text for text, label in index.train + index.val if label == 0} == {f"0012{i}" for i in range(6)}
+
+
+def test_predict_refuses_a_table_format_the_reader_does_not_know(tmp_path):
+    """jobs.predict offered .json, which no reader takes (a KeyError traceback); it now lists the text reader's own."""
+    from jobs import predict
+
+    (tmp_path / "texts.json").write_text('[{"text": "a"}]')
+    description = {"config": {"experiment": "t", "data": {"root": str(tmp_path)}}}
+    with pytest.raises(DataError, match=r"--data: a text model reads a local table file \(\.csv, \.jsonl, \.parquet\)"):
+        predict.text_rows(str(tmp_path / "texts.json"), description)
+
+
 def test_batches_are_padded_to_their_longest_text_not_to_max_length(tmp_path):
     rows = sentiment_rows(16)
     rows[0]["text"] = "Short."

@@ -43,7 +43,12 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
     import pyarrow.json
     import pyarrow.parquet
 
-    readers = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".parquet": pyarrow.parquet.read_table}
+    # A CSV's named columns are text whatever they look like: inferred as numbers, label "007" would be class 7 and
+    # the text "00123" no text at all. Empty cells and NA markers ("NA", "null", ...) are missing values, as pandas
+    # reads them. JSON and Parquet carry their own types.
+    as_text = pyarrow.csv.ConvertOptions(column_types={column: pa.string() for _, column in columns}, strings_can_be_null=True)
+    readers = {".csv": lambda p: pyarrow.csv.read_csv(p, convert_options=as_text), ".jsonl": pyarrow.json.read_json,
+               ".parquet": pyarrow.parquet.read_table}
     try:
         table = readers[path.suffix.lower()](str(path))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -71,9 +76,9 @@ def _label_name(value: Any) -> str | None:
 
 
 def _class_order(names: set[str]) -> list[str]:
-    """Label values sorted, numerically when every one is an integer (so 2 comes before 10)."""
+    """Label values sorted, numerically when every one is an integer (so 2 comes before 10; "01" before "1")."""
     if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
+        return sorted(names, key=lambda n: (int(n), n))  # never by set order: every process must agree
     return sorted(names)
 
 
