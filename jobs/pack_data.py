@@ -228,13 +228,13 @@ def list_source(source: Location) -> list[SourceFile]:
     if source.is_s3:
         found = [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in storage.list_objects(source, "SOURCE")]
     else:
-        from tl_core.data import _image_files
+        from tl_core.data import image_files
 
         root = Path(source.path)
         if not root.is_dir():
             raise DataError(f"SOURCE: directory {source.uri} does not exist")
         found = []
-        for path in _image_files(root):
+        for path in image_files(root):
             info = os.stat(path)
             found.append(SourceFile(Path(path).relative_to(root).as_posix(), info.st_size, str(info.st_mtime_ns)))
     if not found:

@@ -134,18 +134,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def image_paths(data) -> list[str]:
-    """Every image file under DATA (a folder or an S3 prefix), as paths of its filesystem."""
+    """Every image file under DATA (a folder or an S3 prefix), as paths of its filesystem; hidden files and folders
+    left out, as a run's index leaves them out."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    from tl_core.data import image_files, is_image_path
+
     if data.is_s3:
-        paths = [f"{data.path}/{o['Key']}" for o in storage.list_objects(data, "--data")]
+        paths = [f"{data.path}/{o['Key']}" for o in storage.list_objects(data, "--data") if is_image_path(o["Key"])]
     else:
         from pathlib import Path
 
         if not Path(data.path).is_dir():
             raise DataError(f"--data: directory {data.uri} does not exist")
-        paths = [str(p) for p in sorted(Path(data.path).rglob("*")) if p.is_file()]
-    paths = [p for p in paths if p.lower().endswith(IMG_EXTENSIONS)]
+        paths = image_files(Path(data.path))
     if not paths:
         raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")
     return paths

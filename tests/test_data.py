@@ -43,6 +43,19 @@ def test_unreadable_images_are_skipped_and_counted(image_folder, caplog):
     assert "skipped 2 unreadable" in caplog.text
 
 
+def test_hidden_files_and_folders_in_a_class_are_not_its_images(image_folder):
+    """A notebook's .ipynb_checkpoints/ beside the images (a stale edit of one) and macOS's ._ files: the S3 listing
+    never took them; the local walk took them as images of the class (and the ._ files as unreadable)."""
+    from PIL import Image
+
+    (image_folder / "class_0" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (16, 16), "white").save(image_folder / "class_0" / ".ipynb_checkpoints" / "000-checkpoint.png")
+    (image_folder / "class_1" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    index = index_image_folder(cfg(image_folder), seed=0)
+    assert len(index.train) + len(index.val) == 36 and not index.unreadable
+    assert not any("/." in path for path, _ in index.train + index.val)
+
+
 def test_exact_duplicates_are_dropped_even_across_classes(image_folder):
     shutil.copy(image_folder / "class_0" / "000.png", image_folder / "class_0" / "copy.png")
     shutil.copy(image_folder / "class_0" / "001.png", image_folder / "class_2" / "mislabelled_copy.png")

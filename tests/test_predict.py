@@ -37,6 +37,8 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     new = tmp_path / "new"
     shutil.copytree(data / "val", new)
     (new / "class_0" / "broken.png").write_bytes(b"not an image")
+    (new / "class_1" / ".ipynb_checkpoints").mkdir()  # hidden: not predicted, as a run's index leaves it out
+    shutil.copy(next((new / "class_1").glob("*.png")), new / "class_1" / ".ipynb_checkpoints" / "copy-checkpoint.png")
     assert predict.main(["--run", str(run), "--data", str(new), "--out", "s3://tl-test/predictions/p", "--top-k", "2",
                          "--batch-size", "4"]) == 0
 
@@ -45,7 +47,7 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     assert len(files.files) > 1  # batches whose rows all read (no error strings) beside the one that holds broken.png
     table = files.to_table()  # one schema across them, as a user reads it
     rows = table.to_pylist()
-    assert len(rows) == len(list(new.rglob("*.png")))
+    assert len(rows) == len(list(new.rglob("*.png"))) - 1 and not any("/." in r["path"] for r in rows)
     (broken,) = [r for r in rows if r["error"] is not None]
     assert broken["path"].endswith("class_0/broken.png") and broken["predicted"] is None
     readable = [r for r in rows if r["error"] is None]

@@ -113,10 +113,16 @@ def _cached_index(kind: str, paths: list[str], settings: tuple, build: Callable[
     return index
 
 
+def is_image_path(path: str) -> bool:
+    """Whether a "/"-separated path below a dataset's root names an image the index takes: an image file's name,
+    nothing hidden on the way (what `image_files` walks locally)."""
+    return path.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in path.split("/"))
+
+
 def layout_from_paths(paths: list[str], where: str) -> tuple[list[str], list[Sample], list[Sample]]:
     """(classes, train files, val files) of a listing of image files relative to a dataset's root (an S3 prefix,
     where folders exist only through the files in them), laid out as `index_image_folder` reads a local folder."""
-    paths = sorted(p for p in paths if p.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in p.split("/")))
+    paths = sorted(p for p in paths if is_image_path(p))
     has_split = any(p.startswith("train/") for p in paths)
 
     def under(prefix: str) -> dict[str, list[str]]:
@@ -169,7 +175,7 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root: directory {cfg.root} does not exist")
-    files = [(path, 0) for path in _image_files(root) if not os.path.basename(path).startswith(".")]
+    files = [(path, 0) for path in image_files(root)]
 
     def build() -> DatasetIndex:
         kept, unreadable, duplicates = drop_unreadable_and_duplicates(files, _digest_files([path for path, _ in files]))
@@ -191,14 +197,16 @@ def _class_folders(directory: Path) -> list[str]:
 
 def _list_files(directory: Path, classes: Sequence[str]) -> list[Sample]:
     return [(path, label) for label, name in enumerate(classes) if (directory / name).is_dir()
-            for path in _image_files(directory / name)]
+            for path in image_files(directory / name)]
 
 
-def _image_files(directory: Path) -> list[str]:
+def image_files(directory: Path) -> list[str]:
     """Every file named like an image under `directory`, in a stable order. Symlinks are followed, but a directory
-    reached twice (a link loop, or two links to one place) is walked once."""
+    reached twice (a link loop, or two links to one place) is walked once. Hidden files and folders (a notebook's
+    `.ipynb_checkpoints/`, macOS's `._` files) are not images of the class, as on S3 (`layout_from_paths`)."""
     walked, seen = [], set()
     for dirpath, dirnames, files in os.walk(directory, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         try:
             info = os.stat(dirpath)
         except OSError:
@@ -210,7 +218,7 @@ def _image_files(directory: Path) -> list[str]:
         seen.add((info.st_dev, info.st_ino))
         walked.append((dirpath, files))
     return [os.path.join(dirpath, fname) for dirpath, files in sorted(walked)
-            for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS)]
+            for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith(".")]
 
 
 def image_digest(data: bytes) -> str | None:
