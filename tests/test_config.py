@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,11 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="config file is a directory"):
+        load_config(tmp_path)
+    os.mkfifo(tmp_path / "fifo.yaml")  # a read would wait for a writer forever
+    with pytest.raises(ConfigError, match="fifo.yaml: config file is not a regular file"):
+        load_config(tmp_path / "fifo.yaml")
     path = write(tmp_path, yaml.safe_dump(MINIMAL))
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(path, ["optim.lr"])

@@ -49,8 +49,9 @@ def _expand_env(value: Any, source: str, where: tuple) -> Any:
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():  # a FIFO or a device would block or never end: only a regular file is read
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise ConfigError(f"{path}: config file {what}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
     try:
