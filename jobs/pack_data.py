@@ -47,7 +47,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs.cli import ArgumentParser, fraction, guarded, positive_number, run_module
 from tl_core.config import DataConfig
-from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths
+from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths, read_file_bytes
 from tl_core.errors import DataError
 from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
 from tl_core.text import TABLE_SUFFIXES, index_text_table
@@ -316,10 +316,10 @@ def stage_group(source: Location, staging: Location, i: int, group: list[tuple[s
     client = storage.s3_client(source) if source.is_s3 else None
 
     def read(path: str) -> bytes | None:
+        if client is None:
+            return read_file_bytes(Path(source.path) / path)
         try:
-            if client is not None:
-                return client.get_object(Bucket=source.bucket, Key=f"{source.key}/{path}".lstrip("/"))["Body"].read()
-            return (Path(source.path) / path).read_bytes()
+            return client.get_object(Bucket=source.bucket, Key=f"{source.key}/{path}".lstrip("/"))["Body"].read()
         except Exception:  # noqa: BLE001 - a file that cannot be read is unreadable, like one that does not decode
             return None
 

@@ -1,5 +1,6 @@
 import collections
 import logging
+import os
 
 import pytest
 import torch
@@ -124,6 +125,9 @@ def test_weights_that_are_not_a_state_dict(tmp_path):
         build_model(ModelConfig(weights=str(bad)), CLASSES, image_size=32)
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), CLASSES, image_size=32)
+    os.mkfifo(tmp_path / "fifo.pt")  # torch.load would wait for a writer forever
+    with pytest.raises(ConfigError, match="fifo.pt is neither a file nor a directory"):
+        build_model(ModelConfig(weights=str(tmp_path / "fifo.pt")), CLASSES, image_size=32)
     objects = tmp_path / "objects.pt"  # a training checkpoint with a pickled object beside the weights, never loaded
     torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "hyper_parameters": collections.OrderedDict(
         lr=0.1), "callbacks": logging.Formatter()}, objects)

@@ -1,6 +1,7 @@
 """jobs.pack_data: an image folder cleaned, split and packed once into Parquet shards, locally and on S3."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,10 +28,12 @@ def shard_rows(dest, manifest, split):
 
 
 def dirty_folder(root, layout="flat"):
-    """3 classes x 12 images, plus a file that does not decode and an exact duplicate."""
+    """3 classes x 12 images, plus a file that does not decode, a FIFO named like an image (a read would wait for
+    a writer forever) and an exact duplicate."""
     data = make_image_folder(root, n_classes=3, per_class=12, size=16, layout=layout)
     first = sorted((data / "train" if layout == "split" else data).glob("class_0/*.png"))[0]
     (first.parent / "broken.png").write_bytes(first.read_bytes()[:40])
+    os.mkfifo(first.parent / "fifo.png")
     shutil.copy(first, first.parent / "copy.png")
     return data
 
@@ -44,7 +47,7 @@ def test_pack_cleans_and_splits_once_like_a_run_would_and_does_nothing_twice(ray
     manifest = Manifest.from_json((dest / MANIFEST_FILE).read_text(), "test")
     index = index_image_folder(DataConfig(root=str(data), val_fraction=0.25), seed=3)  # what a run indexes
     assert manifest.classes == index.classes
-    assert manifest.counts == {"train": len(index.train), "val": len(index.val), "unreadable": 1, "duplicates": 1}
+    assert manifest.counts == {"train": len(index.train), "val": len(index.val), "unreadable": 2, "duplicates": 1}
     train, val = shard_rows(dest, manifest, "train"), shard_rows(dest, manifest, "val")
     assert len(manifest.shards["train"]) > 3  # cut by --shard-mb
     def relative(samples):

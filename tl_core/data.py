@@ -251,14 +251,21 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         return pil_to_tensor(img.convert("RGB"))
 
 
+def read_file_bytes(path: str | Path) -> bytes | None:
+    """A local file's bytes, or None when it cannot be read or is no regular file: a FIFO or a device named like an
+    image would block the read forever."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
 def _digest_files(paths: list[str]) -> list[str | None]:
     def digest(path: str) -> str | None:
-        try:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device named like an image would block a read
-                return None
-            return image_digest(Path(path).read_bytes())
-        except OSError:
-            return None
+        data = read_file_bytes(path)
+        return image_digest(data) if data is not None else None
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
         return list(pool.map(digest, paths))

@@ -250,6 +250,8 @@ def _read_offline_weights(short: str, backbone: str) -> dict[str, torch.Tensor]:
 def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     from tl_core import checkpoint, run_dir  # a checkpoint directory and a finished run are kinds of source
 
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device: a read would wait forever
+        raise ConfigError(f"model.weights: {source} is neither a file nor a directory")
     if path.is_dir():
         if (path / run_dir.RESULT_FILE).is_file():  # a finished run: take its best checkpoint
             path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), source))
