@@ -147,7 +147,7 @@ def image_paths(data) -> list[str]:
 
         if not Path(data.path).is_dir():
             raise DataError(f"--data: directory {data.uri} does not exist")
-        paths = image_files(Path(data.path))
+        paths = [p for p in image_files(Path(data.path)) if Path(p).is_file()]  # no FIFO, device or dangling link
     if not paths:
         raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")
     return paths

@@ -39,6 +39,8 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     (new / "class_0" / "broken.png").write_bytes(b"not an image")
     (new / "class_1" / ".ipynb_checkpoints").mkdir()  # hidden: not predicted, as a run's index leaves it out
     shutil.copy(next((new / "class_1").glob("*.png")), new / "class_1" / ".ipynb_checkpoints" / "copy-checkpoint.png")
+    os.mkfifo(new / "class_1" / "fifo.png")  # neither is read: a FIFO would block Ray Data's read forever
+    (new / "class_1" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     assert predict.main(["--run", str(run), "--data", str(new), "--out", "s3://tl-test/predictions/p", "--top-k", "2",
                          "--batch-size", "4"]) == 0
 
@@ -47,7 +49,8 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     assert len(files.files) > 1  # batches whose rows all read (no error strings) beside the one that holds broken.png
     table = files.to_table()  # one schema across them, as a user reads it
     rows = table.to_pylist()
-    assert len(rows) == len(list(new.rglob("*.png"))) - 1 and not any("/." in r["path"] for r in rows)
+    assert len(rows) == len([p for p in new.rglob("*.png") if p.is_file() and "/." not in str(p)])
+    assert not any("/." in r["path"] or r["path"].endswith(("fifo.png", "dangling.png")) for r in rows)
     (broken,) = [r for r in rows if r["error"] is not None]
     assert broken["path"].endswith("class_0/broken.png") and broken["predicted"] is None
     readable = [r for r in rows if r["error"] is None]
