@@ -57,6 +57,29 @@ def test_no_config_value_may_hold_a_credential(credentials, override):
     assert SECRET not in str(err.value) and KEY_ID not in str(err.value) and "tok-123456789" not in str(err.value)
 
 
+@pytest.mark.parametrize("override", [f"data.root=s3://{KEY_ID}:{SECRET}@bucket/data",
+                                      f"tracking.mlflow.uri=https://me:{SECRET}@mlflow.example:5000",
+                                      f"model.weights=https://me:{SECRET}@weights.example/r18.pt"])
+def test_a_password_in_a_url_is_a_credential_even_if_no_variable_holds_it(override, monkeypatch):
+    """Typed into a URL, it would be written to the run's config.yaml and echoed by errors (an s3:// root with one
+    said 'cannot reach AWS S3 (for data.root s3://KEY:SECRET@bucket/...)')."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as err:
+        from_dict(MINIMAL, [override], source="run.yaml")
+    assert f"run.yaml: {override.split('=')[0]}: holds a credential" in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+def test_a_password_in_a_url_on_a_command_line_is_never_echoed(tmp_path, capsys):
+    from jobs import predict
+
+    assert predict.main(["--run", str(tmp_path), "--data", f"s3://{KEY_ID}:{SECRET}@bucket/x", "--out",
+                         f"https://u:{SECRET}@host/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and SECRET not in err
+
+
 @pytest.mark.parametrize("url,message", [
     (f"http://{KEY_ID}:{SECRET}@127.0.0.1:9000", "credential"),
     ("http://user@127.0.0.1:9000", "must not hold credentials"),

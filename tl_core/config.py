@@ -325,8 +325,9 @@ class RunConfig(Section):
 def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:
     data = apply_overrides(raw, overrides)
     if (field := find_credential(data)) is not None:
-        raise ConfigError(f"{source}: {field}: holds a credential from the environment; credentials come only from the "
-                          "AWS chain (environment, profile, instance role), never from a config")
+        raise ConfigError(f"{source}: {field}: holds a credential (a credential variable's value, or user:password@ in a "
+                          "URL); credentials come only from the environment (the AWS chain: variables, profile, instance "
+                          "role; MLFLOW_TRACKING_PASSWORD, HF_TOKEN), never from a config")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

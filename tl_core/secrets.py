@@ -17,6 +17,9 @@ from typing import Any, Iterator
 CREDENTIAL_NAME = re.compile(r"(^|_)(SECRET|PASSWORD|PASSWD|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_[A-Z0-9]+)*$", re.IGNORECASE)
 _POINTER = re.compile(r"_(PATH|FILE|DIR|URL|URI|MODE|ENABLED|TYPE)$", re.IGNORECASE)
 _MIN_LENGTH = 6  # shorter values ("0", "true") are too common to be told apart from ordinary text
+#: A password written into a URL (`https://user:password@host`, `s3://KEY:SECRET@bucket`): a credential wherever it
+#: comes from.
+URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]+@")
 
 
 def is_credential_name(name: str) -> bool:
@@ -30,21 +33,20 @@ def credential_values() -> list[str]:
 
 
 def find_credential(data: Any, where: tuple = ()) -> str | None:
-    """The dotted path of the first string in `data` that contains a credential from the environment, or None."""
+    """The dotted path of the first string in `data` that contains a credential from the environment or a password
+    in a URL, or None."""
     secrets = credential_values()
-    if not secrets:
-        return None
     for path, text in _strings(data, where):
-        if any(secret in text for secret in secrets):
+        if any(secret in text for secret in secrets) or URL_PASSWORD.search(text):
             return ".".join(map(str, path)) or "config"
     return None
 
 
 def redact(text: str) -> str:
-    """`text` with every credential value from the environment replaced by ***."""
+    """`text` with every credential value from the environment, and every password in a URL, replaced by ***."""
     for secret in credential_values():
         text = text.replace(secret, "***")
-    return text
+    return URL_PASSWORD.sub(r"\1***@", text)
 
 
 def _strings(data: Any, where: tuple) -> Iterator[tuple[tuple, str]]:
