@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from helpers import make_image_folder, write_config
 
+from cluster import storage
 from jobs import finetune, pretrain, sweep
 from tl_core.config import from_dict
 from tl_core.config_file import load_config
-from tl_core.errors import ConfigError
+from tl_core.errors import ConfigError, StorageError
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
@@ -78,6 +79,9 @@ def test_a_password_in_a_url_on_a_command_line_is_never_echoed(tmp_path, capsys)
                          f"https://u:{SECRET}@host/out"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and SECRET not in err
+    with pytest.raises(StorageError, match=r"^--data: an s3:// URI names a bucket and a prefix, never credentials") as found:
+        storage.parse(f"s3://{KEY_ID}:{SECRET}@bucket/x", field="--data")
+    assert SECRET not in str(found.value)
 
 
 @pytest.mark.parametrize("url,message", [

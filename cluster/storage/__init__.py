@@ -59,6 +59,9 @@ def parse(root: str, endpoint_url: str | None = None, field: str = "storage.root
     if root.startswith("s3://"):
         parts = urlsplit(root)
         bucket, prefix = parts.netloc, parts.path.strip("/")
+        if "@" in bucket:
+            raise StorageError(f"{field}: an s3:// URI names a bucket and a prefix, never credentials (user:password@); "
+                               "they come from the AWS chain")
         if len(bucket) < 3:
             raise StorageError(f"{field}: {root} names no valid bucket (expected s3://bucket/prefix)")
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
