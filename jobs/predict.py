@@ -3,7 +3,7 @@
     python -m jobs.predict --run RUN_DIR_OR_URI --data DATA --out URI [--top-k 5] [--batch-size 64] [--actors N]
 
 RUN is a finished run (its best checkpoint) or a checkpoint, local or s3://. For an image model DATA is a folder or
-s3:// prefix of images (searched recursively); for a text model, a table file (.csv, .jsonl, .parquet) whose text
+s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .jsonl, .parquet) whose text
 column is the run's `data.text_column`. OUT (local or s3://) receives Parquet files of rows
 
     path (image file, or the text's row number), predicted (class name), probability, top_k (class names),
@@ -134,19 +134,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def image_paths(data) -> list[str]:
-    """Every image file under DATA (a folder or an S3 prefix), as paths of its filesystem; hidden files and folders
-    left out, as a run's index leaves them out."""
+    """Every image file under DATA (a folder or an S3 prefix; or DATA itself, one image file or object), as paths of
+    its filesystem; hidden files and folders left out, as a run's index leaves them out."""
+    from pathlib import Path
+
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from tl_core.data import image_files, is_image_path
 
-    if data.is_s3:
+    one_file = (bool(data.key) and storage.is_object(data, "--data")) if data.is_s3 else Path(data.path).is_file()
+    if one_file:
+        if not is_image_path(data.uri.rsplit("/", 1)[-1]):
+            raise DataError(f"--data: {data.uri} is a file not named like an image ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+        paths = [data.path]
+    elif data.is_s3:
         paths = [f"{data.path}/{o['Key']}" for o in storage.list_objects(data, "--data") if is_image_path(o["Key"])]
     else:
-        from pathlib import Path
-
         if not Path(data.path).is_dir():
-            raise DataError(f"--data: directory {data.uri} does not exist")
+            raise DataError(f"--data: {data.uri} does not exist")
         paths = [p for p in image_files(Path(data.path)) if Path(p).is_file()]  # no FIFO, device or dangling link
     if not paths:
         raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")

@@ -60,11 +60,18 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     assert all(len(r["top_k"]) == 2 and r["top_k"][0] == r["predicted"] and r["top_k_probability"][0] == r["probability"]
                for r in readable)
 
+    one = next(r for r in readable if r["path"].endswith(".png"))  # --data one image file: its one row, the same
+    assert predict.main(["--run", str(run), "--data", one["path"], "--out", str(tmp_path / "one"), "--top-k", "2"]) == 0
+    (row,) = pyarrow.dataset.dataset(str(tmp_path / "one"), format="parquet").to_table().to_pylist()
+    assert row["path"] == one["path"] and row["predicted"] == one["predicted"]
+    assert row["probability"] == pytest.approx(one["probability"], abs=1e-6)
+
 
 @pytest.mark.parametrize("case,message", [
     ("no_checkpoint", "--run: "),
     ("no_images", "holds no images"),
     ("out_exists", "already exists"),
+    ("not_an_image", "notes.txt is a file not named like an image"),
 ])
 def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, finished_run, tmp_path, capsys):
     run, data = finished_run
@@ -75,6 +82,9 @@ def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, f
         images = tmp_path / "empty"
         images.mkdir()
         (images / "notes.txt").write_text("no images here")
+    elif case == "not_an_image":
+        images = tmp_path / "notes.txt"
+        images.write_text("no image")
     else:
         out.mkdir(parents=True)
     written = ["predictions"] if case == "out_exists" else []
