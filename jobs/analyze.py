@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from cluster import storage
 from jobs.cli import ArgumentParser, guarded, run_module
 from jobs.results import read_meta
-from jobs.sweep import SWEEP_FILE, trial_config
+from jobs.sweep import SWEEP_FILE, one_line, trial_config
 from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, describe, from_dict
@@ -150,6 +150,9 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
                             {k: result.config[k] for k in search.space}, epochs, curve,
                             max(curve) if search.mode == "max" else min(curve), status, batch))
     if not trials:
+        errors = [result.error for result in results if result.error is not None]
+        if errors and len(errors) == len(results):
+            raise ConfigError(f"experiment: every trial failed before reporting {search.metric}; the first: {one_line(errors[0])}")
         raise ConfigError(f"experiment: no trial has reported {search.metric} yet")
     return sorted(trials, key=lambda t: t.name)
 

@@ -179,8 +179,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
     tracking.finish_mlflow_run(parent, status="FINISHED" if best else "FAILED",
                                best=dict(best.metrics_dataframe[[search.metric]].agg(search.mode)) if best else None)
     if results.errors and len(results.errors) == len(results):
-        raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {type(results.errors[0]).__name__}: "
-                        f"{str(results.errors[0]).strip().splitlines()[-1]}")
+        raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {one_line(results.errors[0])}")
     return results
 
 
@@ -229,6 +228,13 @@ def trial_resources(cfg: RunConfig) -> dict:
     if cfg.scaling.max_workers > 1:
         return {"memory": 2**20}  # a token: Tune refuses an empty request, and a CPU here would starve the workers
     return {"CPU": 1.0, **worker_resources(cfg.scaling)}
+
+
+def one_line(error: BaseException) -> str:
+    """A failed trial's error as one line: its type and the last line of its message (Ray's wrapped traceback ends
+    with the worker's own error)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():
     assert trial.epochs == [1, 2, 3] and trial.curve == [0.2, 0.4, 0.5] and trial.best == 0.5 and trial.status == "ran to max_t"
 
 
+def test_analyze_of_a_sweep_whose_every_trial_failed_names_the_first_error():
+    """Before: 'no trial has reported val/acc yet', as if the sweep were still starting."""
+    from tl_core.errors import ConfigError
+
+    failed = [type("Result", (), {"metrics_dataframe": None, "error": RuntimeError(f"Traceback ...\nTrainingDiverged: epoch {i}"),
+                                  "config": {}, "path": f"/runs/sweep/trial_t{i}"})() for i in (1, 2)]
+    search = SearchConfig.model_validate({"metric": "val/acc", "mode": "max", "scheduler": {"name": "asha", "max_t": 3},
+                                          "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    with pytest.raises(ConfigError, match=r"^experiment: every trial failed before reporting val/acc; the first: "
+                                          r"RuntimeError: TrainingDiverged: epoch 1$"):
+        analyze.summarize(failed, search)
+    with pytest.raises(ConfigError, match="no trial has reported val/acc yet"):  # not failed: still starting
+        analyze.summarize([type("Result", (), {"metrics_dataframe": None, "error": None})()], search)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys):
