@@ -269,8 +269,16 @@ class PretrainConfig(Section):
     temperature: float = Field(0.5, gt=0.0, le=10.0)  # NT-Xent softmax temperature
     projection_dim: int = Field(128, ge=8)  # output of the projection head
     projection_hidden: int = Field(512, ge=8)  # its hidden layer
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range of each view
+    # RandomResizedCrop's scale range of each view: the smallest and the largest share of the image a crop covers
+    crop_scale: tuple[Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]] = (0.2, 1.0)
     color_jitter: float = Field(0.4, ge=0.0, le=1.0)  # brightness/contrast/saturation strength (hue: a quarter of it)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _a_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if scale[0] > scale[1]:  # before: every worker failed in its first step (uniform_ expects from <= to)
+            raise ValueError(f"[{scale[0]:g}, {scale[1]:g}] is not a range: the smallest crop first")
+        return scale
 
 
 class RunConfig(Section):
@@ -289,6 +297,9 @@ class RunConfig(Section):
     def _recipe_uses_every_key(self) -> RunConfig:
         """A key the chosen recipe does not use is refused, never silently ignored; so is a metric it never reports."""
         method = self.pretrain.method
+        if method == "simclr" and self.train.batch_size < 2:
+            raise ValueError("train.batch_size: 1 gives SimCLR no negatives: each image is contrasted with the others in "
+                             "its batch; use at least 2")
         if method == "simclr":  # the backbone's head is replaced by the projection MLP, and there are no labels
             unused = {"train.label_smoothing": self.train.label_smoothing != 0.0, "model.strategy": self.model.strategy != "full",
                       "model.dropout": self.model.dropout != 0.0, "model.head_init": self.model.head_init != "default",
