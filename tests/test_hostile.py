@@ -122,6 +122,7 @@ def test_an_alias_bomb_in_a_command_line_value_is_refused_too():
     ({"optim": {"lr": False}}, "optim.lr: expected a number, not true/false"),
     ({"train": {"clip_grad_norm": True}}, "train.clip_grad_norm: expected a number, not true/false"),
     ({"optim": {"warmup_epochs": 10}}, "optim.warmup_epochs: 10 must be less than train.epochs (10), or the learning rate"),
+    ({"optim": {"scheduler": "step", "step_size": 10}}, "optim.step_size: 10 must be less than train.epochs (10) with scheduler: step"),
     ({"pretrain": {"method": "simclr", "crop_scale": [0.9, 0.1]}}, "pretrain.crop_scale: [0.9, 0.1] is not a range"),  # failed in every worker
     ({"pretrain": {"method": "simclr", "crop_scale": [0.0, 1.0]}}, "pretrain.crop_scale.0: Input should be greater than 0"),
     ({"pretrain": {"method": "simclr"}, "train": {"batch_size": 1}}, "train.batch_size: 1 gives SimCLR no negatives"),  # trained

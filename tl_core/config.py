@@ -313,6 +313,9 @@ class RunConfig(Section):
         if self.optim.warmup_epochs >= self.train.epochs:
             raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs:g} must be less than train.epochs "
                              f"({self.train.epochs}), or the learning rate never reaches optim.lr")
+        if self.optim.scheduler == "step" and self.optim.step_size >= self.train.epochs:
+            raise ValueError(f"optim.step_size: {self.optim.step_size} must be less than train.epochs ({self.train.epochs}) "
+                             "with scheduler: step, or the learning rate never decays (scheduler: constant says so)")
         if self.model.strategy == "lp_ft" and self.model.lp_epochs >= self.train.epochs:
             raise ValueError(f"model.lp_epochs: {self.model.lp_epochs} must be less than train.epochs ({self.train.epochs}), "
                              "or lp_ft never fine-tunes")
