@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -49,6 +50,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     fetch_hub_weights(cfg)  # once, here on the driver, before any worker starts
     local = localize(cfg)
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
+    if manifest is None and not Path(local.data.root).is_dir():  # before its kind is guessed from what it holds
+        raise DataError(f"data.root: directory {cfg.data.root} does not exist")
     if cfg.pretrain.method == "supervised":
         check_modality(local, manifest.modality if manifest else None)
     recipe = RECIPES[cfg.pretrain.method]

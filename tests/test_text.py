@@ -148,6 +148,7 @@ def test_a_linear_probe_on_minilm_learns_sentiment_from_few_labels(tmp_path):
     ("image_backbone", "model.backbone: resnet18 is an image model, but data.root"),
     ("text_backbone_on_images", "model.backbone: hf:all-MiniLM-L6-v2 is a text model, but data.root"),
     ("hf_dir_without_tokenizer", "is not a Hugging Face model directory"),
+    ("no_data", "data.root: directory "),  # before: "... is a text model, but data.root ... holds images"
 ])
 def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
     data = tmp_path / "data"
@@ -162,6 +163,8 @@ def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
         write_csv(data / "val.csv", [{"text": "so-so", "label": "meh"}])
     elif case == "text_backbone_on_images":
         make_image_folder(data, n_classes=2, per_class=6)
+    elif case == "no_data":
+        pass
     else:
         write_csv(data / "train.csv", rows)
     if case == "max_length":
