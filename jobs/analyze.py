@@ -86,7 +86,7 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
         search = SearchConfig.model_validate(raw.pop("search"))
     except ValidationError as exc:
         raise ConfigError(f"{sweep_file.uri}: search.{describe(exc, model=SearchConfig)}") from None
-    base = from_dict(raw, source=sweep_file.uri)
+    base = from_dict(raw, source=sweep_file.uri, stored=True)
     analysis = ExperimentAnalysis(location.path, storage_filesystem=fs if location.is_s3 else None,
                                   default_metric=search.metric, default_mode=search.mode)
     return base, search, ResultGrid(analysis)

@@ -34,7 +34,7 @@ def load_model(checkpoint: Path, field: str = "RUN") -> tuple[nn.Module, dict]:
     from tl_core.text_models import CHECKPOINT_HF_DIR, is_text_backbone
 
     state, meta = load_model_state(checkpoint)
-    cfg = from_dict(meta["config"])
+    cfg = from_dict(meta["config"], stored=True)
     if cfg.pretrain.method != "supervised" or not meta.get("classes"):
         raise ConfigError(f"{field}: {checkpoint} is a {cfg.pretrain.method} pretraining checkpoint, which has no classifier; "
                           "fine-tune it (model.weights: the run) and use that")

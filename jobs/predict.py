@@ -47,7 +47,7 @@ class Predictor:
         self.model.to(self.device)
         self.classes = np.array(self.description["classes"], dtype=object)
         self.top_k = min(top_k, len(self.classes))
-        cfg = from_dict(self.description["config"])
+        cfg = from_dict(self.description["config"], stored=True)
         self.text = self.description["modality"] == "text"
         if self.text:
             from transformers import AutoTokenizer
@@ -165,7 +165,7 @@ def text_rows(data: str, description: dict) -> list[dict]:
     from tl_core.config import from_dict
     from tl_core.text import TABLE_SUFFIXES, read_table
 
-    cfg = from_dict(description["config"])
+    cfg = from_dict(description["config"], stored=True)
     if storage.is_uri(data) or Path(data).suffix.lower() not in TABLE_SUFFIXES:
         raise DataError(f"--data: a text model reads a local table file ({', '.join(TABLE_SUFFIXES)}), not {data}")
     if not Path(data).is_file():

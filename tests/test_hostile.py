@@ -132,6 +132,27 @@ def test_values_that_cannot_train_are_refused(patch, message):
         from_dict({**MINIMAL, **patch})
 
 
+def test_a_finished_runs_config_is_not_judged_again_by_newer_training_checks(tmp_path):
+    """A run trained before a check existed (warmup as long as the run, here) still exports and predicts: its stored
+    config loads with stored=True, while a new run with it is refused."""
+    import torchvision
+
+    from jobs.best_model import load_model
+    from tl_core.models import build_model
+
+    raw = {**MINIMAL, "optim": {"scheduler": "step", "step_size": 10, "warmup_epochs": 10}, "train": {"epochs": 10},
+           "data": {"root": "/data", "image_size": 32}}
+    with pytest.raises(ConfigError, match="optim.warmup_epochs: 10 must be less than train.epochs"):
+        from_dict(raw)
+    cfg = from_dict(raw, stored=True)
+    model = build_model(cfg.model.model_copy(update={"weights": None}), ["a", "b"], 32)
+    assert isinstance(model, torchvision.models.ResNet)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"epoch": 10},
+                                 {"config": cfg.to_dict(), "classes": ["a", "b"], "epoch": 10})
+    loaded, description = load_model(checkpoint)
+    assert description["classes"] == ["a", "b"] and torch.equal(loaded.fc.linear.weight, model.fc.linear.weight)
+
+
 def test_a_batch_of_one_for_batchnorm_is_refused(image_folder, tmp_path, capsys):
     config = write_config(tmp_path, image_folder, train={"batch_size": 1})
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path, "train.batch_size: 1 with 27 training image(s)")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tl_core.errors import ConfigError
 from tl_core.safe_yaml import parse_yaml
@@ -294,12 +294,26 @@ class RunConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
+    def _a_schedule_that_does_what_it_says(self, info: ValidationInfo) -> RunConfig:
+        """Settings that train, but not as written. A stored config (a finished run's, `from_dict(stored=True)`) is
+        not judged again: its model exists, whatever it was trained with."""
+        if (info.context or {}).get("stored"):
+            return self
+        if self.pretrain.method == "simclr" and self.train.batch_size < 2:
+            raise ValueError("train.batch_size: 1 gives SimCLR no negatives: each image is contrasted with the others in "
+                             "its batch; use at least 2")
+        if self.optim.warmup_epochs >= self.train.epochs:
+            raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs:g} must be less than train.epochs "
+                             f"({self.train.epochs}), or the learning rate never reaches optim.lr")
+        if self.optim.scheduler == "step" and self.optim.step_size >= self.train.epochs:
+            raise ValueError(f"optim.step_size: {self.optim.step_size} must be less than train.epochs ({self.train.epochs}) "
+                             "with scheduler: step, or the learning rate never decays (scheduler: constant says so)")
+        return self
+
+    @model_validator(mode="after")
     def _recipe_uses_every_key(self) -> RunConfig:
         """A key the chosen recipe does not use is refused, never silently ignored; so is a metric it never reports."""
         method = self.pretrain.method
-        if method == "simclr" and self.train.batch_size < 2:
-            raise ValueError("train.batch_size: 1 gives SimCLR no negatives: each image is contrasted with the others in "
-                             "its batch; use at least 2")
         if method == "simclr":  # the backbone's head is replaced by the projection MLP, and there are no labels
             unused = {"train.label_smoothing": self.train.label_smoothing != 0.0, "model.strategy": self.model.strategy != "full",
                       "model.dropout": self.model.dropout != 0.0, "model.head_init": self.model.head_init != "default",
@@ -310,12 +324,6 @@ class RunConfig(Section):
         for key, is_set in unused.items():
             if is_set:
                 raise ValueError(f"{key}: not used by pretrain.method: {method}; remove it")
-        if self.optim.warmup_epochs >= self.train.epochs:
-            raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs:g} must be less than train.epochs "
-                             f"({self.train.epochs}), or the learning rate never reaches optim.lr")
-        if self.optim.scheduler == "step" and self.optim.step_size >= self.train.epochs:
-            raise ValueError(f"optim.step_size: {self.optim.step_size} must be less than train.epochs ({self.train.epochs}) "
-                             "with scheduler: step, or the learning rate never decays (scheduler: constant says so)")
         if self.model.strategy == "lp_ft" and self.model.lp_epochs >= self.train.epochs:
             raise ValueError(f"model.lp_epochs: {self.model.lp_epochs} must be less than train.epochs ({self.train.epochs}), "
                              "or lp_ft never fine-tunes")
@@ -336,14 +344,17 @@ class RunConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:
+def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config",
+              stored: bool = False) -> RunConfig:
+    """The validated config of `raw` with `overrides`; `stored`: `raw` is a finished run's config (a checkpoint's, a
+    sweep's), which an older version validated, so checks of how it would train are not made again."""
     data = apply_overrides(raw, overrides)
     if (field := find_credential(data)) is not None:
         raise ConfigError(f"{source}: {field}: holds a credential (a credential variable's value, or user:password@ in a "
                           "URL); credentials come only from the environment (the AWS chain: variables, profile, instance "
                           "role; MLFLOW_TRACKING_PASSWORD, HF_TOKEN), never from a config")
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"stored": stored})
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe(exc)}") from None
 
