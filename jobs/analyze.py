@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from cluster import storage
 from jobs.cli import ArgumentParser, guarded, run_module
 from jobs.results import read_meta
-from jobs.sweep import SWEEP_FILE, one_line, trial_config
+from jobs.runner import one_line
+from jobs.sweep import SWEEP_FILE, trial_config
 from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, describe, from_dict

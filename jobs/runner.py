@@ -326,5 +326,10 @@ def first_error(exc: Exception) -> str:
     failures = getattr(exc, "worker_failures", None) or {}
     cause = next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc)
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+    return one_line(cause)
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its type and the last line of its message (a wrapped traceback ends with the error)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"

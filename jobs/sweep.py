@@ -22,7 +22,7 @@ from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args, run_module
 from jobs.preflight import check_decode_room, check_run, worker_resources
-from jobs.runner import WorkerSession, connect_ray, run_recipe, run_trainer
+from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, load_sweep
 from tl_core.config import RunConfig, from_dict, override, with_overrides
@@ -228,13 +228,6 @@ def trial_resources(cfg: RunConfig) -> dict:
     if cfg.scaling.max_workers > 1:
         return {"memory": 2**20}  # a token: Tune refuses an empty request, and a CPU here would starve the workers
     return {"CPU": 1.0, **worker_resources(cfg.scaling)}
-
-
-def one_line(error: BaseException) -> str:
-    """A failed trial's error as one line: its type and the last line of its message (Ray's wrapped traceback ends
-    with the worker's own error)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 if __name__ == "__main__":
