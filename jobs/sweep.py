@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import time
 
-import yaml
-
 from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
@@ -26,6 +24,7 @@ from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_tr
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, load_sweep
 from tl_core.config import RunConfig, from_dict, override, with_overrides
+from tl_core.safe_yaml import dump_yaml
 
 SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
 
@@ -158,7 +157,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
         tuner = tune.Tuner.restore(experiment.path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         # What jobs.analyze needs besides Ray's own files: the base config and the search section.
-        storage.write_text(experiment.child(SWEEP_FILE), yaml.safe_dump({**cfg.to_dict(), "search": search.model_dump()}, sort_keys=False))
+        storage.write_text(experiment.child(SWEEP_FILE), dump_yaml({**cfg.to_dict(), "search": search.model_dump()}, sort_keys=False))
         scheduler, search_alg = scheduler_and_searcher(search)
         tuner = tune.Tuner(
             trainable,

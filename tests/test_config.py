@@ -147,3 +147,17 @@ def test_an_override_keeps_a_string_a_string(key, value):
     cfg = with_overrides(from_dict(MINIMAL), [override(key, value)])
     section, _, name = key.rpartition(".")
     assert getattr(getattr(cfg, section) if section else cfg, name) == str(value)
+
+
+def test_numbers_with_an_exponent_read_as_numbers_everywhere(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 1e-4 as the text "1e-4": a search range of such "numbers" was refused
+    run = {**MINIMAL, "optim": {"lr": "LR"}}
+    path = write(tmp_path, yaml.safe_dump(run).replace("LR", "3e-4") + "search:\n  scheduler: {name: asha, max_t: 2}\n"
+                 "  space:\n    optim.lr: {loguniform: [1e-5, 1E-1]}\n    optim.weight_decay: {choice: [0, 5e-2, +1e-3]}\n")
+    base, search = load_sweep(path, ["train.label_smoothing=1e-1"])
+    assert (base.optim.lr, base.train.label_smoothing) == (3e-4, 0.1)
+    assert search.space == {"optim.lr": {"loguniform": [1e-5, 0.1]}, "optim.weight_decay": {"choice": [0, 0.05, 1e-3]}}
+    for text in ("1e5", "1E-4", "2_0e3"):  # text that reads as a number is quoted when written, so it stays text
+        cfg = with_overrides(from_dict(MINIMAL), [override("experiment", text)])
+        assert from_dict(yaml.safe_load(cfg.to_yaml())).experiment == text
+        assert load_config(write(tmp_path, cfg.to_yaml())).experiment == text

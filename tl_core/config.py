@@ -11,11 +11,10 @@ import re
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tl_core.errors import ConfigError
-from tl_core.safe_yaml import parse_yaml
+from tl_core.safe_yaml import dump_yaml, parse_yaml
 from tl_core.secrets import find_credential
 
 #: Every metric the loop reports; anything that monitors a metric must name one of these.
@@ -341,7 +340,7 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self.to_dict(), sort_keys=False)
 
 
 def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config",
@@ -424,4 +423,4 @@ def override(key: str, value: Any) -> str:
     such as 76333_00000 stays a string, where a bare `experiment=76333_00000` would read as an integer)."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    return f"{key}={dump_yaml(value, default_flow_style=True).strip().removesuffix('...').strip()}"

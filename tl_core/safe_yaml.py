@@ -1,8 +1,11 @@
 """YAML read safely: the safe loader, and no alias that refers to itself or expands past MAX_YAML_VALUES
-("billion laughs"). Errors are one line naming the source and where."""
+("billion laughs"). Errors are one line naming the source and where. Numbers are read as YAML 1.2 (and every
+Python YAML user) expects: `1e-4` is a float, where YAML 1.1 wants `1.0e-4` and reads `1e-4` as text; what this
+module writes quotes such text, so it reads back as written."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -11,17 +14,37 @@ from tl_core.errors import ConfigError
 
 MAX_YAML_VALUES = 100_000  # far more than any config; an alias bomb ("billion laughs") expands beyond it
 
+# A number with an exponent, as YAML 1.2 writes one: 1e-4, 3E5, +2.5e3, .5e-2 (YAML 1.1 needs a dot and a signed exponent).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\.[0-9_]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (_Loader, _Dumper):  # the dumper resolves alike, so it quotes the text "1e5" that the loader would read as 1e5
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
 
 def parse_yaml(text: str, source: str) -> Any:
     """YAML `text` with the safe loader, refusing aliases that refer to themselves or expand past MAX_YAML_VALUES."""
     try:
-        _count_values(yaml.compose(text, Loader=yaml.SafeLoader), source, {}, set())
-        return yaml.safe_load(text)
+        _count_values(yaml.compose(text, Loader=_Loader), source, {}, set())
+        return yaml.load(text, Loader=_Loader)  # the safe loader, one more number form
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+def dump_yaml(value: Any, **kwargs: Any) -> str:
+    """`value` as YAML that parse_yaml reads back equal (yaml.safe_dump's keyword arguments)."""
+    return yaml.dump(value, Dumper=_Dumper, **kwargs)
 
 
 def _count_values(node: yaml.Node | None, source: str, counted: dict[int, int], open_nodes: set[int]) -> int:
