@@ -89,6 +89,14 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path):
     write_csv(split / "val.parquet", numbered[8:])
     index = index_text_table(DataConfig(root=str(split)), seed=0)
     assert index.classes == ["2", "10"] and len(index.train) == 8 and len(index.val) == 4
+    # a table in two formats, or val.* alone: which file trains cannot be guessed (the last one listed silently did)
+    write_csv(split / "train.csv", numbered[:4])
+    with pytest.raises(DataError, match=r"holds one table in 2 files \(train.csv, train.jsonl\); keep one"):
+        index_text_table(DataConfig(root=str(split)), seed=0)
+    for name in ("train.csv", "train.jsonl"):
+        (split / name).unlink()
+    with pytest.raises(DataError, match="holds val.parquet but no train.csv, train.jsonl or train.parquet"):
+        index_text_table(DataConfig(root=str(split)), seed=0)
 
 
 def test_a_csv_keeps_its_texts_and_labels_as_written(tmp_path):

@@ -88,7 +88,15 @@ def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root: directory {cfg.root} does not exist")
-    tables = {p.stem.lower(): p for p in table_files(root)}
+    by_name: dict[str, list[Path]] = {}
+    for path in table_files(root):
+        by_name.setdefault(path.stem.lower(), []).append(path)
+    for paths in by_name.values():
+        if len(paths) > 1:  # train.csv beside train.parquet: which one is meant cannot be guessed
+            raise DataError(f"data.root: {cfg.root} holds one table in {len(paths)} files ({', '.join(p.name for p in paths)}); keep one")
+    tables = {name: paths[0] for name, paths in by_name.items()}
+    if "val" in tables and "train" not in tables:
+        raise DataError(f"data.root: {cfg.root} holds {tables['val'].name} but no train.csv, train.jsonl or train.parquet")
     if "train" in tables:
         train_file, val_file = tables["train"], tables.get("val")
     elif len(tables) == 1:
