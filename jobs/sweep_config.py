@@ -55,6 +55,28 @@ class SearchConfig(Section):
     scale_lr: Literal["none", "linear"] = "none"  # linear: optim.lr x global batch / base_batch_size
     base_batch_size: int = Field(256, ge=1)
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted_keys(cls, space: Any) -> Any:
+        """Nested keys joined with dots (`optim: {lr: {loguniform: ...}}` is `optim.lr`), the form that
+        `--set search.space.optim.lr.loguniform=[...]` writes; of two entries for one key, the later wins, so such an
+        override replaces the file's entry."""
+        if not isinstance(space, dict):
+            return space
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict) -> None:
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                if isinstance(value, dict) and value and not set(value) & set(_DISTRIBUTIONS):
+                    walk(f"{name}.", value)
+                else:
+                    flat.pop(name, None)
+                    flat[name] = value
+
+        walk("", space)
+        return flat
+
     @field_validator("space")
     @classmethod
     def _valid_space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:

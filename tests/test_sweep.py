@@ -15,6 +15,7 @@ from PIL import Image
 
 from jobs import analyze, finetune, sweep
 from jobs.sweep_config import MAX_CHECKED_COMBINATIONS, SearchConfig, load_sweep
+from tl_core.errors import ConfigError
 
 REPO = Path(__file__).parent.parent
 
@@ -73,8 +74,6 @@ def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():
 
 def test_analyze_of_a_sweep_whose_every_trial_failed_names_the_first_error():
     """Before: 'no trial has reported val/acc yet', as if the sweep were still starting."""
-    from tl_core.errors import ConfigError
-
     failed = [type("Result", (), {"metrics_dataframe": None, "error": RuntimeError(f"Traceback ...\nTrainingDiverged: epoch {i}"),
                                   "config": {}, "path": f"/runs/sweep/trial_t{i}"})() for i in (1, 2)]
     search = SearchConfig.model_validate({"metric": "val/acc", "mode": "max", "scheduler": {"name": "asha", "max_t": 3},
@@ -206,6 +205,17 @@ def test_sweep_config_values_and_rungs(tmp_path):
     assert analyze.rungs(search) == [1, 2, 4]
     space = sweep.param_space(search)
     assert set(space) == {"train.batch_size", "optim.lr"}
+
+
+def test_a_space_entry_can_be_overridden_from_the_command_line(tmp_path):
+    """--set splits its key at dots, so an override of the entry `optim.lr` arrives as optim: {lr: ...}; it replaced
+    nothing and failed as the unknown key "optim" before nested keys were read as dotted ones."""
+    config = write_sweep(tmp_path, tmp_path, space={"optim.lr": {"loguniform": [1e-4, 1e-1]}, "train.batch_size": {"choice": [16, 32]}})
+    _, search = load_sweep(config, ["search.space.optim.lr.choice=[0.01, 0.1]", "search.space.model.dropout.uniform=[0, 0.5]"])
+    assert search.space == {"optim.lr": {"choice": [0.01, 0.1]}, "train.batch_size": {"choice": [16, 32]},
+                            "model.dropout": {"uniform": [0, 0.5]}}
+    with pytest.raises(ConfigError, match=r"search.space: optim.rate: not a config key; allowed in optim: name, lr"):
+        load_sweep(config, ["search.space.optim.rate.choice=[1]"])
 
 
 SWEEP_BAD_INPUTS = {
