@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where the model goes, local or s3://; its description goes to OUT.json")
     args = parser.parse_args(argv)
     out = storage.parse(args.out, field="--out")
+    storage.check_creatable(out, "--out")
     for suffix in OUTPUT_SUFFIXES:  # never over an earlier export, nor into a folder
         if storage.exists(target := storage.parse(out.uri + suffix, field="--out"), "--out"):
             raise ConfigError(f"--out: {target.uri} already exists; an export goes to a new path")

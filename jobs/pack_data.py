@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source = storage.parse(args.source, field="SOURCE")
     dest = storage.parse(args.dest, field="DEST")
+    storage.check_creatable(dest, "DEST")
     shard_bytes = int(args.shard_mb * 2**20)
     tables = list_tables(source)
     if tables:

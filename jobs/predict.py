@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=count, default=64)
     parser.add_argument("--actors", type=count, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
     args = parser.parse_args(argv)
-    checkpoint = local_checkpoint(args.run, "--run")
-    _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
     data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")
+    storage.check_creatable(out, "--out")
     if storage.exists(out, "--out"):
         raise DataError(f"--out: {out.uri} already exists; predictions go to a new location")
+    checkpoint = local_checkpoint(args.run, "--run")
+    _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
     text = description["modality"] == "text"
     inputs = text_rows(args.data, description) if text else image_paths(data)
 

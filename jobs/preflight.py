@@ -38,6 +38,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     cfg = with_absolute_paths(cfg)
     root = root_location(cfg)
     storage.check_access(root)
+    storage.check_creatable(root, "storage.root")
     if storage.exists(root) and not storage.is_dir(root):
         raise ConfigError(f"storage.root: {root.uri} is a file, not a directory")
     progress = has_progress(root.child(cfg.experiment))

@@ -225,6 +225,25 @@ def test_a_storage_root_that_is_a_file_is_refused(image_folder, tmp_path, capsys
     assert "storage.root: " in capsys.readouterr().err and (tmp_path / "runs").read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("job,argv", [
+    ("finetune", None),  # storage.root under the file
+    ("export", ["run", "--format", "onnx", "--out", "{file}/model.onnx"]),
+    ("predict", ["--run", "run", "--data", "images", "--out", "{file}/predictions"]),
+    ("pack_data", ["src", "{file}/packed"]),
+])
+def test_an_output_under_a_file_is_one_line_naming_the_file(job, argv, image_folder, tmp_path, capsys):
+    """A file where a folder of the output would be was a NotADirectoryError/FileExistsError traceback."""
+    import importlib
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    if argv is None:
+        argv = ["--config", str(write_config(tmp_path, image_folder, storage={"root": str(blocker / "runs")}))]
+    argv = [a.format(file=blocker) for a in argv]
+    one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, f"{blocker} is a file, so ")
+    assert blocker.read_text() == "a file"
+
+
 def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2")):
     run = tmp_path / "runs" / "tiny"
     save_checkpoint(run / "checkpoint_epoch_0001", {"w": torch.ones(1)}, {"epoch": 1},

@@ -121,6 +121,18 @@ def check_access(location: Location, field: str = "storage.root") -> None:
         s3_client(location, probe=True).list_objects_v2(Bucket=location.bucket, MaxKeys=1)
 
 
+def check_creatable(location: Location, field: str) -> None:
+    """One line naming `field` when a local `location` cannot be created because a file (or a link to one) stands
+    where one of its folders would be; S3 keys have no folders to block."""
+    if location.is_s3:
+        return
+    for parent in Path(location.path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StorageError(f"{field}: {parent} is a file, so {location.uri} cannot be created under it")
+            return
+
+
 @contextlib.contextmanager
 def s3_errors(location: Location, field: str) -> Iterator[None]:
     """Turn boto3's exceptions into one-line StorageErrors naming `field` and the bucket, never a key."""
