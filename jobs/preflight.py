@@ -16,6 +16,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
+from jobs.tracking import check_mlflow_uri
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError, DataError
@@ -35,6 +36,7 @@ def load_and_check(args: argparse.Namespace) -> RunConfig:
 def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], bool] = run_has_progress) -> RunConfig:
     """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
     source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume."""
+    check_mlflow_uri(cfg)
     cfg = with_absolute_paths(cfg)
     root = root_location(cfg)
     storage.check_access(root)

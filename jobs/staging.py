@@ -21,6 +21,7 @@ from typing import Iterator
 from cluster import storage
 from cluster.storage import Location, cache
 from jobs.streaming import is_packed
+from jobs.tracking import absolute_uri
 from tl_core import run_dir
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, override, with_overrides
@@ -82,8 +83,8 @@ def run_has_progress(experiment: Location) -> bool:
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Local paths made absolute (workers do not share the driver's working directory), and the S3 endpoint
-    pinned from AWS_ENDPOINT_URL so workers get it too."""
+    """Local paths made absolute (workers do not share the driver's working directory), an MLflow file: or sqlite:
+    URI's path too, and the S3 endpoint pinned from AWS_ENDPOINT_URL so workers get it too."""
     absolute = lambda path: path if storage.is_uri(path) else str(Path(path).expanduser().resolve())  # noqa: E731
     overrides = [override("data.root", absolute(cfg.data.root)), override("storage.root", absolute(cfg.storage.root))]
     weights = cfg.model.weights
@@ -92,6 +93,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     encoder = cfg.model.backbone[len(HF_PREFIX):] if is_text_backbone(cfg.model.backbone) else ""
     if encoder and not storage.is_uri(encoder) and Path(encoder).expanduser().exists():
         overrides.append(override("model.backbone", f"{HF_PREFIX}{absolute(encoder)}"))
+    if cfg.tracking.mlflow is not None and (uri := absolute_uri(cfg.tracking.mlflow.uri)) != cfg.tracking.mlflow.uri:
+        overrides.append(override("tracking.mlflow.uri", uri))
     uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights, encoder))
     if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
         overrides.append(override("storage.endpoint_url", os.environ['AWS_ENDPOINT_URL']))

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 from tl_core.config import MlflowConfig, RunConfig
 from tl_core.distributed import get_rank
+from tl_core.errors import ConfigError
 from tl_core.secrets import redact
 
 log = logging.getLogger("jobs")
@@ -123,6 +124,29 @@ def _flat(data: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = redact(str(value))[:6000]
     return out
+
+
+def check_mlflow_uri(cfg: RunConfig) -> None:
+    """On the driver, before anything runs: MLflow 3 refuses a file: store unless MLFLOW_ALLOW_FILE_STORE is set,
+    which every epoch would then only warn about."""
+    settings = cfg.tracking.mlflow
+    if settings is not None and settings.uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise ConfigError("tracking.mlflow.uri: MLflow refuses a file: store unless MLFLOW_ALLOW_FILE_STORE=true is set "
+                          "(where the workers run too); use sqlite:///PATH/mlflow.db or a tracking server")
+
+
+def absolute_uri(uri: str) -> str:
+    """A file: or sqlite: tracking URI with its path made absolute. Ray runs each worker in a directory of its own,
+    so with a relative one (`sqlite:///mlflow.db`, as MLflow's docs write it) the workers opened a database of their
+    own, which lacked the driver's run: every epoch's metrics were lost, one warning each."""
+    scheme, _, rest = uri.partition(":")
+    if scheme == "sqlite" and rest.startswith("///"):  # sqlite:///relative.db, sqlite:////absolute.db
+        path, sep, query = rest[3:].partition("?")
+        if path and path != ":memory:" and not path.startswith("/"):
+            return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
+    elif scheme == "file" and not rest.startswith("//") and not rest.startswith("/"):  # file:./mlruns
+        return Path(rest).expanduser().resolve().as_uri()
+    return uri
 
 
 def mlflow_run(cfg: RunConfig, place: str, *, name: str, parent: str | None = None, params: dict | None = None) -> tuple[str, str] | None:

@@ -111,3 +111,41 @@ def test_mlflow_credentials_never_go_in_a_config():
         from_dict({"experiment": "x", "data": {"root": "d"}, "tracking": {"mlflow": {"uri": "http://me:secret@127.0.0.1:5000",
                                                                                        "experiment": "e"}}})
     assert "secret" not in str(err.value)
+
+
+def test_a_relative_sqlite_uri_reaches_the_drivers_database_from_a_worker_elsewhere(tmp_path, monkeypatch):
+    """Ray runs each worker in a directory of its own: with `sqlite:///mlflow.db` as written, the workers opened a
+    database of their own, which lacked the driver's run, and every epoch's metrics were lost (seen through Ray; in one
+    process MLflow's cached store hides it, so the URI the workers are handed is what is checked)."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.staging import with_absolute_paths
+    from jobs.tracking import mlflow_run
+
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "driver")
+    cfg = with_absolute_paths(mlflow_config(tmp_path, "sqlite:///mlflow.db"))  # as the driver hands it to the workers
+    assert cfg.tracking.mlflow.uri == f"sqlite:///{tmp_path / 'driver' / 'mlflow.db'}"
+    place = str(tmp_path / "runs" / "tracked")
+    run = mlflow_run(cfg, place, name="tracked")
+    monkeypatch.chdir(tmp_path / "worker")  # rank 0, in its own directory, logs every epoch
+    history = fit(cfg, tracked(lambda m, c: None, pyarrow.fs.LocalFileSystem(), place, (cfg.tracking.mlflow.uri, run[1])), checkpoints=False)
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'driver' / 'mlflow.db'}").get_metric_history(run[1], "val/acc")
+    assert [m.step for m in logged] == [e["epoch"] for e in history]
+
+
+def test_a_file_store_mlflow_refuses_is_refused_before_the_run(tmp_path, monkeypatch):
+    from jobs.tracking import absolute_uri, check_mlflow_uri
+    from tl_core.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = mlflow_config(tmp_path, "file:./mlruns")
+    with pytest.raises(ConfigError, match="tracking.mlflow.uri: MLflow refuses a file: store unless MLFLOW_ALLOW_FILE_STORE=true"):
+        check_mlflow_uri(cfg)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_mlflow_uri(cfg)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("file:./mlruns") == (tmp_path / "mlruns").as_uri()
+    assert absolute_uri("sqlite:////abs/m.db?mode=rw") == "sqlite:////abs/m.db?mode=rw"
+    assert absolute_uri("sqlite:///sub/m.db?mode=rw") == f"sqlite:///{tmp_path / 'sub' / 'm.db'}?mode=rw"
