@@ -128,9 +128,14 @@ def _flat(data: dict, prefix: str = "") -> dict[str, str]:
 
 def check_mlflow_uri(cfg: RunConfig) -> None:
     """On the driver, before anything runs: MLflow 3 refuses a file: store unless MLFLOW_ALLOW_FILE_STORE is set,
-    which every epoch would then only warn about."""
+    which every epoch would then only warn about (MLflow's own reading of the variable; older versions lack it)."""
     settings = cfg.tracking.mlflow
-    if settings is not None and settings.uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+    if settings is None or not settings.uri.startswith("file:"):
+        return
+    from mlflow import environment_variables
+
+    allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
+    if allowed is not None and not allowed.get():
         raise ConfigError("tracking.mlflow.uri: MLflow refuses a file: store unless MLFLOW_ALLOW_FILE_STORE=true is set "
                           "(where the workers run too); use sqlite:///PATH/mlflow.db or a tracking server")
 
