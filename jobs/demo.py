@@ -1,6 +1,6 @@
 """The transfer-learning demo (`make demo`): 3 labels per class of digits 5-9 (15 images), learnt three ways and
 compared on the same validation images: from scratch, fine-tuned from a source model pretrained here on digits
-0-4, and as a linear probe of a real ImageNet EfficientNet-Lite0 (shipped offline in a PyPI package).
+0-4, and fine-tuned from a real ImageNet EfficientNet-Lite0 (shipped offline in a PyPI package).
 
     python -m jobs.demo [--set k=v ...]     (overrides apply to every stage, e.g. --set scaling.num_workers=1)
     python -m jobs.demo --text              (text: all-MiniLM-L6-v2 against scratch on 5 docstrings per package)
@@ -107,7 +107,7 @@ STAGE_TITLES = {
     "pretrain": "pretrain the source model on digits 0-4",
     "scratch": "train from scratch on the 15 target images",
     "finetune": "fine-tune the source model on the 15 target images",
-    "imagenet": "linear probe of ImageNet EfficientNet-Lite0 on the 15 target images",
+    "imagenet": "fine-tune ImageNet EfficientNet-Lite0 on the 15 target images",
 }
 
 
@@ -136,7 +136,7 @@ def print_table(results: dict, configs: dict, target: Path) -> None:
     print(f"Target task: digits 5-9, {n_train} labelled training images (3 per class), {n_val} validation images\n")
     rows = [("trained from scratch", "scratch", "no"),
             ("fine-tuned from the source model", "finetune", "digits 0-4, here"),
-            ("ImageNet model, linear probe", "imagenet", "ImageNet-1k")]
+            ("fine-tuned from an ImageNet model", "imagenet", "ImageNet-1k")]
     print(f"{'how the 15 images were used':<34}{'model':<28}{'pretrained on':<18}{'val/acc':>8}{'val/f1':>8}{'gain':>8}")
     base = results["scratch"]["final_metrics"]["val/acc"]
     for label, key, source in rows:
