@@ -33,13 +33,23 @@ for _cls in (_Loader, _Dumper):  # the dumper resolves alike, so it quotes the t
 def parse_yaml(text: str, source: str) -> Any:
     """YAML `text` with the safe loader, refusing aliases that refer to themselves or expand past MAX_YAML_VALUES."""
     try:
-        _count_values(yaml.compose(text, Loader=_Loader), source, {}, set())
-        return yaml.load(text, Loader=_Loader)  # the safe loader, one more number form
+        return _load(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+def _load(text: str, source: str) -> Any:
+    """What yaml.load does, with the alias count between parsing and building, so the text is parsed once."""
+    loader = _Loader(text)  # the safe loader, one more number form
+    try:
+        node = loader.get_single_node()
+        _count_values(node, source, {}, set())
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def dump_yaml(value: Any, **kwargs: Any) -> str:
