@@ -93,8 +93,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     encoder = cfg.model.backbone[len(HF_PREFIX):] if is_text_backbone(cfg.model.backbone) else ""
     if encoder and not storage.is_uri(encoder) and Path(encoder).expanduser().exists():
         overrides.append(override("model.backbone", f"{HF_PREFIX}{absolute(encoder)}"))
-    if cfg.tracking.mlflow is not None and (uri := absolute_uri(cfg.tracking.mlflow.uri)) != cfg.tracking.mlflow.uri:
-        overrides.append(override("tracking.mlflow.uri", uri))
+    if cfg.tracking.mlflow is not None:
+        overrides.append(override("tracking.mlflow.uri", absolute_uri(cfg.tracking.mlflow.uri)))
     uses_s3 = any(str(v).startswith("s3://") for v in (cfg.data.root, cfg.storage.root, weights, encoder))
     if uses_s3 and not cfg.storage.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
         overrides.append(override("storage.endpoint_url", os.environ['AWS_ENDPOINT_URL']))
