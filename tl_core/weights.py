@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 from tl_core.errors import ConfigError
-from tl_core.models import TIMM_PREFIX
+from tl_core.models import TIMM_PREFIX, ClassifierHead
 
 logger = logging.getLogger("tl_core")
 
@@ -266,7 +266,7 @@ def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor
 
 def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             return dict(load_file(str(path)))
@@ -291,15 +291,18 @@ _EFFNET_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv":
                     "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
 _EFFNET_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
                      "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_EFFNET_STEM = "_conv_stem.weight"  # what marks a model in that layout
 _EFFNET_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 
 def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """`state` renamed into `model`'s layout when it is another library's, then passed through the model library's
-    own conversion. Known: torchvision and timm (their own names), EfficientNet-PyTorch (`_conv_stem`,
-    `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a timm EfficientNet, and whatever the timm
-    family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A key that fits nowhere stays as it is and
-    load_source_weights names it."""
+    """`state` (the model in it, when it is nested: `_nested_model`) renamed into `model`'s layout when it is another
+    library's, then passed through the model library's own conversion. Known: torchvision and timm (their own
+    names), EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a
+    timm EfficientNet, and whatever the timm family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A
+    key that fits nowhere stays as it is and load_source_weights names it."""
+    heads = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, ClassifierHead))
+    state = _nested_model(state, {k for k in model.state_dict() if not k.startswith(heads)}, source, _EFFNET_STEM)
     if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
         state = _from_efficientnet_pytorch(state, model, source)
     return _library_conversion(state, model)
@@ -345,16 +348,19 @@ def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module,
     return converted
 
 
-def _nested_model(state: dict[str, torch.Tensor], backbone_keys: set[str], source: str) -> dict[str, torch.Tensor]:
-    """`state` itself, or the part of it under the one prefix that holds exactly the backbone's keys: DDP's
-    `module.`, a Lightning module's attribute (`model.`), a SimCLR or BYOL encoder beside its projector
-    (`backbone.`, `encoder.`, `online_network.encoder.`), however deep."""
-    if backbone_keys <= state.keys():
+def _nested_model(state: dict[str, torch.Tensor], backbone_keys: set[str], source: str, layout_key: str | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """`state` itself, or the part of it under the one prefix that holds the backbone's keys by name (or
+    `layout_key`, which marks a model in another library's layout): DDP's `module.`, a Lightning module's attribute
+    (`model.`), a SimCLR or BYOL encoder beside its projector (`backbone.`, `encoder.`, `online_network.encoder.`),
+    however deep. Names only: a ViT's position embeddings may still need resampling to the model's input size."""
+    fits = lambda keys: backbone_keys <= keys or layout_key in keys  # noqa: E731
+    if fits(state.keys()):
         return state
     prefixes = sorted({".".join(k.split(".")[:depth]) + "." for k in state for depth in range(1, k.count(".") + 1)}, key=len)
     for prefix in prefixes:
         inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if backbone_keys <= inner.keys():
+        if fits(inner.keys()):
             logger.info("weights: the model in %s is the part under %r", source, prefix)
             return inner
     return state
