@@ -1,12 +1,13 @@
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_image_folder  # noqa: E402
+from helpers import end_stragglers, make_image_folder, ray_head_processes  # noqa: E402
 
 from cluster.local.s3_server import start_s3_server  # noqa: E402
 
@@ -87,7 +88,11 @@ def ray_cluster(s3, tmp_path_factory):
     os.environ.update(HF_HOME=str(caches / "hf"), TORCH_HOME=str(caches / "torch"))
     start_local_ray(num_cpus=2)
     yield ray
+    processes = ray_head_processes()
     ray.shutdown()
+    if ended := end_stragglers(processes, timeout=15):
+        warnings.warn(f"ended {len(ended)} Ray process(es) still running 15 s after ray.shutdown (PIDs {ended}): "
+                      "a worker hung in its exit, a known Ray fault", stacklevel=1)
 
 
 def pytest_collection_modifyitems(config, items):

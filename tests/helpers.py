@@ -89,3 +89,27 @@ def job_client(dashboard_url: str):
 
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     return JobSubmissionClient(dashboard_url, headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+
+
+def ray_head_processes():
+    """This process's Ray head (the GCS and raylet `ray.init` started) and every process under it: its workers."""
+    import psutil
+
+    heads = [p for p in psutil.Process().children() if p.name() in ("gcs_server", "raylet")]
+    return heads + [child for head in heads for child in head.children(recursive=True)]
+
+
+def end_stragglers(processes, timeout: float) -> list[int]:
+    """Wait up to `timeout` s for `processes` (psutil.Process objects, which know their start time, so a reused PID
+    is never hit) to exit, then SIGKILL those still running; returns their PIDs. Ray 2.60 sometimes leaves an async
+    actor's worker (a Train controller, ~1 GB) deadlocked in its C++ exit handlers after its actor has ended; no
+    signal it handles ends it, and the raylet no longer knows it, so it would outlive the test session."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in alive]
