@@ -126,6 +126,7 @@ def test_an_alias_bomb_in_a_command_line_value_is_refused_too():
     ({"pretrain": {"method": "simclr", "crop_scale": [0.9, 0.1]}}, "pretrain.crop_scale: [0.9, 0.1] is not a range"),  # failed in every worker
     ({"pretrain": {"method": "simclr", "crop_scale": [0.0, 1.0]}}, "pretrain.crop_scale.0: Input should be greater than 0"),
     ({"pretrain": {"method": "simclr"}, "train": {"batch_size": 1}}, "train.batch_size: 1 gives SimCLR no negatives"),  # trained
+    ({"model": {"weights": ""}}, "model.weights: empty; leave it out, or null, to start from random weights"),  # trained from random
 ])
 def test_values_that_cannot_train_are_refused(patch, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -125,6 +125,9 @@ def test_weights_that_are_not_a_state_dict(tmp_path):
         build_model(ModelConfig(weights=str(bad)), CLASSES, image_size=32)
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(ModelConfig(weights=str(tmp_path / "missing.pt")), CLASSES, image_size=32)
+    torch.save({0: torch.zeros(1)}, tmp_path / "numbered.pt")  # was an AttributeError traceback
+    with pytest.raises(ConfigError, match="numbered.pt is not a PyTorch state dict of tensors"):
+        build_model(ModelConfig(weights=str(tmp_path / "numbered.pt")), CLASSES, image_size=32)
     os.mkfifo(tmp_path / "fifo.pt")  # torch.load would wait for a writer forever
     with pytest.raises(ConfigError, match="fifo.pt is neither a file nor a directory"):
         build_model(ModelConfig(weights=str(tmp_path / "fifo.pt")), CLASSES, image_size=32)

@@ -161,6 +161,11 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     return Checkpoint(model_state=_load_state(directory / MODEL_FILE, tensors_only=True), train_state=train_state, meta=meta)
 
 
+def is_state_dict_of_tensors(obj: object) -> bool:
+    """A model's weights as torch saves them: names to tensors, nothing else."""
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
 def _load_state(path: Path, tensors_only: bool) -> dict:
     """A dict saved with torch.save, loaded without running pickled code; CheckpointError for anything else
     (a file whose checksum matches can still hold the wrong content)."""
@@ -168,7 +173,7 @@ def _load_state(path: Path, tensors_only: bool) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged or foreign file
         raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be loaded ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or (tensors_only and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+    if not isinstance(state, dict) or (tensors_only and not is_state_dict_of_tensors(state)):
         raise CheckpointError(f"checkpoint {path.parent}: {path.name} is not a state dict{' of tensors' if tensors_only else ''}")
     return state
 

@@ -304,6 +304,8 @@ class RunConfig(Section):
         if self.optim.warmup_epochs >= self.train.epochs:
             raise ValueError(f"optim.warmup_epochs: {self.optim.warmup_epochs:g} must be less than train.epochs "
                              f"({self.train.epochs}), or the learning rate never reaches optim.lr")
+        if self.model.weights is not None and not self.model.weights.strip():  # trained from random weights, unnoticed
+            raise ValueError("model.weights: empty; leave it out, or null, to start from random weights")
         if self.optim.scheduler == "step" and self.optim.step_size >= self.train.epochs:
             raise ValueError(f"optim.step_size: {self.optim.step_size} must be less than train.epochs ({self.train.epochs}) "
                              "with scheduler: step, or the learning rate never decays (scheduler: constant says so)")

@@ -21,6 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
+from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.errors import ConfigError
 from tl_core.models import TIMM_PREFIX, ClassifierHead
 
@@ -279,7 +280,7 @@ def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not is_state_dict_of_tensors(obj):
         raise ConfigError(f"model.weights: {source} is not a PyTorch state dict of tensors")
     return obj
 
