@@ -34,7 +34,9 @@ from tl_core.errors import ConfigError
 FORMATS = ("safetensors", "torchscript", "onnx")
 OUTPUT_SUFFIXES = ("", ".json", ".tokenizer")  # OUT itself, its description, a text model's tokenizer
 ONNX_OPSET = 17
-TOLERANCE = 1e-4
+#: how far an export's logits may be from the checkpoint's: ATOL + RTOL x |logit| (two runtimes' float32 kernels agree
+#: to ~1e-6 of a value, so a model whose logits run into the thousands differs by more than any fixed 1e-4)
+ATOL, RTOL = 1e-4, 1e-4
 
 
 @guarded
@@ -125,10 +127,10 @@ def export(model: nn.Module, description: dict, fmt: str, path: Path) -> list[tu
 
 
 def check(got: torch.Tensor, expected: torch.Tensor, fmt: str) -> None:
-    error = (got - expected).abs().max().item()
-    if not error <= TOLERANCE:
-        raise ConfigError(f"--format {fmt}: the exported model's logits differ from the checkpoint's by {error:.2g} "
-                          f"(more than {TOLERANCE:g}); the export is not kept")
+    if not torch.allclose(got, expected, rtol=RTOL, atol=ATOL):  # a NaN on either side fails too
+        raise ConfigError(f"--format {fmt}: the exported model's logits differ from the checkpoint's by up to "
+                          f"{(got - expected).abs().max().item():.2g}, more than {ATOL:g} + {RTOL:g} x |logit| (its logits "
+                          f"reach {expected.abs().max().item():.2g}); the export is not kept")
 
 
 def publish(files: list[tuple[Path, str]], out) -> None:

@@ -12,6 +12,7 @@ from test_hostile import one_line_exit_2
 from jobs import export
 from tl_core.checkpoint import LocalReporter, load_model_state
 from tl_core.config import ModelConfig, from_dict
+from tl_core.errors import ConfigError
 from tl_core.loop import fit
 from tl_core.models import build_model
 
@@ -135,6 +136,14 @@ def test_export_to_s3(image_run, s3, tmp_path):
     assert export.main([str(run), "--format", "onnx", "--out", "s3://tl-test/exports/model.onnx"]) == 0
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="tl-test", Prefix="exports/")["Contents"]}
     assert keys == {"exports/model.onnx", "exports/model.onnx.json"}
+
+
+def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
+    expected = torch.tensor([[0.5, -2.0], [3.0e4, -1.0e16]])
+    export.check(expected + torch.tensor([[5e-5, -5e-5], [2.0, 5.0e11]]), expected, "onnx")  # float32 noise at each scale
+    for wrong in ([[0.5 + 3e-4, -2.0], [3.0e4, -1.0e16]], [[0.5, -2.0], [3.0e4 + 10.0, -1.0e16]], [[float("nan"), -2.0], [3.0e4, -1.0e16]]):
+        with pytest.raises(ConfigError, match="--format onnx: the exported model's logits differ from the checkpoint's by up to"):
+            export.check(torch.tensor(wrong), expected, "onnx")
 
 
 @pytest.mark.parametrize("case,message", [
