@@ -157,6 +157,8 @@ def test_a_linear_probe_on_minilm_learns_sentiment_from_few_labels(tmp_path):
     ("text_backbone_on_images", "model.backbone: hf:all-MiniLM-L6-v2 is a text model, but data.root"),
     ("hf_dir_without_tokenizer", "is not a Hugging Face model directory"),
     ("no_data", "data.root: directory "),  # before: "... is a text model, but data.root ... holds images"
+    ("two_text_columns", "data.text_column: train.csv has 2 columns named 'text'; which one is meant cannot be told"),  # a KeyError
+    ("no_usable_row", "data.root: train.jsonl has no row with text in column 'text' and a label in column 'label' (16 row(s), each"),
 ])
 def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
     data = tmp_path / "data"
@@ -173,6 +175,12 @@ def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
         make_image_folder(data, n_classes=2, per_class=6)
     elif case == "no_data":
         pass
+    elif case == "two_text_columns":
+        data.mkdir()
+        (data / "train.csv").write_text("text,text,label\n" + "".join(f"a {i},b {i},{'pos' if i % 2 else 'neg'}\n" for i in range(16)))
+    elif case == "no_usable_row":  # labels that are JSON objects: each one's text was a class, and the run trained
+        data.mkdir()
+        (data / "train.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": {"is": r["label"]}}) + "\n" for r in rows))
     else:
         write_csv(data / "train.csv", rows)
     if case == "max_length":

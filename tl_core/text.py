@@ -57,6 +57,8 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
     for key, column in columns:
         if column not in table.column_names:
             raise DataError(f"{key}: {path.name} has no column {column!r}; its columns: {', '.join(table.column_names) or 'none'}")
+        if (n := table.column_names.count(column)) > 1:
+            raise DataError(f"{key}: {path.name} has {n} columns named {column!r}; which one is meant cannot be told, rename the others")
     return table
 
 
@@ -67,7 +69,7 @@ def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
 
 
 def _label_name(value: Any) -> str | None:
-    if value is None or isinstance(value, float) and value != value:  # missing, NaN
+    if not isinstance(value, (str, int, float)) or isinstance(value, float) and value != value:  # missing, NaN, a list or object
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -83,8 +85,8 @@ def _class_order(names: set[str]) -> list[str]:
 
 
 def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
-    """Read, clean (empty or non-string texts and missing labels skipped and counted, exact duplicates dropped) and
-    split the text dataset at `cfg.root`; samples are (text, class index)."""
+    """Read, clean (empty or non-string texts and missing or non-scalar labels skipped and counted, exact duplicates
+    dropped) and split the text dataset at `cfg.root`; samples are (text, class index)."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root: directory {cfg.root} does not exist")
@@ -118,6 +120,9 @@ def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
                 continue
             seen.add(text)
             kept[split].append((text, name))
+    if not kept["train"]:
+        raise DataError(f"data.root: {train_file.name} has no row with text in column {cfg.text_column!r} and a label in column "
+                        f"{cfg.label_column!r} ({len(rows['train'])} row(s){', each empty, unlabelled or not text' if rows['train'] else ''})")
     classes = _class_order({name for _, name in kept["train"]})
     if len(classes) < 2:
         raise DataError(f"data.label_column: {train_file.name} has {len(classes)} class(es) in column {cfg.label_column!r}; need at least 2")
