@@ -200,6 +200,47 @@ def test_local_cluster_mistakes_are_one_line_and_start_nothing(argv, message, tm
     assert not (tmp_path / "local").exists()
 
 
+@pytest.mark.parametrize("state", ["{bad", "[]", '{"ray_pid": 12}'])
+@pytest.mark.parametrize("command", ["up", "down", "status", "env"])
+def test_a_damaged_local_cluster_state_is_one_line(state, command, tmp_path, monkeypatch, capsys):
+    """A cluster.json that is not what `up` writes: a JSONDecodeError or KeyError traceback before."""
+    from cluster.local.head import main
+
+    monkeypatch.setenv("TL_LOCAL_DIR", str(tmp_path / "local"))
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "cluster.json").write_text(state)
+    one_line_exit_2(main, [command], capsys, tmp_path, f"{tmp_path / 'local' / 'cluster.json'}: not the state `up` writes")
+
+
+def test_down_stops_only_the_process_up_started_not_another_with_its_number(tmp_path, monkeypatch, capsys):
+    """The state names a PID and when that process started; a process now holding the number (after a reboot,
+    say) is not signalled. Before, `down` sent SIGTERM to the group of whatever process had the number."""
+    import signal
+    import subprocess
+    import sys
+
+    from cluster.local.head import alive, main, start_stamp
+
+    monkeypatch.setenv("TL_LOCAL_DIR", str(tmp_path / "local"))
+    (tmp_path / "local").mkdir()
+    # A session leader whose parent has exited, as `up`'s `ray start` is once `up` returns (so it is reaped when it ends).
+    launcher = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+                "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+    pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True).stdout)
+    stamp = start_stamp(pid)
+    try:
+        state = {"ray_pid": pid, "gcs_address": "127.0.0.1:1", "dashboard_url": "http://127.0.0.1:1", "s3": None}
+        for started, stops in (("another boot:1", False), (stamp, True)):
+            (tmp_path / "local" / "cluster.json").write_text(json.dumps({**state, "ray_started": started}))
+            assert main(["status"]) == 0
+            assert ("running" if stops else "stopped") in capsys.readouterr().out
+            assert main(["down"]) == 0
+            assert alive(pid, stamp) != stops
+    finally:
+        if alive(pid, stamp):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_failed_ray_start_is_reported_with_its_own_error_line(tmp_path, monkeypatch):
     """Only this start's lines of the appended ray.log count."""
     from cluster.local.head import _last_error

@@ -38,6 +38,7 @@ import yaml
 
 from cluster.local.s3_server import free_ports, start_s3_server
 from jobs.cli import ArgumentParser, count, guarded, positive_number
+from tl_core.errors import ConfigError
 
 BUCKET = "tl-local"
 FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
@@ -48,14 +49,24 @@ def state_dir() -> Path:
 
 
 def read_state() -> dict | None:
+    """What `up` recorded, or None; ConfigError naming the file when it is not what `up` writes."""
     path = state_dir() / "cluster.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not the state `up` writes ({exc}); delete it once no head it started is running") from None
+    if not isinstance(state, dict) or not {"ray_pid", "gcs_address", "dashboard_url"} <= state.keys():
+        raise ConfigError(f"{path}: not the state `up` writes (it records ray_pid, gcs_address and dashboard_url); "
+                          "delete it once no head it started is running")
+    return state
 
 
 def running() -> dict | None:
     """The state of the head `up` started, if it is still running."""
     state = read_state()
-    return state if state and alive(state.get("ray_pid")) else None
+    return state if state and alive(state.get("ray_pid"), state.get("ray_started")) else None
 
 
 def write_state(state: dict) -> None:
@@ -66,7 +77,9 @@ def write_state(state: dict) -> None:
         json.dump(state, f, indent=2)
 
 
-def alive(pid: int | None) -> bool:
+def alive(pid: int | None, started: str | None = None) -> bool:
+    """Whether process `pid` runs and, when `started` (its `start_stamp` when it was started) is known, is that
+    process still: after a reboot, or once it has ended, its number may belong to another."""
     if not pid:
         return False
     try:
@@ -74,8 +87,19 @@ def alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return started is None or start_stamp(pid) in (None, started)
+
+
+def start_stamp(pid: int) -> str | None:
+    """What tells process `pid` from a later one with its number: the boot and its start time in clock ticks since
+    boot (Linux /proc), or None where they cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return f"{boot}:{fields[19]}"  # field 22 of stat, starttime; the fields after the name start at field 3
+    except (OSError, IndexError):
+        return None
 
 
 def job_env(state: dict) -> dict[str, str]:
@@ -104,8 +128,8 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict
              "autoscale": autoscale}
     if with_s3:
         server = start_s3_server(directory / "s3", bucket=BUCKET)
-        state["s3"] = {"pid": server.process.pid, "endpoint_url": server.endpoint_url, "access_key": server.access_key,
-                       "secret_key": server.secret_key, "bucket": BUCKET}
+        state["s3"] = {"pid": server.process.pid, "started": start_stamp(server.process.pid), "endpoint_url": server.endpoint_url,
+                       "access_key": server.access_key, "secret_key": server.secret_key, "bucket": BUCKET}
     # Free ports for everything Ray would otherwise take from a fixed default, so that this head can run
     # beside another Ray instance on the machine (a test session's, say).
     gcs_port, agent_port, client_port = free_ports(3)
@@ -129,7 +153,7 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict
     with open(directory / "ray.log", "ab") as log:
         log_start = log.tell()
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    state["ray_pid"] = head.pid
+    state["ray_pid"], state["ray_started"] = head.pid, start_stamp(head.pid)
     write_state(state)
     _wait_for_dashboard(state, head, timeout, log_start)
     return state
@@ -185,8 +209,9 @@ def down() -> None:
     state = read_state()
     if not state:
         return
-    for pid in (state.get("ray_pid"), (state.get("s3") or {}).get("pid")):
-        if alive(pid):
+    s3 = state.get("s3") or {}
+    for pid, started in ((state.get("ray_pid"), state.get("ray_started")), (s3.get("pid"), s3.get("started"))):
+        if alive(pid, started):  # never a process that only has the number of one `up` started
             _stop_group(pid)
     _forget_ray_address(state["gcs_address"])
     (state_dir() / "cluster.json").unlink(missing_ok=True)
@@ -221,14 +246,15 @@ def _stop_group(pid: int, timeout: float = 30.0) -> None:
 def describe(state: dict | None) -> str:
     if not state:
         return "no local cluster (python -m cluster.local up [--s3])"
-    lines = [f"Ray head   {state['gcs_address']}  ({'running' if alive(state['ray_pid']) else 'stopped'}, pid {state['ray_pid']})",
+    lines = [f"Ray head   {state['gcs_address']}  ({'running' if alive(state['ray_pid'], state.get('ray_started')) else 'stopped'}, "
+             f"pid {state['ray_pid']})",
              f"dashboard  {state['dashboard_url']}   (ray job submit --address {state['dashboard_url']} ...)"]
     if state.get("autoscale"):
         lines.append("autoscale  0-{max_workers} worker nodes of 1 CPU, idle timeout {idle_timeout_minutes} min".format(**state["autoscale"]))
     if state.get("s3"):
         s3 = state["s3"]
         lines.append(f"S3         {s3['endpoint_url']}  bucket {s3['bucket']}  "
-                     f"({'running' if alive(s3['pid']) else 'stopped'}, pid {s3['pid']})")
+                     f"({'running' if alive(s3['pid'], s3.get('started')) else 'stopped'}, pid {s3['pid']})")
     return "\n".join(lines)
 
 
