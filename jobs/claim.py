@@ -20,6 +20,7 @@ from cluster import storage
 from jobs.staging import experiment_location
 from tl_core.config import RunConfig
 from tl_core.errors import ConfigError, StorageError
+from tl_core.processes import process_exists
 
 LOCK_FILE = ".lock"
 log = logging.getLogger("jobs")
@@ -72,10 +73,4 @@ def _is_stale(holder: dict, lock: storage.Location) -> bool:
         return False
     if holder["pid"] == os.getpid():
         return lock.uri not in _held
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not process_exists(holder["pid"])

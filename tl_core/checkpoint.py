@@ -28,6 +28,7 @@ import torchvision
 
 from tl_core.errors import CheckpointError
 from tl_core.files import as_created
+from tl_core.processes import process_exists
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -194,18 +195,8 @@ def staging_dir() -> Iterator[Path]:
 def _remove_stale_staging() -> None:
     for path in Path(tempfile.gettempdir()).glob(f"{_STAGING_PREFIX}*-*"):
         pid = path.name[len(_STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 class LocalReporter:

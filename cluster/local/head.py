@@ -39,6 +39,7 @@ import yaml
 from cluster.local.s3_server import free_ports, start_s3_server
 from jobs.cli import ArgumentParser, count, guarded, positive_number
 from tl_core.errors import ConfigError
+from tl_core.processes import process_exists, start_stamp
 
 BUCKET = "tl-local"
 FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
@@ -80,26 +81,7 @@ def write_state(state: dict) -> None:
 def alive(pid: int | None, started: str | None = None) -> bool:
     """Whether process `pid` runs and, when `started` (its `start_stamp` when it was started) is known, is that
     process still: after a reboot, or once it has ended, its number may belong to another."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return started is None or start_stamp(pid) in (None, started)
-
-
-def start_stamp(pid: int) -> str | None:
-    """What tells process `pid` from a later one with its number: the boot and its start time in clock ticks since
-    boot (Linux /proc), or None where they cannot be read."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return f"{boot}:{fields[19]}"  # field 22 of stat, starttime; the fields after the name start at field 3
-    except (OSError, IndexError):
-        return None
+    return bool(pid) and process_exists(pid) and (started is None or start_stamp(pid) in (None, started))
 
 
 def job_env(state: dict) -> dict[str, str]:
