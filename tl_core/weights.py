@@ -23,7 +23,7 @@ from torch import nn
 
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.errors import ConfigError
-from tl_core.models import TIMM_PREFIX, ClassifierHead
+from tl_core.models import TIMM_PREFIX
 
 logger = logging.getLogger("tl_core")
 
@@ -39,7 +39,7 @@ def load_source(model: nn.Module, head_name: str, source: str, backbone: str, cl
     """Load `source` (a `model.weights` value) into `model`, converting its layout; its head is kept only when it was
     trained on `classes` (or its classes are unknown)."""
     state, source_classes = read_source_state_dict(source, backbone)
-    state = convert_layout(state, model, source=source)
+    state = convert_layout(state, model, source=source, head_name=head_name)
     load_source_weights(model, state, source=source, head_name=head_name, keep_head=source_classes in (None, list(classes)))
 
 
@@ -296,14 +296,15 @@ _EFFNET_STEM = "_conv_stem.weight"  # what marks a model in that layout
 _EFFNET_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 
-def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """`state` (the model in it, when it is nested: `_nested_model`) renamed into `model`'s layout when it is another
-    library's, then passed through the model library's own conversion. Known: torchvision and timm (their own
-    names), EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a
-    timm EfficientNet, and whatever the timm family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A
-    key that fits nowhere stays as it is and load_source_weights names it."""
-    heads = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, ClassifierHead))
-    state = _nested_model(state, {k for k in model.state_dict() if not k.startswith(heads)}, source, _EFFNET_STEM)
+def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str, head_name: str | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """`state` (the model in it, when it is nested: `_nested_model`, by the names of `model`'s weights outside its
+    head `head_name`) renamed into `model`'s layout when it is another library's, then passed through the model
+    library's own conversion. Known: torchvision and timm (their own names), EfficientNet-PyTorch (`_conv_stem`,
+    `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a timm EfficientNet, and whatever the timm
+    family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A key that fits nowhere stays as it is and
+    load_source_weights names it."""
+    state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source, _EFFNET_STEM)
     if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
         state = _from_efficientnet_pytorch(state, model, source)
     return _library_conversion(state, model)
@@ -349,6 +350,11 @@ def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module,
     return converted
 
 
+def _backbone_keys(own: dict[str, torch.Tensor], head_name: str | None) -> set[str]:
+    """The names of a model's weights outside its head (all of them for a model without one)."""
+    return {k for k in own if head_name is None or not k.startswith(head_name + ".")}
+
+
 def _nested_model(state: dict[str, torch.Tensor], backbone_keys: set[str], source: str, layout_key: str | None = None
                   ) -> dict[str, torch.Tensor]:
     """`state` itself, or the part of it under the one prefix that holds the backbone's keys by name (or
@@ -373,7 +379,7 @@ def load_source_weights(model: nn.Module, state: dict[str, torch.Tensor], source
     False (the source was trained on other classes)."""
     own = model.state_dict()
     is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731
-    state = _nested_model(state, {k for k in own if not is_head(k)}, source)
+    state = _nested_model(state, _backbone_keys(own, head_name), source)
     # torchvision files name the head `fc.weight`; ours is `fc.linear.weight`.
     state = {(f"{head_name}.linear.{k[len(head_name) + 1:]}" if k in (f"{head_name}.weight", f"{head_name}.bias") else k): v
              for k, v in state.items()}
