@@ -96,6 +96,8 @@ class SearchConfig(Section):
                     raise ValueError(f"{key}: loguniform needs a positive lower bound (got {values[0]})")
             elif not values:
                 raise ValueError(f"{key}: {kind} needs at least one value")
+            elif kind == "grid" and (repeated := [v for i, v in enumerate(values) if v in values[:i]]):
+                raise ValueError(f"{key}: grid lists {repeated[0]!r} twice; each grid value runs its own trials, so list it once")
         return space
 
     @model_validator(mode="after")

@@ -228,6 +228,8 @@ SWEEP_BAD_INPUTS = {
     "bohb without its scheduler": ({"search_alg": "bohb"}, "search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together"),
     "a grid for optuna": ({"search_alg": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},
                           "search_alg: optuna samples its own points; use choice instead of grid"),
+    "a grid value twice": ({"search_alg": "grid", "space": {"optim.lr": {"grid": [0.1, 0.01, 0.1]}}},
+                           "search.space: optim.lr: grid lists 0.1 twice; each grid value runs its own trials, so list it once"),
     "pbt on a fixed key": ({"scheduler": {"name": "pbt"}}, "pbt changes hyperparameters of running trials, which train.batch_size"),
     "synch without pbt": ({"scheduler": {"synch": True}}, "scheduler.synch: applies to scheduler.name pbt, not asha"),
     "synch pbt beyond the concurrency": ({"scheduler": {"name": "pbt", "synch": True}, "space": {"optim.lr": {"choice": [0.1]}}},
