@@ -1,3 +1,4 @@
+import logging
 import shutil
 from collections import Counter
 
@@ -56,13 +57,24 @@ def test_hidden_files_and_folders_in_a_class_are_not_its_images(image_folder):
     assert not any("/." in path for path, _ in index.train + index.val)
 
 
-def test_exact_duplicates_are_dropped_even_across_classes(image_folder):
+def test_exact_duplicates_are_dropped_even_across_classes_and_a_copy_under_another_class_is_named(image_folder, caplog):
     shutil.copy(image_folder / "class_0" / "000.png", image_folder / "class_0" / "copy.png")
     shutil.copy(image_folder / "class_0" / "001.png", image_folder / "class_2" / "mislabelled_copy.png")
-    index = index_image_folder(cfg(image_folder), seed=0)
+    with caplog.at_level(logging.WARNING, logger="tl_core"):
+        index = index_image_folder(cfg(image_folder), seed=0)
     assert index.duplicates == 2
     assert len(index.train) + len(index.val) == 36
     assert "dropped 2 duplicates" in index.summary()
+    warnings = [r.getMessage() for r in caplog.records if "another class" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("data: 1 image(s) repeat one of another class"), warnings
+    assert "mislabelled_copy.png' (class_2) repeats" in warnings[0] and "001.png' (class_0)" in warnings[0]
+
+
+def test_a_class_whose_images_all_repeat_another_class_says_so(image_folder):
+    for i, path in enumerate(sorted((image_folder / "class_1").iterdir())):
+        shutil.copy(image_folder / "class_0" / f"{i:03d}.png", path)
+    with pytest.raises(DataError, match=r"no readable images: class_1 \(12 of 12 repeat images of other classes\)$"):
+        index_image_folder(cfg(image_folder), seed=0)
 
 
 @pytest.mark.parametrize("setup,message", [

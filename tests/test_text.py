@@ -2,6 +2,7 @@
 and the text mistakes a user can make (one line, exit 2, nothing written)."""
 
 import json
+import logging
 import random
 
 import pyarrow as pa
@@ -72,7 +73,7 @@ def test_the_offline_minilm_is_really_pretrained():
     assert paraphrase - unrelated > 2 * (sims[None][0] - sims[None][1])
 
 
-def test_text_tables_are_read_cleaned_and_split(tmp_path):
+def test_text_tables_are_read_cleaned_and_split(tmp_path, caplog):
     rows = sentiment_rows(20) + [{"text": "", "label": "pos"}, {"text": "no label here", "label": None},
                                  {"text": None, "label": "neg"}, dict(sentiment_rows(1)[0])]  # empty, unlabelled, null, duplicate
     write_csv(tmp_path / "one" / "reviews.csv", rows)
@@ -81,6 +82,15 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path):
     assert len(index.train) + len(index.val) == 20 and len(index.val) == 4  # stratified: a quarter of each class
     assert len(index.unreadable) == 3 and index.duplicates == 1
     assert index.summary() == "2 classes, 16 train / 4 val texts; skipped 3 empty or unlabelled, dropped 1 duplicates"
+    # the same text under another label is kept once, under its first label, and named in a warning
+    first = sentiment_rows(1)[0]
+    write_csv(tmp_path / "conflict" / "reviews.csv", sentiment_rows(20) + [{"text": first["text"], "label": "neg" if first["label"] == "pos" else "pos"}])
+    with caplog.at_level(logging.WARNING, logger="tl_core"):
+        index = index_text_table(DataConfig(root=str(tmp_path / "conflict"), val_fraction=0.25), seed=0)
+    assert index.duplicates == 1 and (first["text"], index.classes.index(first["label"])) in index.train + index.val
+    assert [r.getMessage() for r in caplog.records if "another class" in r.getMessage()] == [
+        f"data: 1 text(s) repeat one of another class and were kept once, under the first class; e.g. {first['text']!r} "
+        f"({'neg' if first['label'] == 'pos' else 'pos'}) repeats {first['text']!r} ({first['label']})"]
     # train + val files, JSON lines and Parquet; integer labels sort as numbers
     numbered = [{"text": r["text"], "label": 10 if r["label"] == "pos" else 2} for r in sentiment_rows(12)]
     split = tmp_path / "split"

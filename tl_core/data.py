@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -151,14 +151,19 @@ def clean_and_split(classes: list[str], train_files: list[Sample], val_files: li
                     val_fraction: float, seed: int) -> DatasetIndex:
     """The index of an image folder, from its listing and each file's `image_digest` (train files first, then val/'s):
     unreadable files skipped, exact duplicates dropped, every class checked, val/ or a stratified split."""
-    kept, unreadable, duplicates = drop_unreadable_and_duplicates(train_files + val_files, digests)
+    kept, unreadable, duplicates, conflicts = drop_unreadable_and_duplicates(train_files + val_files, digests)
     train = [s for s in kept[: len(train_files)] if s is not None]
     val = [s for s in kept[len(train_files):] if s is not None]
 
     counts = Counter(label for _, label in train + val)
     empty = [c for i, c in enumerate(classes) if counts[i] == 0]
     if empty:
-        raise DataError(f"data.root: class folder(s) with no readable images: {', '.join(empty)}")
+        listed = Counter(label for _, label in train_files + val_files)
+        copies = Counter(dropped[1] for _, dropped in conflicts)
+        why = [f"{c} ({copies[i]} of {listed[i]} repeat images of other classes)" if copies[i] else c
+               for i, c in enumerate(classes) if c in empty]
+        raise DataError(f"data.root: class folder(s) with no readable images: {', '.join(why)}")
+    warn_conflicts(conflicts, "image", lambda label: classes[label])
     if not val_files:
         train, val = stratified_split(train, val_fraction, seed)
     if not val:
@@ -178,7 +183,7 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     files = [(path, 0) for path in image_files(root)]
 
     def build() -> DatasetIndex:
-        kept, unreadable, duplicates = drop_unreadable_and_duplicates(files, _digest_files([path for path, _ in files]))
+        kept, unreadable, duplicates, _ = drop_unreadable_and_duplicates(files, _digest_files([path for path, _ in files]))
         samples = [s for s in kept if s is not None]
         if len(samples) < 4:
             raise DataError(f"data.root: found {len(samples)} readable image(s) under {cfg.root}; need at least 4")
@@ -271,23 +276,40 @@ def _digest_files(paths: list[str]) -> list[str | None]:
         return list(pool.map(digest, paths))
 
 
-def drop_unreadable_and_duplicates(samples: list[Sample], digests: list[str | None]) -> tuple[list[Sample | None], list[str], int]:
-    """Same order as `samples`, with None where a file is unreadable (no digest) or repeats an earlier file."""
-    seen: set[str] = set()
+def drop_unreadable_and_duplicates(samples: list[Sample], digests: list[str | None]
+                                   ) -> tuple[list[Sample | None], list[str], int, list[tuple[Sample, Sample]]]:
+    """Same order as `samples`, with None where a file is unreadable (no digest) or repeats an earlier file; then the
+    unreadable files, the count of repeats, and the repeats under another label than the first's (labelling conflicts,
+    for `warn_conflicts`), each as (the sample kept, the one dropped)."""
+    first: dict[str, Sample] = {}
     kept: list[Sample | None] = []
     unreadable: list[str] = []
-    duplicates = 0
+    conflicts: list[tuple[Sample, Sample]] = []
     for sample, digest in zip(samples, digests, strict=True):
         if digest is None:
             unreadable.append(sample[0])
             kept.append(None)
-        elif digest in seen:
-            duplicates += 1
+        elif digest in first:
+            if first[digest][1] != sample[1]:
+                conflicts.append((first[digest], sample))
             kept.append(None)
         else:
-            seen.add(digest)
+            first[digest] = sample
             kept.append(sample)
-    return kept, unreadable, duplicates
+    return kept, unreadable, len(samples) - len(unreadable) - len(first), conflicts
+
+
+def warn_conflicts(conflicts: list[tuple[Sample, Sample]], unit: str, label_name: Callable[[Any], str] = str) -> None:
+    """Log exact copies found under two labels, which were kept once, under the label they had first."""
+    if conflicts:
+        (kept, kept_label), (dropped, dropped_label) = conflicts[0]
+        logger.warning("data: %d %s(s) repeat one of another class and were kept once, under the first class; e.g. %s "
+                       "(%s) repeats %s (%s)", len(conflicts), unit, _short(dropped), label_name(dropped_label),
+                       _short(kept), label_name(kept_label))
+
+
+def _short(text: str, keep: int = 30) -> str:
+    return repr(text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}")
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tl_core.config import DataConfig, RunConfig
-from tl_core.data import DatasetIndex, IndexedData, ShardSampler, stratified_split
+from tl_core.data import DatasetIndex, IndexedData, ShardSampler, drop_unreadable_and_duplicates, stratified_split, warn_conflicts
 from tl_core.errors import DataError
 
 logger = logging.getLogger("tl_core")
@@ -108,18 +108,18 @@ def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
                         f"name them train.* and val.*, or keep one file")
     rows = {"train": _read_table(train_file, cfg), "val": _read_table(val_file, cfg) if val_file else []}
 
-    skipped, seen, duplicates, kept = [], set(), 0, {"train": [], "val": []}
+    skipped, usable = [], {"train": [], "val": []}
     for split, items in rows.items():
         for i, (text, label) in enumerate(items):
             name = _label_name(label)
             if not isinstance(text, str) or not text.strip() or name is None:
                 skipped.append(f"{split} row {i + 1}")
-                continue
-            if text in seen:
-                duplicates += 1
-                continue
-            seen.add(text)
-            kept[split].append((text, name))
+            else:
+                usable[split].append((text, name))
+    samples = usable["train"] + usable["val"]
+    firsts, _, duplicates, conflicts = drop_unreadable_and_duplicates(samples, [text for text, _ in samples])
+    warn_conflicts(conflicts, "text")
+    kept = {"train": [s for s in firsts[: len(usable["train"])] if s], "val": [s for s in firsts[len(usable["train"]):] if s]}
     if not kept["train"]:
         raise DataError(f"data.root: {train_file.name} has no row with text in column {cfg.text_column!r} and a label in column "
                         f"{cfg.label_column!r} ({len(rows['train'])} row(s){', each empty, unlabelled or not text' if rows['train'] else ''})")
