@@ -229,11 +229,9 @@ def list_source(source: Location) -> list[SourceFile]:
     if source.is_s3:
         found = [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in storage.list_objects(source, "SOURCE")]
     else:
-        from tl_core.data import image_files
+        from tl_core.data import existing_folder, image_files
 
-        root = Path(source.path)
-        if not root.is_dir():
-            raise DataError(f"SOURCE: directory {source.uri} does not exist")
+        root = existing_folder(source.path, "SOURCE")
         found = []
         for path in image_files(root):
             info = os.stat(path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +18,7 @@ from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location
 from jobs.tracking import check_mlflow_uri
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
+from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
 from tl_core.modality import check_modality
 from tl_core.packed import Manifest
@@ -53,8 +53,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     fetch_hub_weights(cfg)  # once, here on the driver, before any worker starts
     local = localize(cfg)
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
-    if manifest is None and not Path(local.data.root).is_dir():  # before its kind is guessed from what it holds
-        raise DataError(f"data.root: directory {cfg.data.root} does not exist")
+    if manifest is None:  # before its kind is guessed from what it holds; an s3:// root's copy is always a folder
+        existing_folder(local.data.root, "data.root")
     if cfg.pretrain.method == "supervised":
         check_modality(local, manifest.modality if manifest else None)
     recipe = RECIPES[cfg.pretrain.method]

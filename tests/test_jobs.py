@@ -119,6 +119,7 @@ BAD_INPUTS = {
     "unknown scheduler": (lambda t, d: {"optim": {"scheduler": "linear"}}, "optim.scheduler: unknown name 'linear'; allowed: constant"),
     "unknown strategy": (lambda t, d: {"model": {"strategy": "half"}}, "model.strategy: Input should be"),
     "missing data": (lambda t, d: {"data": {"root": str(t / "nowhere")}}, "data.root: directory"),
+    "data a file": (lambda t, d: {"data": {"root": str(d / "class_0" / "000.png")}}, "000.png is a file, not a folder"),
     "one class": (lambda t, d: {"data": {"root": str(make_image_folder(t / "one", n_classes=1, per_class=4))}}, "found 1 class folder"),
     "empty class": (lambda t, d: [(d / "class_1" / f.name).unlink() for f in list((d / "class_1").iterdir())] and {},
                     "no readable images: class_1"),

@@ -109,6 +109,7 @@ def test_a_class_with_no_readable_image_is_one_line_and_leaves_nothing(ray_clust
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "SOURCE: directory"),
+    ("a_file", "SOURCE: {source} is a file, not a folder; give the folder that holds the data"),
     ("empty", "holds no files"),
     ("one_class", "found 1 class folder(s)"),
     ("dest_inside", "is inside SOURCE"),
@@ -133,6 +134,8 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
             write_csv(source / "train.csv", [{**r, "label": "pos"} for r in rows])
         else:
             write_csv(source / "train.csv", [{"review": r["text"], "label": r["label"]} for r in rows], columns=("review", "label"))
+    elif case == "a_file":
+        source = make_image_folder(source, n_classes=2, per_class=3) / "class_0" / "000.png"
     elif case != "missing":
         make_image_folder(source, n_classes=2, per_class=3)
     if case == "dest_inside":
@@ -143,7 +146,7 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
     if case == "val_fraction":
         extra = ["--val-fraction", "1.5"]
     written = ["packed"] if case in ("dest_not_packed", "bad_manifest") else []
-    one_line_exit_2(pack_data.main, [str(source), str(dest), *extra], capsys, tmp_path, message, written=written)
+    one_line_exit_2(pack_data.main, [str(source), str(dest), *extra], capsys, tmp_path, message.format(source=source), written=written)
     if written:
         assert len(list(dest.iterdir())) == 1
 

@@ -57,9 +57,7 @@ class DatasetIndex:
 
 def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
     """Scan, clean (unreadable skipped, duplicates by content hash dropped) and split `cfg.root`."""
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data.root: directory {cfg.root} does not exist")
+    root = existing_folder(cfg.root, "data.root")
     train_dir = root / "train"
     has_split = train_dir.is_dir()
     classes = _class_folders(train_dir if has_split else root)
@@ -76,6 +74,15 @@ def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
 
     return _cached_index("folder", [path for path, _ in train_files + val_files], (cfg.val_fraction, seed), lambda: clean_and_split(
         classes, train_files, val_files, _digest_files([path for path, _ in train_files + val_files]), cfg.val_fraction, seed))
+
+
+def existing_folder(path: str, field: str) -> Path:
+    """`path` as a Path, or the DataError that names `field` when it is no folder: missing, or a file."""
+    if Path(path).is_dir():
+        return Path(path)
+    if Path(path).exists():
+        raise DataError(f"{field}: {path} is a file, not a folder; give the folder that holds the data")
+    raise DataError(f"{field}: directory {path} does not exist")
 
 
 def node_cache_dir() -> Path:
@@ -177,9 +184,7 @@ def clean_and_split(classes: list[str], train_files: list[Sample], val_files: li
 def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     """Every image under `cfg.root` (class folders, whose labels are ignored, or a flat folder), cleaned like
     `index_image_folder` and split at random by `val_fraction`; labels are all 0 and `classes` is empty."""
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data.root: directory {cfg.root} does not exist")
+    root = existing_folder(cfg.root, "data.root")
     files = [(path, 0) for path in image_files(root)]
 
     def build() -> DatasetIndex:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tl_core.config import DataConfig, RunConfig
-from tl_core.data import DatasetIndex, IndexedData, ShardSampler, drop_unreadable_and_duplicates, stratified_split, warn_conflicts
+from tl_core.data import DatasetIndex, IndexedData, ShardSampler, drop_unreadable_and_duplicates, existing_folder, stratified_split, warn_conflicts
 from tl_core.errors import DataError
 
 logger = logging.getLogger("tl_core")
@@ -87,9 +87,7 @@ def _class_order(names: set[str]) -> list[str]:
 def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
     """Read, clean (empty or non-string texts and missing or non-scalar labels skipped and counted, exact duplicates
     dropped) and split the text dataset at `cfg.root`; samples are (text, class index)."""
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data.root: directory {cfg.root} does not exist")
+    root = existing_folder(cfg.root, "data.root")
     by_name: dict[str, list[Path]] = {}
     for path in table_files(root):
         by_name.setdefault(path.stem.lower(), []).append(path)
