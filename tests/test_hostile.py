@@ -286,6 +286,22 @@ def test_an_output_under_a_file_is_one_line_naming_the_file(job, argv, image_fol
     assert blocker.read_text() == "a file"
 
 
+@pytest.mark.parametrize("job,argv", [
+    ("finetune", None),  # storage.root in the folder
+    ("export", ["run", "--format", "onnx", "--out", "/proc/tl-nowhere/model.onnx"]),
+    ("predict", ["--run", "run", "--data", "images", "--out", "/proc/tl-nowhere/predictions"]),
+    ("pack_data", ["src", "/proc/tl-nowhere/packed"]),
+])
+def test_an_output_in_a_folder_that_takes_no_entry_is_one_line(job, argv, image_folder, tmp_path, capsys):
+    """A folder where nothing can be created (here /proc, as it is even for root; elsewhere a folder without write
+    permission, a read-only mount) was a FileNotFoundError/PermissionError traceback from the first mkdir."""
+    import importlib
+
+    if argv is None:
+        argv = ["--config", str(write_config(tmp_path, image_folder, storage={"root": "/proc/tl-nowhere/runs"}))]
+    one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, "cannot write in /proc (")
+
+
 def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2")):
     run = tmp_path / "runs" / "tiny"
     save_checkpoint(run / "checkpoint_epoch_0001", {"w": torch.ones(1)}, {"epoch": 1},

@@ -122,14 +122,21 @@ def check_access(location: Location, field: str = "storage.root") -> None:
 
 
 def check_creatable(location: Location, field: str) -> None:
-    """One line naming `field` when a local `location` cannot be created because a file (or a link to one) stands
-    where one of its folders would be; S3 keys have no folders to block."""
+    """One line naming `field` when a local `location` cannot be created: a file (or a link to one) stands where one
+    of its folders would be, or the nearest folder that exists takes no new entry (no permission, a read-only or
+    virtual file system: tried with an empty folder, removed at once). S3 keys have no folders to block."""
     if location.is_s3:
         return
-    for parent in Path(location.path).parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise StorageError(f"{field}: {parent} is a file, so {location.uri} cannot be created under it")
+    path = Path(location.path)
+    for folder in ([path] if path.is_dir() else []) + list(path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise StorageError(f"{field}: {folder} is a file, so {location.uri} cannot be created under it")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".tl-write-check-", dir=folder))
+            except OSError as exc:
+                raise StorageError(f"{field}: cannot write in {folder} ({exc.strerror or exc}), so {location.uri} cannot be "
+                                   "created; choose a folder you can write to") from None
             return
 
 
