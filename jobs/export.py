@@ -32,6 +32,8 @@ from jobs.cli import ArgumentParser, guarded, run_module
 from tl_core.errors import ConfigError
 
 FORMATS = ("safetensors", "torchscript", "onnx")
+#: file suffixes that name one format alone (.pt and .pth hold TorchScript or pickled state dicts alike)
+FORMAT_OF_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx"}
 OUTPUT_SUFFIXES = ("", ".json", ".tokenizer")  # OUT itself, its description, a text model's tokenizer
 ONNX_OPSET = 17
 #: how far an export's logits may be from the checkpoint's: ATOL + RTOL x |logit| (two runtimes' float32 kernels agree
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where the model goes, local or s3://; its description goes to OUT.json")
     args = parser.parse_args(argv)
     out = storage.parse(args.out, field="--out")
+    named = FORMAT_OF_SUFFIX.get(Path(out.path).suffix.lower(), args.format)
+    if named != args.format:
+        raise ConfigError(f"--out: {Path(out.path).name} ends in {Path(out.path).suffix}, the suffix of {named} files, but --format "
+                          f"is {args.format}; give --format {named}, or an --out named for {args.format}")
     storage.check_creatable(out, "--out")
     for suffix in OUTPUT_SUFFIXES:  # never over an earlier export, nor into a folder
         if storage.exists(target := storage.parse(out.uri + suffix, field="--out"), "--out"):

@@ -152,6 +152,8 @@ def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
     ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
     ("earlier_export", "model.onnx.json already exists; an export goes to a new path"),
     ("a_folder", "model.onnx already exists; an export goes to a new path"),
+    ("misnamed", "--out: model.onnx ends in .onnx, the suffix of onnx files, but --format is safetensors; give --format onnx, "
+                 "or an --out named for safetensors"),
 ])
 def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, image_run, tmp_path, capsys, monkeypatch):
     run, _ = image_run
@@ -176,7 +178,8 @@ def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, im
     elif case == "a_folder":
         (tmp_path / "runs" / "model.onnx").mkdir(parents=True)
     written = {"earlier_export": ["model.onnx.json"], "a_folder": ["model.onnx"]}.get(case, [])
-    one_line_exit_2(export.main, [str(run), "--format", "onnx", "--out", str(tmp_path / "runs" / "model.onnx")], capsys, tmp_path,
+    fmt = "safetensors" if case == "misnamed" else "onnx"
+    one_line_exit_2(export.main, [str(run), "--format", fmt, "--out", str(tmp_path / "runs" / "model.onnx")], capsys, tmp_path,
                     message, written=written)
     if case == "earlier_export":
         assert (tmp_path / "runs" / "model.onnx.json").read_text() == "kept"
