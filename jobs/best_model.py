@@ -18,13 +18,8 @@ def local_checkpoint(run: str, field: str = "RUN") -> Path:
     from tl_core import run_dir
 
     if storage.is_uri(run):
-        return fetch_weights(run, None)
-    path = Path(run).expanduser()
-    if (path / run_dir.RESULT_FILE).is_file():
-        path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), run))
-    if not path.is_dir():
-        raise ConfigError(f"{field}: {run} is neither a finished run nor a checkpoint directory")
-    return path
+        return fetch_weights(run, None, field)
+    return run_dir.local_checkpoint_dir(Path(run).expanduser(), run, field)
 
 
 def load_model(checkpoint: Path, field: str = "RUN") -> tuple[nn.Module, dict]:

@@ -29,7 +29,7 @@ from tl_core.errors import ConfigError
 from tl_core.text_models import HF_PREFIX, HubModel, hub_repo, is_text_backbone
 from tl_core.weights import HubWeights, hub_weights
 
-CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
+CHECKPOINT_PREFIX = run_dir.CHECKPOINT_PREFIX
 WEIGHTS_DIR = "_weights"  # STORAGE_ROOT/_weights/: hub weights staged for workers (no experiment name starts with _)
 
 
@@ -205,16 +205,20 @@ def staged_hub_model(cfg: RunConfig, model: HubModel) -> Location:
     return location
 
 
-def fetch_weights(uri: str, endpoint_url: str | None) -> Path:
+def fetch_weights(uri: str, endpoint_url: str | None, field: str = "model.weights") -> Path:
     """The local copy of source weights on S3: a state-dict object, a checkpoint prefix, or a finished run
-    (whose result.json names its best checkpoint)."""
-    location = storage.parse(uri, endpoint_url, field="model.weights")
-    if location.key and storage.is_object(location, "model.weights"):
-        return cache.fetch_object(location, "model.weights")
+    (whose result.json names its best checkpoint). A prefix that is neither is refused before anything is copied
+    (a storage root given by mistake would be copied whole)."""
+    location = storage.parse(uri, endpoint_url, field=field)
+    if location.key and storage.is_object(location, field):
+        return cache.fetch_object(location, field)
     result = location.child(run_dir.RESULT_FILE)
-    if storage.is_object(result, "model.weights"):
-        best = run_dir.best_checkpoint(storage.read_text(result, "model.weights"), uri)
+    if storage.is_object(result, field):
+        best = run_dir.best_checkpoint(storage.read_text(result, field), uri, field)
         if not best.startswith("s3://"):
-            raise ConfigError(f"model.weights: run {uri} names no s3:// best_checkpoint in its {run_dir.RESULT_FILE}")
-        location = storage.parse(best, endpoint_url, field="model.weights")
-    return cache.sync_prefix(location, "model.weights")
+            raise ConfigError(f"{field}: run {uri} names no s3:// best_checkpoint in its {run_dir.RESULT_FILE}")
+        location = storage.parse(best, endpoint_url, field=field)
+    if storage.exists(location, field) and not storage.is_object(location.child(META_FILE), field):
+        raise ConfigError(f"{field}: {location.uri} is neither a state-dict object, a finished run ({run_dir.RESULT_FILE}) nor a "
+                          f"complete checkpoint ({META_FILE})")
+    return cache.sync_prefix(location, field)

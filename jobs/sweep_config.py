@@ -96,8 +96,6 @@ class SearchConfig(Section):
                     raise ValueError(f"{key}: loguniform needs a positive lower bound (got {values[0]})")
             elif not values:
                 raise ValueError(f"{key}: {kind} needs at least one value")
-            elif kind == "grid" and (repeated := [v for i, v in enumerate(values) if v in values[:i]]):
-                raise ValueError(f"{key}: grid lists {repeated[0]!r} twice; each grid value runs its own trials, so list it once")
         return space
 
     @model_validator(mode="after")
@@ -185,6 +183,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
+    for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
+        values = spec.get("grid", [])
+        if repeated := [v for i, v in enumerate(values) if v in values[:i]]:
+            raise ConfigError(f"{path}: search.space: {key}: grid lists {repeated[0]!r} twice; each grid value runs its own "
+                              "trials, so list it once")
     base = from_dict(data, [override("train.epochs", search.scheduler.max_t)], source=str(path))
     interval, every = search.scheduler.perturbation_interval, base.checkpoint.every
     if search.scheduler.name == "pbt" and interval % every:

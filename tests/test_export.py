@@ -1,6 +1,7 @@
 """jobs.export: a run's best model as safetensors, TorchScript or ONNX, with the description of its input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -138,6 +139,17 @@ def test_export_to_s3(image_run, s3, tmp_path):
     assert keys == {"exports/model.onnx", "exports/model.onnx.json"}
 
 
+def test_an_s3_run_that_is_no_run_is_refused_before_anything_is_copied(s3, tmp_path, capsys, monkeypatch):
+    """A storage root given as RUN was copied whole into the node cache before its missing meta.json failed the load."""
+    from cluster.storage import cache
+
+    s3.client().put_object(Bucket="tl-test", Key="not-a-run/notes.txt", Body=b"notes")
+    monkeypatch.setattr(cache, "sync_prefix", lambda *a: pytest.fail("copied a prefix that holds no checkpoint"))
+    one_line_exit_2(export.main, ["s3://tl-test/not-a-run", "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys, tmp_path,
+                    "RUN: s3://tl-test/not-a-run is neither a state-dict object, a finished run (result.json) nor a complete "
+                    "checkpoint (meta.json)")
+
+
 def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
     expected = torch.tensor([[0.5, -2.0], [3.0e4, -1.0e16]])
     export.check(expected + torch.tensor([[5e-5, -5e-5], [2.0, 5.0e11]]), expected, "onnx")  # float32 noise at each scale
@@ -148,6 +160,9 @@ def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "RUN: "),
+    ("unfinished", "/unfinished holds checkpoints but no result.json, so the run did not finish; resume it, or give one of "
+                   "its checkpoints (e.g. "),
+    ("not_a_run", "/notes is neither a finished run (result.json) nor a checkpoint directory (meta.json)"),
     ("simclr", "pretraining checkpoint, which has no classifier"),
     ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
     ("earlier_export", "model.onnx.json already exists; an export goes to a new path"),
@@ -159,6 +174,12 @@ def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, im
     run, _ = image_run
     if case == "missing":
         run = tmp_path / "nowhere"
+    elif case == "unfinished":  # a run cut short: its checkpoints, no result.json
+        run = shutil.copytree(run, tmp_path / "unfinished", ignore=shutil.ignore_patterns("result.json"))
+    elif case == "not_a_run":
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "readme.txt").write_text("not a run")
+        run = tmp_path / "notes"
     elif case == "simclr":
         from tl_core.simclr import fit_simclr
 

@@ -125,6 +125,8 @@ BAD_INPUTS = {
                     "no readable images: class_1"),
     "weights mismatch": (bad_weights, "does not match the backbone"),
     "missing weights": (lambda t, d: {"model": {"weights": str(t / "gone.pt")}}, "model.weights: "),
+    "weights of an unfinished run": (lambda t, d: (t / "cut" / "checkpoint_epoch_0001").mkdir(parents=True) or {"model": {"weights": str(t / "cut")}},
+                                     "/cut holds checkpoints but no result.json, so the run did not finish"),
     "pretraining method": (lambda t, d: {"pretrain": {"method": "simclr"}}, "pretrain.method: simclr is a pretraining method"),
     "key the recipe ignores": (lambda t, d: {"pretrain": {"temperature": 0.1}}, "pretrain.temperature: not used by pretrain.method: supervised"),
 }

@@ -10,12 +10,14 @@ Jobs write them (jobs.results); a run directory given as `model.weights` is read
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from tl_core.errors import ConfigError
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
+CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
 
 
 def result_summary(*, best_checkpoint: str, best_metric: dict, final_metrics: dict, classes: list[str] | None,
@@ -31,12 +33,32 @@ def result_summary(*, best_checkpoint: str, best_metric: dict, final_metrics: di
     }
 
 
-def best_checkpoint(result_text: str, source: str) -> str:
-    """The best checkpoint that result.json names; ConfigError (for `model.weights: source`) when it names none."""
+def best_checkpoint(result_text: str, source: str, field: str = "model.weights") -> str:
+    """The best checkpoint that result.json names; ConfigError (for `field: source`) when it names none."""
     try:
         best = json.loads(result_text).get("best_checkpoint")
     except (ValueError, AttributeError):
         best = None
     if not isinstance(best, str) or not best:
-        raise ConfigError(f"model.weights: run {source} names no best_checkpoint in its {RESULT_FILE}")
+        raise ConfigError(f"{field}: run {source} names no best_checkpoint in its {RESULT_FILE}")
     return best
+
+
+def local_checkpoint_dir(path: Path, source: str, field: str = "model.weights") -> Path:
+    """The checkpoint directory a local `path` names: a finished run's best checkpoint, or `path` itself when it holds
+    a checkpoint (its meta.json). ConfigError for `field: source` otherwise, saying what the folder is instead."""
+    from tl_core.checkpoint import META_FILE
+
+    if (path / RESULT_FILE).is_file():
+        path = Path(best_checkpoint((path / RESULT_FILE).read_text(), source, field))
+        if not path.is_dir():
+            raise ConfigError(f"{field}: run {source}: its best checkpoint {path} is not a directory")
+    if (path / META_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{field}: {source} is neither a finished run nor a checkpoint directory")
+    started = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+    if started:
+        raise ConfigError(f"{field}: {source} holds checkpoints but no {RESULT_FILE}, so the run did not finish; resume it, or "
+                          f"give one of its checkpoints (e.g. {path / started[-1]})")
+    raise ConfigError(f"{field}: {source} is neither a finished run ({RESULT_FILE}) nor a checkpoint directory ({META_FILE})")

@@ -86,7 +86,7 @@ def source_checkpoint(backbone: str) -> Path | None:
 
     path = Path(_name(backbone)).expanduser()
     if (path / run_dir.RESULT_FILE).is_file():
-        path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), str(path)))
+        path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), str(path), "model.backbone"))
     if not (path / checkpoint.META_FILE).is_file():
         return None
     if not (path / CHECKPOINT_HF_DIR).is_dir():

@@ -254,13 +254,7 @@ def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor
     if not (path.is_file() or path.is_dir()):  # a FIFO or a device: a read would wait forever
         raise ConfigError(f"model.weights: {source} is neither a file nor a directory")
     if path.is_dir():
-        if (path / run_dir.RESULT_FILE).is_file():  # a finished run: take its best checkpoint
-            path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), source))
-            if not path.is_dir():
-                raise ConfigError(f"model.weights: run {source}: its best checkpoint {path} is not a directory")
-        if not (path / checkpoint.MODEL_FILE).is_file():
-            raise ConfigError(f"model.weights: directory {source} is neither a checkpoint nor a finished run")
-        state, meta = checkpoint.load_model_state(path)
+        state, meta = checkpoint.load_model_state(run_dir.local_checkpoint_dir(path, source))
         return state, meta.get("classes")
     return _torch_load(path, source), None
 
