@@ -117,9 +117,14 @@ def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_po
     ({"backbone": LITE0, "weights": "ResNet18_Weights.IMAGENET1K_V1"}, "names torchvision weights"),
     ({"backbone": "resnet18", "weights": "efficientnet_lite0_imagenet"}, "are weights for model.backbone: timm:tf_efficientnet_lite0"),
     ({"backbone": "timm:deit_tiny_distilled_patch16_224"}, "has 2 classifier heads (head, head_dist"),
+    ({"backbone": LITE0, "weights": "efficientnet-lite0"}, "efficientnet-lite0 does not exist (expected imagenet, "
+     "efficientnet_lite0_imagenet (offline), a torchvision weights name, a timm pretrained tag, a state-dict file or s3:// "
+     "object, or a checkpoint directory); did you mean efficientnet_lite0_imagenet?"),
+    ({"backbone": LITE0, "weights": "https://example.invalid/lite0.pth"}, "https://example.invalid/lite0.pth is a URL, which "
+     "is not fetched; download the file to a path or s3://"),
 ])
 def test_bad_pretrained_model_input_is_one_line(patch, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         cfg = from_dict({"experiment": "x", "data": {"root": "/d"}, "model": patch})
         build_model(cfg.model, ["a", "b"], 32)
 

@@ -9,6 +9,7 @@ on the driver); reading never downloads.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import socket
@@ -58,8 +59,13 @@ def read_source_state_dict(source: str, backbone: str) -> tuple[dict[str, torch.
     path = Path(source)
     if path.exists():
         return _read_local_weights(path, source)
-    raise ConfigError(f"model.weights: {source} does not exist (expected imagenet, a torchvision weights name, a timm "
-                      "pretrained tag, a state-dict file, or a checkpoint directory)")
+    names = f"imagenet, {', '.join(OFFLINE_WEIGHTS)} (offline), a torchvision weights name, a timm pretrained tag"
+    if source.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"model.weights: {source} is a URL, which is not fetched; download the file to a path or s3:// "
+                          f"(or give {names})")
+    near = difflib.get_close_matches(source.lower().replace("-", "_"), list(OFFLINE_WEIGHTS), n=1, cutoff=0.6)
+    raise ConfigError(f"model.weights: {source} does not exist (expected {names}, a state-dict file or s3:// object, or a "
+                      f"checkpoint directory){f'; did you mean {near[0]}?' if near else ''}")
 
 
 # ---------------------------------------------------------------- hub weights
