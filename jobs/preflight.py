@@ -152,10 +152,10 @@ def check_capacity(cfg: RunConfig) -> None:
     for name, amount in worker_resources(cfg.scaling).items():
         needed = amount * workers
         if needed > capacity.get(name, 0.0) + 1e-9:
-            what = "accelerator_type" if name.startswith("accelerator_type:") else "num_workers"
-            raise ConfigError(
-                f"scaling.{what}: {workers} workers x {amount:g} {name} need {needed:g} {name}, "
-                f"but the Ray cluster has {capacity.get(name, 0.0):g}")
+            what = ("accelerator_type" if name.startswith("accelerator_type:") else "num_workers" if workers > 1
+                    else "use_gpu" if name == "GPU" and "GPU" not in cfg.scaling.resources_per_worker else "resources_per_worker")
+            need = f"{workers} workers x {amount:g} {name} need {needed:g}" if workers > 1 else f"a worker needs {amount:g}"
+            raise ConfigError(f"scaling.{what}: {need} {name}, but the Ray cluster has {capacity.get(name, 0.0):g}")
     if streaming.is_packed(cfg):
         check_decode_room(cfg, worker_resources(cfg.scaling).get("CPU", 0.0) * workers, capacity.get("CPU", 0.0),
                           streaming.read_manifest(cfg).modality)

@@ -19,7 +19,7 @@ from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
 from jobs.cli import RunFailed, guarded, parse_args, run_module
-from jobs.preflight import check_decode_room, check_run, worker_resources
+from jobs.preflight import check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, load_sweep
@@ -132,6 +132,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
+    check_capacity(cfg)  # a trial the cluster can never place would leave the sweep pending forever
     stage_hub_weights(cfg)
     if streaming.is_packed(cfg) and cfg.scaling.max_workers == 1:
         import ray

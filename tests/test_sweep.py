@@ -276,6 +276,22 @@ def test_pbt_needs_a_checkpoint_at_every_perturbation(tmp_path, capsys):
     assert base.checkpoint.every == 2
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("scaling,message", [
+    ({"resources_per_worker": {"CPU": 8}}, "scaling.resources_per_worker: a worker needs 8 CPU, but the Ray cluster has 2"),
+    ({"use_gpu": True}, "scaling.use_gpu: a worker needs 1 GPU, but the Ray cluster has 0"),
+])
+def test_a_sweep_whose_trials_the_cluster_cannot_place_is_an_error_not_a_hang(ray_cluster, image_folder, tmp_path, capsys,
+                                                                               scaling, message):
+    """Tune left such trials pending forever (a sweep with resources_per_worker.CPU: 8 on 2 CPUs waited until killed)."""
+    config = write_sweep(tmp_path, image_folder)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "scaling": {"num_workers": 1, **scaling}}))
+    assert sweep.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {message}", err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("case", list(SWEEP_BAD_INPUTS))
 def test_sweep_bad_input_is_one_line_exit_2_and_launches_nothing(case, tmp_path, capsys):
     patch, message = SWEEP_BAD_INPUTS[case]
