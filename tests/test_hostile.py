@@ -267,39 +267,31 @@ def test_a_storage_root_that_is_a_file_is_refused(image_folder, tmp_path, capsys
     assert "storage.root: " in capsys.readouterr().err and (tmp_path / "runs").read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("obstacle", ["a file", "a folder that takes no entry"])
 @pytest.mark.parametrize("job,argv", [
-    ("finetune", None),  # storage.root under the file
-    ("export", ["run", "--format", "onnx", "--out", "{file}/model.onnx"]),
-    ("predict", ["--run", "run", "--data", "images", "--out", "{file}/predictions"]),
-    ("pack_data", ["src", "{file}/packed"]),
+    ("finetune", None),  # storage.root under the obstacle
+    ("export", ["run", "--format", "onnx", "--out", "{under}/model.onnx"]),
+    ("predict", ["--run", "run", "--data", "images", "--out", "{under}/predictions"]),
+    ("pack_data", ["src", "{under}/packed"]),
 ])
-def test_an_output_under_a_file_is_one_line_naming_the_file(job, argv, image_folder, tmp_path, capsys):
-    """A file where a folder of the output would be was a NotADirectoryError/FileExistsError traceback."""
+def test_an_output_that_cannot_be_created_is_one_line_naming_why(job, argv, obstacle, image_folder, tmp_path, capsys):
+    """A file where a folder of the output would be was a NotADirectoryError/FileExistsError traceback; a folder where
+    nothing can be created (here /proc, as it is even for root; elsewhere a folder without write permission, a
+    read-only mount), a FileNotFoundError/PermissionError traceback from the first mkdir."""
     import importlib
 
-    blocker = tmp_path / "notes.txt"
-    blocker.write_text("a file")
+    if obstacle == "a file":
+        under = tmp_path / "notes.txt"
+        under.write_text("a file")
+        message = f"{under} is a file, so "
+    else:
+        under, message = "/proc/tl-nowhere", "cannot write in /proc ("
     if argv is None:
-        argv = ["--config", str(write_config(tmp_path, image_folder, storage={"root": str(blocker / "runs")}))]
-    argv = [a.format(file=blocker) for a in argv]
-    one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, f"{blocker} is a file, so ")
-    assert blocker.read_text() == "a file"
-
-
-@pytest.mark.parametrize("job,argv", [
-    ("finetune", None),  # storage.root in the folder
-    ("export", ["run", "--format", "onnx", "--out", "/proc/tl-nowhere/model.onnx"]),
-    ("predict", ["--run", "run", "--data", "images", "--out", "/proc/tl-nowhere/predictions"]),
-    ("pack_data", ["src", "/proc/tl-nowhere/packed"]),
-])
-def test_an_output_in_a_folder_that_takes_no_entry_is_one_line(job, argv, image_folder, tmp_path, capsys):
-    """A folder where nothing can be created (here /proc, as it is even for root; elsewhere a folder without write
-    permission, a read-only mount) was a FileNotFoundError/PermissionError traceback from the first mkdir."""
-    import importlib
-
-    if argv is None:
-        argv = ["--config", str(write_config(tmp_path, image_folder, storage={"root": "/proc/tl-nowhere/runs"}))]
-    one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, "cannot write in /proc (")
+        argv = ["--config", str(write_config(tmp_path, image_folder, storage={"root": f"{under}/runs"}))]
+    argv = [a.format(under=under) for a in argv]
+    one_line_exit_2(importlib.import_module(f"jobs.{job}").main, argv, capsys, tmp_path, message)
+    if obstacle == "a file":
+        assert under.read_text() == "a file"
 
 
 def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2")):
