@@ -172,6 +172,8 @@ def text_rows(data: str, description: dict) -> list[dict]:
     if not Path(data).is_file():
         raise DataError(f"--data: file {data} does not exist")
     table = read_table(Path(data), [("--data", cfg.data.text_column)], field="--data")
+    if not table.num_rows:
+        raise DataError(f"--data: {data} has no rows under its header")
     return [{"path": str(i), "text": t} for i, t in enumerate(table.column(cfg.data.text_column).to_pylist())]
 
 

@@ -119,7 +119,7 @@ def test_a_csv_keeps_its_texts_and_labels_as_written(tmp_path):
     assert {text for text, label in index.train + index.val if label == 0} == {f"0012{i}" for i in range(6)}
 
 
-def test_predict_refuses_a_table_format_the_reader_does_not_know(tmp_path):
+def test_predict_refuses_a_table_format_the_reader_does_not_know_and_a_table_with_no_row(tmp_path):
     """jobs.predict offered .json, which no reader takes (a KeyError traceback); it now lists the text reader's own."""
     from jobs import predict
 
@@ -127,6 +127,9 @@ def test_predict_refuses_a_table_format_the_reader_does_not_know(tmp_path):
     description = {"config": {"experiment": "t", "data": {"root": str(tmp_path)}}}
     with pytest.raises(DataError, match=r"--data: a text model reads a local table file \(\.csv, \.jsonl, \.parquet\)"):
         predict.text_rows(str(tmp_path / "texts.json"), description)
+    (tmp_path / "header_only.csv").write_text("text\n\n")  # Ray Data wrote nothing, and reading the output failed
+    with pytest.raises(DataError, match=r"--data: .*header_only.csv has no rows under its header"):
+        predict.text_rows(str(tmp_path / "header_only.csv"), description)
 
 
 def test_batches_are_padded_to_their_longest_text_not_to_max_length(tmp_path):
