@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -88,8 +89,16 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     except ValidationError as exc:
         raise ConfigError(f"{sweep_file.uri}: search.{describe(exc, model=SearchConfig)}") from None
     base = from_dict(raw, source=sweep_file.uri, stored=True)
-    analysis = ExperimentAnalysis(location.path, storage_filesystem=fs if location.is_s3 else None,
-                                  default_metric=search.metric, default_mode=search.mode)
+    # A trial that has not reported yet has no result file; Tune logs a FileNotFoundError per trial for it, which
+    # summarize() says in one line when no trial has reported at all.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(location.path, storage_filesystem=fs if location.is_s3 else None,
+                                      default_metric=search.metric, default_mode=search.mode)
+    finally:
+        quiet.setLevel(level)
     return base, search, ResultGrid(analysis)
 
 
@@ -154,7 +163,8 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
         errors = [result.error for result in results if result.error is not None]
         if errors and len(errors) == len(results):
             raise ConfigError(f"experiment: every trial failed before reporting {search.metric}; the first: {one_line(errors[0])}")
-        raise ConfigError(f"experiment: no trial has reported {search.metric} yet")
+        raise ConfigError(f"experiment: no trial has reported {search.metric} yet ({len(results)} trial(s) started); if the sweep "
+                          "was cut short, continue it with python -m jobs.sweep --config ... --resume")
     return sorted(trials, key=lambda t: t.name)
 
 

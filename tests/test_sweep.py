@@ -81,7 +81,8 @@ def test_analyze_of_a_sweep_whose_every_trial_failed_names_the_first_error():
     with pytest.raises(ConfigError, match=r"^experiment: every trial failed before reporting val/acc; the first: "
                                           r"RuntimeError: TrainingDiverged: epoch 1$"):
         analyze.summarize(failed, search)
-    with pytest.raises(ConfigError, match="no trial has reported val/acc yet"):  # not failed: still starting
+    with pytest.raises(ConfigError, match=r"no trial has reported val/acc yet \(1 trial\(s\) started\); if the sweep was cut short, "
+                                          r"continue it with python -m jobs.sweep --config \.\.\. --resume$"):  # still starting
         analyze.summarize([type("Result", (), {"metrics_dataframe": None, "error": None})()], search)
 
 
