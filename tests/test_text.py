@@ -232,8 +232,10 @@ def test_a_text_checkpoint_carries_its_tokenizer_and_is_a_complete_source(tmp_pa
                                                           "special_tokens_map.json", "vocab.txt"}
     assert "hf/vocab.txt" in verify_checkpoint(ckpt)["sha256"]
     trained, _ = load_model_state(ckpt)
-    again = build_model(ModelConfig(backbone=f"hf:{ckpt}", weights="pretrained"), ["neg", "pos"], 32)
-    assert all(torch.equal(again.state_dict()[k], v) for k, v in trained.items())
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(ckpt)}))
+    for source in (ckpt, tmp_path / "run"):  # the checkpoint, or the finished run that names it
+        again = build_model(ModelConfig(backbone=f"hf:{source}", weights="pretrained"), ["neg", "pos"], 32)
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in trained.items())
     tokenizer = load_tokenizer(f"hf:{ckpt}", 32)
     assert tokenizer("a fine film")["input_ids"] == load_tokenizer(MINILM, 32)("a fine film")["input_ids"]
     (ckpt / "hf" / "vocab.txt").write_text("[PAD]\n")

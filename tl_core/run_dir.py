@@ -44,15 +44,22 @@ def best_checkpoint(result_text: str, source: str, field: str = "model.weights")
     return best
 
 
+def best_of_finished_run(path: Path, source: str, field: str = "model.weights") -> Path:
+    """The best checkpoint directory of the finished run at local `path` (its result.json names it); else `path`."""
+    if not (path / RESULT_FILE).is_file():
+        return path
+    best = Path(best_checkpoint((path / RESULT_FILE).read_text(), source, field))
+    if not best.is_dir():
+        raise ConfigError(f"{field}: run {source}: its best checkpoint {best} is not a directory")
+    return best
+
+
 def local_checkpoint_dir(path: Path, source: str, field: str = "model.weights") -> Path:
     """The checkpoint directory a local `path` names: a finished run's best checkpoint, or `path` itself when it holds
     a checkpoint (its meta.json). ConfigError for `field: source` otherwise, saying what the folder is instead."""
     from tl_core.checkpoint import META_FILE
 
-    if (path / RESULT_FILE).is_file():
-        path = Path(best_checkpoint((path / RESULT_FILE).read_text(), source, field))
-        if not path.is_dir():
-            raise ConfigError(f"{field}: run {source}: its best checkpoint {path} is not a directory")
+    path = best_of_finished_run(path, source, field)
     if (path / META_FILE).is_file():
         return path
     if not path.is_dir():

@@ -84,9 +84,7 @@ def source_checkpoint(backbone: str) -> Path | None:
     """The checkpoint of ours an `hf:` backbone names (a checkpoint directory, or a finished run's best one)."""
     from tl_core import checkpoint, run_dir
 
-    path = Path(_name(backbone)).expanduser()
-    if (path / run_dir.RESULT_FILE).is_file():
-        path = Path(run_dir.best_checkpoint((path / run_dir.RESULT_FILE).read_text(), str(path), "model.backbone"))
+    path = run_dir.best_of_finished_run(Path(_name(backbone)).expanduser(), _name(backbone), "model.backbone")
     if not (path / checkpoint.META_FILE).is_file():
         return None
     if not (path / CHECKPOINT_HF_DIR).is_dir():
