@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -329,7 +330,17 @@ def first_error(exc: Exception) -> str:
     return one_line(cause)
 
 
+#: what Ray's memory monitor says when it kills workers of a node that runs low on memory
+_MEMORY_KILL = re.compile(r"running low on memory\..*? was ([\d.]+GB) used / ([\d.]+GB) limit", re.DOTALL)
+
+
 def one_line(error: BaseException) -> str:
-    """An error as one line: its type and the last line of its message (a wrapped traceback ends with the error)."""
-    lines = str(error).strip().splitlines()
+    """An error as one line: its type and the last line of its message (a wrapped traceback ends with the error).
+    Workers killed by Ray's memory monitor (whose message ends in Ray's own tuning advice) say what to change here."""
+    text = str(error)
+    if "running low on memory" in text:
+        used = _MEMORY_KILL.search(text)
+        return (f"OutOfMemoryError: the node ran low on memory{f' ({used[1]} used of {used[2]})' if used else ''} and Ray "
+                "killed the training workers; lower train.batch_size or data.image_size, or use nodes with more memory")
+    lines = text.strip().splitlines()
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"

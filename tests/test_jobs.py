@@ -177,6 +177,23 @@ def test_a_worker_failure_becomes_one_line():
     assert first_error(failure) == "DataError: data.root: directory /x does not exist"
 
 
+def test_workers_killed_by_rays_memory_monitor_are_one_line_saying_what_to_change():
+    """It ended with the last line of Ray's advice on its own settings (RAY_idle_worker_killing_memory_threshold_bytes),
+    seen with data.image_size 1024 and batches of 512 on this machine."""
+    from ray.exceptions import OutOfMemoryError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from jobs.runner import first_error
+
+    killed = OutOfMemoryError("4 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 127.0.0.1, "
+                              "ID: bc37) was 22.58GB used / 23.54GB limit (0.959415)\nOOM kill reason: ...\nRefer to the "
+                              "documentation ... set the environment variable `RAY_idle_worker_killing_memory_threshold_bytes`.")
+    failure = WorkerGroupError("worker failed", {0: WorkerHealthCheckFailedError("Worker health check failed.", killed)})
+    assert first_error(failure) == ("OutOfMemoryError: the node ran low on memory (22.58GB used of 23.54GB) and Ray killed the "
+                                    "training workers; lower train.batch_size or data.image_size, or use nodes with more memory")
+
+
 @pytest.mark.integration
 def test_a_resume_past_a_damaged_checkpoint_keeps_the_valid_ones_and_sets_the_damaged_one_aside(ray_cluster, image_folder, tmp_path):
     """The documented case: 2 epochs, the newest model.pt truncated, --resume to 3 epochs. The run finishes, every
