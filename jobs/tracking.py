@@ -127,10 +127,23 @@ def _flat(data: dict, prefix: str = "") -> dict[str, str]:
 
 
 def check_mlflow_uri(cfg: RunConfig) -> None:
-    """On the driver, before anything runs: MLflow 3 refuses a file: store unless MLFLOW_ALLOW_FILE_STORE is set,
-    which every epoch would then only warn about (MLflow's own reading of the variable; older versions lack it)."""
+    """On the driver, before anything runs: a SQLite database must go in a folder that exists and takes a new file
+    (MLflow retried opening one in /proc for minutes, in backoff); MLflow 3 refuses a file: store unless
+    MLFLOW_ALLOW_FILE_STORE is set, which every epoch would then only warn about (MLflow's own reading of the variable;
+    older versions lack it)."""
     settings = cfg.tracking.mlflow
-    if settings is None or not settings.uri.startswith("file:"):
+    if settings is None:
+        return
+    uri = absolute_uri(settings.uri)
+    database = uri.removeprefix("sqlite:///").partition("?")[0] if uri.startswith("sqlite:///") else ""
+    if database.startswith("/"):
+        from cluster import storage
+
+        if not Path(database).parent.is_dir():
+            raise ConfigError(f"tracking.mlflow.uri: {Path(database).parent}, the folder of the SQLite database, does not exist "
+                              "(SQLite creates the database file, not its folder)")
+        storage.check_creatable(storage.parse(database, field="tracking.mlflow.uri"), "tracking.mlflow.uri")
+    if not uri.startswith("file:"):
         return
     from mlflow import environment_variables
 

@@ -1,5 +1,7 @@
 """TensorBoard event files beside every run's results, read back with TensorBoard's own reader."""
 
+import re
+
 import pyarrow.fs
 import pytest
 from helpers import make_image_folder
@@ -149,3 +151,18 @@ def test_a_file_store_mlflow_refuses_is_refused_before_the_run(tmp_path, monkeyp
     assert absolute_uri("file:./mlruns") == (tmp_path / "mlruns").as_uri()
     assert absolute_uri("sqlite:////abs/m.db?mode=rw") == "sqlite:////abs/m.db?mode=rw"
     assert absolute_uri("sqlite:///sub/m.db?mode=rw") == f"sqlite:///{tmp_path / 'sub' / 'm.db'}?mode=rw"
+
+
+@pytest.mark.parametrize("database,message", [
+    ("{tmp}/missing/mlflow.db", "{tmp}/missing, the folder of the SQLite database, does not exist"),
+    ("/proc/mlflow.db", "cannot write in /proc ("),
+])
+def test_a_sqlite_database_where_none_can_be_made_is_refused_before_the_run(tmp_path, database, message):
+    """MLflow retried opening such a database for minutes, in backoff, before the run began."""
+    from jobs.tracking import check_mlflow_uri
+    from tl_core.errors import ConfigError, StorageError
+
+    with pytest.raises((ConfigError, StorageError), match=re.escape(f"tracking.mlflow.uri: {message.format(tmp=tmp_path)}")):
+        check_mlflow_uri(mlflow_config(tmp_path, f"sqlite:///{database.format(tmp=tmp_path)}"))
+    check_mlflow_uri(mlflow_config(tmp_path, f"sqlite:///{tmp_path}/mlflow.db"))
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # checked, nothing written beside the images
