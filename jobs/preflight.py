@@ -169,11 +169,11 @@ def check_decode_room(cfg: RunConfig, held: float, cpus: float, modality: str) -
     needed = max(streaming.READ_TASK_CPUS, cfg.data.decode_cpus if decoded else 0.0)
     if cpus - held + 1e-9 >= needed:
         return
+    fewer = "lower scaling.num_workers or scaling.resources_per_worker.CPU (or the concurrent trials)"
     if not decoded:
         raise ConfigError(f"scaling.resources_per_worker: a packed text dataset is read by Ray Data tasks of "
                           f"{streaming.READ_TASK_CPUS:g} CPU beside the workers, but they hold {held:g} of the cluster's "
-                          f"{cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials)")
+                          f"{cpus:g} CPUs; {fewer}")
     raise ConfigError(f"data.decode_cpus: a packed dataset is read by Ray Data tasks of {streaming.READ_TASK_CPUS:g} CPU and "
                       f"decoded by tasks of {cfg.data.decode_cpus:g} CPU beside the workers, but they hold {held:g} of the "
-                      f"cluster's {cpus:g} CPUs; lower scaling.resources_per_worker.CPU (or the concurrent trials) or "
-                      "data.decode_cpus")
+                      f"cluster's {cpus:g} CPUs; {fewer}, or data.decode_cpus")

@@ -55,12 +55,24 @@ def read_manifest(cfg: RunConfig) -> Manifest:
 
 
 def check_shards(cfg: RunConfig, manifest: Manifest) -> None:
-    """Every shard the manifest names is there (once, in the driver's pre-flight: not again on every worker)."""
+    """Every shard the manifest names is there, at the size it was written (once, in the driver's pre-flight: not
+    again on every worker). A cut or replaced shard failed Ray Data's planning with a Parquet footer traceback."""
+    import pyarrow.fs
+
     location = data_location(cfg)
-    for shard in (s for split in manifest.shards.values() for s in split):
-        if not storage.exists(location.child(shard["path"]), "data.root"):
+    filesystem = storage.filesystem(location)
+    shards = [s for split in manifest.shards.values() for s in split]
+    try:  # the manifest was just read from the same place, so this is a store that went away in between
+        infos = filesystem.get_file_info([location.child(shard["path"]).path for shard in shards])
+    except OSError as exc:
+        raise DataError(f"data.root: cannot list the shards of {location.uri} ({str(exc).splitlines()[0][:200]})") from None
+    for shard, info in zip(shards, infos, strict=True):
+        if info.type != pyarrow.fs.FileType.File:
             raise DataError(f"data.root: {location.uri}'s manifest names shard {shard['path']}, which is gone; pack it again "
                             "with python -m jobs.pack_data")
+        if "bytes" in shard and info.size != shard["bytes"]:
+            raise DataError(f"data.root: shard {shard['path']} of {location.uri} has {info.size} bytes where its manifest "
+                            f"recorded {shard['bytes']} (cut short or replaced); pack it again with python -m jobs.pack_data")
 
 
 def datasets(cfg: RunConfig, manifest: Manifest) -> dict:

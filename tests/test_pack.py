@@ -294,23 +294,31 @@ def test_a_run_that_leaves_no_room_for_read_or_decode_tasks_is_refused_not_left_
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing_shard", "names shard"),
+    ("missing_shard", "data.root: {dest}'s manifest names shard v1/val-00000.parquet, which is gone; pack it again"),
+    ("cut_shard", "data.root: shard v1/train-00000.parquet of {dest} has 100 bytes where its manifest recorded "),
     ("simclr", "is a packed dataset, which supervised runs stream"),
 ])
 def test_a_packed_dataset_that_cannot_stream_is_one_line_exit_2(case, message, tmp_path, capsys):
+    """A shard cut short (or replaced) was a Parquet footer traceback from Ray Data's planning."""
     from helpers import write_config
 
     from jobs import finetune, pretrain
 
     dest = tmp_path / "packed"
     (dest / "v1").mkdir(parents=True)
-    pq.write_table(pa.table({"image": [b"x"], "label": [0], "path": ["a/1.png"]}), dest / "v1" / "train-00000.parquet")
-    manifest = Manifest(classes=["a", "b"], shards={"train": [{"path": "v1/train-00000.parquet", "rows": 1, "bytes": 1}],
-                                                    "val": [{"path": "v1/val-00000.parquet", "rows": 1, "bytes": 1}]},
-                        source="x", fingerprint="f", val_fraction=0.2, seed=0)
-    if case != "missing_shard":
-        pq.write_table(pa.table({"image": [b"x"], "label": [1], "path": ["b/1.png"]}), dest / "v1" / "val-00000.parquet")
+    shards = {}
+    for split, label in (("train", 0), ("val", 1)):
+        path = dest / "v1" / f"{split}-00000.parquet"
+        pq.write_table(pa.table({"image": [b"x"], "label": [label], "path": [f"{split}/1.png"]}), path)
+        shards[split] = [{"path": f"v1/{path.name}", "rows": 1, "bytes": path.stat().st_size}]
+    if case == "missing_shard":
+        (dest / "v1" / "val-00000.parquet").unlink()
+    elif case == "cut_shard":
+        train = dest / "v1" / "train-00000.parquet"
+        train.write_bytes(train.read_bytes()[:100])
+    manifest = Manifest(classes=["a", "b"], shards=shards, source="x", fingerprint="f", val_fraction=0.2, seed=0)
     (dest / MANIFEST_FILE).write_text(manifest.to_json())
+    message = message.format(dest=dest)
     config = write_config(tmp_path, dest, **({"pretrain": {"method": "simclr"}} if case == "simclr" else {}))
     one_line_exit_2((pretrain if case == "simclr" else finetune).main, ["--config", str(config)], capsys, tmp_path, message)
 
