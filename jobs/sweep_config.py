@@ -22,6 +22,11 @@ _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 MAX_CHECKED_COMBINATIONS = 10_000
 
 
+#: What shapes a trial's resources, which the sweep reserves once for every trial from the run config (Tune's
+#: with_resources): a space over them left a DDP trial waiting forever for workers beside the trials holding the CPUs.
+RESOURCE_KEYS = ("scaling.num_workers", "scaling.use_gpu", "scaling.accelerator_type", "scaling.resources_per_worker")
+
+
 #: What population-based training may change in a running trial: hyperparameters that a resume from a checkpoint
 #: takes from the new config (the optimizer's groups, the loss, dropout), never the model's or the data's shape.
 PBT_KEYS = ("optim.lr", "optim.weight_decay", "optim.l1", "model.dropout", "train.label_smoothing")
@@ -183,6 +188,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
+    for key in search.space:
+        if key in RESOURCE_KEYS:
+            raise ConfigError(f"{path}: search.space: {key}: every trial holds the resources the run config's scaling section "
+                              "asks for, reserved once for the sweep, so they cannot vary between trials; run one sweep per value")
     for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
         values = spec.get("grid", [])
         if repeated := [v for i, v in enumerate(values) if v in values[:i]]:

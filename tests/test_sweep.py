@@ -231,6 +231,9 @@ SWEEP_BAD_INPUTS = {
                           "search_alg: optuna samples its own points; use choice instead of grid"),
     "a grid value twice": ({"search_alg": "grid", "space": {"optim.lr": {"grid": [0.1, 0.01, 0.1]}}},
                            "search.space: optim.lr: grid lists 0.1 twice; each grid value runs its own trials, so list it once"),
+    "a resource key": ({"search_alg": "grid", "space": {"scaling.num_workers": {"grid": [1, 2]}}},
+                       "search.space: scaling.num_workers: every trial holds the resources the run config's scaling section "
+                       "asks for, reserved once for the sweep, so they cannot vary between trials"),
     "pbt on a fixed key": ({"scheduler": {"name": "pbt"}}, "pbt changes hyperparameters of running trials, which train.batch_size"),
     "synch without pbt": ({"scheduler": {"synch": True}}, "scheduler.synch: applies to scheduler.name pbt, not asha"),
     "synch pbt beyond the concurrency": ({"scheduler": {"name": "pbt", "synch": True}, "space": {"optim.lr": {"choice": [0.1]}}},
