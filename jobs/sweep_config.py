@@ -188,11 +188,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
-    for key in search.space:
+    for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
         if key in RESOURCE_KEYS:
             raise ConfigError(f"{path}: search.space: {key}: every trial holds the resources the run config's scaling section "
                               "asks for, reserved once for the sweep, so they cannot vary between trials; run one sweep per value")
-    for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
         values = spec.get("grid", [])
         if repeated := [v for i, v in enumerate(values) if v in values[:i]]:
             raise ConfigError(f"{path}: search.space: {key}: grid lists {repeated[0]!r} twice; each grid value runs its own "
