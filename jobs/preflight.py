@@ -152,13 +152,23 @@ def check_capacity(cfg: RunConfig) -> None:
     for name, amount in worker_resources(cfg.scaling).items():
         needed = amount * workers
         if needed > capacity.get(name, 0.0) + 1e-9:
-            what = ("accelerator_type" if name.startswith("accelerator_type:") else "num_workers" if workers > 1
-                    else "use_gpu" if name == "GPU" and "GPU" not in cfg.scaling.resources_per_worker else "resources_per_worker")
             need = f"{workers} workers x {amount:g} {name} need {needed:g}" if workers > 1 else f"a worker needs {amount:g}"
-            raise ConfigError(f"scaling.{what}: {need} {name}, but the Ray cluster has {capacity.get(name, 0.0):g}")
+            raise ConfigError(f"scaling.{_asking_key(name, workers, cfg.scaling)}: {need} {name}, but the Ray cluster has "
+                              f"{capacity.get(name, 0.0):g}")
     if streaming.is_packed(cfg):
         check_decode_room(cfg, worker_resources(cfg.scaling).get("CPU", 0.0) * workers, capacity.get("CPU", 0.0),
                           streaming.read_manifest(cfg).modality)
+
+
+def _asking_key(resource: str, workers: int, scaling: ScalingConfig) -> str:
+    """The scaling key that makes the workers ask for more of `resource` than the cluster has."""
+    if resource.startswith("accelerator_type:"):
+        return "accelerator_type"
+    if workers > 1:
+        return "num_workers"
+    if resource == "GPU" and "GPU" not in scaling.resources_per_worker:
+        return "use_gpu"
+    return "resources_per_worker"
 
 
 def check_decode_room(cfg: RunConfig, held: float, cpus: float, modality: str) -> None:
