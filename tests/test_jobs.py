@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from helpers import make_image_folder, write_config
 
 from jobs import finetune, pretrain
 from tl_core.checkpoint import META_FILE, MODEL_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
-from tl_core.errors import CheckpointError
+from tl_core.config import from_dict
+from tl_core.errors import CheckpointError, ConfigError
 
 
 @pytest.mark.integration
@@ -325,3 +327,21 @@ def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd)
                      "lines": [benign, "epoch 1/2  train/loss 0.5 (a real line)"]})
     err = capfd.readouterr().err
     assert "epoch 1/2  train/loss 0.5 (a real line)" in err and "PreemptionWatcher" not in err
+
+
+@pytest.mark.parametrize("scaling,message", [
+    ({"num_workers": 4}, "scaling.num_workers: 4 workers x 1 CPU need 4 CPU, but the Ray cluster has 2"),
+    ({"num_workers": 1, "resources_per_worker": {"CPU": 3}}, "scaling.resources_per_worker: a worker needs 3 CPU, but the Ray cluster has 2"),
+    ({"num_workers": 1, "use_gpu": True}, "scaling.use_gpu: a worker needs 1 GPU, but the Ray cluster has 0"),
+    ({"num_workers": 1, "use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 2}},
+     "scaling.resources_per_worker: a worker needs 2 GPU, but the Ray cluster has 0"),
+    ({"num_workers": 1, "accelerator_type": "A10G"},
+     "scaling.accelerator_type: a worker needs 0.001 accelerator_type:A10G, but the Ray cluster has 0"),
+])
+def test_a_capacity_shortfall_names_the_scaling_key_that_asks_for_it(scaling, message, monkeypatch):
+    from jobs import preflight
+
+    monkeypatch.setattr(preflight.ray_private, "autoscaler_max_resources", lambda: {"CPU": 2.0})
+    cfg = from_dict({"experiment": "x", "data": {"root": "/d"}, "scaling": scaling})
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        preflight.check_capacity(cfg)
