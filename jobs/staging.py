@@ -218,7 +218,7 @@ def fetch_weights(uri: str, endpoint_url: str | None, field: str = "model.weight
         if not best.startswith("s3://"):
             raise ConfigError(f"{field}: run {uri} names no s3:// best_checkpoint in its {run_dir.RESULT_FILE}")
         location = storage.parse(best, endpoint_url, field=field)
-    if storage.exists(location, field) and not storage.is_object(location.child(META_FILE), field):
+    if not storage.is_object(location.child(META_FILE), field) and storage.exists(location, field):
         raise ConfigError(f"{field}: {location.uri} is neither a state-dict object, a finished run ({run_dir.RESULT_FILE}) nor a "
                           f"complete checkpoint ({META_FILE})")
     return cache.sync_prefix(location, field)
