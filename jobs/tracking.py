@@ -135,7 +135,7 @@ def check_mlflow_uri(cfg: RunConfig) -> None:
     if settings is None:
         return
     uri = absolute_uri(settings.uri)
-    database = uri.removeprefix("sqlite:///").partition("?")[0] if uri.startswith("sqlite:///") else ""
+    database, _ = _sqlite_path(uri) or ("", "")
     if database.startswith("/"):
         from cluster import storage
 
@@ -158,13 +158,21 @@ def absolute_uri(uri: str) -> str:
     so with a relative one (`sqlite:///mlflow.db`, as MLflow's docs write it) the workers opened a database of their
     own, which lacked the driver's run: every epoch's metrics were lost, one warning each."""
     scheme, _, rest = uri.partition(":")
-    if scheme == "sqlite" and rest.startswith("///"):  # sqlite:///relative.db, sqlite:////absolute.db
-        path, sep, query = rest[3:].partition("?")
+    if sqlite := _sqlite_path(uri):
+        path, query = sqlite
         if path and path != ":memory:" and not path.startswith("/"):
-            return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
+            return f"sqlite:///{Path(path).expanduser().resolve()}{query}"
     elif scheme == "file" and not rest.startswith("//") and not rest.startswith("/"):  # file:./mlruns
         return Path(rest).expanduser().resolve().as_uri()
     return uri
+
+
+def _sqlite_path(uri: str) -> tuple[str, str] | None:
+    """(database path, "?query" or "") of a sqlite:/// URI (sqlite:///relative.db, sqlite:////absolute.db), or None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+    return path, sep + query
 
 
 def mlflow_run(cfg: RunConfig, place: str, *, name: str, parent: str | None = None, params: dict | None = None) -> tuple[str, str] | None:
