@@ -96,6 +96,15 @@ def test_val_classes_must_exist_in_train(tmp_path):
         index_image_folder(cfg(root), seed=0)
 
 
+def test_a_class_the_val_split_lacks_is_named_in_the_summary(image_folder):
+    """A class of one image stays in train: it is trained on and never scored, and the data line says so."""
+    assert index_image_folder(cfg(image_folder), seed=0).summary().endswith("dropped 0 duplicates")
+    for path in sorted((image_folder / "class_1").iterdir())[1:]:
+        path.unlink()
+    index = index_image_folder(cfg(image_folder, val_fraction=0.25), seed=0)
+    assert index.summary().endswith("dropped 0 duplicates; no val images of 1 class(es), which are not scored: 'class_1'")
+
+
 def test_split_keeps_one_of_each_class_for_training():
     samples = [("a0", 0), ("a1", 0), ("b0", 1)]
     train, val = stratified_split(samples, 0.9, seed=0)

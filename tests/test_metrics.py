@@ -74,3 +74,24 @@ def test_metric_tensors_are_reduced_where_the_backend_can_reduce_them(monkeypatc
     assert distributed.collective_device() == torch.device("cuda", 0)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     assert distributed.collective_device() == torch.device("cpu")
+
+
+def test_macro_means_leave_out_a_class_neither_true_nor_predicted():
+    """A small validation split can lack a class (one with a single image goes to train): macro precision, recall and
+    F1 average the classes that occur, as scikit-learn's do; the per-class lists keep every class."""
+    logits, labels = data(n=40, seed=3)
+    keep = labels != 3
+    logits, labels = logits[keep], labels[keep]
+    logits[:, 3] = -10.0  # nothing predicted as class 3 either
+    preds = logits.argmax(1).numpy()
+    m = measure(logits, labels)
+    assert 3 not in set(labels.tolist()) | set(preds.tolist())
+    assert m["precision"] == pytest.approx(precision_score(labels, preds, average="macro", zero_division=0))
+    assert m["recall"] == pytest.approx(recall_score(labels, preds, average="macro", zero_division=0))
+    assert m["f1"] == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+    assert len(m["per_class"]["recall"]) == NUM_CLASSES and m["per_class"]["support"][3] == 0
+
+
+def test_macro_means_of_no_sample_are_zero():
+    m = ClassificationMeter(NUM_CLASSES).compute()
+    assert (m["precision"], m["recall"], m["f1"], m["count"]) == (0.0, 0.0, 0.0, 0)

@@ -51,8 +51,16 @@ class DatasetIndex:
     def summary(self) -> str:
         return (
             f"{f'{len(self.classes)} classes' if self.classes else 'unlabelled'}, {len(self.train)} train / {len(self.val)} val {self.unit}; "
-            f"skipped {len(self.unreadable)} {self.skipped_as}, dropped {self.duplicates} duplicates"
+            f"skipped {len(self.unreadable)} {self.skipped_as}, dropped {self.duplicates} duplicates{self._unscored()}"
         )
+
+    def _unscored(self) -> str:
+        """Classes the val split lacks (a class of one image stays in train): trained on, never scored."""
+        missing = sorted(set(range(len(self.classes))) - {label for _, label in self.val})
+        if not missing:
+            return ""
+        names = ", ".join(_short(self.classes[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        return f"; no val {self.unit} of {len(missing)} class(es), which are not scored: {names}"
 
 
 def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:

@@ -39,16 +39,23 @@ class ClassificationMeter:
         recall = torch.where(cm.sum(1) > 0, tp / cm.sum(1).clamp(min=1), torch.zeros_like(tp))
         denom = precision + recall
         f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+        # Macro means over the classes that occur, as true or predicted labels (scikit-learn's choice): a class a
+        # small validation split lacks, and that nothing was predicted as, has no precision or recall to average in.
+        seen = (cm.sum(0) + cm.sum(1)) > 0
         n = max(count.item(), 1.0)
         return {
             "loss": self.totals[0].item() / n,
             "acc": tp.sum().item() / n,
             "acc5": self.totals[1].item() / n,
-            "precision": precision.mean().item(),
-            "recall": recall.mean().item(),
-            "f1": f1.mean().item(),
+            "precision": _mean(precision[seen]),
+            "recall": _mean(recall[seen]),
+            "f1": _mean(f1[seen]),
             "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
                           "support": cm.sum(1).long().tolist()},
             "confusion_matrix": self.confusion.tolist(),
             "count": int(count.item()),
         }
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.mean().item() if values.numel() else 0.0
