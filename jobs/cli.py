@@ -85,9 +85,16 @@ class RunFailed(Exception):
     """Training started but failed (after Ray's retries); the message is the workers' first error."""
 
 
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C); the message says what was kept and how to continue."""
+
+
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
 def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Turn a user mistake into one line on stderr and exit status 2, a failed run into one line and
-    exit status 1; bugs still raise."""
+    exit status 1, Ctrl-C into one line and exit status 130; bugs still raise."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         setup_logging()
@@ -99,6 +106,9 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         except RunFailed as exc:
             print(f"error: {redact(str(exc))}", file=sys.stderr)
             return 1
+        except (Interrupted, KeyboardInterrupt) as exc:
+            print(f"interrupted: {redact(str(exc)) or 'stopped (Ctrl-C)'}", file=sys.stderr)
+            return INTERRUPTED
 
     wrapper.__doc__ = main.__doc__
     return wrapper

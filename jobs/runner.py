@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
-from jobs.cli import RunFailed, setup_logging
+from jobs.cli import Interrupted, RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
 from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
 from tl_core.checkpoint import META_FILE, Checkpoint, Mirror, load_checkpoint
@@ -307,6 +307,9 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
             cause = f"storage.endpoint_url: cannot reach {root.endpoint_url or 'AWS S3'} for {root.uri} ({cause})"
         raise RunFailed(f"experiment {cfg.experiment} failed: {cause}; "
                         f"continue it with --resume once the cause is fixed") from exc
+    except SystemExit as exc:  # how the driver's wait ends after Ray Train's own Ctrl-C handler has aborted the run
+        tracking.finish_mlflow_run(mlflow, status="KILLED")
+        raise Interrupted(f"experiment {cfg.experiment} stopped; its checkpoints are kept: continue it with --resume") from exc
 
 
 def train_scaling(scaling: ScalingConfig):

@@ -11,14 +11,19 @@ finished trials.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import threading
 import time
+from typing import Iterator
 
 from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
-from jobs.cli import RunFailed, guarded, parse_args, run_module
+from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
 from jobs.preflight import check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
@@ -173,14 +178,49 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
                                                         checkpoint_score_order=search.mode),
                 failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
         )
-    results = tuner.fit()
+    logging.getLogger("ray.tune.tune").addFilter(_no_tuner_restore_advice)
+    with ctrl_c_watched() as stopped:
+        results = tuner.fit()
     tracking.close_stopped_children(parent)
     best = results.get_best_result(search.metric, search.mode, scope="all") if len(results) > len(results.errors) else None
-    tracking.finish_mlflow_run(parent, status="FINISHED" if best else "FAILED",
+    tracking.finish_mlflow_run(parent, status="KILLED" if stopped.is_set() else "FINISHED" if best else "FAILED",
                                best=dict(best.metrics_dataframe[[search.metric]].agg(search.mode)) if best else None)
+    if stopped.is_set():
+        raise Interrupted(f"sweep {cfg.experiment} stopped; every trial's state and checkpoints are kept: continue it "
+                          "with --resume")
     if results.errors and len(results.errors) == len(results):
         raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {one_line(results.errors[0])}")
     return results
+
+
+@contextlib.contextmanager
+def ctrl_c_watched() -> Iterator[threading.Event]:
+    """An event set when Ctrl-C stopped the Tune run inside, which then returns as if it had finished.
+
+    Tune's own SIGINT handler ends its loop gracefully (experiment state saved, trials stopped), and on that first
+    Ctrl-C puts back the handler it replaced: the one set here, so finding it back afterwards is the sign. A second
+    Ctrl-C reaches it as KeyboardInterrupt, Python's default. Where Tune sets no handler (off the main thread, or
+    TUNE_DISABLE_SIGINT_HANDLER), none is set here either and Ctrl-C is a KeyboardInterrupt."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        yield stopped
+        return
+
+    def second_ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, second_ctrl_c)
+    try:
+        yield stopped
+    finally:
+        if signal.getsignal(signal.SIGINT) is second_ctrl_c:
+            stopped.set()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _no_tuner_restore_advice(record: logging.LogRecord) -> bool:
+    """Leave out Tune's advice after Ctrl-C ("Resume experiment with: Tuner.restore(...)"): the sweep says --resume."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
 
 
 def kept_checkpoints(cfg: RunConfig, search: SearchConfig) -> int | None:

@@ -2,16 +2,19 @@
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 import yaml
-from helpers import make_image_folder, write_config
+from helpers import REPO, make_image_folder, write_config
 
 from jobs import finetune, pretrain
 from tl_core.checkpoint import META_FILE, MODEL_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
@@ -52,6 +55,36 @@ def test_finetune_with_two_ddp_workers_then_resume(ray_cluster, image_folder, tm
     assert last.train_state["global_step"] == 4 * steps_per_epoch
     adam_steps = {int(s["step"]) for s in last.train_state["optimizer"]["state"].values()}
     assert adam_steps == {4 * steps_per_epoch}  # the optimizer state was restored, not restarted
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_a_run_in_one_line_keeping_its_checkpoints_and_resume_finishes_it(ray_cluster, image_folder, tmp_path):
+    """Ray Train's own SIGINT handler aborts the run and ends the driver's wait with SystemExit(1), which printed
+    nothing: the job now says what it kept and how to go on, with the shell's status for SIGINT."""
+    config = write_config(tmp_path, image_folder, train={"epochs": 60}, scaling={"num_workers": 1},
+                          checkpoint={"keep": 2})
+    run = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint_epoch_0002").is_dir():
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130
+    assert stderr.strip().splitlines()[-1] == ("interrupted: experiment tiny stopped; its checkpoints are kept: continue "
+                                               "it with --resume")
+    assert not (run / "result.json").exists() and not (run / ".lock").exists()
+    stopped_at = max(int(p.name.rsplit("_", 1)[1]) for p in run.glob("checkpoint_epoch_*"))
+    assert 2 <= stopped_at < 60
+
+    assert finetune.main(["--config", str(config), "--resume", "--set", f"train.epochs={stopped_at + 1}"]) == 0
+    assert json.loads((run / "result.json").read_text())["epochs_completed"] == stopped_at + 1
 
 
 @pytest.mark.integration

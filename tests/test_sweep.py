@@ -173,6 +173,28 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
         assert all(epoch_metrics(row) == epoch_metrics(rows[-1]) for row in again)  # its epoch_time_s too: not retrained
 
 
+@pytest.mark.parametrize("ctrl_c", [True, False])
+def test_a_tune_run_stopped_by_ctrl_c_is_told_from_a_finished_one(ctrl_c):
+    """Tune's SIGINT handler ends its run gracefully and returns as if it had finished (a sweep then printed its
+    "best" and exit status 0). Checked against Tune's own handler setup, as Tuner.fit runs it."""
+    from ray.tune.tune import _setup_signal_catching
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    try:
+        with sweep.ctrl_c_watched() as stopped:
+            tune_saw = _setup_signal_catching()
+            if ctrl_c:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert tune_saw.wait(5)
+                with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is Python's default again
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert stopped.is_set() == ctrl_c
+        assert signal.getsignal(signal.SIGINT) is before[0]  # the handler from before is back
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGUSR1, before[1])
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_sweeps_at_once_in_one_ray_job_each_run_their_own_config(ray_cluster, tmp_path):
