@@ -25,7 +25,7 @@ import torch
 from cluster import storage
 from jobs import ray_private
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import ArgumentParser, count, guarded, run_module
+from jobs.cli import ArgumentParser, Interrupted, count, guarded, run_module
 from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")
     storage.check_creatable(out, "--out")
-    if storage.exists(out, "--out"):
+    if storage.has_content(out, "--out"):  # an empty folder is left by a stop before anything was written
         raise DataError(f"--out: {out.uri} already exists; predictions go to a new location")
     checkpoint = local_checkpoint(args.run, "--run")
     _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                                       batch_size=args.batch_size, batch_format="numpy",
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                       num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
-    predictions.write_parquet(out.path, filesystem=storage.filesystem(out))
+    try:
+        predictions.write_parquet(out.path, filesystem=storage.filesystem(out))
+    except KeyboardInterrupt:
+        partial = f"; {out.uri} holds part of them: remove it or give another --out" if storage.has_content(out, "--out") else ""
+        raise Interrupted(f"predictions stopped{partial}") from None
     errors = predictions_errors(out)
     print(f"{out.uri}: {len(inputs)} {'texts' if text else 'images'} predicted with {description['source']['checkpoint']}; "
           f"{len(errors)} could not be read{': ' + ', '.join(errors[:5]) if errors else ''}")

@@ -61,6 +61,7 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
                for r in readable)
 
     one = next(r for r in readable if r["path"].endswith(".png"))  # --data one image file: its one row, the same
+    (tmp_path / "one").mkdir()  # --out an empty folder: taken
     assert predict.main(["--run", str(run), "--data", one["path"], "--out", str(tmp_path / "one"), "--top-k", "2"]) == 0
     (row,) = pyarrow.dataset.dataset(str(tmp_path / "one"), format="parquet").to_table().to_pylist()
     assert row["path"] == one["path"] and row["predicted"] == one["predicted"]
@@ -85,8 +86,9 @@ def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, f
     elif case == "not_an_image":
         images = tmp_path / "notes.txt"
         images.write_text("no image")
-    else:
+    else:  # an empty folder is no obstacle (a stop before anything was written leaves one); one file in it is
         out.mkdir(parents=True)
+        (out / "part-0.parquet").write_bytes(b"")
     written = ["predictions"] if case == "out_exists" else []
     one_line_exit_2(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out)], capsys, tmp_path, message, written)
 

@@ -35,6 +35,21 @@ def test_filesystem_writes_into_the_bucket(aws_env):
     assert "storage-test/exp/result.json" in keys
 
 
+def test_an_empty_folder_or_prefix_has_no_content_and_a_file_in_it_does(aws_env, tmp_path):
+    folder = tmp_path / "out"
+    assert not storage.has_content(storage.parse(str(folder)))
+    folder.mkdir()
+    assert not storage.has_content(storage.parse(str(folder)))
+    (folder / "part-0.parquet").write_bytes(b"")
+    assert storage.has_content(storage.parse(str(folder)))
+    assert storage.has_content(storage.parse(str(folder / "part-0.parquet")))
+    prefix = storage.parse("s3://tl-test/has-content/out")
+    aws_env.client().put_object(Bucket="tl-test", Key="has-content/out/", Body=b"")  # a folder marker only
+    assert not storage.has_content(prefix)
+    aws_env.client().put_object(Bucket="tl-test", Key="has-content/out/part-0.parquet", Body=b"")
+    assert storage.has_content(prefix)
+
+
 def test_missing_bucket(aws_env):
     with pytest.raises(StorageError, match="bucket no-such-bucket does not exist"):
         storage.check_access(storage.parse("s3://no-such-bucket/x"))

@@ -179,6 +179,14 @@ def exists(location: Location, field: str = "storage.root") -> bool:
                for o in found.get("Contents", []))
 
 
+def has_content(location: Location, field: str = "storage") -> bool:
+    """Whether a file, an object, or a folder or prefix with anything in it is at `location` (an empty local folder,
+    like an S3 prefix without objects, has none)."""
+    if not location.is_s3 and Path(location.path).is_dir():
+        return any(Path(location.path).iterdir())
+    return exists(location, field)
+
+
 def is_dir(location: Location) -> bool:
     """Whether `location` can hold a run: a local directory, or an S3 prefix that is not itself an object."""
     if not location.is_s3:
