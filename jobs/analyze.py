@@ -30,6 +30,7 @@ from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, describe, from_dict
 from tl_core.errors import ConfigError
+from tl_core.run_dir import RESULT_FILE
 from tl_core.safe_yaml import parse_yaml
 
 
@@ -76,6 +77,9 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     storage.check_access(location, "experiment")  # a missing bucket, refused credentials, an endpoint that never answers: one line
     fs = storage.filesystem(location)
     if not tune.Tuner.can_restore(location.path, storage_filesystem=fs if location.is_s3 else None):
+        if storage.exists(location.child(RESULT_FILE), "experiment"):
+            raise ConfigError(f"experiment: {location.uri} is a training run ({RESULT_FILE}), not a sweep; analyze takes the "
+                              "experiment of a jobs.sweep")
         raise ConfigError(f"experiment: there is no Ray Tune experiment at {location.uri}")
     sweep_file = location.child(SWEEP_FILE)
     try:

@@ -332,6 +332,11 @@ def test_analyze_needs_an_experiment(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert analyze.main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.strip() == f"error: experiment: there is no Ray Tune experiment at {tmp_path / 'empty'}"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text("{}")
+    assert analyze.main([str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: experiment: {tmp_path / 'run'} is a training run (result.json), "
+                                               "not a sweep; analyze takes the experiment of a jobs.sweep")
 
 
 @pytest.mark.integration
