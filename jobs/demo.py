@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cluster import storage
 from jobs.claim import claimed
-from jobs.cli import ArgumentParser, guarded, run_module
+from jobs.cli import ArgumentParser, Interrupted, guarded, run_module
 from jobs.preflight import check_run
 from jobs.results import write_result
 from jobs.runner import run_trainer
@@ -64,8 +64,11 @@ def run_stages(stages: list[tuple[str, object]]) -> dict:
         print(f"\n=== stage {i}/{len(stages)}, {STAGE_TITLES[name]}: {cfg.model.backbone} "
               f"{'' if cfg.model.backbone.startswith('hf:') else f'at {cfg.data.image_size} px, '}{cfg.train.epochs} epochs ===", flush=True)
         started = time.monotonic()
-        with claimed(cfg):
-            results[name] = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
+        try:
+            with claimed(cfg):
+                results[name] = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
+        except Interrupted:  # not resumable: the demo starts each stage from a clean run
+            raise Interrupted(f"the demo stopped in stage {i}/{len(stages)} ({name}); run it again to start over") from None
         print(f"=== stage {i}/{len(stages)} done in {time.monotonic() - started:.0f} s: "
               f"val/acc {results[name]['final_metrics']['val/acc']:.3f} ===", flush=True)
     return results
