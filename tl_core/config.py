@@ -58,7 +58,7 @@ class DataConfig(Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     image_size: int = Field(224, ge=8, le=1024)
     augment: bool = True
-    hflip: bool = True  # part of `augment`; off for data where mirroring changes the label (digits, text)
+    hflip: bool = True  # part of `augment`; off for images where mirroring changes the label (digits, writing)
     loader_workers: int = Field(2, ge=0, le=64)
     modality: Literal["auto", "image", "text"] = "auto"  # auto: table files (train.csv, ...) are text, class folders images
     text_column: str = Field("text", min_length=1)  # text: the columns of the table files
