@@ -69,7 +69,7 @@ def test_ctrl_c_stops_a_run_in_one_line_keeping_its_checkpoints_and_resume_finis
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (run / "checkpoint_epoch_0002").is_dir():
+        while not any(p.name >= "checkpoint_epoch_0002" for p in run.glob("checkpoint_epoch_*")):  # keep: 2 drops some
             assert time.monotonic() < deadline and driver.poll() is None
             time.sleep(0.2)
         driver.send_signal(signal.SIGINT)
