@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class S3Server:
     process: subprocess.Popen = field(repr=False)
     log_path: Path
     command: list[str] = field(repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point boto3, pyarrow and our jobs at this server."""
@@ -47,27 +49,32 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         """Stop the server this helper started (its own process group, by PID), children included: a process
-        of the group can outlive its leader's clean exit, so whatever is left of the group is killed."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+        of the group can outlive its leader's clean exit, so whatever is left of the group is killed. A clean
+        shutdown of `weed mini` has taken 12 s with uploads in flight, so SIGKILL waits `timeout` for it.
+        Safe from several threads: one stop (or restart) at a time, each on the process it found."""
+        with self._lock:
+            process = self.process
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
+            process.wait()
 
     def restart(self, timeout: float = 90.0) -> None:
         """Start the stopped server again: same data, ports and credentials."""
-        self.stop()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock:
+            self.stop()
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
         _wait_until_ready(self, timeout)
 
 
