@@ -20,7 +20,7 @@ from cluster import storage
 from jobs.staging import experiment_location
 from tl_core.config import RunConfig
 from tl_core.errors import ConfigError, StorageError
-from tl_core.processes import process_exists
+from tl_core.processes import alive, start_stamp
 
 LOCK_FILE = ".lock"
 log = logging.getLogger("jobs")
@@ -34,7 +34,8 @@ def claimed(cfg: RunConfig) -> Iterator[None]:
     lock = experiment.child(LOCK_FILE)
     # Local directories the claim itself creates are removed again if the run leaves nothing in them.
     created = [] if lock.is_s3 else [p for p in (Path(experiment.path), Path(experiment.path).parent) if not p.exists()]
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "stamp": start_stamp(os.getpid())}
     if not storage.create_exclusive(lock, json.dumps(me)):
         holder = _holder(lock)
         if not _is_stale(holder, lock):
@@ -67,10 +68,12 @@ def _holder(lock: storage.Location) -> dict:
 
 
 def _is_stale(holder: dict, lock: storage.Location) -> bool:
-    """A lock whose job is certainly gone: taken on this host by a process that no longer exists, or by this very
-    process in a claim it no longer holds (one it could not give back while storage was down)."""
+    """A lock whose job is certainly gone: taken on this host by a process that no longer runs (its number may have
+    gone to another since: the start stamp tells them apart), or by this very process in a claim it no longer holds
+    (one it could not give back while storage was down)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
     if holder["pid"] == os.getpid():
         return lock.uri not in _held
-    return not process_exists(holder["pid"])
+    stamp = holder.get("stamp")
+    return not alive(holder["pid"], stamp if isinstance(stamp, str) else None)

@@ -365,6 +365,23 @@ def test_a_second_job_on_a_held_experiment_is_one_line_and_a_dead_holder_is_repl
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(image_folder, tmp_path):
+    """PIDs are reused: the holder's start stamp tells its process from a later one with the same number."""
+    from tl_core.processes import start_stamp
+
+    cfg = load_config(write_config(tmp_path, image_folder))
+    lock = tmp_path / "runs" / "tiny" / LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    live = os.getppid()  # a process that runs, and is not this one
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live, "started": "then", "stamp": start_stamp(live)}))
+    with pytest.raises(ConfigError, match=f"being run by another job \\(pid {live}"):
+        with claimed(cfg):
+            pass
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live, "started": "then", "stamp": "other-boot:1"}))
+    with claimed(cfg):
+        assert json.loads(lock.read_text())["stamp"] == start_stamp(os.getpid())
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_blocks_no_clean_rerun(image_folder, tmp_path, capsys):
     """What a failed first epoch leaves (Ray's bookkeeping, no checkpoint) is not an experiment to resume."""
     stub = tmp_path / "runs" / "tiny"

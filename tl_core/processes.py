@@ -26,3 +26,9 @@ def start_stamp(pid: int) -> str | None:
         return f"{boot}:{fields[19]}"  # field 22 of stat, starttime; the fields after the name start at field 3
     except (OSError, IndexError):
         return None
+
+
+def alive(pid: int | None, started: str | None = None) -> bool:
+    """Whether process `pid` runs and, when `started` (its `start_stamp` when it was started) is known, is that
+    process still: after a reboot, or once it has ended, its number may belong to another."""
+    return bool(pid) and process_exists(pid) and (started is None or start_stamp(pid) in (None, started))

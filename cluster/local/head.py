@@ -39,7 +39,7 @@ import yaml
 from cluster.local.s3_server import free_ports, start_s3_server
 from jobs.cli import ArgumentParser, count, guarded, positive_number
 from tl_core.errors import ConfigError
-from tl_core.processes import process_exists, start_stamp
+from tl_core.processes import alive, start_stamp
 
 BUCKET = "tl-local"
 FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
@@ -76,12 +76,6 @@ def write_state(state: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the local S3 secret
     with os.fdopen(fd, "w") as f:
         json.dump(state, f, indent=2)
-
-
-def alive(pid: int | None, started: str | None = None) -> bool:
-    """Whether process `pid` runs and, when `started` (its `start_stamp` when it was started) is known, is that
-    process still: after a reboot, or once it has ended, its number may belong to another."""
-    return bool(pid) and process_exists(pid) and (started is None or start_stamp(pid) in (None, started))
 
 
 def job_env(state: dict) -> dict[str, str]:
