@@ -20,7 +20,7 @@ from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
-from tl_core.modality import check_modality
+from tl_core.modality import check_modality, unread_settings
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
 from tl_core.text_models import is_text_backbone
@@ -56,7 +56,9 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     if manifest is None:  # before its kind is guessed from what it holds; an s3:// root's copy is always a folder
         existing_folder(local.data.root, "data.root")
     if cfg.pretrain.method == "supervised":
-        check_modality(local, manifest.modality if manifest else None)
+        kind = check_modality(local, manifest.modality if manifest else None)
+        if unread := unread_settings(cfg, kind):
+            log.warning("config: a run on %s data does not read %s", kind, "; ".join(unread))
     recipe = RECIPES[cfg.pretrain.method]
     classes, n_train = data_classes_and_size(cfg, local, manifest)
     model = recipe.build_model(local, classes)  # unknown or mismatched weights fail here

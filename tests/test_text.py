@@ -208,6 +208,28 @@ def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path, message)
 
 
+def test_settings_the_other_kind_of_data_reads_are_named_not_silently_ignored(tmp_path, caplog):
+    from jobs.preflight import check_run
+    from tl_core.config_file import load_config
+
+    text = tmp_path / "text"
+    write_csv(text / "train.csv", sentiment_rows(16))
+    images = make_image_folder(tmp_path / "images", n_classes=2, per_class=6)
+    runs = [(text, {"data": {"image_size": 64, "hflip": False, "augment": True, "max_length": 32},
+                    "model": {"backbone": MINILM, "weights": "pretrained"}},
+             "config: a run on text data does not read data.image_size: 64; data.hflip: false"),
+            (images, {"data": {"max_length": 32, "image_size": 224}, "model": {"backbone": "resnet18", "pooling": "cls"}},
+             "config: a run on image data does not read data.max_length: 32; model.pooling: cls"),
+            (text, {"data": {"max_length": 32, "image_size": 224}, "model": {"backbone": MINILM, "weights": "pretrained"}},
+             None)]
+    for i, (data, sections, message) in enumerate(runs):
+        caplog.clear()
+        (tmp_path / str(i)).mkdir()
+        with caplog.at_level(logging.WARNING, logger="jobs"):
+            check_run(load_config(write_config(tmp_path / str(i), data, **sections)), resume=False)
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("config:")] == ([message] if message else [])
+
+
 def test_an_unknown_hf_model_is_refused_without_a_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="nowhere/such-model is neither a local model directory nor in the Hugging Face cache"):

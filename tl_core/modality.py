@@ -40,6 +40,24 @@ def check_modality(cfg: RunConfig, found: str | None = None) -> str:
     return kind
 
 
+#: The settings only one kind of data reads; a run on the other kind leaves them unread.
+ONLY_FOR = {"image": ("data.image_size", "data.augment", "data.hflip", "model.freeze_bn_stats"),
+            "text": ("data.text_column", "data.label_column", "data.max_length", "model.pooling")}
+
+
+def unread_settings(cfg: RunConfig, kind: str) -> list[str]:
+    """`key: value` of each setting, changed from its default, that a run on `kind` data never reads (a config
+    written whole, as a run's config.yaml is, names every key with its default, so only a change counts)."""
+    unread = []
+    for key in (key for other, keys in ONLY_FOR.items() if other != kind for key in keys):
+        section_name, name = key.split(".")
+        section = getattr(cfg, section_name)
+        value = getattr(section, name)
+        if value != type(section).model_fields[name].default:
+            unread.append(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
+    return unread
+
+
 def index_labelled(data: DataConfig, seed: int) -> DatasetIndex:
     return index_text_table(data, seed) if modality(data) == "text" else index_image_folder(data, seed)
 
