@@ -57,8 +57,6 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         existing_folder(local.data.root, "data.root")
     if cfg.pretrain.method == "supervised":
         kind = check_modality(local, manifest.modality if manifest else None)
-        if unread := unread_settings(cfg, kind):
-            log.warning("config: a run on %s data does not read %s", kind, "; ".join(unread))
     recipe = RECIPES[cfg.pretrain.method]
     classes, n_train = data_classes_and_size(cfg, local, manifest)
     model = recipe.build_model(local, classes)  # unknown or mismatched weights fail here
@@ -67,6 +65,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         check_batch_norm_batches(cfg, n_train, model)
     if resume:
         check_same_run(cfg, classes, root.child(cfg.experiment))
+    if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind)):  # only once the run goes ahead
+        log.warning("config: a run on %s data does not read %s", kind, "; ".join(unread))
     return cfg
 
 
