@@ -10,6 +10,8 @@ import argparse
 import importlib
 import logging
 import math
+import os
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -155,5 +157,12 @@ def run_module(name: str) -> NoReturn:
     """`python -m NAME`: exit with the status of NAME's `main`, run from the importable module, not from the `__main__`
     copy that `-m` executes. Ray pickles a class or function defined in `__main__` by value, with what its globals
     reach (jobs.predict's Ray Data actor class failed so: "cannot pickle '_Classes' object"), and one defined in
-    jobs.NAME by reference, as every Ray worker imports it."""
-    sys.exit(importlib.import_module(name).main())
+    jobs.NAME by reference, as every Ray worker imports it.
+
+    After a Ctrl-C, a second one while the exit's clean-up runs (Ray's shutdown, which can take seconds) ends the
+    process at once and quietly, not with Python's "Exception ignored in atexit callback" traceback; the processes of
+    a Ray cluster the job started share its fate."""
+    status = importlib.import_module(name).main()
+    if status == INTERRUPTED:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(INTERRUPTED))
+    sys.exit(status)

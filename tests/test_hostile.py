@@ -405,3 +405,30 @@ def test_the_experiment_claim_is_atomic_on_s3_too(s3, image_folder, tmp_path):
                 pass
         assert s3.client().get_object(Bucket=S3_BUCKET, Key=f"claims/tiny/{LOCK_FILE}")["Body"].read()
     assert "Contents" not in s3.client().list_objects_v2(Bucket=S3_BUCKET, Prefix=f"claims/tiny/{LOCK_FILE}")
+
+
+def test_a_second_ctrl_c_during_the_exits_clean_up_ends_the_job_quietly(tmp_path):
+    """`python -m jobs.X` stopped by Ctrl-C runs Ray's shutdown at exit; a second Ctrl-C there ends it at once with
+    status 130, not with Python's "Exception ignored in atexit callback" traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    (tmp_path / "stopped_job.py").write_text(
+        "import atexit, sys, time\nfrom jobs.cli import guarded\n"
+        "atexit.register(lambda: (print('cleaning up', file=sys.stderr, flush=True), time.sleep(60)))  # as ray.shutdown\n"
+        "@guarded\ndef main(argv=None):\n    raise KeyboardInterrupt\n")
+    job = subprocess.Popen([sys.executable, "-c", "from jobs.cli import run_module; run_module('stopped_job')"], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])},
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [job.stderr.readline(), job.stderr.readline()]
+        assert lines == ["interrupted: stopped (Ctrl-C)\n", "cleaning up\n"], lines
+        job.send_signal(signal.SIGINT)
+        assert job.wait(timeout=30) == 130
+        assert job.stderr.read() == ""
+    finally:
+        job.kill()
+        job.wait()
