@@ -10,6 +10,7 @@ from cluster import storage
 from tl_core.checkpoint import load_model_state
 from tl_core.config import from_dict
 from tl_core.errors import ConfigError
+from tl_core.files import user_path
 
 
 def local_checkpoint(run: str, field: str = "RUN") -> Path:
@@ -19,7 +20,7 @@ def local_checkpoint(run: str, field: str = "RUN") -> Path:
 
     if storage.is_uri(run):
         return fetch_weights(run, None, field)
-    return run_dir.local_checkpoint_dir(Path(run).expanduser(), run, field)
+    return run_dir.local_checkpoint_dir(user_path(run), run, field)
 
 
 def load_model(checkpoint: Path, field: str = "RUN") -> tuple[nn.Module, dict]:

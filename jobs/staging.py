@@ -26,6 +26,7 @@ from tl_core import run_dir
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, override, with_overrides
 from tl_core.errors import ConfigError
+from tl_core.files import user_path
 from tl_core.text_models import HF_PREFIX, HubModel, hub_repo, is_text_backbone
 from tl_core.weights import HubWeights, hub_weights
 
@@ -85,13 +86,13 @@ def run_has_progress(experiment: Location) -> bool:
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local paths made absolute (workers do not share the driver's working directory), an MLflow file: or sqlite:
     URI's path too, and the S3 endpoint pinned from AWS_ENDPOINT_URL so workers get it too."""
-    absolute = lambda path: path if storage.is_uri(path) else str(Path(path).expanduser().resolve())  # noqa: E731
+    absolute = lambda path: path if storage.is_uri(path) else str(user_path(path).resolve())  # noqa: E731
     overrides = [override("data.root", absolute(cfg.data.root)), override("storage.root", absolute(cfg.storage.root))]
     weights = cfg.model.weights
-    if weights and not storage.is_uri(weights) and not _hub(cfg) and Path(weights).expanduser().exists():
+    if weights and not storage.is_uri(weights) and not _hub(cfg) and user_path(weights).exists():
         overrides.append(override("model.weights", absolute(weights)))
     encoder = cfg.model.backbone[len(HF_PREFIX):] if is_text_backbone(cfg.model.backbone) else ""
-    if encoder and not storage.is_uri(encoder) and Path(encoder).expanduser().exists():
+    if encoder and not storage.is_uri(encoder) and user_path(encoder).exists():
         overrides.append(override("model.backbone", f"{HF_PREFIX}{absolute(encoder)}"))
     if cfg.tracking.mlflow is not None:
         overrides.append(override("tracking.mlflow.uri", absolute_uri(cfg.tracking.mlflow.uri)))

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 from tl_core.config import MlflowConfig, RunConfig
 from tl_core.distributed import get_rank
 from tl_core.errors import ConfigError
+from tl_core.files import user_path
 from tl_core.secrets import redact
 
 log = logging.getLogger("jobs")
@@ -161,9 +162,9 @@ def absolute_uri(uri: str) -> str:
     if sqlite := _sqlite_path(uri):
         path, query = sqlite
         if path and path != ":memory:" and not path.startswith("/"):
-            return f"sqlite:///{Path(path).expanduser().resolve()}{query}"
+            return f"sqlite:///{user_path(path).resolve()}{query}"
     elif scheme == "file" and not rest.startswith("//") and not rest.startswith("/"):  # file:./mlruns
-        return Path(rest).expanduser().resolve().as_uri()
+        return user_path(rest).resolve().as_uri()
     return uri
 
 

@@ -432,3 +432,16 @@ def test_a_second_ctrl_c_during_the_exits_clean_up_ends_the_job_quietly(tmp_path
     finally:
         job.kill()
         job.wait()
+
+
+def test_a_tilde_path_of_no_user_is_read_as_the_shell_reads_it_not_a_traceback(image_folder, tmp_path, capsys, monkeypatch):
+    """`~name/...` where no user is called name stays as written (bash does the same); pathlib raised RuntimeError."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "~no-such-user-tl/data", storage={"root": "~no-such-user-tl/runs"})
+    one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
+                    f"data.root: directory {tmp_path}/~no-such-user-tl/data does not exist")
+    assert not (tmp_path / "~no-such-user-tl").exists()
+    from jobs import predict
+
+    one_line_exit_2(predict.main, ["--run", "~no-such-user-tl/run", "--data", str(image_folder), "--out", "out"], capsys,
+                    tmp_path, "--run: ~no-such-user-tl/run is neither a finished run nor a checkpoint directory")

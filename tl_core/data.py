@@ -30,6 +30,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from tl_core.config import DataConfig, RunConfig
 from tl_core.errors import DataError
+from tl_core.files import user_path
 
 logger = logging.getLogger("tl_core")
 
@@ -95,7 +96,7 @@ def existing_folder(path: str, field: str) -> Path:
 
 def node_cache_dir() -> Path:
     """This node's cache of dataset copies and indexes: $TL_CACHE_DIR, default ~/.cache/tl-finetune."""
-    return Path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune").expanduser()
+    return user_path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune")
 
 
 def _cached_index(kind: str, paths: list[str], settings: tuple, build: Callable[[], DatasetIndex]) -> DatasetIndex:

@@ -26,6 +26,7 @@ from torch import nn
 
 from tl_core.config import ModelConfig
 from tl_core.errors import ConfigError
+from tl_core.files import user_path
 
 logger = logging.getLogger("tl_core")
 
@@ -65,7 +66,7 @@ def model_dir(backbone: str) -> Path:
     if name.startswith("s3://"):
         raise ConfigError(f"model.backbone: {backbone} is on S3; the jobs (python -m jobs.finetune) copy it to each node")
     source = source_checkpoint(backbone)
-    path = source / CHECKPOINT_HF_DIR if source is not None else Path(name).expanduser()
+    path = source / CHECKPOINT_HF_DIR if source is not None else user_path(name)
     if path.is_dir():
         if not (path / "config.json").is_file() or not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ConfigError(f"model.backbone: {name} is not a Hugging Face model directory (it needs config.json and "
@@ -84,7 +85,7 @@ def source_checkpoint(backbone: str) -> Path | None:
     """The checkpoint of ours an `hf:` backbone names (a checkpoint directory, or a finished run's best one)."""
     from tl_core import checkpoint, run_dir
 
-    path = run_dir.best_of_finished_run(Path(_name(backbone)).expanduser(), _name(backbone), "model.backbone")
+    path = run_dir.best_of_finished_run(user_path(_name(backbone)), _name(backbone), "model.backbone")
     if not (path / checkpoint.META_FILE).is_file():
         return None
     if not (path / CHECKPOINT_HF_DIR).is_dir():
@@ -95,7 +96,7 @@ def source_checkpoint(backbone: str) -> Path | None:
 def hub_repo(backbone: str) -> str | None:
     """The Hugging Face hub repository an `hf:` backbone names, or None (offline name, path, s3://, checkpoint)."""
     name = _name(backbone)
-    if _HUB_IDS.get(name, name) in OFFLINE_TEXT_MODELS or name.startswith("s3://") or Path(name).expanduser().exists():
+    if _HUB_IDS.get(name, name) in OFFLINE_TEXT_MODELS or name.startswith("s3://") or user_path(name).exists():
         return None
     return name if _HUB_ID.match(name) else None
 

@@ -39,6 +39,7 @@ import yaml
 from cluster.local.s3_server import free_ports, start_s3_server
 from jobs.cli import ArgumentParser, count, guarded, positive_number
 from tl_core.errors import ConfigError
+from tl_core.files import user_path
 from tl_core.processes import alive, start_stamp
 
 BUCKET = "tl-local"
@@ -46,7 +47,7 @@ FAKE_AUTOSCALING = Path(__file__).parent / "autoscaling" / "fake-multinode.yaml"
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("TL_LOCAL_DIR") or Path.home() / ".cache" / "tl-finetune" / "local").expanduser()
+    return user_path(os.environ.get("TL_LOCAL_DIR") or Path.home() / ".cache" / "tl-finetune" / "local")
 
 
 def read_state() -> dict | None:

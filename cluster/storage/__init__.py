@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs
 
 from tl_core.errors import StorageError
-from tl_core.files import as_created
+from tl_core.files import as_created, user_path
 
 DEFAULT_MAX_ATTEMPTS = 6
 PROBE_READ_TIMEOUT_S = 8
@@ -69,7 +69,7 @@ def parse(root: str, endpoint_url: str | None = None, field: str = "storage.root
         return Location(uri, True, f"{bucket}/{prefix}".rstrip("/"), bucket, endpoint)
     if "://" in root:
         raise StorageError(f"{field}: {root} is neither a local path nor s3://bucket/prefix")
-    path = str(Path(root).expanduser().resolve())
+    path = str(user_path(root).resolve())
     return Location(path, False, path)
 
 
