@@ -73,13 +73,20 @@ class SearchConfig(Section):
         def walk(prefix: str, node: dict) -> None:
             for key, value in node.items():
                 name = f"{prefix}{key}"
-                if isinstance(value, dict) and value and not set(value) & set(_DISTRIBUTIONS):
-                    walk(f"{name}.", value)
+                if isinstance(value, dict) and value and not set(value) & set(_DISTRIBUTIONS) \
+                        and (_is_section(name) or all(isinstance(v, dict) for v in value.values())):
+                    walk(f"{name}.", value)  # a section of keys, each with its distribution
                 else:
                     flat.pop(name, None)
                     flat[name] = value
 
         walk("", space)
+        for key, spec in flat.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+                raise ValueError(f"{key}: expected one of {', '.join(_DISTRIBUTIONS)} (e.g. {{loguniform: [1.0e-4, 1.0e-1]}}; "
+                                 f"got {spec!r})")
+            if not isinstance(next(iter(spec.values())), list):
+                raise ValueError(f"{key}: {next(iter(spec))} takes a list of values (got {spec!r})")
         return flat
 
     @field_validator("space")
@@ -89,8 +96,6 @@ class SearchConfig(Section):
             raise ValueError("the search space is empty; give at least one key, e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-1]}")
         for key, spec in space.items():
             _check_config_key(key)
-            if len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
-                raise ValueError(f"{key}: expected one of {', '.join(_DISTRIBUTIONS)} (e.g. {{loguniform: [1.0e-4, 1.0e-1]}})")
             kind, values = next(iter(spec.items()))
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ValueError(f"{key}: {kind} values must be finite numbers (got {values})")
@@ -155,6 +160,16 @@ class SearchConfig(Section):
             for subset in subsets:
                 for values in itertools.product(*(by_key[key] for key in subset)):
                     yield tuple(zip(subset, values, strict=True))
+
+
+def _is_section(key: str) -> bool:
+    model: Any = RunConfig
+    for part in key.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return isinstance(model, type) and issubclass(model, BaseModel)
 
 
 def _check_config_key(key: str) -> None:

@@ -322,6 +322,12 @@ def test_sweep_resume_pointed_at_a_finetune_run_is_refused(image_folder, tmp_pat
     ({"train.batch_size": {"uniform": [8, 64]}}, "search.space.train.batch_size: value"),
     ({"optim.lr": {"uniform": [0.001, float("inf")]}}, "values must be finite numbers"),
     ({"optim.lr": {"choice": [0.01, float("nan")]}}, "values must be finite numbers"),
+    # A distribution Tune has but the space does not, or a bare value: named as such, not "Input should be a valid
+    # dictionary" about a key made up of the two (search.space.optim.lr.qloguniform).
+    ({"optim.lr": {"qloguniform": [0.001, 0.1, 0.001]}},
+     "search.space: optim.lr: expected one of loguniform, uniform, randint, choice, grid (e.g."),
+    ({"optim": {"lr": 0.1}}, "search.space: optim.lr: expected one of loguniform, uniform, randint, choice, grid (e.g."),
+    ({"optim.lr": {"choice": 0.1}}, "search.space: optim.lr: choice takes a list of values (got {'choice': 0.1})"),
 ])
 def test_a_sweep_space_must_fit_its_keys(image_folder, tmp_path, capsys, space, message):
     config = write_config(tmp_path, image_folder)
