@@ -118,6 +118,18 @@ def test_weights_of_another_backbone_are_rejected(tmp_path):
         build_model(ModelConfig(backbone="resnet18", weights=str(path)), CLASSES, image_size=32)
 
 
+def test_a_checkpoint_of_ours_for_another_backbone_names_the_one_it_was_trained_as(tmp_path):
+    from tl_core.checkpoint import save_checkpoint
+
+    source = torchvision.models.resnet18(num_classes=3)
+    run = tmp_path / "checkpoint_epoch_0001"
+    save_checkpoint(run, source.state_dict(), {"epoch": 1},
+                    {"config": {"model": {"backbone": "resnet18"}}, "classes": ["a", "b", "c"], "epoch": 1})
+    with pytest.raises(ConfigError, match=f"model.weights: {run} does not match the backbone: .*; it was trained as "
+                                          "model.backbone resnet18, this run's is resnet34$"):
+        build_model(ModelConfig(backbone="resnet34", weights=str(run)), CLASSES, image_size=32)
+
+
 def test_weights_that_are_not_a_state_dict(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")

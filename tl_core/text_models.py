@@ -220,10 +220,12 @@ def build_text_model(cfg: ModelConfig, classes: list[str]) -> nn.Module:
     init_head(model.head, cfg.head_init)
     weights = str(source) if cfg.weights == PRETRAINED and source is not None else cfg.weights
     if weights not in (None, PRETRAINED):
-        from tl_core.weights import load_source_weights, read_source_state_dict
+        from tl_core.weights import load_source_weights, naming_the_trained_backbone, read_source_state_dict
 
-        state, source_classes = read_source_state_dict(weights, cfg.backbone)
-        load_source_weights(model, state, source=weights, head_name="head", keep_head=source_classes in (None, list(classes)))
+        found = read_source_state_dict(weights, cfg.backbone)
+        with naming_the_trained_backbone(found, cfg.backbone):
+            load_source_weights(model, found.state, source=weights, head_name="head",
+                                keep_head=found.classes in (None, list(classes)))
     return model
 
 

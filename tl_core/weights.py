@@ -9,6 +9,7 @@ on the driver); reading never downloads.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import re
@@ -16,6 +17,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, NamedTuple
 from urllib.parse import urlsplit
 
 import torch
@@ -36,26 +38,45 @@ OFFLINE_WEIGHTS = {
 }
 
 
+class SourceWeights(NamedTuple):
+    state: dict[str, torch.Tensor]
+    classes: list[str] | None = None  # what its head was trained on, when known
+    backbone: str | None = None  # the model.backbone it was trained as, when it is a checkpoint or run of ours
+
+
 def load_source(model: nn.Module, head_name: str, source: str, backbone: str, classes: list[str]) -> None:
     """Load `source` (a `model.weights` value) into `model`, converting its layout; its head is kept only when it was
     trained on `classes` (or its classes are unknown)."""
-    state, source_classes = read_source_state_dict(source, backbone)
-    state = convert_layout(state, model, source=source, head_name=head_name)
-    load_source_weights(model, state, source=source, head_name=head_name, keep_head=source_classes in (None, list(classes)))
+    found = read_source_state_dict(source, backbone)
+    with naming_the_trained_backbone(found, backbone):
+        state = convert_layout(found.state, model, source=source, head_name=head_name)
+        load_source_weights(model, state, source=source, head_name=head_name, keep_head=found.classes in (None, list(classes)))
 
 
-def read_source_state_dict(source: str, backbone: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """(state dict, its class names if known) from a short name in OFFLINE_WEIGHTS, hub weights already in their
+@contextlib.contextmanager
+def naming_the_trained_backbone(found: SourceWeights, backbone: str) -> Iterator[None]:
+    """A source that does not fit the model says so with the backbone it was trained as, when that is known and is
+    another: "missing key layer1.2.bn1.bias" alone does not tell that a resnet18's weights went to a resnet34."""
+    try:
+        yield
+    except ConfigError as exc:
+        if found.backbone is None or found.backbone == backbone:
+            raise
+        raise ConfigError(f"{exc}; it was trained as model.backbone {found.backbone}, this run's is {backbone}") from None
+
+
+def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
+    """The state dict (and what is known of it) from a short name in OFFLINE_WEIGHTS, hub weights already in their
     library's cache, a state-dict file (.pt, .pth, .safetensors), or a checkpoint or run directory of ours."""
     if source in OFFLINE_WEIGHTS:
-        return _read_offline_weights(source, backbone), None
+        return SourceWeights(_read_offline_weights(source, backbone))
     hub = hub_weights(backbone, source)
     if hub is not None:
         cached = hub.cached()
         if cached is None:
             raise ConfigError(f"model.weights: {source} for {backbone} is not in the local {hub.library} cache "
                               f"({hub.cache_dir}); the jobs download it once, or place {hub.file_name} there")
-        return _torch_load(cached, source), None
+        return SourceWeights(_torch_load(cached, source))
     path = Path(source)
     if path.exists():
         return _read_local_weights(path, source)
@@ -254,15 +275,16 @@ def _read_offline_weights(short: str, backbone: str) -> dict[str, torch.Tensor]:
     return _torch_load(Path(path), short)
 
 
-def _read_local_weights(path: Path, source: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+def _read_local_weights(path: Path, source: str) -> SourceWeights:
     from tl_core import checkpoint, run_dir  # a checkpoint directory and a finished run are kinds of source
 
     if not (path.is_file() or path.is_dir()):  # a FIFO or a device: a read would wait forever
         raise ConfigError(f"model.weights: {source} is neither a file nor a directory")
     if path.is_dir():
         state, meta = checkpoint.load_model_state(run_dir.local_checkpoint_dir(path, source))
-        return state, meta.get("classes")
-    return _torch_load(path, source), None
+        trained = (meta.get("config") or {}).get("model", {}).get("backbone")
+        return SourceWeights(state, meta.get("classes"), trained if isinstance(trained, str) else None)
+    return SourceWeights(_torch_load(path, source))
 
 
 def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
