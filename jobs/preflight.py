@@ -65,8 +65,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         check_batch_norm_batches(cfg, n_train, model)
     if resume:
         check_same_run(cfg, classes, root.child(cfg.experiment))
-    if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind)):  # only once the run goes ahead
-        log.warning("config: a run on %s data does not read %s", kind, "; ".join(unread))
+    if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, packed=manifest is not None)):
+        log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     return cfg
 
 

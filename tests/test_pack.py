@@ -355,3 +355,17 @@ def test_a_packed_dataset_on_s3_streams_to_two_ddp_workers_and_survives_a_killed
     meta = json.loads(s3.client().get_object(Bucket="tl-test", Key="runs/streamed/checkpoint_epoch_0003/meta.json")["Body"].read())
     assert sum(map(sum, meta["confusion_matrix"])) == manifest.rows("val")  # every validation image once
     assert not cache.local_path(storage.parse("s3://tl-test/packed/stream")).exists()  # streamed, never copied
+
+
+def test_what_a_packed_dataset_fixed_when_packed_is_named_when_a_run_changes_it():
+    """Its split and a text pack's columns were fixed by jobs.pack_data, and it streams without the folder loader's
+    workers: a run that sets them is told they are not read; a folder run is told so of data.decode_cpus."""
+    from tl_core.config import from_dict
+    from tl_core.modality import unread_settings
+
+    cfg = from_dict({"experiment": "x", "data": {"root": "/packed", "val_fraction": 0.5, "decode_cpus": 1.0,
+                                                 "label_column": "y", "image_size": 64}})
+    assert unread_settings(cfg, "image", packed=True) == ["data.label_column: y", "data.val_fraction: 0.5"]
+    assert unread_settings(cfg, "image", packed=False) == ["data.label_column: y", "data.decode_cpus: 1.0"]
+    assert unread_settings(cfg, "text", packed=True) == ["data.image_size: 64", "data.val_fraction: 0.5",
+                                                         "data.label_column: y"]

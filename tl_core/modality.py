@@ -43,13 +43,19 @@ def check_modality(cfg: RunConfig, found: str | None = None) -> str:
 #: The settings only one kind of data reads; a run on the other kind leaves them unread.
 ONLY_FOR = {"image": ("data.image_size", "data.augment", "data.hflip", "model.freeze_bn_stats"),
             "text": ("data.text_column", "data.label_column", "data.max_length", "model.pooling")}
+#: What a packed dataset fixed when it was packed (its split, a text pack's columns) or streams without (the folder
+#: loader's worker processes); and what only a packed one reads.
+ONLY_UNPACKED = ("data.val_fraction", "data.loader_workers", "data.text_column", "data.label_column")
+ONLY_PACKED = ("data.decode_cpus",)
 
 
-def unread_settings(cfg: RunConfig, kind: str) -> list[str]:
-    """`key: value` of each setting, changed from its default, that a run on `kind` data never reads (a config
-    written whole, as a run's config.yaml is, names every key with its default, so only a change counts)."""
+def unread_settings(cfg: RunConfig, kind: str, packed: bool) -> list[str]:
+    """`key: value` of each setting, changed from its default, that a run on `kind` data (`packed` or not) never
+    reads (a config written whole, as a run's config.yaml is, names every key with its default: only a change counts)."""
+    keys = [key for other, keys in ONLY_FOR.items() if other != kind for key in keys]
+    keys += ONLY_UNPACKED if packed else ONLY_PACKED
     unread = []
-    for key in (key for other, keys in ONLY_FOR.items() if other != kind for key in keys):
+    for key in dict.fromkeys(keys):
         section_name, name = key.split(".")
         section = getattr(cfg, section_name)
         value = getattr(section, name)
