@@ -89,7 +89,7 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     if not isinstance(raw, dict) or not isinstance(raw.get("search"), dict):
         raise ConfigError(f"{sweep_file.uri}: not a sweep file (a run config plus a search: section)")
     try:
-        search = SearchConfig.model_validate(raw.pop("search"))
+        search = SearchConfig.model_validate(raw.pop("search"), context={"stored": True})  # read, not judged again
     except ValidationError as exc:
         raise ConfigError(f"{sweep_file.uri}: search.{describe(exc, model=SearchConfig)}") from None
     base = from_dict(raw, source=sweep_file.uri, stored=True)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tl_core.config import MetricName, RunConfig, Section, apply_overrides, describe, from_dict, override, with_overrides
+from tl_core.config import MetricName, MonitorsAMetric, RunConfig, Section, apply_overrides, describe, from_dict, override, with_overrides
 from tl_core.config_file import read_config_file
 from tl_core.errors import ConfigError
 
@@ -48,7 +48,7 @@ class SchedulerConfig(Section):
         return self
 
 
-class SearchConfig(Section):
+class SearchConfig(Section, MonitorsAMetric):
     space: dict[str, dict[str, list[Any]]]
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)

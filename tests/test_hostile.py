@@ -127,10 +127,23 @@ def test_an_alias_bomb_in_a_command_line_value_is_refused_too():
     ({"pretrain": {"method": "simclr", "crop_scale": [0.0, 1.0]}}, "pretrain.crop_scale.0: Input should be greater than 0"),
     ({"pretrain": {"method": "simclr"}, "train": {"batch_size": 1}}, "train.batch_size: 1 gives SimCLR no negatives"),  # trained
     ({"model": {"weights": ""}}, "model.weights: empty; leave it out, or null, to start from random weights"),  # trained from random
+    # kept the checkpoints of the highest loss and called the worst one "best"
+    ({"checkpoint": {"metric": "val/loss", "mode": "max"}}, "checkpoint.mode: max would take the highest val/loss as the best"),
+    ({"train": {"early_stopping": {"metric": "val/f1", "mode": "min", "patience": 2}}},
+     "train.early_stopping.mode: min would take the lowest val/f1 as the best, and val/f1 is better higher: use max"),
 ])
 def test_values_that_cannot_train_are_refused(patch, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict({**MINIMAL, **patch})
+
+
+def test_a_monitored_metrics_mode_left_out_is_the_metrics_own():
+    cfg = from_dict({**MINIMAL, "checkpoint": {"metric": "val/loss"}, "train": {"early_stopping": {"metric": "train/loss"}}})
+    assert (cfg.checkpoint.mode, cfg.train.early_stopping.mode) == ("min", "min")
+    assert from_dict(MINIMAL).checkpoint.mode == "max"
+    assert from_dict(cfg.to_dict()).checkpoint.mode == "min"  # written whole, read back the same
+    stored = {**MINIMAL, "checkpoint": {"metric": "val/loss", "mode": "max"}}  # a finished run's is not judged again
+    assert from_dict(stored, stored=True).checkpoint.mode == "max"
 
 
 def test_a_finished_runs_config_is_not_judged_again_by_newer_training_checks(tmp_path):

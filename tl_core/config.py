@@ -49,6 +49,36 @@ def _check_metric(name: str) -> str:
 
 MetricName = Annotated[str, AfterValidator(_check_metric)]
 
+#: The metrics that are better lower (the losses); every other one is better higher (`epoch`: the latest).
+LOWER_IS_BETTER = ("train/loss", "val/loss")
+
+
+def metric_mode(metric: str) -> str:
+    """The mode ("min" or "max") in which `metric` improves."""
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
+
+class MonitorsAMetric(BaseModel):
+    """A section with `metric` and `mode`: `mode` left out is the metric's own (min for a loss, max for the rest);
+    written against it, it is refused, as it would keep or pick the worst (a stored config is not judged again)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_the_metric(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mode" not in data and isinstance(data.get("metric"), str):
+            return {**data, "mode": metric_mode(data["metric"])}
+        return data
+
+    @field_validator("mode", check_fields=False)
+    @classmethod
+    def _mode_fits_the_metric(cls, mode: str, info: ValidationInfo) -> str:
+        metric = info.data.get("metric")  # absent when it failed its own validation
+        if metric is None or (info.context or {}).get("stored") or mode == metric_mode(metric):
+            return mode
+        raise ValueError(f"{mode} would take the {'highest' if mode == 'max' else 'lowest'} {metric} as the best, and "
+                         f"{metric} is better {'lower' if metric in LOWER_IS_BETTER else 'higher'}: use "
+                         f"{metric_mode(metric)}, or leave mode out")
+
 #: The metrics each recipe (`pretrain.method`) reports; SimCLR's val/acc is how often a view finds its partner.
 RECIPE_METRICS = {"supervised": METRIC_NAMES, "simclr": ("train/loss", "val/loss", "val/acc", "epoch")}
 
@@ -125,7 +155,7 @@ class OptimConfig(Section):
         return self
 
 
-class EarlyStoppingConfig(Section):
+class EarlyStoppingConfig(Section, MonitorsAMetric):
     metric: MetricName = "val/acc"
     mode: Literal["max", "min"] = "max"
     patience: Optional[int] = Field(None, ge=1)  # measurements without improvement (epochs, or validations of a val/ metric); null = never
@@ -208,7 +238,7 @@ class ScalingConfig(Section):
         return resources
 
 
-class CheckpointConfig(Section):
+class CheckpointConfig(Section, MonitorsAMetric):
     keep: Optional[int] = Field(2, ge=1)  # null keeps every checkpoint
     every: int = Field(1, ge=1)  # epochs between checkpoints; the last epoch and an early stop always write one
     metric: MetricName = "val/acc"
