@@ -4,6 +4,7 @@ and its source weights, and whether the cluster can ever place the workers."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from typing import Callable
@@ -16,6 +17,7 @@ from cluster.storage import Location
 from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from jobs.tracking import check_mlflow_uri
+from tl_core import run_dir
 from tl_core.config import RunConfig, ScalingConfig
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
@@ -112,10 +114,12 @@ def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> 
 
 
 def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> None:
-    """--resume continues the same model on the same classes; a difference is named, not discovered mid-load."""
+    """--resume continues the same model on the same classes, and has epochs left to train; a difference is named,
+    not discovered mid-load."""
     meta = newest_meta(experiment)
     if meta is None:
         return
+    check_left_to_train(cfg, experiment, meta)
     trained = (meta["config"].get("model") or {}).get("backbone")
     if trained != cfg.model.backbone:
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
@@ -123,6 +127,26 @@ def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> 
         added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
         parts = [f"{what}: {', '.join(names)}" for what, names in (("new", added), ("gone", missing)) if names]
         raise ConfigError(f"--resume: data.root's classes differ from experiment {cfg.experiment}'s ({'; '.join(parts) or 'their order changed'})")
+
+
+def check_left_to_train(cfg: RunConfig, experiment: Location, newest: dict) -> None:
+    """A finished run (its result.json written) resumed with no epoch left is one line, not a cluster start that
+    trains nothing and writes result.json again with a config no epoch was trained with. A run killed after its
+    last checkpoint, before result.json, does resume: that writes it."""
+    location = experiment.child(run_dir.RESULT_FILE)
+    if not storage.exists(location, "storage.root"):
+        return
+    try:
+        result = json.loads(storage.read_text(location, "storage.root"))
+    except ValueError:
+        return
+    if newest["epoch"] >= cfg.train.epochs:
+        raise ConfigError(f"--resume: experiment {cfg.experiment} has finished its {newest['epoch']} epoch(s); set "
+                          f"train.epochs above {newest['epoch']} to train it longer")
+    planned = ((result.get("config") or {}).get("train") or {}).get("epochs")
+    if isinstance(planned, int) and isinstance(result.get("epochs_completed"), int) and result["epochs_completed"] < planned:
+        raise ConfigError(f"--resume: experiment {cfg.experiment} stopped early at epoch {result['epochs_completed']} "
+                          "(train.early_stopping), so it has nothing left to train")
 
 
 def worker_resources(scaling: ScalingConfig) -> dict[str, float]:

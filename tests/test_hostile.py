@@ -324,6 +324,33 @@ def test_resume_with_another_backbone_or_class_set_names_the_difference(image_fo
     one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
 
 
+@pytest.mark.parametrize("planned,epochs,message", [
+    (1, 1, "--resume: experiment tiny has finished its 1 epoch(s); set train.epochs above 1 to train it longer"),
+    (4, 2, "--resume: experiment tiny stopped early at epoch 1 (train.early_stopping), so it has nothing left to train"),
+])
+def test_resuming_a_finished_run_with_nothing_left_to_train_is_one_line(image_folder, tmp_path, capsys, planned, epochs,
+                                                                        message):
+    """It started the cluster, trained nothing and wrote result.json again with the new config (an LR no epoch saw)."""
+    run = _fake_run(tmp_path, backbone="resnet18")
+    result = {"epochs_completed": 1, "config": {"train": {"epochs": planned}}}
+    (run / "result.json").write_text(json.dumps(result))
+    config = write_config(tmp_path, image_folder, train={"epochs": epochs})
+    one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
+    assert json.loads((run / "result.json").read_text()) == result
+
+
+def test_a_run_killed_after_its_last_checkpoint_still_resumes_to_write_its_result(image_folder, tmp_path):
+    from jobs.preflight import check_left_to_train
+    from jobs.staging import experiment_location
+
+    run = _fake_run(tmp_path, backbone="resnet18")
+    cfg = load_config(write_config(tmp_path, image_folder, train={"epochs": 1}))
+    check_left_to_train(cfg, experiment_location(cfg), {"epoch": 1})  # no result.json: the resume writes it
+    (run / "result.json").write_text(json.dumps({"epochs_completed": 1, "config": {"train": {"epochs": 1}}}))
+    with pytest.raises(ConfigError, match="has finished its 1 epoch"):
+        check_left_to_train(cfg, experiment_location(cfg), {"epoch": 1})
+
+
 def test_sweep_resume_pointed_at_a_finetune_run_is_refused(image_folder, tmp_path, capsys):
     _fake_run(tmp_path, backbone="resnet18")
     config = write_config(tmp_path, image_folder)
