@@ -357,7 +357,7 @@ def test_text_on_s3_with_two_ddp_workers_and_a_killed_worker(ray_cluster, s3, ml
     storage.upload_dir(model_dir(MINILM), storage.parse("s3://tl-test/models/minilm"))
     config = write_config(tmp_path, "s3://tl-test/text/sentiment", experiment="text-ddp", train={"epochs": 4, "batch_size": 8},
                           data={"max_length": 32}, model={"backbone": "hf:s3://tl-test/models/minilm", "weights": "pretrained",
-                                                          "strategy": "gradual_unfreeze", "unfreeze_every": 10},
+                                                          "strategy": "gradual_unfreeze", "unfreeze_every": 3},
                           optim={"name": "adamw", "lr": 3e-3, "scheduler": "constant"}, storage={"root": "s3://tl-test/runs"},
                           checkpoint={"keep": None}, scaling={"num_workers": 2, "max_failures": 1},
                           tracking={"mlflow": {"uri": mlflow_server, "experiment": "text-ddp"}})

@@ -358,6 +358,10 @@ class RunConfig(Section):
         if self.model.strategy == "lp_ft" and self.model.lp_epochs >= self.train.epochs:
             raise ValueError(f"model.lp_epochs: {self.model.lp_epochs} must be less than train.epochs ({self.train.epochs}), "
                              "or lp_ft never fine-tunes")
+        if self.model.strategy == "gradual_unfreeze" and self.model.unfreeze_every >= self.train.epochs:
+            raise ValueError(f"model.unfreeze_every: {self.model.unfreeze_every} must be less than train.epochs "
+                             f"({self.train.epochs}), or gradual_unfreeze never unfreezes a block (a linear probe: "
+                             "strategy linear_probe says so)")
         if self.checkpoint.every % self.train.val_every:
             raise ValueError(f"checkpoint.every: {self.checkpoint.every} must be a multiple of train.val_every ({self.train.val_every}): "
                              "a checkpoint holds the metrics of a validated epoch")
