@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tl_core.config import MetricName, MonitorsAMetric, RunConfig, Section, apply_overrides, describe, from_dict, override, with_overrides
+from tl_core.config import MetricName, MonitorsAMetric, RunConfig, Section, apply_overrides, describe, from_dict, override, section_at, with_overrides
 from tl_core.config_file import read_config_file
 from tl_core.errors import ConfigError
 
@@ -74,7 +74,7 @@ class SearchConfig(Section, MonitorsAMetric):
             for key, value in node.items():
                 name = f"{prefix}{key}"
                 if isinstance(value, dict) and value and not set(value) & set(_DISTRIBUTIONS) \
-                        and (_is_section(name) or all(isinstance(v, dict) for v in value.values())):
+                        and (section_at(name.split(".")) is not None or all(isinstance(v, dict) for v in value.values())):
                     walk(f"{name}.", value)  # a section of keys, each with its distribution
                 else:
                     flat.pop(name, None)
@@ -160,16 +160,6 @@ class SearchConfig(Section, MonitorsAMetric):
             for subset in subsets:
                 for values in itertools.product(*(by_key[key] for key in subset)):
                     yield tuple(zip(subset, values, strict=True))
-
-
-def _is_section(key: str) -> bool:
-    model: Any = RunConfig
-    for part in key.split("."):
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return False
-        model = field.annotation
-    return isinstance(model, type) and issubclass(model, BaseModel)
 
 
 def _check_config_key(key: str) -> None:

@@ -446,12 +446,19 @@ def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
 
 
 def _allowed_keys(loc: tuple, model: Any) -> str:
-    for part in loc[:-1]:
+    section = section_at(loc[:-1], model)
+    return "" if section is None else "; allowed: " + ", ".join(section.model_fields)
+
+
+def section_at(path: tuple | list, model: Any = RunConfig) -> type[BaseModel] | None:
+    """The section that a path of keys names in `model` (("optim",) -> OptimConfig), or None where a key is unknown
+    or names a value."""
+    for part in path:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return ""
+            return None
         model = field.annotation
-    return "; allowed: " + ", ".join(model.model_fields)
+    return model
 
 
 def override(key: str, value: Any) -> str:
