@@ -49,6 +49,15 @@ def test_vit_needs_a_patch_multiple():
         build_model(ModelConfig(backbone="vit_b_16"), CLASSES, image_size=40)
 
 
+@pytest.mark.parametrize(("backbone", "patch"), [("timm:vit_tiny_patch16_224", 16), ("timm:eva02_tiny_patch14_224", 14)])
+def test_a_timm_transformer_needs_a_multiple_of_its_patch(backbone, patch):
+    """timm builds a ViT for 30 px, but its 16 px patches see the first 16 rows and columns only: refused."""
+    with pytest.raises(ConfigError, match=f"data.image_size: {backbone} cuts images into {patch} px patches; use a multiple of {patch} "
+                                          r"\(got 30\)"):
+        build_model(ModelConfig(backbone=backbone), CLASSES, image_size=30)
+    assert build_model(ModelConfig(backbone=backbone), CLASSES, image_size=2 * patch) is not None
+
+
 @pytest.mark.parametrize("method", ["xavier", "kaiming"])
 def test_head_init(method):
     torch.manual_seed(0)

@@ -148,6 +148,10 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
         model = timm.create_model(name, pretrained=False, num_classes=1)
     except (AssertionError, ValueError) as exc:
         raise ConfigError(f"data.image_size: {backbone} cannot take {image_size} px ({exc})") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)  # a transformer cuts images into patches
+    if isinstance(patch, (tuple, list)) and image_size % patch[0]:  # the remainder would be cut off unseen
+        raise ConfigError(f"data.image_size: {backbone} cuts images into {patch[0]} px patches; use a multiple of "
+                          f"{patch[0]} (got {image_size})")
     classifier = model.pretrained_cfg.get("classifier")
     if isinstance(classifier, (tuple, list)):  # distilled models (DeiT, LeViT): a class head and a distillation head
         raise ConfigError(f"model.backbone: {backbone} has {len(classifier)} classifier heads ({', '.join(classifier)}); "
