@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from jobs.tracking import check_mlflow_uri
 from tl_core import run_dir
-from tl_core.config import RunConfig, ScalingConfig
+from tl_core.config import RunConfig, ScalingConfig, left_unread
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
@@ -35,9 +35,12 @@ def load_and_check(args: argparse.Namespace) -> RunConfig:
     return check_run(load_config(args.config, args.overrides), resume=args.resume)
 
 
-def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], bool] = run_has_progress) -> RunConfig:
+def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], bool] = run_has_progress,
+              varied: Collection[str] = ()) -> RunConfig:
     """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
-    source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume."""
+    source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume;
+    `varied`: the keys a sweep's space sets in each trial. Settings the run leaves unread are then named, in a warning
+    line per reason (after every check, so that a mistake stays one line)."""
     check_mlflow_uri(cfg)
     cfg = with_absolute_paths(cfg)
     root = root_location(cfg)
@@ -67,8 +70,10 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         check_batch_norm_batches(cfg, n_train, model)
     if resume:
         check_same_run(cfg, classes, root.child(cfg.experiment))
-    if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, packed=manifest is not None)):
+    if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, manifest is not None, varied)):
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
+    for decider, unread in left_unread(cfg, varied).items():
+        log.warning("config: with %s, nothing reads %s", decider, "; ".join(unread))
     return cfg
 
 

@@ -38,7 +38,7 @@ SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config an
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __name__, __doc__)
     base, search = load_sweep(args.config, args.overrides)
-    base = check_run(base, resume=args.resume, has_progress=sweep_has_progress)
+    base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space)
     with claimed(base):
         results = run_sweep(base, search, resume=args.resume)
     best = results.get_best_result(search.metric, search.mode, scope="all")

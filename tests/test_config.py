@@ -6,7 +6,7 @@ import yaml
 from pydantic import ValidationError
 
 from jobs.sweep_config import load_sweep
-from tl_core.config import METRIC_NAMES, RunConfig, from_dict, override, with_overrides
+from tl_core.config import METRIC_NAMES, RunConfig, from_dict, left_unread, override, with_overrides
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError
 
@@ -18,6 +18,42 @@ def write(tmp_path, text: str) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_leave_no_setting_unread(path):
+    if "search:" in path.read_text():
+        base, search = load_sweep(path)
+        assert left_unread(base, search.space) == {}
+    else:
+        assert left_unread(load_config(path)) == {}
+
+
+def test_settings_another_setting_leaves_unread_are_named():
+    """A setting only some strategies, optimizers, schedules or an early stop read, changed where the choice made
+    leaves it unread, is named with that choice; the defaults of a config written whole are not."""
+    cfg = from_dict({**MINIMAL, "model": {"strategy": "full", "lp_epochs": 3, "unfreeze_every": 2},
+                     "optim": {"name": "adamw", "momentum": 0.95, "betas": [0.9, 0.99], "scheduler": "cosine", "gamma": 0.5},
+                     "train": {"early_stopping": {"metric": "val/loss"}}})
+    assert left_unread(cfg) == {"model.strategy: full": ["model.lp_epochs: 3"],
+                                "optim.name: adamw": ["optim.momentum: 0.95"],
+                                "optim.scheduler: cosine": ["optim.gamma: 0.5"],
+                                "train.early_stopping.patience: null": ["train.early_stopping.metric: val/loss"]}
+    assert left_unread(from_dict(cfg.to_dict())) == left_unread(cfg)  # a config written whole: only the changes
+    read = from_dict({**MINIMAL, "model": {"strategy": "lp_ft", "lp_epochs": 3}, "train": {"epochs": 5, "early_stopping": {
+        "metric": "val/loss", "patience": 2}}, "optim": {"name": "sgd", "momentum": 0.5, "scheduler": "step", "step_size": 2, "gamma": 0.5}})
+    assert left_unread(read) == {}
+    probe = from_dict({**MINIMAL, "model": {"strategy": "linear_probe", "backbone_lr_mult": 0.1}})
+    assert left_unread(probe) == {"model.strategy: linear_probe": ["model.backbone_lr_mult: 0.1"]}
+
+
+def test_a_sweep_varying_a_setting_its_fixed_choice_leaves_unread_is_named():
+    """A sweep's trials set the keys of its space: varying model.lp_epochs under a fixed full strategy varies nothing;
+    varying the strategy itself leaves nothing unread (its lp_ft trials read lp_epochs)."""
+    cfg = from_dict({**MINIMAL, "model": {"lp_epochs": 2}, "train": {"epochs": 4}})
+    assert left_unread(cfg, varied={"model.lp_epochs": {}, "optim.lr": {}}) == {
+        "model.strategy: full": ["model.lp_epochs (varied by search.space)"]}
+    assert left_unread(cfg, varied={"model.strategy": {}, "model.lp_epochs": {}}) == {}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -2,6 +2,7 @@
 anything is written (one line, exit 2), and one job at a time holds an experiment."""
 
 import json
+import logging
 import os
 import re
 import socket
@@ -493,3 +494,16 @@ def test_a_tilde_path_of_no_user_is_read_as_the_shell_reads_it_not_a_traceback(i
 
     one_line_exit_2(predict.main, ["--run", "~no-such-user-tl/run", "--data", str(image_folder), "--out", "out"], capsys,
                     tmp_path, "--run: ~no-such-user-tl/run is neither a finished run nor a checkpoint directory")
+
+
+def test_settings_the_strategy_or_optimizer_leaves_unread_are_named_in_a_line_each(image_folder, tmp_path, caplog):
+    from jobs.preflight import check_run
+
+    config = write_config(tmp_path, image_folder, model={"backbone": "resnet18", "strategy": "full", "lp_epochs": 3},
+                          optim={"name": "adam", "momentum": 0.5, "scheduler": "constant"})
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        check_run(load_config(config), resume=False)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("config:")] == [
+        "config: with model.strategy: full, nothing reads model.lp_epochs: 3",
+        "config: with optim.name: adam, nothing reads optim.momentum: 0.5"]
+

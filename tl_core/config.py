@@ -6,8 +6,10 @@ Validation errors become one `ConfigError` line that names the field and what is
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 from urllib.parse import urlsplit
 
@@ -464,6 +466,57 @@ def section_at(path: tuple | list, model: Any = RunConfig) -> type[BaseModel] | 
 def override(key: str, value: Any) -> str:
     """`key=value` for `with_overrides`, with the value written as YAML (so None, lists and strings survive: a trial id
     such as 76333_00000 stays a string, where a bare `experiment=76333_00000` would read as an integer)."""
+    return f"{key}={_as_yaml(value)}"
+
+
+def _as_yaml(value: Any) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    return f"{key}={dump_yaml(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    if isinstance(value, tuple):
+        value = list(value)
+    return dump_yaml(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+#: Settings that some values of another leave unread: {key: (the deciding key, the values that leave it unread)}. A
+#: value not listed reads the key, so a new optimizer or schedule is never wrongly said to ignore one.
+UNREAD_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "model.unfreeze_every": ("model.strategy", ("full", "linear_probe", "lp_ft")),
+    "model.lp_epochs": ("model.strategy", ("full", "linear_probe", "gradual_unfreeze")),
+    "model.ft_lr_mult": ("model.strategy", ("full", "linear_probe", "gradual_unfreeze")),
+    "model.backbone_lr_mult": ("model.strategy", ("linear_probe",)),  # the backbone never trains
+    "model.layer_decay": ("model.strategy", ("linear_probe",)),
+    "optim.momentum": ("optim.name", ("adam", "adamw", "adagrad")),
+    "optim.betas": ("optim.name", ("sgd", "adagrad", "rmsprop")),
+    "optim.eps": ("optim.name", ("sgd",)),
+    "optim.step_size": ("optim.scheduler", ("constant", "cosine", "onecycle")),
+    "optim.gamma": ("optim.scheduler", ("constant", "cosine", "onecycle")),
+    "optim.min_lr_ratio": ("optim.scheduler", ("constant", "step")),
+    "train.early_stopping.metric": ("train.early_stopping.patience", (None,)),  # no patience: early stopping is off
+    "train.early_stopping.min_delta": ("train.early_stopping.patience", (None,)),
+}
+
+
+def value_at(cfg: RunConfig, key: str) -> Any:
+    """The value of a dotted key (`optim.lr`)."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def named_if_set(cfg: RunConfig, key: str, varied: Collection[str] = ()) -> str | None:
+    """`key: value` when the key is changed from its default (a config written whole, as a run's config.yaml is, names
+    every key with its default: only a change counts), `key (varied by search.space)` when a sweep varies it (`varied`:
+    its space's keys), else None."""
+    if key in varied:
+        return f"{key} (varied by search.space)"
+    *path, name = key.split(".")
+    value = value_at(cfg, key)
+    return None if value == section_at(path).model_fields[name].default else f"{key}: {_as_yaml(value)}"
+
+
+def left_unread(cfg: RunConfig, varied: Collection[str] = ()) -> dict[str, list[str]]:
+    """{"model.strategy: full": ["model.lp_epochs: 3"], ...}: each setting (`named_if_set`) that the value of another
+    leaves unread (`UNREAD_WHEN`). A deciding key that a sweep varies leaves nothing unread: some trials read them."""
+    unread: dict[str, list[str]] = {}
+    for key, (decider, leaving_unread) in UNREAD_WHEN.items():
+        if decider not in varied and value_at(cfg, decider) in leaving_unread and (named := named_if_set(cfg, key, varied)):
+            unread.setdefault(f"{decider}: {_as_yaml(value_at(cfg, decider))}", []).append(named)
+    return unread

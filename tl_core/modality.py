@@ -6,10 +6,12 @@ class folders as images; the backbone must be of the same kind.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from tl_core.batches import TaskData
-from tl_core.config import DataConfig, RunConfig
+from tl_core.config import DataConfig, RunConfig, named_if_set
 from tl_core.data import DatasetIndex, image_data, index_image_folder, is_gpu
 from tl_core.errors import ConfigError
 from tl_core.text import index_text_table, is_text_root, text_data
@@ -49,19 +51,12 @@ ONLY_UNPACKED = ("data.val_fraction", "data.loader_workers", "data.text_column",
 ONLY_PACKED = ("data.decode_cpus",)
 
 
-def unread_settings(cfg: RunConfig, kind: str, packed: bool) -> list[str]:
-    """`key: value` of each setting, changed from its default, that a run on `kind` data (`packed` or not) never
-    reads (a config written whole, as a run's config.yaml is, names every key with its default: only a change counts)."""
+def unread_settings(cfg: RunConfig, kind: str, packed: bool, varied: Collection[str] = ()) -> list[str]:
+    """Each setting (`named_if_set`: changed from its default, or varied by a sweep) that a run on `kind` data
+    (`packed` or not) never reads."""
     keys = [key for other, keys in ONLY_FOR.items() if other != kind for key in keys]
     keys += ONLY_UNPACKED if packed else ONLY_PACKED
-    unread = []
-    for key in dict.fromkeys(keys):
-        section_name, name = key.split(".")
-        section = getattr(cfg, section_name)
-        value = getattr(section, name)
-        if value != type(section).model_fields[name].default:
-            unread.append(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
-    return unread
+    return [named for key in dict.fromkeys(keys) if (named := named_if_set(cfg, key, varied))]
 
 
 def index_labelled(data: DataConfig, seed: int) -> DatasetIndex:
