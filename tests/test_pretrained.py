@@ -120,6 +120,9 @@ def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_po
     ({"backbone": LITE0, "weights": "efficientnet-lite0"}, "efficientnet-lite0 does not exist (expected imagenet, "
      "efficientnet_lite0_imagenet (offline), a torchvision weights name, a timm pretrained tag, a state-dict file or s3:// "
      "object, or a checkpoint directory); did you mean efficientnet_lite0_imagenet?"),
+    ({"backbone": "resnet18", "weights": "a1_in1k"}, "a1_in1k does not exist (expected imagenet, efficientnet_lite0_imagenet "
+     "(offline), a torchvision weights name, a timm pretrained tag, a state-dict file or s3:// object, or a checkpoint "
+     "directory); a1_in1k is a timm pretrained tag: model.backbone: timm:resnet18 takes it (bare names are torchvision's)"),
     ({"backbone": LITE0, "weights": "https://example.invalid/lite0.pth"}, "https://example.invalid/lite0.pth is a URL, which "
      "is not fetched; download the file to a path or s3://"),
 ])
@@ -247,6 +250,21 @@ def test_hub_weights_without_network_are_one_line_exit_2_naming_the_cache(tmp_pa
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message.format(hf=re.escape(str(tmp_path / "hf"))), lines[0]), run.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_download_of_lite0_names_the_weights_shipped_offline(monkeypatch):
+    from tl_core.weights import HubWeights, hub_weights
+
+    def unreachable(self):
+        raise OSError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(HubWeights, "cached", lambda self: None)
+    monkeypatch.setattr(HubWeights, "_download_hf", unreachable)
+    with pytest.raises(ConfigError, match=r"cannot download imagenet for timm:tf_efficientnet_lite0 \(\[Errno 111\] Connection "
+                                          r"refused\); .* or give a state-dict path \(or efficientnet_lite0_imagenet, shipped offline\)$"):
+        hub_weights(LITE0, "imagenet").download()
+    with pytest.raises(ConfigError, match=r"or give a state-dict path$"):
+        hub_weights(TINY_TIMM, "imagenet").download()
 
 
 @pytest.mark.parametrize("patch,message", [

@@ -26,7 +26,7 @@ from torch import nn
 
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.errors import ConfigError
-from tl_core.models import TIMM_PREFIX
+from tl_core.models import BACKBONES, TIMM_PREFIX
 
 logger = logging.getLogger("tl_core")
 
@@ -86,7 +86,17 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
                           f"(or give {names})")
     near = difflib.get_close_matches(source.lower().replace("-", "_"), list(OFFLINE_WEIGHTS), n=1, cutoff=0.6)
     raise ConfigError(f"model.weights: {source} does not exist (expected {names}, a state-dict file or s3:// object, or a "
-                      f"checkpoint directory){f'; did you mean {near[0]}?' if near else ''}")
+                      f"checkpoint directory){f'; did you mean {near[0]}?' if near else _timm_tag_hint(source, backbone)}")
+
+
+def _timm_tag_hint(source: str, backbone: str) -> str:
+    """Where `source` is a pretrained tag of timm's model of the same name as the torchvision `backbone` (`a1_in1k`
+    for resnet18), which one takes it."""
+    import timm
+
+    if backbone not in BACKBONES or set(source) & set("*?[") or f"{backbone}.{source}" not in timm.list_pretrained(f"{backbone}.*"):
+        return ""
+    return f"; {source} is a timm pretrained tag: model.backbone: timm:{backbone} takes it (bare names are torchvision's)"
 
 
 # ---------------------------------------------------------------- hub weights
@@ -161,7 +171,9 @@ class HubWeights:
         except Exception as exc:  # noqa: BLE001 - no network, a refused connection, a server error, a bad hash
             raise ConfigError(
                 f"model.weights: cannot download {self.name} for {self.backbone} ({download_failure(exc)}); without network, "
-                f"place {self.file_name} in the {self.library} cache {self.cache_dir} or give a state-dict path") from None
+                f"place {self.file_name} in the {self.library} cache {self.cache_dir} or give a state-dict path"
+                f"{''.join(f' (or {short}, shipped offline)' for short, (b, *_) in OFFLINE_WEIGHTS.items() if b == self.backbone)}"
+            ) from None
         logger.info("weights: downloaded %s for %s into %s (%.1f MB)", self.name, self.backbone, path, path.stat().st_size / 1e6)
         return path
 
