@@ -58,10 +58,11 @@ def test_the_features_are_the_backbones_a_cached_probe_scores_as_the_whole_model
     assert scored["acc"] == last["val/acc"] and scored["loss"] == pytest.approx(last["val/loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("backbone,changes", [("resnet18", False), ("mobilenet_v3_small", True)])
+@pytest.mark.parametrize("backbone,changes", [("resnet18", False), ("mobilenet_v3_small", True), ("timm:ghostnet_100", True),
+                                              ("timm:efficientnet_b0", False)])
 def test_features_are_kept_only_where_training_mode_changes_nothing_before_the_head(backbone, changes):
-    """ResNet's frozen BatchNorm is fixed; MobileNetV3 keeps a Dropout(0.2) before its last linear layer, so a probe of it
-    must run the backbone each epoch."""
+    """ResNet's frozen BatchNorm is fixed; MobileNetV3 keeps a Dropout(0.2) before its last linear layer, and timm's
+    GhostNet a functional dropout (drop_rate 0.2), so a probe of either must run the backbone each epoch."""
     cfg = ModelConfig(backbone=backbone, strategy="linear_probe")
     model = build_model(cfg, ["a", "b"], 32)
     apply_strategy(model, cfg, 0)

@@ -17,7 +17,7 @@ from jobs import finetune
 from tl_core.config import DataConfig, ModelConfig, from_dict
 from tl_core.errors import ConfigError, DataError
 from tl_core.loop import fit
-from tl_core.models import apply_strategy, backbone_blocks, build_model
+from tl_core.models import apply_strategy, backbone_blocks, build_model, set_train_mode
 from tl_core.text import index_text_table, text_data
 
 MINILM = "hf:all-MiniLM-L6-v2"
@@ -154,11 +154,35 @@ def test_strategies_on_a_transformer_open_its_layers_from_the_top(strategy, trai
     assert frozen == [i < 7 - trainable for i in range(7)]
 
 
-def test_a_linear_probe_on_minilm_learns_sentiment_from_few_labels(tmp_path):
+def test_a_linear_probe_on_minilm_learns_sentiment_from_few_labels_encoding_each_text_once(tmp_path, monkeypatch):
+    """The frozen encoder computes as in evaluation (no dropout), so its features are computed once: 4 epochs run the
+    encoder over the 12 + 40 texts once, not 4 times."""
+    from tl_core import loop
+
     write_csv(tmp_path / "data" / "train.csv", sentiment_rows(12, seed=1))
     write_csv(tmp_path / "data" / "val.csv", sentiment_rows(40, seed=2))
+    encoded: list[int] = []
+
+    def counted(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        embeddings = next(m for m in model.modules() if type(m).__name__.endswith("Embeddings"))
+        embeddings.register_forward_hook(lambda module, inputs, output: encoded.append(len(output)))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", counted)
     history = fit(from_dict(text_config(tmp_path / "data", train={"epochs": 4})), lambda m, c: None, checkpoints=False)
     assert history[-1]["val/acc"] >= 0.9
+    assert sum(encoded) == 12 + 40
+
+
+def test_a_frozen_layer_computes_as_in_evaluation_and_an_unfrozen_one_trains_with_dropout():
+    cfg = ModelConfig(backbone=MINILM, strategy="gradual_unfreeze", unfreeze_every=1)
+    model = build_model(cfg, ["a", "b"], 32)
+    apply_strategy(model, cfg, epoch=1)  # the top layer unfrozen, the embeddings and 5 layers below it frozen
+    set_train_mode(model)
+    layers = [m for m in model.modules() if type(m).__name__ == "BertLayer"]
+    dropout_training = [[d.training for d in layer.modules() if isinstance(d, torch.nn.Dropout)] for layer in layers]
+    assert len(layers) == 6 and all(dropout_training[-1]) and not any(any(flags) for flags in dropout_training[:-1])
 
 
 @pytest.mark.parametrize("case,message", [

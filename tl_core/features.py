@@ -1,10 +1,12 @@
 """A linear probe's features, computed once: when nothing before the head changes during training, the head trains
 and is scored on the backbone's outputs instead of running the backbone every epoch.
 
-That holds for a linear probe (`model.strategy: linear_probe`: the backbone frozen, its BatchNorm statistics too) of
-images seen as they are (`data.augment: false`), on a backbone with nothing random in training mode (no dropout or
-drop path before the head). The epochs then cost what the head costs: EfficientNet-Lite0 at 128 px probes 250 images
-an epoch in ~10 ms instead of ~2 s on one CPU thread. The features stay in memory, at most `MAX_BYTES` per worker;
+That holds for a linear probe (`model.strategy: linear_probe`: the backbone frozen, and computing as in evaluation:
+BatchNorm statistics kept, dropout off) of texts, or of images seen as they are (`data.augment: false`), on a
+backbone with nothing random in training mode outside its frozen part (no dropout or drop path between it and the
+head). The epochs then cost what the head costs: EfficientNet-Lite0 at 128 px probes 250 images an epoch in ~10 ms
+instead of ~2 s on one CPU thread; all-MiniLM-L6-v2 probes 24 docstrings (320 to validate) for 10 epochs in 3 s
+instead of 34. The features stay in memory, at most `MAX_BYTES` per worker;
 more than that, and the probe runs the backbone every epoch as any other strategy does.
 """
 
@@ -19,6 +21,7 @@ from tl_core.batches import TaskData, move_to
 from tl_core.config import RunConfig
 from tl_core.models import apply_strategy, find_head, set_train_mode
 from tl_core.state import TrainingState
+from tl_core.text_models import is_text_backbone
 
 logger = logging.getLogger("tl_core")
 
@@ -47,8 +50,8 @@ class FeatureData:
 
 def probe_features(cfg: RunConfig, model: nn.Module, data: TaskData, state: TrainingState) -> FeatureData | None:
     """`data` as the inputs of `model`'s head, computed once, when training cannot change them; None otherwise."""
-    if cfg.model.strategy != "linear_probe" or cfg.data.augment:
-        return None
+    if cfg.model.strategy != "linear_probe" or (cfg.data.augment and not is_text_backbone(cfg.model.backbone)):
+        return None  # augmented images differ every epoch (texts are never augmented)
     head = find_head(model)[1]
     apply_strategy(model, cfg.model, 0)  # the backbone frozen for every epoch
     if changes_in_training(model, head, cfg.model.freeze_bn_stats):
@@ -71,7 +74,7 @@ def probe_features(cfg: RunConfig, model: nn.Module, data: TaskData, state: Trai
 
 def changes_in_training(model: nn.Module, head: nn.Module, freeze_bn_stats: bool) -> bool:
     """Whether anything before the head computes differently in training mode (as the recipes set it): dropout,
-    drop path (timm's `drop_prob`), or BatchNorm that still updates its statistics."""
+    drop path (timm's `drop_prob`, `drop_rate`), or BatchNorm that still updates its statistics."""
     in_head = set(head.modules())
     set_train_mode(model, freeze_bn_stats)
     for module in model.modules():
@@ -80,6 +83,9 @@ def changes_in_training(model: nn.Module, head: nn.Module, freeze_bn_stats: bool
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             return True
         if getattr(module, "drop_prob", 0.0) > 0 or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return True
+        rate = getattr(module, "drop_rate", None)  # timm's functional dropout before the head (GhostNet's 0.2)
+        if isinstance(rate, (int, float)) and rate > 0:
             return True
     return False
 

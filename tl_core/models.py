@@ -249,11 +249,11 @@ def apply_strategy(model: nn.Module, cfg: ModelConfig, epoch: int) -> int:
 
 
 def set_train_mode(model: nn.Module, freeze_bn_stats: bool = False) -> None:
-    """`model.train()`, except that BatchNorm layers keep their running statistics when their parameters
-    are frozen, or everywhere with `freeze_bn_stats`."""
+    """`model.train()`, except that a frozen part (a module all of whose parameters are frozen) computes as it does
+    in evaluation: its BatchNorm keeps its running statistics, its dropout and drop path are off, so a linear probe
+    trains its head on the features it is scored on. With `freeze_bn_stats`, every BatchNorm keeps its statistics."""
     model.train()
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters())
-            if freeze_bn_stats or (params and not any(p.requires_grad for p in params)):
-                module.eval()
+        params = list(module.parameters())
+        if (params and not any(p.requires_grad for p in params)) or (freeze_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm)):
+            module.eval()
