@@ -128,10 +128,27 @@ def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> 
     trained = (meta["config"].get("model") or {}).get("backbone")
     if trained != cfg.model.backbone:
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
+    check_same_optimizer_state(cfg, meta["config"])
     if meta.get("classes") is not None and meta["classes"] != classes:
         added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
         parts = [f"{what}: {', '.join(names)}" for what, names in (("new", added), ("gone", missing)) if names]
         raise ConfigError(f"--resume: data.root's classes differ from experiment {cfg.experiment}'s ({'; '.join(parts) or 'their order changed'})")
+
+
+def check_same_optimizer_state(cfg: RunConfig, trained: dict) -> None:
+    """--resume continues the optimizer's state (momentum buffers, Adam's moments), kept per parameter group: another
+    optimizer, or layer-wise LR decay turned on or off (which splits the backbone's groups by layer), cannot take it.
+    Any other setting (the LR, weight decay, schedule, strategy) may change."""
+    optim, model = trained.get("optim") or {}, trained.get("model") or {}
+    new_start = "start a new experiment from one of its checkpoints (model.weights) to change it"
+    if optim.get("name", cfg.optim.name) != cfg.optim.name:
+        raise ConfigError(f"--resume: optim.name is {cfg.optim.name}, but experiment {cfg.experiment} was trained with "
+                          f"{optim['name']}, whose state it continues; keep {optim['name']}, or {new_start}")
+    decay = model.get("layer_decay", 1.0)
+    if (decay == 1.0) != (cfg.model.layer_decay == 1.0):
+        raise ConfigError(f"--resume: model.layer_decay is {cfg.model.layer_decay}, but experiment {cfg.experiment} was trained "
+                          f"with {decay}; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so "
+                          f"keep {'a value below 1' if decay != 1.0 else '1.0'}, or {new_start}")
 
 
 def check_left_to_train(cfg: RunConfig, experiment: Location, newest: dict) -> None:

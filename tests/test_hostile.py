@@ -310,18 +310,24 @@ def test_an_output_that_cannot_be_created_is_one_line_naming_why(job, argv, obst
         assert under.read_text() == "a file"
 
 
-def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2")):
+def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2"), model=None, **sections):
     run = tmp_path / "runs" / "tiny"
+    config = {"experiment": "tiny", "model": {"backbone": backbone, **(model or {})}, **sections}
     save_checkpoint(run / "checkpoint_epoch_0001", {"w": torch.ones(1)}, {"epoch": 1},
-                    {"config": {"experiment": "tiny", "model": {"backbone": backbone}}, "classes": list(classes), "epoch": 1})
+                    {"config": config, "classes": list(classes), "epoch": 1})
     return run
 
 
 @pytest.mark.parametrize("fake,message", [
     (dict(backbone="resnet34"), "--resume: model.backbone is resnet18, but experiment tiny was trained with resnet34"),
     (dict(backbone="resnet18", classes=("class_0", "class_1", "cat")), "classes differ from experiment tiny's (new: class_2; gone: cat)"),
+    # the optimizer's state: it was a KeyError ('step') in every worker, mid-load
+    (dict(backbone="resnet18", optim={"name": "sgd"}), "--resume: optim.name is adam, but experiment tiny was trained with sgd, "
+     "whose state it continues; keep sgd, or start a new experiment from one of its checkpoints (model.weights) to change it"),
+    (dict(backbone="resnet18", model={"layer_decay": 0.8}), "--resume: model.layer_decay is 1.0, but experiment tiny was trained "
+     "with 0.8; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so keep a value below 1, or"),
 ])
-def test_resume_with_another_backbone_or_class_set_names_the_difference(image_folder, tmp_path, capsys, fake, message):
+def test_resume_with_another_backbone_class_set_or_optimizer_names_the_difference(image_folder, tmp_path, capsys, fake, message):
     _fake_run(tmp_path, **fake)
     config = write_config(tmp_path, image_folder)
     one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
