@@ -18,7 +18,7 @@ from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from jobs.tracking import check_mlflow_uri
 from tl_core import run_dir
-from tl_core.config import RunConfig, ScalingConfig, left_unread
+from tl_core.config import RunConfig, ScalingConfig, left_unread, value_at
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
@@ -128,23 +128,30 @@ def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> 
     trained = (meta["config"].get("model") or {}).get("backbone")
     if trained != cfg.model.backbone:
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
-    check_same_optimizer_state(cfg, meta["config"])
+    check_same_state(cfg, meta["config"])
     if meta.get("classes") is not None and meta["classes"] != classes:
         added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
         parts = [f"{what}: {', '.join(names)}" for what, names in (("new", added), ("gone", missing)) if names]
         raise ConfigError(f"--resume: data.root's classes differ from experiment {cfg.experiment}'s ({'; '.join(parts) or 'their order changed'})")
 
 
-def check_same_optimizer_state(cfg: RunConfig, trained: dict) -> None:
-    """--resume continues the optimizer's state (momentum buffers, Adam's moments), kept per parameter group: another
-    optimizer, or layer-wise LR decay turned on or off (which splits the backbone's groups by layer), cannot take it.
-    Any other setting (the LR, weight decay, schedule, strategy) may change."""
-    optim, model = trained.get("optim") or {}, trained.get("model") or {}
+#: What a resume continues and cannot change: the shapes of the trained weights (SimCLR's projection too) and the
+#: optimizer's state (momentum, Adam's moments). The LR, weight decay, schedule and strategy may change.
+SAME_ON_RESUME = ("pretrain.method", "pretrain.projection_dim", "pretrain.projection_hidden", "optim.name")
+
+
+def check_same_state(cfg: RunConfig, trained: dict) -> None:
+    """--resume loads the trained weights and optimizer state: a setting that shapes them (SAME_ON_RESUME), or
+    layer-wise LR decay turned on or off (which splits the backbone's optimizer groups by layer), is named with the
+    value the run was trained with, before a worker fails to load them."""
     new_start = "start a new experiment from one of its checkpoints (model.weights) to change it"
-    if optim.get("name", cfg.optim.name) != cfg.optim.name:
-        raise ConfigError(f"--resume: optim.name is {cfg.optim.name}, but experiment {cfg.experiment} was trained with "
-                          f"{optim['name']}, whose state it continues; keep {optim['name']}, or {new_start}")
-    decay = model.get("layer_decay", 1.0)
+    for key in SAME_ON_RESUME:
+        section, name = key.split(".")
+        was = (trained.get(section) or {}).get(name, value_at(cfg, key))
+        if was != value_at(cfg, key):
+            raise ConfigError(f"--resume: {key} is {value_at(cfg, key)}, but experiment {cfg.experiment} was trained with "
+                              f"{was}, whose weights and optimizer state it continues; keep {was}, or {new_start}")
+    decay = (trained.get("model") or {}).get("layer_decay", 1.0)
     if (decay == 1.0) != (cfg.model.layer_decay == 1.0):
         raise ConfigError(f"--resume: model.layer_decay is {cfg.model.layer_decay}, but experiment {cfg.experiment} was trained "
                           f"with {decay}; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so "

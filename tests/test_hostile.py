@@ -323,7 +323,10 @@ def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "cla
     (dict(backbone="resnet18", classes=("class_0", "class_1", "cat")), "classes differ from experiment tiny's (new: class_2; gone: cat)"),
     # the optimizer's state: it was a KeyError ('step') in every worker, mid-load
     (dict(backbone="resnet18", optim={"name": "sgd"}), "--resume: optim.name is adam, but experiment tiny was trained with sgd, "
-     "whose state it continues; keep sgd, or start a new experiment from one of its checkpoints (model.weights) to change it"),
+     "whose weights and optimizer state it continues; keep sgd, or start a new experiment from one of its checkpoints "
+     "(model.weights) to change it"),
+    (dict(backbone="resnet18", pretrain={"method": "simclr"}), "--resume: pretrain.method is supervised, but experiment tiny was "
+     "trained with simclr, whose weights"),
     (dict(backbone="resnet18", model={"layer_decay": 0.8}), "--resume: model.layer_decay is 1.0, but experiment tiny was trained "
      "with 0.8; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so keep a value below 1, or"),
 ])
@@ -331,6 +334,16 @@ def test_resume_with_another_backbone_class_set_or_optimizer_names_the_differenc
     _fake_run(tmp_path, **fake)
     config = write_config(tmp_path, image_folder)
     one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
+
+
+def test_resume_of_a_simclr_run_with_another_projection_names_the_difference():
+    """It was a size mismatch for the projection's weights in every worker."""
+    from jobs.preflight import check_same_state
+
+    cfg = from_dict({"experiment": "pre", "data": {"root": "/d"}, "pretrain": {"method": "simclr", "projection_dim": 64}})
+    check_same_state(cfg, {"pretrain": {"method": "simclr", "projection_dim": 64}, "optim": {"name": "sgd"}})
+    with pytest.raises(ConfigError, match=r"^--resume: pretrain\.projection_dim is 64, but experiment pre was trained with 128, "):
+        check_same_state(cfg, {"pretrain": {"method": "simclr", "projection_dim": 128}})
 
 
 @pytest.mark.parametrize("planned,epochs,message", [
