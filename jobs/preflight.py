@@ -18,7 +18,7 @@ from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from jobs.tracking import check_mlflow_uri
 from tl_core import run_dir
-from tl_core.config import RunConfig, ScalingConfig, left_unread, value_at
+from tl_core.config import RunConfig, ScalingConfig, left_unread, override, value_at, with_overrides
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
@@ -69,7 +69,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     if cfg.pretrain.method == "supervised":
         check_batch_norm_batches(cfg, n_train, model)
     if resume:
-        check_same_run(cfg, classes, root.child(cfg.experiment))
+        check_same_run(cfg, classes, root.child(cfg.experiment), model)
     if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, manifest is not None, varied)):
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     for decider, unread in left_unread(cfg, varied).items():
@@ -118,9 +118,9 @@ def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> 
                           f"worker(s) gives BatchNorm batches of one sample, which cannot train; use at least 2 images per worker batch")
 
 
-def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> None:
-    """--resume continues the same model on the same classes, and has epochs left to train; a difference is named,
-    not discovered mid-load."""
+def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location, model: nn.Module) -> None:
+    """--resume continues the same model (`model`, as this config builds it) on the same classes, and has epochs left
+    to train; a difference is named, not discovered mid-load."""
     meta = newest_meta(experiment)
     if meta is None:
         return
@@ -129,6 +129,7 @@ def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location) -> 
     if trained != cfg.model.backbone:
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
     check_same_state(cfg, meta["config"])
+    check_same_shapes(cfg, meta["config"], classes, model)
     if meta.get("classes") is not None and meta["classes"] != classes:
         added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
         parts = [f"{what}: {', '.join(names)}" for what, names in (("new", added), ("gone", missing)) if names]
@@ -156,6 +157,22 @@ def check_same_state(cfg: RunConfig, trained: dict) -> None:
         raise ConfigError(f"--resume: model.layer_decay is {cfg.model.layer_decay}, but experiment {cfg.experiment} was trained "
                           f"with {decay}; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so "
                           f"keep {'a value below 1' if decay != 1.0 else '1.0'}, or {new_start}")
+
+
+def check_same_shapes(cfg: RunConfig, trained: dict, classes: list[str], model: nn.Module) -> None:
+    """A transformer's position embeddings are shaped by the image size: resumed at another `data.image_size`, its
+    weights would not load. The model is built at the size it was trained at and their shapes compared."""
+    was = (trained.get("data") or {}).get("image_size", cfg.data.image_size)
+    if was == cfg.data.image_size or is_text_backbone(cfg.model.backbone):
+        return
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    at_was = RECIPES[cfg.pretrain.method].build_model(with_overrides(cfg, [override("data.image_size", was), "model.weights="]), classes)
+    for name, tensor in at_was.state_dict().items():
+        if shapes.get(name) != tuple(tensor.shape):
+            raise ConfigError(f"--resume: data.image_size is {cfg.data.image_size}, but experiment {cfg.experiment} was trained at "
+                              f"{was}, which shapes {cfg.model.backbone}'s {name} ({tuple(tensor.shape)}; at {cfg.data.image_size} px "
+                              f"{shapes.get(name)}); keep {was}, or start a new experiment from one of its checkpoints "
+                              "(model.weights), which fits them to the new size")
 
 
 def check_left_to_train(cfg: RunConfig, experiment: Location, newest: dict) -> None:

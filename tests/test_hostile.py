@@ -336,6 +336,16 @@ def test_resume_with_another_backbone_class_set_or_optimizer_names_the_differenc
     one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
 
 
+def test_resume_of_a_vit_at_another_image_size_names_the_difference(image_folder, tmp_path, capsys):
+    """Its position embeddings are shaped by the size: it was a size mismatch in every worker. A conv net may change it."""
+    vit = "timm:vit_tiny_patch16_224"
+    _fake_run(tmp_path, backbone=vit, data={"image_size": 32})
+    config = write_config(tmp_path, image_folder, model={"backbone": vit})
+    one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, "--resume: data.image_size is 16, "
+                    f"but experiment tiny was trained at 32, which shapes {vit}'s pos_embed ((1, 5, 192); at 16 px (1, 2, 192)); "
+                    "keep 32, or start a new experiment", written=["tiny"])
+
+
 def test_resume_of_a_simclr_run_with_another_projection_names_the_difference():
     """It was a size mismatch for the projection's weights in every worker."""
     from jobs.preflight import check_same_state
