@@ -28,8 +28,9 @@ from jobs.preflight import check_capacity, check_decode_room, check_run, worker_
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, load_sweep
-from tl_core.config import RunConfig, from_dict, override, with_overrides
-from tl_core.safe_yaml import dump_yaml
+from tl_core.config import RunConfig, as_yaml, from_dict, override, with_overrides
+from tl_core.errors import ConfigError
+from tl_core.safe_yaml import dump_yaml, parse_yaml
 
 SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
 
@@ -38,6 +39,8 @@ SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config an
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __name__, __doc__)
     base, search = load_sweep(args.config, args.overrides)
+    if args.resume:
+        check_same_sweep(base, search)
     base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space)
     with claimed(base):
         results = run_sweep(base, search, resume=args.resume)
@@ -46,6 +49,41 @@ def main(argv: list[str] | None = None) -> int:
           f"({best.path.rsplit('/', 1)[-1]}: {best.config})")
     print(f"report: python -m jobs.analyze {experiment_location(base).uri}")
     return 0
+
+
+def sweep_record(cfg: RunConfig, search: SearchConfig) -> dict:
+    """What SWEEP_FILE holds: the base config (paths absolute) and the search section, as jobs.analyze reads them."""
+    return {**with_absolute_paths(cfg).to_dict(), "search": search.model_dump()}
+
+
+def check_same_sweep(cfg: RunConfig, search: SearchConfig) -> None:
+    """--resume continues the sweep as it was started: Tune restores its own space, samples and searcher, and
+    jobs.analyze reads SWEEP_FILE, so a config changed since would go unheard, or train the resumed trials with
+    settings the report does not know. The first difference is one line."""
+    location = experiment_location(cfg).child(SWEEP_FILE)
+    if not storage.exists(location, "storage.root"):
+        return
+    started = parse_yaml(storage.read_text(location, "storage.root"), location.uri)
+    now = parse_yaml(dump_yaml(sweep_record(cfg, search), sort_keys=False), "config")
+    if (difference := first_difference(started, now)) is not None:
+        key, was, is_now = difference
+        raise ConfigError(f"--resume: sweep {cfg.experiment} was started with {key}: {as_yaml(was)}, and the config now says "
+                          f"{as_yaml(is_now)}; a resume continues the sweep as started, so restore it, or start a new sweep "
+                          "(another experiment name)")
+
+
+def first_difference(started: dict, now: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, value in `started`, value in `now`) of the first key both hold with different values; keys one
+    of them lacks (added to the schema since the sweep started) do not count."""
+    for key, was in started.items():
+        if key not in now:
+            continue
+        if isinstance(was, dict) and isinstance(now[key], dict) and key != "space":
+            if (difference := first_difference(was, now[key], f"{prefix}{key}.")) is not None:
+                return difference
+        elif was != now[key]:
+            return f"{prefix}{key}", was, now[key]
+    return None
 
 
 def sweep_has_progress(experiment: Location) -> bool:
@@ -163,7 +201,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
         tuner = tune.Tuner.restore(experiment.path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         # What jobs.analyze needs besides Ray's own files: the base config and the search section.
-        storage.write_text(experiment.child(SWEEP_FILE), dump_yaml({**cfg.to_dict(), "search": search.model_dump()}, sort_keys=False))
+        storage.write_text(experiment.child(SWEEP_FILE), dump_yaml(sweep_record(cfg, search), sort_keys=False))
         scheduler, search_alg = scheduler_and_searcher(search)
         tuner = tune.Tuner(
             trainable,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,24 @@ def trial_histories(experiment: Path) -> dict[str, list[dict]]:
 def epoch_metrics(row: dict) -> dict:
     """What the product reported for an epoch, without the keys Tune adds to every row (time, pid, iteration...)."""
     return {k: v for k, v in row.items() if k in ("epoch", "epoch_time_s", "lr") or "/" in k}
+
+
+def test_resuming_a_sweep_whose_config_changed_names_the_first_difference(image_folder, tmp_path):
+    """Tune restores the sweep's own space and samples, and analyze reads sweep.yaml: a changed config went unheard,
+    or trained the resumed trials with settings the report did not know."""
+    config = write_sweep(tmp_path, image_folder)
+    base, search = load_sweep(config)
+    (tmp_path / "runs" / "sweep").mkdir(parents=True)
+    (tmp_path / "runs" / "sweep" / sweep.SWEEP_FILE).write_text(yaml.safe_dump(sweep.sweep_record(base, search)))
+    sweep.check_same_sweep(*load_sweep(config))  # as started
+    for overrides, message in [
+        (["optim.lr=0.5"], "--resume: sweep sweep was started with optim.lr: 0.001, and the config now says 0.5; a resume "
+                           "continues the sweep as started, so restore it, or start a new sweep (another experiment name)"),
+        (["search.num_samples=8"], "--resume: sweep sweep was started with search.num_samples: 6, and the config now says 8;"),
+        (["search.space.optim.lr.loguniform=[0.1, 0.5]"], "--resume: sweep sweep was started with search.space: {"),
+    ]:
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            sweep.check_same_sweep(*load_sweep(config, overrides))
 
 
 def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():

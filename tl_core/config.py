@@ -466,10 +466,10 @@ def section_at(path: tuple | list, model: Any = RunConfig) -> type[BaseModel] | 
 def override(key: str, value: Any) -> str:
     """`key=value` for `with_overrides`, with the value written as YAML (so None, lists and strings survive: a trial id
     such as 76333_00000 stays a string, where a bare `experiment=76333_00000` would read as an integer)."""
-    return f"{key}={_as_yaml(value)}"
+    return f"{key}={as_yaml(value)}"
 
 
-def _as_yaml(value: Any) -> str:
+def as_yaml(value: Any) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if isinstance(value, tuple):
@@ -509,7 +509,7 @@ def named_if_set(cfg: RunConfig, key: str, varied: Collection[str] = ()) -> str 
         return f"{key} (varied by search.space)"
     *path, name = key.split(".")
     value = value_at(cfg, key)
-    return None if value == section_at(path).model_fields[name].default else f"{key}: {_as_yaml(value)}"
+    return None if value == section_at(path).model_fields[name].default else f"{key}: {as_yaml(value)}"
 
 
 def left_unread(cfg: RunConfig, varied: Collection[str] = ()) -> dict[str, list[str]]:
@@ -518,5 +518,5 @@ def left_unread(cfg: RunConfig, varied: Collection[str] = ()) -> dict[str, list[
     unread: dict[str, list[str]] = {}
     for key, (decider, leaving_unread) in UNREAD_WHEN.items():
         if decider not in varied and value_at(cfg, decider) in leaving_unread and (named := named_if_set(cfg, key, varied)):
-            unread.setdefault(f"{decider}: {_as_yaml(value_at(cfg, decider))}", []).append(named)
+            unread.setdefault(f"{decider}: {as_yaml(value_at(cfg, decider))}", []).append(named)
     return unread
