@@ -25,12 +25,12 @@ from cluster import storage
 from jobs.cli import ArgumentParser, guarded, run_module
 from jobs.results import read_meta
 from jobs.runner import one_line
-from jobs.sweep import SWEEP_FILE, trial_config
+from jobs.sweep import trial_config
 from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, describe, from_dict
 from tl_core.errors import ConfigError
-from tl_core.run_dir import RESULT_FILE
+from tl_core.run_dir import RESULT_FILE, SWEEP_FILE
 from tl_core.safe_yaml import parse_yaml
 
 

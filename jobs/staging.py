@@ -220,6 +220,8 @@ def fetch_weights(uri: str, endpoint_url: str | None, field: str = "model.weight
             raise ConfigError(f"{field}: run {uri} names no s3:// best_checkpoint in its {run_dir.RESULT_FILE}")
         location = storage.parse(best, endpoint_url, field=field)
     if not storage.is_object(location.child(META_FILE), field) and storage.exists(location, field):
+        if storage.is_object(location.child(run_dir.SWEEP_FILE), field):
+            raise run_dir.sweep_is_not_a_run(field, uri)
         raise ConfigError(f"{field}: {location.uri} is neither a state-dict object, a finished run ({run_dir.RESULT_FILE}) nor a "
                           f"complete checkpoint ({META_FILE})")
     return cache.sync_prefix(location, field)

@@ -30,9 +30,9 @@ from jobs.staging import experiment_location, root_location, stage_hub_weights, 
 from jobs.sweep_config import SearchConfig, load_sweep
 from tl_core.config import RunConfig, as_yaml, from_dict, override, with_overrides
 from tl_core.errors import ConfigError
+from tl_core.run_dir import SWEEP_FILE
 from tl_core.safe_yaml import dump_yaml, parse_yaml
 
-SWEEP_FILE = "sweep.yaml"  # beside Ray Tune's files: the sweep's base config and its search section
 
 
 @guarded

@@ -29,6 +29,13 @@ def test_shipped_configs_leave_no_setting_unread(path):
         assert left_unread(load_config(path)) == {}
 
 
+def test_a_sweep_file_given_to_a_run_job_says_which_job_runs_it():
+    sweep_file = next(p for p in CONFIGS if "search:" in p.read_text())
+    with pytest.raises(ConfigError, match=f"^{sweep_file}: search: this is a sweep file; run it with python -m jobs.sweep "
+                                          f"--config {sweep_file}$"):
+        load_config(sweep_file)
+
+
 def test_settings_another_setting_leaves_unread_are_named():
     """A setting only some strategies, optimizers, schedules or an early stop read, changed where the choice made
     leaves it unread, is named with that choice; the defaults of a config written whole are not."""

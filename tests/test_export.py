@@ -148,6 +148,9 @@ def test_an_s3_run_that_is_no_run_is_refused_before_anything_is_copied(s3, tmp_p
     one_line_exit_2(export.main, ["s3://tl-test/not-a-run", "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys, tmp_path,
                     "RUN: s3://tl-test/not-a-run is neither a state-dict object, a finished run (result.json) nor a complete "
                     "checkpoint (meta.json)")
+    s3.client().put_object(Bucket="tl-test", Key="a-sweep/sweep.yaml", Body=b"experiment: a-sweep\n")
+    one_line_exit_2(export.main, ["s3://tl-test/a-sweep", "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys, tmp_path,
+                    "RUN: s3://tl-test/a-sweep is a sweep, not a run; give one of its trials' checkpoints")
 
 
 def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
@@ -163,6 +166,8 @@ def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
     ("unfinished", "/unfinished holds checkpoints but no result.json, so the run did not finish; resume it, or give one of "
                    "its checkpoints (e.g. "),
     ("not_a_run", "/notes is neither a finished run (result.json) nor a checkpoint directory (meta.json)"),
+    ("a_sweep", "/sweep is a sweep, not a run; give one of its trials' checkpoints, or retrain its winner (python -m "
+                "jobs.analyze "),
     ("simclr", "pretraining checkpoint, which has no classifier"),
     ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
     ("earlier_export", "model.onnx.json already exists; an export goes to a new path"),
@@ -180,6 +185,10 @@ def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, im
         (tmp_path / "notes").mkdir()
         (tmp_path / "notes" / "readme.txt").write_text("not a run")
         run = tmp_path / "notes"
+    elif case == "a_sweep":
+        (tmp_path / "sweep" / "trial-0").mkdir(parents=True)
+        (tmp_path / "sweep" / "sweep.yaml").write_text("experiment: sweep\n")
+        run = tmp_path / "sweep"
     elif case == "simclr":
         from tl_core.simclr import fit_simclr
 

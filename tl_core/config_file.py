@@ -16,7 +16,10 @@ from tl_core.secrets import is_credential_name
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run config from YAML, expand `${VAR}` / `${VAR:-default}` in its strings from the
     environment, apply `a.b=c` overrides, validate."""
-    return from_dict(read_config_file(path), overrides, source=str(path))
+    raw = read_config_file(path)
+    if "search" in raw:  # a sweep file (jobs.sweep_config): a run config plus its search section
+        raise ConfigError(f"{path}: search: this is a sweep file; run it with python -m jobs.sweep --config {path}")
+    return from_dict(raw, overrides, source=str(path))
 
 
 MAX_CONFIG_BYTES = 1 << 20

@@ -1,4 +1,5 @@
-"""What a finished run leaves beside Ray's own files, in one place: `result.json` and `config.yaml`.
+"""What a finished run leaves beside Ray's own files, in one place: `result.json` and `config.yaml` (and a sweep,
+`sweep.yaml`).
 
     ROOT/EXPERIMENT/result.json   {"best_checkpoint": URI, "best_metric": {...}, "final_metrics": {...},
                                    "epochs_completed": N, "classes": [...], "config": {...}}
@@ -18,6 +19,13 @@ from tl_core.errors import ConfigError
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_PREFIX = "checkpoint_"  # ours (checkpoint_epoch_NNNN) and Ray Tune's (checkpoint_NNNNNN)
+SWEEP_FILE = "sweep.yaml"  # a jobs.sweep experiment: its base config and search section, beside Ray Tune's files
+
+
+def sweep_is_not_a_run(field: str, source: str) -> ConfigError:
+    """The error for a sweep given where a run or checkpoint is wanted: what to give instead."""
+    return ConfigError(f"{field}: {source} is a sweep, not a run; give one of its trials' checkpoints, or retrain its winner "
+                       f"(python -m jobs.analyze {source} writes report/best.yaml)")
 
 
 def result_summary(*, best_checkpoint: str, best_metric: dict, final_metrics: dict, classes: list[str] | None,
@@ -64,6 +72,8 @@ def local_checkpoint_dir(path: Path, source: str, field: str = "model.weights") 
         return path
     if not path.is_dir():
         raise ConfigError(f"{field}: {source} is neither a finished run nor a checkpoint directory")
+    if (path / SWEEP_FILE).is_file():
+        raise sweep_is_not_a_run(field, source)
     started = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
     if started:
         raise ConfigError(f"{field}: {source} holds checkpoints but no {RESULT_FILE}, so the run did not finish; resume it, or "
