@@ -34,7 +34,6 @@ from tl_core.run_dir import SWEEP_FILE
 from tl_core.safe_yaml import dump_yaml, parse_yaml
 
 
-
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __name__, __doc__)
