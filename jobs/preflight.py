@@ -55,8 +55,10 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     if not resume and progress:
         raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
                           "or choose another experiment name")
-    fetch_hub_weights(cfg)  # once, here on the driver, before any worker starts
-    local = localize(cfg)
+    # A run resumed from a checkpoint takes every weight from it: its source weights may be gone, or out of reach.
+    weights = not (resume and newest_meta(root.child(cfg.experiment)) is not None)
+    fetch_hub_weights(cfg, weights)  # once, here on the driver, before any worker starts
+    local = localize(cfg, weights) if weights else with_overrides(localize(cfg, weights), ["model.weights="])
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
     if manifest is None:  # before its kind is guessed from what it holds; an s3:// root's copy is always a folder
         existing_folder(local.data.root, "data.root")

@@ -25,7 +25,7 @@ from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
 from jobs.cli import Interrupted, RunFailed, setup_logging
 from jobs.preflight import check_capacity, cpu_gpu_per_worker
-from jobs.staging import checkpoint_dirs, experiment_location, localize, root_location, stage_hub_weights, with_absolute_paths
+from jobs.staging import checkpoint_dirs, experiment_location, localize, newest_meta, root_location, stage_hub_weights, with_absolute_paths
 from tl_core.checkpoint import META_FILE, Checkpoint, Mirror, load_checkpoint
 from tl_core.config import RunConfig, ScalingConfig, from_dict
 from tl_core.distributed import get_world_size
@@ -64,7 +64,7 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     ray_private.hold_torch_to_assigned_cpus()
     resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
-    local = localize(cfg)
+    local = localize(cfg, weights=resume is None)  # a resumed run takes every weight from its checkpoint
     history = RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device,
                                   mirror=session.mirror)
     if not history and resume is not None:
@@ -275,7 +275,7 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     connect_ray()
     check_capacity(cfg)
     set_aside_damaged_checkpoints(cfg)
-    cfg = stage_hub_weights(cfg)
+    cfg = stage_hub_weights(cfg, weights=newest_meta(experiment_location(cfg)) is None)  # a resumed run needs none
     root = root_location(cfg)
     packed = streaming.is_packed(cfg)
     mlflow = tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment, parent=mlflow_parent)

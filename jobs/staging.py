@@ -102,15 +102,16 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return with_overrides(cfg, overrides)
 
 
-def localize(cfg: RunConfig) -> RunConfig:
-    """`cfg` as this node reads it: s3:// data and weights replaced by their node-local cached copies."""
+def localize(cfg: RunConfig, weights: bool = True) -> RunConfig:
+    """`cfg` as this node reads it: s3:// data and weights replaced by their node-local cached copies; the source
+    weights left as named unless `weights` (a run that resumes takes every weight from its checkpoint)."""
     overrides = []
     if cfg.data.root.startswith("s3://") and not is_packed(cfg):  # a packed dataset streams; it is never copied
         data = storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
         overrides.append(override("data.root", cache.sync_prefix(data, 'data.root')))
-    if cfg.model.weights and cfg.model.weights.startswith("s3://"):
+    if weights and cfg.model.weights and cfg.model.weights.startswith("s3://"):
         overrides.append(override("model.weights", fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)))
-    hub = _hub(cfg)
+    hub = _hub(cfg) if weights else None
     if hub is not None and hub.cached() is None:  # not in this node's library cache: the copy the driver staged
         staged = staged_hub_weights(cfg, hub)
         overrides.append(override("model.weights", fetch_weights(staged, cfg.storage.endpoint_url) if storage.is_uri(staged) else staged))
@@ -136,10 +137,10 @@ def _hub_model(cfg: RunConfig) -> HubModel | None:
     return HubModel(repo) if repo else None
 
 
-def fetch_hub_weights(cfg: RunConfig) -> None:
-    """On the driver, before any worker starts: hub weights (or a hub text encoder) downloaded into their
-    library's cache if missing."""
-    for hub in (_hub(cfg), _hub_model(cfg)):
+def fetch_hub_weights(cfg: RunConfig, weights: bool = True) -> None:
+    """On the driver, before any worker starts: hub weights (unless not `weights`: a resumed run's) and a hub text
+    encoder downloaded into their library's cache if missing."""
+    for hub in (_hub(cfg) if weights else None, _hub_model(cfg)):
         if hub is not None:
             hub.download()
 
@@ -149,12 +150,12 @@ def _staged_location(cfg: RunConfig, hub: HubWeights | HubModel) -> Location:
     return root_location(cfg).child(WEIGHTS_DIR, *hub.staged_dir.split("/"))
 
 
-def stage_hub_weights(cfg: RunConfig) -> RunConfig:
-    """Copy hub weights to STORAGE_ROOT/_weights/ (once per storage root), where every worker finds them; returns
-    `cfg`, or with `model.weights` naming the staged file when this node's library cache lacks them (a trial that
-    starts its own trainer)."""
+def stage_hub_weights(cfg: RunConfig, weights: bool = True) -> RunConfig:
+    """Copy hub weights (unless not `weights`: a resumed run's) and a hub text encoder to STORAGE_ROOT/_weights/ (once
+    per storage root), where every worker finds them; returns `cfg`, or with `model.weights` naming the staged file
+    when this node's library cache lacks them (a trial that starts its own trainer)."""
     cfg = _stage_hub_model(cfg)
-    hub = _hub(cfg)
+    hub = _hub(cfg) if weights else None
     if hub is None:
         return cfg
     cached = hub.cached()

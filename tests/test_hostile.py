@@ -346,6 +346,29 @@ def test_resume_of_a_vit_at_another_image_size_names_the_difference(image_folder
                     "keep 32, or start a new experiment", written=["tiny"])
 
 
+@pytest.mark.parametrize("weights", ["gone.pt", "imagenet"])
+def test_a_resume_needs_no_source_weights(image_folder, tmp_path, monkeypatch, weights):
+    """A resumed run takes every weight from its checkpoint: source weights deleted since (or hub weights out of reach,
+    on a node without network) stopped its preflight. The run's config keeps naming its source."""
+    from jobs.preflight import check_run
+    from tl_core.weights import HubWeights
+
+    weights = str(tmp_path / weights) if weights.endswith(".pt") else weights
+    downloads = []
+
+    def download(self):
+        downloads.append(self.name)
+        raise ConfigError("model.weights: cannot download (no network)")
+
+    monkeypatch.setattr(HubWeights, "cached", lambda self: None)
+    monkeypatch.setattr(HubWeights, "download", download)
+    _fake_run(tmp_path, backbone="resnet18")
+    config = write_config(tmp_path, image_folder, model={"backbone": "resnet18", "weights": weights})
+    assert check_run(load_config(config), resume=True).model.weights == weights and downloads == []
+    with pytest.raises(ConfigError, match="^model.weights: "):  # a new run needs them
+        check_run(load_config(config, ["experiment=fresh"]), resume=False)
+
+
 def test_resume_of_a_simclr_run_with_another_projection_names_the_difference():
     """It was a size mismatch for the projection's weights in every worker."""
     from jobs.preflight import check_same_state
