@@ -58,7 +58,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     # A run resumed from a checkpoint takes every weight from it: its source weights may be gone, or out of reach.
     weights = not (resume and newest_meta(root.child(cfg.experiment)) is not None)
     fetch_hub_weights(cfg, weights)  # once, here on the driver, before any worker starts
-    local = localize(cfg, weights) if weights else with_overrides(localize(cfg, weights), ["model.weights="])
+    local = localize(cfg, weights)
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
     if manifest is None:  # before its kind is guessed from what it holds; an s3:// root's copy is always a folder
         existing_folder(local.data.root, "data.root")
@@ -66,7 +66,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         kind = check_modality(local, manifest.modality if manifest else None)
     recipe = RECIPES[cfg.pretrain.method]
     classes, n_train = data_classes_and_size(cfg, local, manifest)
-    model = recipe.build_model(local, classes)  # unknown or mismatched weights fail here
+    model = recipe.build_model(local if weights else with_overrides(local, ["model.weights="]), classes)  # bad weights fail here
     check_input_size(cfg, model)
     if cfg.pretrain.method == "supervised":
         check_batch_norm_batches(cfg, n_train, model)

@@ -64,7 +64,7 @@ def check_same_sweep(cfg: RunConfig, search: SearchConfig) -> None:
         return
     started = parse_yaml(storage.read_text(location, "storage.root"), location.uri)
     now = parse_yaml(dump_yaml(sweep_record(cfg, search), sort_keys=False), "config")
-    if (difference := first_difference(started, now)) is not None:
+    if isinstance(started, dict) and (difference := first_difference(started, now)) is not None:
         key, was, is_now = difference
         raise ConfigError(f"--resume: sweep {cfg.experiment} was started with {key}: {as_yaml(was)}, and the config now says "
                           f"{as_yaml(is_now)}; a resume continues the sweep as started, so restore it, or start a new sweep "
@@ -73,7 +73,8 @@ def check_same_sweep(cfg: RunConfig, search: SearchConfig) -> None:
 
 def first_difference(started: dict, now: dict, prefix: str = "") -> tuple[str, object, object] | None:
     """(dotted key, value in `started`, value in `now`) of the first key both hold with different values; keys one
-    of them lacks (added to the schema since the sweep started) do not count."""
+    of them lacks (added to the schema since the sweep started) do not count. A search space is compared whole: a key
+    added to it is a difference."""
     for key, was in started.items():
         if key not in now:
             continue

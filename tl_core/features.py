@@ -6,8 +6,8 @@ BatchNorm statistics kept, dropout off) of texts, or of images seen as they are 
 backbone with nothing random in training mode outside its frozen part (no dropout or drop path between it and the
 head). The epochs then cost what the head costs: EfficientNet-Lite0 at 128 px probes 250 images an epoch in ~10 ms
 instead of ~2 s on one CPU thread; all-MiniLM-L6-v2 probes 24 docstrings (320 to validate) for 10 epochs in 3 s
-instead of 34. The features stay in memory, at most `MAX_BYTES` per worker;
-more than that, and the probe runs the backbone every epoch as any other strategy does.
+instead of 34. The features stay in memory, at most `MAX_BYTES` per worker; more than that, and the probe runs the
+backbone every epoch as any other strategy does.
 """
 
 from __future__ import annotations

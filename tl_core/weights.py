@@ -94,7 +94,7 @@ def _timm_tag_hint(source: str, backbone: str) -> str:
     for resnet18), which one takes it."""
     import timm
 
-    if backbone not in BACKBONES or set(source) & set("*?[") or f"{backbone}.{source}" not in timm.list_pretrained(f"{backbone}.*"):
+    if backbone not in BACKBONES or f"{backbone}.{source}" not in timm.list_pretrained(f"{backbone}.*"):
         return ""
     return f"; {source} is a timm pretrained tag: model.backbone: timm:{backbone} takes it (bare names are torchvision's)"
 
