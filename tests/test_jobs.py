@@ -202,6 +202,20 @@ def test_command_line_exit_status_and_single_line(tmp_path, image_folder):
     assert proc.stderr.strip().splitlines() == [f"error: {config}: optim.lr: Input should be greater than 0 (got -3)"]
 
 
+def test_a_module_that_is_no_job_run_with_python_m_is_one_line_naming_the_jobs():
+    """`python -m jobs.runner` (glue) or a misspelt job imported the package and ended with status 0, nothing done."""
+    import jobs
+
+    runs_a_job = {p.stem for p in (REPO / "jobs").glob("*.py") if f'run_module("jobs.{p.stem}")' in p.read_text()}
+    assert runs_a_job == set(jobs.ENTRY_POINTS)
+    for module in ("jobs.runner", "jobs.finetun"):
+        proc = subprocess.run([sys.executable, "-m", module, "--config", "x.yaml"], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"error: {module} is not a job; the jobs: python -m jobs.{{finetune,pretrain,demo,sweep,analyze,pack_data,predict,export}}"]
+    help_text = subprocess.run([sys.executable, "-m", "jobs.export", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: python -m jobs.export")
+
+
 def test_a_worker_failure_becomes_one_line():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
