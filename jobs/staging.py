@@ -28,7 +28,7 @@ from tl_core.config import RunConfig, override, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.files import user_path
 from tl_core.text_models import HF_PREFIX, HubModel, hub_repo, is_text_backbone
-from tl_core.weights import HubWeights, hub_weights
+from tl_core.weights import HF_SAFE_FILE, HF_TORCH_FILE, HubWeights, hub_weights
 
 CHECKPOINT_PREFIX = run_dir.CHECKPOINT_PREFIX
 WEIGHTS_DIR = "_weights"  # STORAGE_ROOT/_weights/: hub weights staged for workers (no experiment name starts with _)
@@ -221,6 +221,9 @@ def fetch_weights(uri: str, endpoint_url: str | None, field: str = "model.weight
             raise ConfigError(f"{field}: run {uri} names no s3:// best_checkpoint in its {run_dir.RESULT_FILE}")
         location = storage.parse(best, endpoint_url, field=field)
     if not storage.is_object(location.child(META_FILE), field) and storage.exists(location, field):
+        for name in (HF_SAFE_FILE, HF_TORCH_FILE):  # a Hugging Face model folder: its weights file alone
+            if storage.is_object(location.child(name), field):
+                return cache.fetch_object(location.child(name), field)
         if storage.is_object(location.child(run_dir.SWEEP_FILE), field):
             raise run_dir.sweep_is_not_a_run(field, uri)
         raise ConfigError(f"{field}: {location.uri} is neither a state-dict object, a finished run ({run_dir.RESULT_FILE}) nor a "

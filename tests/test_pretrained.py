@@ -178,6 +178,23 @@ def tiny_timm_weights(path):
     return state
 
 
+def test_a_hugging_face_model_folder_is_a_source_locally_and_on_s3(tmp_path, s3):
+    """What `huggingface-cli download timm/... --local-dir DIR` leaves (model.safetensors beside config.json) loads as
+    its weights file; on S3 that one object is fetched, not the folder."""
+    from cluster import storage
+    from jobs.staging import fetch_weights
+
+    folder = tmp_path / "test_resnet.r160_in1k"
+    folder.mkdir()
+    state = tiny_timm_weights(folder / "model.safetensors")
+    (folder / "config.json").write_text('{"architecture": "test_resnet"}')
+    model = build_model(ModelConfig(backbone=TINY_TIMM, weights=str(folder)), ["a", "b"], 32)
+    assert torch.equal(model.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
+    storage.upload_dir(folder, storage.parse("s3://tl-test/hf/test_resnet"))
+    local = fetch_weights("s3://tl-test/hf/test_resnet", None)
+    assert local.name == "model.safetensors" and local.read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
 def hub_env(tmp_path, endpoint: str) -> dict:
     import os
 

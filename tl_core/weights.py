@@ -292,11 +292,19 @@ def _read_local_weights(path: Path, source: str) -> SourceWeights:
 
     if not (path.is_file() or path.is_dir()):  # a FIFO or a device: a read would wait forever
         raise ConfigError(f"model.weights: {source} is neither a file nor a directory")
+    if path.is_dir() and (hub_file := hugging_face_weights_file(path)) is not None:
+        return SourceWeights(_torch_load(hub_file, str(hub_file)))
     if path.is_dir():
         state, meta = checkpoint.load_model_state(run_dir.local_checkpoint_dir(path, source))
         trained = (meta.get("config") or {}).get("model", {}).get("backbone")
         return SourceWeights(state, meta.get("classes"), trained if isinstance(trained, str) else None)
     return SourceWeights(_torch_load(path, source))
+
+
+def hugging_face_weights_file(folder: Path) -> Path | None:
+    """The weights of a Hugging Face model folder (`huggingface-cli download timm/resnet50.a1_in1k --local-dir DIR`):
+    its model.safetensors, else its pytorch_model.bin; None when it has neither."""
+    return next((folder / name for name in (HF_SAFE_FILE, HF_TORCH_FILE) if (folder / name).is_file()), None)
 
 
 def _torch_load(path: Path, source: str) -> dict[str, torch.Tensor]:
