@@ -111,6 +111,10 @@ def test_an_alias_bomb_in_a_command_line_value_is_refused_too():
 
 @pytest.mark.parametrize("patch,message", [
     ({"optim": {"name": "adam", "betas": [0.9, 1.5]}}, "optim.betas.1: Input should be less than 1"),
+    # "optim.betas.1: required key is missing" and "Input should be a valid tuple"
+    ({"optim": {"name": "adam", "betas": [0.9]}}, "optim.betas: expected a list of 2 numbers, e.g. [0.9, 0.999]"),
+    ({"optim": {"name": "adam", "betas": 0.9}}, "optim.betas: expected a list of 2 numbers, e.g. [0.9, 0.999] (got 0.9)"),
+    ({"pretrain": {"method": "simclr", "crop_scale": [0.2, 0.5, 1.0]}}, "pretrain.crop_scale: expected a list of 2 numbers"),
     ({"optim": {"name": "adam", "eps": 0.0}}, "optim.eps: Input should be greater than 0"),
     ({"train": {"seed": 2**63}}, "train.seed: Input should be less than"),
     ({"train": {"seed": -1}}, "train.seed: Input should be greater than or equal to 0"),

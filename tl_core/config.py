@@ -10,7 +10,7 @@ import functools
 import os
 import re
 from collections.abc import Collection
-from typing import Annotated, Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -32,6 +32,17 @@ class Section(BaseModel):
         """pydantic takes `true` as 1 for a number (`epochs: true` trained one epoch): refused."""
         if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
             raise ValueError("expected a number, not true/false")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_pair_is_two_values(cls, value: Any, info) -> Any:
+        """A fixed-length field (`optim.betas`, `pretrain.crop_scale`) given too few or too many values, or one, said
+        "betas.1: required key is missing" or "Input should be a valid tuple"."""
+        field = cls.model_fields[info.field_name]
+        if get_origin(field.annotation) is tuple and Ellipsis not in (args := get_args(field.annotation)):
+            if not isinstance(value, (list, tuple)) or len(value) != len(args):
+                raise ValueError(f"expected a list of {len(args)} numbers, e.g. {list(field.default)}")
         return value
 
 
