@@ -124,7 +124,10 @@ BAD = [
     ({"model": {"strategy": "lora"}}, "model.strategy: Input should be 'full', 'linear_probe', 'gradual_unfreeze' or 'lp_ft'"),
     ({"checkpoint": {"metric": "val/auc"}}, "checkpoint.metric: unknown metric 'val/auc'"),
     ({"train": {"early_stopping": {"metric": "acc"}}}, "train.early_stopping.metric: unknown metric"),
-    ({"experiment": "../escape"}, "experiment: String should match pattern"),
+    ({"experiment": "../escape"}, "experiment: expected letters, digits, '.', '_' and '-', beginning with a letter or digit "
+                                  "(got '../escape')"),
+    ({"train": [1]}, "train: expected a section (key: value lines under it)"),  # "... or instance of TrainConfig"
+    ({"scaling": {"resources_per_worker": 2}}, "scaling.resources_per_worker: expected key: value pairs (got 2)"),
     ({"data": {}}, "data.root: required key is missing"),
     ({"optim": {"nesterov": True, "name": "adam"}}, "nesterov: needs name: sgd"),
     ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1 (got 0)"),

@@ -439,6 +439,9 @@ def _deep_copy(value: Any) -> Any:
 
 
 _NEVER_SHOWN = {"storage.endpoint_url"}  # a URL may carry user info; the message names the field only
+#: pydantic's words where they are Python's, not the config's ("a valid dictionary or instance of TrainConfig")
+_PLAIN = {"model_type": "expected a section (key: value lines under it)", "dict_type": "expected key: value pairs",
+          "string_pattern_mismatch": "expected letters, digits, '.', '_' and '-', beginning with a letter or digit"}
 
 
 def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
@@ -449,7 +452,7 @@ def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
         return f"{loc}: unknown key{_allowed_keys(err['loc'], model or RunConfig)}"
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = _PLAIN.get(err["type"], err["msg"].removeprefix("Value error, "))
     if not loc:  # a check across sections names its own keys
         return msg
     got = err.get("input")
