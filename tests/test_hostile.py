@@ -273,6 +273,14 @@ def test_a_failed_ray_start_is_reported_with_its_own_error_line(tmp_path, monkey
     assert _last_error((tmp_path / "ray.log").stat().st_size) == ""
 
 
+def test_local_down_with_nothing_up_says_so(tmp_path, monkeypatch, capsys):
+    """It printed "stopped" with nothing to stop."""
+    from cluster.local.head import main
+
+    monkeypatch.setenv("TL_LOCAL_DIR", str(tmp_path))
+    assert main(["down"]) == 0 and capsys.readouterr().err.strip() == "no local cluster to stop"
+
+
 def test_an_image_size_the_backbone_cannot_take_is_refused(image_folder, tmp_path, capsys):
     """ConvNeXt-atto's third downsampling (a 2x2 kernel) meets a 1x1 map at 16 px: refused before any worker trains."""
     config = write_config(tmp_path, image_folder, model={"backbone": "timm:convnext_atto"}, data={"image_size": 16})

@@ -110,6 +110,8 @@ def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
         assert leaks == []
     finally:
         down = cli(["down"], env)
-    assert down.returncode == 0, down.stderr
+    assert down.returncode == 0 and down.stderr.strip() == "stopped", down.stderr
     assert not psutil.pid_exists(state["ray_pid"]) and not psutil.pid_exists(state["s3"]["pid"])
     assert "no local cluster" in cli(["status"], env).stdout
+    again = cli(["down"], env)  # it said "stopped" with nothing to stop
+    assert again.returncode == 0 and again.stderr.strip() == "no local cluster to stop", again.stderr

@@ -180,18 +180,20 @@ def _answers(url: str) -> bool:
         return False
 
 
-def down() -> None:
+def down() -> bool:
     """Stop what `up` started: the `ray start --block` process (which stops its Ray processes) and the S3
-    server, each by the PID recorded at start, escalating to SIGKILL of its own process group."""
+    server, each by the PID recorded at start, escalating to SIGKILL of its own process group. False when `up` had
+    started nothing (or it was already stopped)."""
     state = read_state()
     if not state:
-        return
+        return False
     s3 = state.get("s3") or {}
     for pid, started in ((state.get("ray_pid"), state.get("ray_started")), (s3.get("pid"), s3.get("started"))):
         if alive(pid, started):  # never a process that only has the number of one `up` started
             _stop_group(pid)
     _forget_ray_address(state["gcs_address"])
     (state_dir() / "cluster.json").unlink(missing_ok=True)
+    return True
 
 
 def _forget_ray_address(gcs_address: str) -> None:
@@ -288,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n# to use it from this shell:", file=sys.stderr)
         print(exports(state))
     elif args.command == "down":
-        down()
-        print("stopped", file=sys.stderr)
+        print("stopped" if down() else "no local cluster to stop", file=sys.stderr)
     elif args.command == "status":
         print(describe(read_state()))
     elif (state := read_state()) is not None:
