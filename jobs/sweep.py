@@ -71,12 +71,17 @@ def check_same_sweep(cfg: RunConfig, search: SearchConfig) -> None:
                           "(another experiment name)")
 
 
+#: What says where a sweep's services are, not what its trials train: a resume may find them elsewhere (a local S3
+#: server or MLflow started again on other ports).
+MAY_MOVE = ("storage.endpoint_url", "tracking")
+
+
 def first_difference(started: dict, now: dict, prefix: str = "") -> tuple[str, object, object] | None:
     """(dotted key, value in `started`, value in `now`) of the first key both hold with different values; keys one
-    of them lacks (added to the schema since the sweep started) do not count. A search space is compared whole: a key
-    added to it is a difference."""
+    of them lacks (added to the schema since the sweep started) and MAY_MOVE do not count. A search space is compared
+    whole: a key added to it is a difference."""
     for key, was in started.items():
-        if key not in now:
+        if key not in now or f"{prefix}{key}" in MAY_MOVE:
             continue
         if isinstance(was, dict) and isinstance(now[key], dict) and key != "space":
             if (difference := first_difference(was, now[key], f"{prefix}{key}.")) is not None:

@@ -66,6 +66,8 @@ def test_resuming_a_sweep_whose_config_changed_names_the_first_difference(image_
     (tmp_path / "runs" / "sweep").mkdir(parents=True)
     (tmp_path / "runs" / "sweep" / sweep.SWEEP_FILE).write_text(yaml.safe_dump(sweep.sweep_record(base, search)))
     sweep.check_same_sweep(*load_sweep(config))  # as started
+    sweep.check_same_sweep(*load_sweep(config, ["storage.endpoint_url=http://127.0.0.1:9", "tracking.mlflow.uri=file:/x",
+                                                "tracking.mlflow.experiment=x"]))  # where its services are may move
     for overrides, message in [
         (["optim.lr=0.5"], "--resume: sweep sweep was started with optim.lr: 0.001, and the config now says 0.5; a resume "
                            "continues the sweep as started, so restore it, or start a new sweep (another experiment name)"),
