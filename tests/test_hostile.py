@@ -132,6 +132,7 @@ def test_an_alias_bomb_in_a_command_line_value_is_refused_too():
     ({"pretrain": {"method": "simclr", "crop_scale": [0.0, 1.0]}}, "pretrain.crop_scale.0: Input should be greater than 0"),
     ({"pretrain": {"method": "simclr"}, "train": {"batch_size": 1}}, "train.batch_size: 1 gives SimCLR no negatives"),  # trained
     ({"model": {"weights": ""}}, "model.weights: empty; leave it out, or null, to start from random weights"),  # trained from random
+    ({"train": {"amp": "fp16"}}, "train.amp: fp16 is for GPUs (scaling.use_gpu: true); a CPU emulates it, ~18x slower"),
     ({"model": {"strategy": "gradual_unfreeze", "unfreeze_every": 10}},  # a linear probe, unnoticed
      "model.unfreeze_every: 10 must be less than train.epochs (10), or gradual_unfreeze never unfreezes a block"),
     # kept the checkpoints of the highest loss and called the worst one "best"

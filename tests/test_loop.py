@@ -299,3 +299,21 @@ def test_a_resume_trains_on_with_the_configs_lr_and_weight_decay_not_the_checkpo
     lr_changed = fit(changed, lambda m, c: None, resume_from=first.latest, checkpoints=False)[0]["lr"]
     lr_same = fit(again, lambda m, c: None, resume_from=first.latest, checkpoints=False)[0]["lr"]
     assert lr_changed == pytest.approx(4 * lr_same) and lr_same < 1e-3  # the cosine schedule went on from epoch 2
+
+
+def test_an_fp16_step_the_scaler_skips_still_advances_the_schedule_without_a_warning(recwarn):
+    """GradScaler skips a step whose gradients overflowed (fp16's first steps); torch then warned that the schedule
+    stepped "before optimizer.step()" in every worker, as if the loop had them in the wrong order."""
+    from tl_core.models import build_model
+    from tl_core.state import TrainingState
+
+    cfg = from_dict({"experiment": "amp", "data": {"root": "/d"}, "train": {"amp": "fp16"}, "scaling": {"use_gpu": True}})
+    model = build_model(cfg.model, ["a", "b"], 16)
+    state = TrainingState.create(cfg, model, torch.device("cpu"), steps_per_epoch=4)
+    assert state.scaler.is_enabled()
+    state.scaler.scale(model(torch.randn(2, 3, 16, 16)).sum() * float("inf")).backward()  # gradients that overflow
+    before = [p.detach().clone() for p in model.parameters()]
+    state.optimizer_step(model)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # the step was skipped
+    assert state.scheduler.last_epoch == 1
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -249,7 +250,11 @@ class TrainingState:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # fp16's GradScaler skips the optimizer step whose gradients overflowed (its first steps find the scale);
+            # the schedule still advances, as torch's AMP recipe has it, and torch warns as if the order were wrong.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+            self.scheduler.step()
 
     def end_epoch(self, epoch: int, metrics: dict, meta: dict, reporter: Reporter, *, checkpoint: bool = True,
                   mirror: CheckpointMirror | None = None) -> bool:
