@@ -18,7 +18,7 @@ from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
 from jobs.tracking import check_mlflow_uri
 from tl_core import run_dir
-from tl_core.config import RunConfig, ScalingConfig, left_unread, override, value_at, with_overrides
+from tl_core.config import RunConfig, ScalingConfig, left_unread, override, stored_value, value_at, with_overrides
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
@@ -56,7 +56,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         raise ConfigError(f"experiment: {root.child(cfg.experiment).uri} already exists; pass --resume to continue it "
                           "or choose another experiment name")
     # A run resumed from a checkpoint takes every weight from it: its source weights may be gone, or out of reach.
-    weights = not (resume and newest_meta(root.child(cfg.experiment)) is not None)
+    newest = newest_meta(root.child(cfg.experiment)) if resume else None
+    weights = newest is None
     fetch_hub_weights(cfg, weights)  # once, here on the driver, before any worker starts
     local = localize(cfg, weights)
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
@@ -70,8 +71,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     check_input_size(cfg, model)
     if cfg.pretrain.method == "supervised":
         check_batch_norm_batches(cfg, n_train, model)
-    if resume:
-        check_same_run(cfg, classes, root.child(cfg.experiment), model)
+    if newest is not None:
+        check_same_run(cfg, classes, root.child(cfg.experiment), model, newest)
     if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, manifest is not None, varied)):
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     for decider, unread in left_unread(cfg, varied).items():
@@ -120,14 +121,11 @@ def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> 
                           f"worker(s) gives BatchNorm batches of one sample, which cannot train; use at least 2 images per worker batch")
 
 
-def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location, model: nn.Module) -> None:
+def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location, model: nn.Module, meta: dict) -> None:
     """--resume continues the same model (`model`, as this config builds it) on the same classes, and has epochs left
-    to train; a difference is named, not discovered mid-load."""
-    meta = newest_meta(experiment)
-    if meta is None:
-        return
+    to train; a difference from its newest checkpoint (`meta`) is named, not discovered mid-load."""
     check_left_to_train(cfg, experiment, meta)
-    trained = (meta["config"].get("model") or {}).get("backbone")
+    trained = stored_value(meta["config"], "model.backbone")
     if trained != cfg.model.backbone:
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
     check_same_state(cfg, meta["config"])
@@ -149,12 +147,11 @@ def check_same_state(cfg: RunConfig, trained: dict) -> None:
     value the run was trained with, before a worker fails to load them."""
     new_start = "start a new experiment from one of its checkpoints (model.weights) to change it"
     for key in SAME_ON_RESUME:
-        section, name = key.split(".")
-        was = (trained.get(section) or {}).get(name, value_at(cfg, key))
+        was = stored_value(trained, key, value_at(cfg, key))
         if was != value_at(cfg, key):
             raise ConfigError(f"--resume: {key} is {value_at(cfg, key)}, but experiment {cfg.experiment} was trained with "
                               f"{was}, whose weights and optimizer state it continues; keep {was}, or {new_start}")
-    decay = (trained.get("model") or {}).get("layer_decay", 1.0)
+    decay = stored_value(trained, "model.layer_decay", 1.0)
     if (decay == 1.0) != (cfg.model.layer_decay == 1.0):
         raise ConfigError(f"--resume: model.layer_decay is {cfg.model.layer_decay}, but experiment {cfg.experiment} was trained "
                           f"with {decay}; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so "
@@ -164,7 +161,7 @@ def check_same_state(cfg: RunConfig, trained: dict) -> None:
 def check_same_shapes(cfg: RunConfig, trained: dict, classes: list[str], model: nn.Module) -> None:
     """A transformer's position embeddings are shaped by the image size: resumed at another `data.image_size`, its
     weights would not load. The model is built at the size it was trained at and their shapes compared."""
-    was = (trained.get("data") or {}).get("image_size", cfg.data.image_size)
+    was = stored_value(trained, "data.image_size", cfg.data.image_size)
     if was == cfg.data.image_size or is_text_backbone(cfg.model.backbone):
         return
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -191,7 +188,7 @@ def check_left_to_train(cfg: RunConfig, experiment: Location, newest: dict) -> N
     if newest["epoch"] >= cfg.train.epochs:
         raise ConfigError(f"--resume: experiment {cfg.experiment} has finished its {newest['epoch']} epoch(s); set "
                           f"train.epochs above {newest['epoch']} to train it longer")
-    planned = ((result.get("config") or {}).get("train") or {}).get("epochs")
+    planned = stored_value(result, "config.train.epochs")
     if isinstance(planned, int) and isinstance(result.get("epochs_completed"), int) and result["epochs_completed"] < planned:
         raise ConfigError(f"--resume: experiment {cfg.experiment} stopped early at epoch {result['epochs_completed']} "
                           "(train.early_stopping), so it has nothing left to train")

@@ -518,6 +518,17 @@ def value_at(cfg: RunConfig, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), cfg)
 
 
+def stored_value(config: dict, key: str, default: Any = None) -> Any:
+    """`value_at` for a config as a run stored it (a checkpoint's meta.json, result.json): the value of a dotted key,
+    or `default` where that config lacks it (an older version wrote no such key)."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def named_if_set(cfg: RunConfig, key: str, varied: Collection[str] = ()) -> str | None:
     """`key: value` when the key is changed from its default (a config written whole, as a run's config.yaml is, names
     every key with its default: only a change counts), `key (varied by search.space)` when a sweep varies it (`varied`:

@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from tl_core.checkpoint import is_state_dict_of_tensors
+from tl_core.config import stored_value
 from tl_core.errors import ConfigError
 from tl_core.models import BACKBONES, TIMM_PREFIX
 
@@ -296,7 +297,7 @@ def _read_local_weights(path: Path, source: str) -> SourceWeights:
         return SourceWeights(_torch_load(hub_file, str(hub_file)))
     if path.is_dir():
         state, meta = checkpoint.load_model_state(run_dir.local_checkpoint_dir(path, source))
-        trained = (meta.get("config") or {}).get("model", {}).get("backbone")
+        trained = stored_value(meta, "config.model.backbone")
         return SourceWeights(state, meta.get("classes"), trained if isinstance(trained, str) else None)
     return SourceWeights(_torch_load(path, source))
 
