@@ -140,9 +140,11 @@ def _wait_until_ready(server: S3Server, timeout: float) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"weed mini exited with {server.process.returncode}; see {server.log_path}")
         try:
-            # Listing answers before the volume server serves data again after a restart: read one object back too.
+            # Listing answers before the volume server serves data again after a restart, and volumes come back one
+            # at a time (CI: one object read back, the next answered InternalError): read every object back (up to
+            # 1,000 a bucket; a test's buckets hold a few dozen).
             for bucket in client.list_buckets().get("Buckets", []):
-                for obj in client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", []):
+                for obj in client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", []):
                     client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
             return
         except Exception:  # noqa: BLE001 - not listening yet, still electing its master, or its volumes not loaded
