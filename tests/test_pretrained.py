@@ -123,6 +123,8 @@ def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_po
     ({"backbone": "resnet18", "weights": "a1_in1k"}, "a1_in1k does not exist (expected imagenet, efficientnet_lite0_imagenet "
      "(offline), a torchvision weights name, a timm pretrained tag, a state-dict file or s3:// object, or a checkpoint "
      "directory); a1_in1k is a timm pretrained tag: model.backbone: timm:resnet18 takes it (bare names are torchvision's)"),
+    ({"backbone": "resnet18", "weights": "pretrained"}, "checkpoint directory); pretrained is what hf: text backbones "
+     "take, an image backbone's ImageNet weights are imagenet"),
     ({"backbone": LITE0, "weights": "https://example.invalid/lite0.pth"}, "https://example.invalid/lite0.pth is a URL, which "
      "is not fetched; download the file to a path or s3://"),
 ])
@@ -288,6 +290,9 @@ def test_a_failed_download_of_lite0_names_the_weights_shipped_offline(monkeypatc
     ({"backbone": "timm:botnet50ts_256", "weights": "imagenet"}, "timm:botnet50ts_256 has no ImageNet weights in timm"),
     ({"backbone": "timm:resnet18", "weights": "IMAGENET1K_V1"}, "timm:resnet18's pretrained tags: a1_in1k, a2_in1k"),
     ({"backbone": "resnet18", "weights": "ResNet50_Weights.IMAGENET1K_V2"}, "allowed: imagenet, ResNet18_Weights.IMAGENET1K_V1"),
+    ({"backbone": "hf:all-MiniLM-L6-v2", "weights": "imagenet"}, "model.weights: imagenet names image weights; "
+     "hf:all-MiniLM-L6-v2 takes pretrained (its own encoder), null (random), or a state-dict file, checkpoint or run"),
+    ({"backbone": "hf:all-MiniLM-L6-v2", "weights": "ResNet50_Weights.IMAGENET1K_V2"}, "names image weights"),
 ])
 def test_hub_weights_that_do_not_fit_the_backbone_are_one_line(patch, message):
     from tl_core.weights import hub_weights

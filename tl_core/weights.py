@@ -28,6 +28,7 @@ from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.errors import ConfigError
 from tl_core.models import BACKBONES, TIMM_PREFIX
+from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
 
@@ -86,8 +87,11 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
         raise ConfigError(f"model.weights: {source} is a URL, which is not fetched; download the file to a path or s3:// "
                           f"(or give {names})")
     near = difflib.get_close_matches(source.lower().replace("-", "_"), list(OFFLINE_WEIGHTS), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else _timm_tag_hint(source, backbone)
+    if source == PRETRAINED:
+        hint = f"; {PRETRAINED} is what hf: text backbones take, an image backbone's ImageNet weights are {IMAGENET}"
     raise ConfigError(f"model.weights: {source} does not exist (expected {names}, a state-dict file or s3:// object, or a "
-                      f"checkpoint directory){f'; did you mean {near[0]}?' if near else _timm_tag_hint(source, backbone)}")
+                      f"checkpoint directory){hint}")
 
 
 def _timm_tag_hint(source: str, backbone: str) -> str:
@@ -226,6 +230,9 @@ def hub_weights(backbone: str, name: str) -> HubWeights | None:
     backbone, a timm pretrained tag for a timm one), None when `name` is not such a name; ConfigError when it
     is one that does not fit `backbone`."""
     if name == IMAGENET or _ENUM_NAME.match(name):
+        if is_text_backbone(backbone):
+            raise ConfigError(f"model.weights: {name} names image weights; {backbone} takes {PRETRAINED} (its own "
+                              "encoder), null (random), or a state-dict file, checkpoint or run of a text model")
         if backbone.startswith(TIMM_PREFIX):
             return _timm_hub_weights(backbone, name)
         return _torchvision_hub_weights(backbone, name)
