@@ -8,6 +8,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Collection
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
+from jobs.sweep_config import named_values
 from jobs.tracking import check_mlflow_uri
 from tl_core import run_dir
 from tl_core.config import RunConfig, ScalingConfig, left_unread, override, stored_value, value_at, with_overrides
@@ -36,11 +38,12 @@ def load_and_check(args: argparse.Namespace) -> RunConfig:
 
 
 def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], bool] = run_has_progress,
-              varied: Collection[str] = ()) -> RunConfig:
+              varied: Collection[str] = (), variants: Collection[Variant] = ()) -> RunConfig:
     """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
     source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume;
-    `varied`: the keys a sweep's space sets in each trial. Settings the run leaves unread are then named, in a warning
-    line per reason (after every check, so that a mistake stays one line)."""
+    `varied`: the keys a sweep's space sets in each trial; `variants`: the settings of TRIAL_MODEL_KEYS its trials
+    can draw, each model fetched, built and checked as the run's own. Settings the run leaves unread are then named,
+    in a warning line per reason (after every check, so that a mistake stays one line)."""
     check_mlflow_uri(cfg)
     cfg = with_absolute_paths(cfg)
     root = root_location(cfg)
@@ -65,19 +68,48 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         existing_folder(local.data.root, "data.root")
     if cfg.pretrain.method == "supervised":
         kind = check_modality(local, manifest.modality if manifest else None)
-    recipe = RECIPES[cfg.pretrain.method]
     classes, n_train = data_classes_and_size(cfg, local, manifest)
-    model = recipe.build_model(local if weights else with_overrides(local, ["model.weights="]), classes)  # bad weights fail here
-    check_input_size(cfg, model)
-    if cfg.pretrain.method == "supervised":
-        check_batch_norm_batches(cfg, n_train, model)
+    model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes, n_train)
     if newest is not None:
         check_same_run(cfg, classes, root.child(cfg.experiment), model, newest)
+    for variant in variants:
+        check_variant(cfg, variant, manifest, classes, n_train)
     if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, manifest is not None, varied)):
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     for decider, unread in left_unread(cfg, varied).items():
         log.warning("config: with %s, nothing reads %s", decider, "; ".join(unread))
     return cfg
+
+
+def check_model(cfg: RunConfig, local: RunConfig, classes: list[str], n_train: int) -> nn.Module:
+    """The model `local` (`cfg` as this node reads it) builds, its source weights loaded (bad weights fail here),
+    checked against the input size and the batches it will train on."""
+    model = RECIPES[cfg.pretrain.method].build_model(local, classes)
+    check_input_size(cfg, model)
+    if cfg.pretrain.method == "supervised":
+        check_batch_norm_batches(cfg, n_train, model)
+    return model
+
+
+#: The keys whose values check_run judges beyond the schema (by building the model, fetching its weights, against
+#: the data): a sweep that varies them has each model its trials can draw checked (`check_variant`).
+TRIAL_MODEL_KEYS = ("model.backbone", "model.weights", "model.strategy", "model.freeze_bn_stats", "data.image_size",
+                    "data.max_length", "train.batch_size")
+Variant = tuple[tuple[str, Any], ...]  # ((key, value), ...): what a sweep's trial sets on top of the base config
+
+
+def check_variant(cfg: RunConfig, variant: Variant, manifest: Manifest | None, classes: list[str], n_train: int) -> None:
+    """A sweep trial's model (`cfg` with `variant`) checked as a run's: its hub weights fetched once, here on the
+    driver, where the sweep stages them for every trial; the first problem named with the trial's values."""
+    try:
+        trial = with_absolute_paths(with_overrides(cfg, [override(key, value) for key, value in variant]))
+        fetch_hub_weights(trial)
+        local = localize(trial)
+        if cfg.pretrain.method == "supervised":
+            check_modality(local, manifest.modality if manifest else None)
+        check_model(trial, local, classes, n_train)
+    except (ConfigError, DataError) as exc:
+        raise type(exc)(f"search.space: a trial with {named_values(variant)} cannot run: {exc}") from None
 
 
 def data_classes_and_size(cfg: RunConfig, local: RunConfig, manifest: Manifest | None) -> tuple[list[str], int]:

@@ -89,7 +89,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     absolute = lambda path: path if storage.is_uri(path) else str(user_path(path).resolve())  # noqa: E731
     overrides = [override("data.root", absolute(cfg.data.root)), override("storage.root", absolute(cfg.storage.root))]
     weights = cfg.model.weights
-    if weights and not storage.is_uri(weights) and not _hub(cfg) and user_path(weights).exists():
+    if weights and not storage.is_uri(weights) and user_path(weights).exists() and not _hub(cfg):
         overrides.append(override("model.weights", absolute(weights)))
     encoder = cfg.model.backbone[len(HF_PREFIX):] if is_text_backbone(cfg.model.backbone) else ""
     if encoder and not storage.is_uri(encoder) and user_path(encoder).exists():

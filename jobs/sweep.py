@@ -17,18 +17,19 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator
+from collections.abc import Collection
+from typing import Any, Iterator
 
 from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
 from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
-from jobs.preflight import check_capacity, check_decode_room, check_run, worker_resources
+from jobs.preflight import TRIAL_MODEL_KEYS, Variant, check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, load_sweep
-from tl_core.config import RunConfig, as_yaml, from_dict, override, with_overrides
+from tl_core.config import RunConfig, as_yaml, from_dict, override, value_at, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.run_dir import SWEEP_FILE
 from tl_core.safe_yaml import dump_yaml, parse_yaml
@@ -38,16 +39,29 @@ from tl_core.safe_yaml import dump_yaml, parse_yaml
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __name__, __doc__)
     base, search = load_sweep(args.config, args.overrides)
+    search = with_absolute_space(base, search)
     if args.resume:
         check_same_sweep(base, search)
-    base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space)
+    variants = search.variants(TRIAL_MODEL_KEYS)
+    base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space, variants=variants)
     with claimed(base):
-        results = run_sweep(base, search, resume=args.resume)
+        results = run_sweep(base, search, resume=args.resume, variants=variants)
     best = results.get_best_result(search.metric, search.mode, scope="all")
     print(f"{base.experiment}: {len(results)} trials, best {search.metric} {best.metrics_dataframe[search.metric].agg(search.mode):.4f} "
           f"({best.path.rsplit('/', 1)[-1]}: {best.config})")
     print(f"report: python -m jobs.analyze {experiment_location(base).uri}")
     return 0
+
+
+def with_absolute_space(base: RunConfig, search: SearchConfig) -> SearchConfig:
+    """`search` with the local paths among its choice and grid values (`model.weights`, an `hf:` folder, ...) made
+    absolute as with_absolute_paths makes the base's: trials do not run in the driver's working directory."""
+    def absolute(key: str, value: Any) -> Any:
+        return value_at(with_absolute_paths(with_overrides(base, [override(key, value)])), key)
+
+    space = {key: {kind: [absolute(key, v) for v in values] if kind in ("choice", "grid") else values}
+             for key, spec in search.space.items() for kind, values in spec.items()}
+    return search.model_copy(update={"space": space})
 
 
 def sweep_record(cfg: RunConfig, search: SearchConfig) -> dict:
@@ -175,13 +189,16 @@ def reaches_tune(metrics: dict, search_metric: str) -> bool:
     return search_metric in metrics
 
 
-def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool):
+def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Collection[Variant] = ()):
+    """Run (or with `resume`, continue) the sweep; `variants`: the models its trials can draw (TRIAL_MODEL_KEYS),
+    whose hub weights are staged with the base's."""
     from ray import tune
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
     check_capacity(cfg)  # a trial the cluster can never place would leave the sweep pending forever
-    stage_hub_weights(cfg)
+    for model in (cfg, *(with_overrides(cfg, [override(k, v) for k, v in variant]) for variant in variants)):
+        stage_hub_weights(model)
     if streaming.is_packed(cfg) and cfg.scaling.max_workers == 1:
         import ray
 

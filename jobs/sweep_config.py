@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,8 @@ _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 #: How many combinations of the space's values load_sweep validates at most: every key's values alone, then every
 #: pair, every triple ... (the whole space, for any space of up to 7 keys with 3 values each).
 MAX_CHECKED_COMBINATIONS = 10_000
+#: How many models jobs.sweep builds at most to check the trials' (`SearchConfig.variants`): each loads its weights.
+MAX_VARIANTS = 16
 
 
 #: What shapes a trial's resources, which the sweep reserves once for every trial from the run config (Tune's
@@ -162,6 +164,22 @@ class SearchConfig(Section, MonitorsAMetric):
                     yield tuple(zip(subset, values, strict=True))
 
 
+    def variants(self, keys: Collection[str], limit: int = MAX_VARIANTS) -> list[tuple[tuple[str, Any], ...]]:
+        """The settings of those `keys` that the space varies, standing for every trial (`trial_values`): all their
+        combinations when there are at most `limit`, else one per value of the key with the most, the other keys'
+        values taken in turn (every value in at least one). Empty when the space varies none of `keys`."""
+        by_key: dict[str, list[Any]] = {}
+        for key, value in self.trial_values():
+            if key in keys:
+                by_key.setdefault(key, []).append(value)
+        if math.prod(len(values) for values in by_key.values()) <= limit:
+            combinations = itertools.product(*by_key.values())
+        else:
+            combinations = (tuple(values[i % len(values)] for values in by_key.values())
+                            for i in range(max(len(values) for values in by_key.values())))
+        return [tuple(zip(by_key, values, strict=True)) for values in combinations] if by_key else []
+
+
 def _check_config_key(key: str) -> None:
     model: Any = RunConfig
     parts = key.split(".")
@@ -214,6 +232,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             if len(combination) == 1:
                 (key, value), = combination
                 raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {reason}") from None
-            *firsts, last = (f"{key} {value!r}" for key, value in combination)
-            raise ConfigError(f"{path}: search.space: {', '.join(firsts)} and {last} are not valid together: {reason}") from None
+            raise ConfigError(f"{path}: search.space: {named_values(combination)} are not valid together: {reason}") from None
     return base, search
+
+
+def named_values(combination: tuple[tuple[str, Any], ...]) -> str:
+    """`model.strategy 'lp_ft' and train.epochs 1`: a trial's values of some keys, as messages name them."""
+    *firsts, last = (f"{key} {value!r}" for key, value in combination)
+    return f"{', '.join(firsts)} and {last}" if firsts else last

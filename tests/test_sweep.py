@@ -155,6 +155,42 @@ def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_hub_weights_a_sweep_varies_are_downloaded_once_by_the_driver_and_staged_for_its_trials(ray_cluster, tmp_path):
+    """Sources compared in one sweep: a space over `model.weights` with hub weights (the Hugging Face hub on
+    127.0.0.1) and a file named relative to the driver's working directory, where no trial runs. The driver fetches
+    the hub weights before any trial, as for a run, and stages them; the trials, whose caches lack them, train from
+    the staged copy (they failed, "neither in this node's cache nor staged", when only the base's were staged), and
+    the file reaches them as an absolute path (a trial read it relative to its own directory: "does not exist")."""
+    from hub_server import HubServer
+    from test_pretrained import TINY_REPO_FILE, TINY_TIMM, hub_env, tiny_timm_weights
+
+    tiny_timm_weights(tmp_path / "model.safetensors")
+    tiny_timm_weights(tmp_path / "source.safetensors")
+    server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, size=16)
+    config = write_sweep(tmp_path, data, experiment="hub-sweep", search_alg="grid", num_samples=1,
+                         space={"model.weights": {"grid": [None, "imagenet", "source.safetensors"]}})
+    sweep_file = yaml.safe_load(config.read_text())
+    sweep_file["model"] = {"backbone": TINY_TIMM, "strategy": "linear_probe"}
+    sweep_file["search"]["scheduler"] = {"name": "fifo", "max_t": 1}
+    config.write_text(yaml.safe_dump(sweep_file))
+    env = {**hub_env(tmp_path, server.url), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    try:
+        run = subprocess.run([sys.executable, "-m", "jobs.sweep", "--config", str(config)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert server.gets[TINY_REPO_FILE] == 1
+    staged = tmp_path / "runs" / "_weights" / "huggingface" / "timm" / "test_resnet.r160_in1k" / "main" / "model.safetensors"
+    assert staged.is_file()
+    histories = trial_histories(tmp_path / "runs" / "hub-sweep")
+    trained = [rows[-1]["config"]["model.weights"] for rows in histories.values() if rows]
+    assert sorted(trained, key=str) == sorted([None, "imagenet", str(tmp_path / "source.safetensors")], key=str), run.stderr[-3000:]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_path):
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
     # Six trials, one at a time, killed once two have finished: the other four (~1 s each here) cannot all finish in
@@ -288,6 +324,9 @@ SWEEP_BAD_INPUTS = {
     "three keys that clash": ({"space": {"model.strategy": {"choice": ["full", "lp_ft"]}, "model.lp_epochs": {"choice": [1, 3]},
                                          "train.epochs": {"choice": [2, 6]}}},
                               "search.space: model.lp_epochs 3, model.strategy 'lp_ft' and train.epochs 2 are not valid together"),
+    "weights a trial cannot load": ({"space": {"model.weights": {"choice": [None, "missing.pt"]}}},
+                                    "search.space: a trial with model.weights 'missing.pt' cannot run: model.weights: "
+                                    "missing.pt does not exist"),
     "lp_epochs beyond max_t": ({"space": {"model.strategy": {"choice": ["full", "lp_ft"]}, "model.lp_epochs": {"choice": [1, 6]}}},
                                "search.space: model.lp_epochs 6 and model.strategy 'lp_ft' are not valid together: "
                                "model.lp_epochs: 6 must be less than train.epochs (6)"),
@@ -308,6 +347,24 @@ def test_sweep_checks_combinations_of_keys_smallest_first_within_a_budget():
     # 9 keys of 3 values: 27 alone, 36 * 9 pairs, 84 * 27 triples; the 126 * 81 quadruples would pass the budget
     assert [sum(len(c) == size for c in combos) for size in (1, 2, 3, 4)] == [27, 36 * 9, 84 * 27, 0]
     assert len(combos) <= MAX_CHECKED_COMBINATIONS
+
+
+def test_a_sweep_checks_every_model_its_trials_can_draw_within_a_budget():
+    """Every combination of the model keys' values (the schema-checked `trial_values`), or past the budget one per
+    value of the longest list, every value in one; keys the model does not depend on are not varied."""
+    space = {"model.backbone": {"choice": ["resnet18", "resnet34"]}, "model.weights": {"choice": [None, "a.pt", "b.pt"]},
+             "optim.lr": {"choice": [0.1, 0.2]}}
+    keys = ("model.backbone", "model.weights")
+    variants = SearchConfig(space=space).variants(keys)
+    assert len(variants) == 6 and len(set(variants)) == 6
+    assert all(tuple(key for key, _ in variant) == keys for variant in variants)
+    few = SearchConfig(space=space).variants(keys, limit=4)
+    assert [dict(v) for v in few] == [{"model.backbone": "resnet18", "model.weights": None},
+                                      {"model.backbone": "resnet34", "model.weights": "a.pt"},
+                                      {"model.backbone": "resnet18", "model.weights": "b.pt"}]
+    assert SearchConfig(space={"optim.lr": {"choice": [0.1]}}).variants(keys) == []
+    sizes = SearchConfig(space={"train.batch_size": {"randint": [2, 9]}}).variants(["train.batch_size"])
+    assert sizes == [(("train.batch_size", 2),), (("train.batch_size", 8),)]  # a range's edges
 
 
 def test_pbt_needs_a_checkpoint_at_every_perturbation(tmp_path, capsys):
