@@ -328,9 +328,7 @@ def train_scaling(scaling: ScalingConfig):
 def first_error(exc: Exception) -> str:
     """The workers' first error as `Type: last line`, from Ray Train's TrainingFailedError."""
     failures = getattr(exc, "worker_failures", None) or {}
-    cause = next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc)
-    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
-    return one_line(cause)
+    return one_line(next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc))
 
 
 #: what Ray's memory monitor says when it kills workers of a node that runs low on memory
@@ -340,6 +338,7 @@ _MEMORY_KILL = re.compile(r"running low on memory\..*? was ([\d.]+GB) used / ([\
 def one_line(error: BaseException) -> str:
     """An error as one line: its type and the last line of its message (a wrapped traceback ends with the error).
     Workers killed by Ray's memory monitor (whose message ends in Ray's own tuning advice) say what to change here."""
+    error = getattr(error, "cause", None) or error  # a RayTaskError wraps the task's own exception
     text = str(error)
     if "running low on memory" in text:
         used = _MEMORY_KILL.search(text)

@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     with claimed(base):
         results = run_sweep(base, search, resume=args.resume, variants=variants)
     best = results.get_best_result(search.metric, search.mode, scope="all")
-    print(f"{base.experiment}: {len(results)} trials, best {search.metric} {best.metrics_dataframe[search.metric].agg(search.mode):.4f} "
-          f"({best.path.rsplit('/', 1)[-1]}: {best.config})")
+    failed = f" ({len(results.errors)} failed; the first: {one_line(results.errors[0])})" if results.errors else ""
+    print(f"{base.experiment}: {len(results)} trials{failed}, best {search.metric} "
+          f"{best.metrics_dataframe[search.metric].agg(search.mode):.4f} ({best.path.rsplit('/', 1)[-1]}: {best.config})")
     print(f"report: python -m jobs.analyze {experiment_location(base).uri}")
     return 0
 

@@ -189,6 +189,21 @@ def test_hub_weights_a_sweep_varies_are_downloaded_once_by_the_driver_and_staged
     assert sorted(trained, key=str) == sorted([None, "imagenet", str(tmp_path / "source.safetensors")], key=str), run.stderr[-3000:]
 
 
+def test_a_sweep_with_a_failed_trial_says_so_beside_its_best(ray_cluster, tmp_path, capsys):
+    """A trial whose loss diverges fails; the others' best is the result, and the summary says one failed and why
+    (it said "2 trials, best ..." alone, the failure only in Tune's log above)."""
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=16)
+    config = write_sweep(tmp_path, data, experiment="diverges", search_alg="grid", num_samples=1,
+                         space={"optim.lr": {"grid": [1.0e-3, 1.0e30]}})
+    sweep_file = yaml.safe_load(config.read_text())
+    sweep_file["search"]["scheduler"] = {"name": "fifo", "max_t": 1}
+    config.write_text(yaml.safe_dump(sweep_file))
+    assert sweep.main(["--config", str(config)]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-2]
+    assert re.match(r"diverges: 2 trials \(1 failed; the first: TrainingDiverged: epoch 1: (train|val)/loss is nan; lower "
+                    r"optim.lr or set train.clip_grad_norm\), best val/acc \d", summary), summary
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_path):
