@@ -46,6 +46,14 @@ class Trial:
     batch: dict
 
 
+@dataclass
+class Failed:
+    """A trial that failed before it reported the sweep's metric (a loss that diverged in its first epoch, ...)."""
+    name: str  # Tune's trial id
+    params: dict
+    error: str  # one line
+
+
 @guarded
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(__name__, __doc__)
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     location = storage.parse(args.experiment, field="experiment")
     base, search, results = load_experiment(location)
     trials = summarize(results, search)
+    failed = failed_before_reporting(results, search)
     winner = pick_best(trials, search.mode)
     best_result = next(r for r in results if _trial_name(r) == winner.directory)
     best_cfg = trial_config(base.to_dict(), search.model_dump(), winner.params)
@@ -63,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tl-report-") as tmp:
         out = Path(tmp)
-        write_report(out, trials, winner, search, best_cfg, meta, location.uri)
+        write_report(out, trials, failed, winner, search, best_cfg, meta, location.uri)
         published = publish(out, location.child("report"))
-    print_summary(trials, winner, search)
+    print_summary(trials, failed, winner, search)
     print(f"report: {published}/report.html\nretrain the winner: python -m jobs.finetune --config {published}/best.yaml")
     return 0
 
@@ -144,7 +153,7 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
     trials, milestones = [], rungs(search)
     for result in results:
         frame = result.metrics_dataframe
-        if frame is None or search.metric not in frame:
+        if not reported(result, search):
             continue
         # A trial resumed after its driver was killed reports again from its last checkpoint: an epoch can appear
         # twice in its rows, and the later report is the run that went on.
@@ -170,6 +179,26 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
         raise ConfigError(f"experiment: no trial has reported {search.metric} yet ({len(results)} trial(s) started); if the sweep "
                           "was cut short, continue it with python -m jobs.sweep --config ... --resume")
     return sorted(trials, key=lambda t: t.name)
+
+
+def reported(result, search: SearchConfig) -> bool:
+    """Whether a trial reported the sweep's metric at least once."""
+    frame = result.metrics_dataframe
+    return frame is not None and search.metric in frame and bool(frame[search.metric].notna().any())
+
+
+def failed_before_reporting(results, search: SearchConfig) -> list[Failed]:
+    """The trials that failed with nothing to plot: their values (from Tune's params.json, as Tune gives them no
+    config) and their error."""
+    failed = []
+    for result in results:
+        if result.error is None or reported(result, search):
+            continue
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            params = json.loads(f.read())
+        failed.append(Failed(str(result.metrics.get("trial_id", _trial_name(result))), {k: params.get(k) for k in search.space},
+                             one_line(result.error)))
+    return sorted(failed, key=lambda f: f.name)
 
 
 def pick_best(trials: list[Trial], mode: str) -> Trial:
@@ -263,8 +292,8 @@ def plot_confusion(meta: dict, path: Path) -> None:
 # --- the report ------------------------------------------------------------------------------------------------
 
 
-def write_report(out: Path, trials: list[Trial], winner: Trial, search: SearchConfig, best_cfg: RunConfig, meta: dict,
-                 uri: str) -> None:
+def write_report(out: Path, trials: list[Trial], failed: list[Failed], winner: Trial, search: SearchConfig,
+                 best_cfg: RunConfig, meta: dict, uri: str) -> None:
     plot_curves(trials, winner, search, out / "curves.png")
     plot_params(trials, search, out / "params.png")
     plot_confusion(meta, out / "confusion.png")
@@ -273,10 +302,11 @@ def write_report(out: Path, trials: list[Trial], winner: Trial, search: SearchCo
     per_class = {"classes": meta["classes"], "per_class": meta["per_class"], "confusion_matrix": meta["confusion_matrix"],
                  "epoch": meta["epoch"], "metrics": meta["metrics"]}
     (out / "per_class.json").write_text(json.dumps(per_class, indent=2))
-    (out / "report.html").write_text(render_html(out, trials, winner, search, best_cfg, meta, uri))
+    (out / "report.html").write_text(render_html(out, trials, failed, winner, search, best_cfg, meta, uri))
 
 
-def render_html(out: Path, trials, winner: Trial, search: SearchConfig, best_cfg: RunConfig, meta: dict, uri: str) -> str:
+def render_html(out: Path, trials, failed: list[Failed], winner: Trial, search: SearchConfig, best_cfg: RunConfig, meta: dict,
+                uri: str) -> str:
     esc = html.escape
     spent = sum(t.epochs[-1] for t in trials)
     full = len(trials) * search.scheduler.max_t
@@ -287,6 +317,11 @@ def render_html(out: Path, trials, winner: Trial, search: SearchConfig, best_cfg
                  f"{t.best:.4f}", str(t.epochs[-1]), t.status]
         style = ' class="best"' if t is winner else ""
         rows.append(f"<tr{style}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    failed_rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in [f.name, *(_fmt(f.params[k]) for k in search.space)])
+                          + f'<td style="text-align:left">{esc(f.error)}</td></tr>' for f in failed)
+    failed_table = (f"<h2>Failed before reporting {esc(search.metric)}</h2><table><tr><th>trial</th>"
+                    + "".join(f"<th>{esc(k)}</th>" for k in search.space) + f"<th>error</th></tr>{failed_rows}</table>") if failed else ""
+    failed_count = f" ({len(failed)} failed before reporting)" if failed else ""
     per_class = meta["per_class"]
     class_rows = "".join(
         f"<tr><td>{esc(str(name))}</td>" + "".join(f"<td>{per_class[k][i]:.3f}</td>" for k in ("precision", "recall", "f1"))
@@ -298,12 +333,13 @@ def render_html(out: Path, trials, winner: Trial, search: SearchConfig, best_cfg
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}} tr.best{{background:#fde2e2;font-weight:bold}}
 img{{max-width:100%;margin:1em 0}} pre{{background:#f6f6f6;padding:1em}}</style></head><body>
 <h1>Sweep report</h1>
-<p>{esc(uri)}: {len(trials)} trials, metric <b>{esc(search.metric)}</b> ({search.mode}), scheduler {esc(search.scheduler.name)}
+<p>{esc(uri)}: {len(trials) + len(failed)} trials{failed_count}, metric <b>{esc(search.metric)}</b> ({search.mode}), scheduler {esc(search.scheduler.name)}
 (max_t {search.scheduler.max_t}, grace_period {search.scheduler.grace_period}, reduction_factor {search.scheduler.reduction_factor:g}).</p>
 <p><b>Epochs spent: {spent}</b> against {full} had every trial run to max_t ({spent / full:.0%}).</p>
 <p>Best: <b>{esc(winner.name)}</b>, {esc(search.metric)} {winner.best:.4f}, with
 {esc(", ".join(f"{k}={_fmt(v)}" for k, v in winner.params.items()))}. Retrain it: <code>python -m jobs.finetune --config best.yaml</code>.</p>
 <h2>Trials</h2><table><tr>{head}</tr>{"".join(rows)}</table>
+{failed_table}
 <h2>Learning curves</h2>{image("curves.png")}
 <h2>Final metric against each hyperparameter</h2>{image("params.png")}
 <h2>Best checkpoint: per-class metrics (epoch {meta["epoch"]})</h2>
@@ -327,12 +363,15 @@ def publish(local: Path, target: storage.Location) -> str:
     return target.uri
 
 
-def print_summary(trials: list[Trial], winner: Trial, search: SearchConfig) -> None:
+def print_summary(trials: list[Trial], failed: list[Failed], winner: Trial, search: SearchConfig) -> None:
     print(f"{'trial':<18}{'best ' + search.metric:>14}{'epochs':>8}  {'stopped':<28}values")
     for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
         mark = "*" if t is winner else " "
         values = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{values}")
+    for f in failed:
+        values = " ".join(f"{k}={_fmt(v)}" for k, v in f.params.items())
+        print(f"!{f.name:<17} failed before reporting ({values}): {f.error}")
     spent, full = sum(t.epochs[-1] for t in trials), len(trials) * search.scheduler.max_t
     print(f"epochs spent {spent} of {full} without early stopping ({spent / full:.0%})")
 

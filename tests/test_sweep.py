@@ -191,7 +191,8 @@ def test_hub_weights_a_sweep_varies_are_downloaded_once_by_the_driver_and_staged
 
 def test_a_sweep_with_a_failed_trial_says_so_beside_its_best(ray_cluster, tmp_path, capsys):
     """A trial whose loss diverges fails; the others' best is the result, and the summary says one failed and why
-    (it said "2 trials, best ..." alone, the failure only in Tune's log above)."""
+    (it said "2 trials, best ..." alone, the failure only in Tune's log above); so does the report, which left such a
+    trial out without a word."""
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=16)
     config = write_sweep(tmp_path, data, experiment="diverges", search_alg="grid", num_samples=1,
                          space={"optim.lr": {"grid": [1.0e-3, 1.0e30]}})
@@ -202,6 +203,13 @@ def test_a_sweep_with_a_failed_trial_says_so_beside_its_best(ray_cluster, tmp_pa
     summary = capsys.readouterr().out.strip().splitlines()[-2]
     assert re.match(r"diverges: 2 trials \(1 failed; the first: TrainingDiverged: epoch 1: (train|val)/loss is nan; lower "
                     r"optim.lr or set train.clip_grad_norm\), best val/acc \d", summary), summary
+    assert analyze.main([str(tmp_path / "runs" / "diverges")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len([line for line in printed if line.startswith("*")]) == 1
+    failed = [line for line in printed if line.startswith("!")]
+    assert len(failed) == 1 and re.search(r" failed before reporting \(optim.lr=1e\+30\): TrainingDiverged: epoch 1: ", failed[0])
+    page = (tmp_path / "runs" / "diverges" / "report" / "report.html").read_text()
+    assert "2 trials (1 failed before reporting)" in page and "<td>1e+30</td><td style=\"text-align:left\">TrainingDiverged" in page
 
 
 @pytest.mark.integration
