@@ -151,6 +151,9 @@ def test_an_s3_run_that_is_no_run_is_refused_before_anything_is_copied(s3, tmp_p
     s3.client().put_object(Bucket="tl-test", Key="a-sweep/sweep.yaml", Body=b"experiment: a-sweep\n")
     one_line_exit_2(export.main, ["s3://tl-test/a-sweep", "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys, tmp_path,
                     "RUN: s3://tl-test/a-sweep is a sweep, not a run; give one of its trials' checkpoints")
+    s3.client().put_object(Bucket="tl-test", Key="a-sweep/trial-0/result.json", Body=b'{"epoch": 1, "trial_id": "a0_00000"}\n')
+    one_line_exit_2(export.main, ["s3://tl-test/a-sweep/trial-0", "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys,
+                    tmp_path, "RUN: s3://tl-test/a-sweep/trial-0 is a trial of a sweep, not a run; give one of its checkpoints")
 
 
 def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
@@ -168,6 +171,8 @@ def test_the_logit_check_is_absolute_near_zero_and_relative_for_large_logits():
     ("not_a_run", "/notes is neither a finished run (result.json) nor a checkpoint directory (meta.json)"),
     ("a_sweep", "/sweep is a sweep, not a run; give one of its trials' checkpoints, or retrain its winner (python -m "
                 "jobs.analyze "),
+    ("a_trial", "/sweep/trial-0 is a trial of a sweep, not a run; give one of its checkpoints (checkpoint_NNNNNN inside "
+                "it), or retrain the sweep's winner (python -m jobs.analyze "),
     ("simclr", "pretraining checkpoint, which has no classifier"),
     ("unexportable", "--format onnx: resnet18 cannot be exported as onnx (an operator"),
     ("earlier_export", "model.onnx.json already exists; an export goes to a new path"),
@@ -189,6 +194,11 @@ def test_export_mistakes_are_one_line_exit_2_and_write_nothing(case, message, im
         (tmp_path / "sweep" / "trial-0").mkdir(parents=True)
         (tmp_path / "sweep" / "sweep.yaml").write_text("experiment: sweep\n")
         run = tmp_path / "sweep"
+    elif case == "a_trial":  # Ray Tune's result.json: one row per report (it read as a run naming no best_checkpoint)
+        (tmp_path / "sweep" / "trial-0" / "checkpoint_000000").mkdir(parents=True)
+        (tmp_path / "sweep" / "trial-0" / "result.json").write_text('{"epoch": 1, "val/acc": 0.5, "trial_id": "a0_00000"}\n'
+                                                                    '{"epoch": 2, "val/acc": 0.6, "trial_id": "a0_00000"}\n')
+        run = tmp_path / "sweep" / "trial-0"
     elif case == "simclr":
         from tl_core.simclr import fit_simclr
 

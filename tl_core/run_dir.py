@@ -42,11 +42,17 @@ def result_summary(*, best_checkpoint: str, best_metric: dict, final_metrics: di
 
 
 def best_checkpoint(result_text: str, source: str, field: str = "model.weights") -> str:
-    """The best checkpoint that result.json names; ConfigError (for `field: source`) when it names none."""
+    """The best checkpoint that result.json names; ConfigError (for `field: source`) when it names none, saying so
+    when it is a sweep trial's (Ray Tune's result.json: one row of metrics per report)."""
     try:
         best = json.loads(result_text).get("best_checkpoint")
     except (ValueError, AttributeError):
         best = None
+    if best is None and '"trial_id"' in result_text.partition("\n")[0]:
+        sweep = source.rstrip("/").rpartition("/")[0] or "SWEEP"
+        raise ConfigError(f"{field}: {source} is a trial of a sweep, not a run; give one of its checkpoints "
+                          f"({CHECKPOINT_PREFIX}NNNNNN inside it), or retrain the sweep's winner (python -m jobs.analyze {sweep} "
+                          "writes report/best.yaml)")
     if not isinstance(best, str) or not best:
         raise ConfigError(f"{field}: run {source} names no best_checkpoint in its {RESULT_FILE}")
     return best
