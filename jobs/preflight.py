@@ -24,7 +24,7 @@ from tl_core.config import RunConfig, ScalingConfig, left_unread, override, stor
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
-from tl_core.modality import check_modality, unread_settings
+from tl_core.modality import check_modality, modality, unread_settings
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
 from tl_core.text_models import is_text_backbone
@@ -68,6 +68,10 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         existing_folder(local.data.root, "data.root")
     if cfg.pretrain.method == "supervised":
         kind = check_modality(local, manifest.modality if manifest else None)
+    elif text := (f"model.backbone {cfg.model.backbone} is a text model" if is_text_backbone(cfg.model.backbone) else
+                  f"data.root {cfg.data.root} holds text (table files)" if modality(local.data) == "text" else None):
+        raise ConfigError(f"pretrain.method: {cfg.pretrain.method} pretrains image backbones on class folders of images, and "
+                          f"{text}; pretrain a text encoder with pretrain.method: supervised")
     classes, n_train = data_classes_and_size(cfg, local, manifest)
     model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes, n_train)
     if newest is not None:

@@ -179,6 +179,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, image_folder, tmp
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("patch,message", [
+    ({"model": {"backbone": "hf:all-MiniLM-L6-v2"}}, "pretrain.method: simclr pretrains image backbones on class folders of "
+     "images, and model.backbone hf:all-MiniLM-L6-v2 is a text model; pretrain a text encoder with pretrain.method: supervised"),
+    ({"data": "text"}, "/texts holds text (table files); pretrain a text encoder with pretrain.method: supervised"),
+])
+def test_simclr_on_text_is_one_line(patch, message, image_folder, tmp_path, capsys):
+    """It said "data.root: found 0 readable image(s)" (a text folder), or started workers that failed: "Unknown model
+    hf:all-minilm-l6-v2" (a text encoder)."""
+    if patch.get("data") == "text":
+        (tmp_path / "texts").mkdir()
+        (tmp_path / "texts" / "train.csv").write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(8)))
+        patch = {"data": {"root": str(tmp_path / "texts")}}
+    config = write_config(tmp_path, image_folder, pretrain={"method": "simclr"}, **patch)
+    assert pretrain.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: pretrain.method: simclr") and message in err[-1], err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unparsable_yaml(tmp_path, capsys):
     config = tmp_path / "broken.yaml"
     config.write_text("experiment: x\n  data: [\n")
