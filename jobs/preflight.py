@@ -8,7 +8,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Collection
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs import ray_private, streaming
 from jobs.staging import fetch_hub_weights, localize, newest_meta, root_location, run_has_progress, with_absolute_paths
-from jobs.sweep_config import named_values
+from jobs.sweep_config import Variant, named_values, with_values
 from jobs.tracking import check_mlflow_uri
 from tl_core import run_dir
 from tl_core.config import RunConfig, ScalingConfig, left_unread, override, stored_value, value_at, with_overrides
@@ -99,14 +98,13 @@ def check_model(cfg: RunConfig, local: RunConfig, classes: list[str], n_train: i
 #: the data): a sweep that varies them has each model its trials can draw checked (`check_variant`).
 TRIAL_MODEL_KEYS = ("model.backbone", "model.weights", "model.strategy", "model.freeze_bn_stats", "data.image_size",
                     "data.max_length", "train.batch_size")
-Variant = tuple[tuple[str, Any], ...]  # ((key, value), ...): what a sweep's trial sets on top of the base config
 
 
 def check_variant(cfg: RunConfig, variant: Variant, manifest: Manifest | None, classes: list[str], n_train: int) -> None:
     """A sweep trial's model (`cfg` with `variant`) checked as a run's: its hub weights fetched once, here on the
     driver, where the sweep stages them for every trial; the first problem named with the trial's values."""
     try:
-        trial = with_absolute_paths(with_overrides(cfg, [override(key, value) for key, value in variant]))
+        trial = with_absolute_paths(with_values(cfg, variant))
         fetch_hub_weights(trial)
         local = localize(trial)
         if cfg.pretrain.method == "supervised":

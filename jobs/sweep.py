@@ -25,10 +25,10 @@ from cluster.storage import Location
 from jobs import ray_private, streaming, tracking
 from jobs.claim import claimed
 from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
-from jobs.preflight import TRIAL_MODEL_KEYS, Variant, check_capacity, check_decode_room, check_run, worker_resources
+from jobs.preflight import TRIAL_MODEL_KEYS, check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
-from jobs.sweep_config import SearchConfig, load_sweep
+from jobs.sweep_config import SearchConfig, Variant, load_sweep, with_values
 from tl_core.config import RunConfig, as_yaml, from_dict, override, value_at, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.run_dir import SWEEP_FILE
@@ -198,7 +198,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
     check_capacity(cfg)  # a trial the cluster can never place would leave the sweep pending forever
-    for model in (cfg, *(with_overrides(cfg, [override(k, v) for k, v in variant]) for variant in variants)):
+    for model in (cfg, *(with_values(cfg, variant) for variant in variants)):
         stage_hub_weights(model)
     if streaming.is_packed(cfg) and cfg.scaling.max_workers == 1:
         import ray

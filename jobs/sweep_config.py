@@ -20,6 +20,7 @@ _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 #: How many combinations of the space's values load_sweep validates at most: every key's values alone, then every
 #: pair, every triple ... (the whole space, for any space of up to 7 keys with 3 values each).
 MAX_CHECKED_COMBINATIONS = 10_000
+Variant = tuple[tuple[str, Any], ...]  # ((key, value), ...): what a trial sets on top of the sweep's base config
 #: How many models jobs.sweep builds at most to check the trials' (`SearchConfig.variants`): each loads its weights.
 MAX_VARIANTS = 16
 
@@ -147,7 +148,7 @@ class SearchConfig(Section, MonitorsAMetric):
                 values += [(key, v) for v in given]
         return values
 
-    def trial_combinations(self) -> Iterator[tuple[tuple[str, Any], ...]]:
+    def trial_combinations(self) -> Iterator[Variant]:
         """`trial_values` combined across keys: each key's alone, then every pair of keys, every triple ... up to the
         whole space, smallest first (a clash is named by the fewest keys), within MAX_CHECKED_COMBINATIONS."""
         by_key: dict[str, list[Any]] = {}
@@ -163,8 +164,7 @@ class SearchConfig(Section, MonitorsAMetric):
                 for values in itertools.product(*(by_key[key] for key in subset)):
                     yield tuple(zip(subset, values, strict=True))
 
-
-    def variants(self, keys: Collection[str], limit: int = MAX_VARIANTS) -> list[tuple[tuple[str, Any], ...]]:
+    def variants(self, keys: Collection[str], limit: int = MAX_VARIANTS) -> list[Variant]:
         """The settings of those `keys` that the space varies, standing for every trial (`trial_values`): all their
         combinations when there are at most `limit`, else one per value of the key with the most, the other keys'
         values taken in turn (every value in at least one). Empty when the space varies none of `keys`."""
@@ -226,7 +226,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                           "a pbt exploit copies the checkpoint of the epoch it happens at")
     for combination in search.trial_combinations():
         try:
-            with_overrides(base, [override(key, value) for key, value in combination])
+            with_values(base, combination)
         except ConfigError as exc:
             reason = str(exc).split(": ", 1)[-1]
             if len(combination) == 1:
@@ -236,7 +236,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return base, search
 
 
-def named_values(combination: tuple[tuple[str, Any], ...]) -> str:
+def with_values(cfg: RunConfig, combination: Variant) -> RunConfig:
+    """`cfg` as a trial that draws `combination` ((key, value), ...) runs it."""
+    return with_overrides(cfg, [override(key, value) for key, value in combination])
+
+
+def named_values(combination: Variant) -> str:
     """`model.strategy 'lp_ft' and train.epochs 1`: a trial's values of some keys, as messages name them."""
     *firsts, last = (f"{key} {value!r}" for key, value in combination)
     return f"{', '.join(firsts)} and {last}" if firsts else last
