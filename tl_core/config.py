@@ -99,7 +99,7 @@ RECIPE_METRICS = {"supervised": METRIC_NAMES, "simclr": ("train/loss", "val/loss
 class DataConfig(Section):
     root: str
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    image_size: int = Field(224, ge=8, le=1024)
+    image_size: int = Field(224, ge=8, le=1024)  # left out: the image backbone's pretrained input size
     augment: bool = True
     hflip: bool = True  # part of `augment`; off for images where mirroring changes the label (digits, writing)
     loader_workers: int = Field(2, ge=0, le=64)
@@ -334,6 +334,18 @@ class RunConfig(Section):
     storage: StorageConfig = StorageConfig()
     pretrain: PretrainConfig = PretrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _image_size_of_the_backbone(self) -> RunConfig:
+        """`data.image_size` left out is the size the image backbone was pretrained at (its pretrained config's), not
+        a constant; written out from then on, so a run and its resume, trials and exports agree on it."""
+        if "image_size" in self.data.model_fields_set or self.model.backbone.startswith("hf:"):
+            return self
+        from tl_core.models import pretrained_input_size
+
+        size = pretrained_input_size(self.model.backbone)
+        return self if size == self.data.image_size else self.model_copy(
+            update={"data": self.data.model_copy(update={"image_size": size})})
 
     @model_validator(mode="after")
     def _a_schedule_that_does_what_it_says(self, info: ValidationInfo) -> RunConfig:

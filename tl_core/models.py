@@ -80,14 +80,26 @@ def check_backbone(name: str) -> str:
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std that the backbone's pretrained weights were trained with (timm's pretrained_cfg, torchvision's
     weights meta)."""
+    mean, std, _ = _pretrained_preprocessing(backbone)
+    return mean, std
+
+
+def pretrained_input_size(backbone: str) -> int:
+    """The image size the backbone's pretrained weights were trained and evaluated at: timm's pretrained_cfg
+    `input_size`, torchvision's weights' `crop_size` (224 for most; efficientnet_b1 240, timm's test_resnet 160)."""
+    return _pretrained_preprocessing(backbone)[2]
+
+
+def _pretrained_preprocessing(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     if backbone.startswith(TIMM_PREFIX):
         import timm
 
         cfg = timm.models.get_pretrained_cfg(backbone[len(TIMM_PREFIX):])
-        return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
-    weights = torchvision.models.get_model_weights(backbone).DEFAULT
-    preset = weights.transforms()
-    return tuple(preset.mean), tuple(preset.std)
+        if cfg is None:
+            return IMAGENET_MEAN, IMAGENET_STD, 224
+        return tuple(cfg.mean), tuple(cfg.std), int(cfg.input_size[-1])
+    preset = torchvision.models.get_model_weights(backbone).DEFAULT.transforms()
+    return tuple(preset.mean), tuple(preset.std), int(preset.crop_size[0])
 
 
 class ClassifierHead(nn.Module):
