@@ -3,6 +3,8 @@ strategy on a timm CNN and a timm ViT."""
 
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -215,6 +217,23 @@ def hub_env(tmp_path, endpoint: str) -> dict:
     return {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
 
 
+def run_with_tiny_timm_hub(job: str, config, tmp_path, ray_cluster, cwd):
+    """`python -m JOB --config CONFIG` on the shared Ray cluster, with empty hub caches and a Hugging Face hub on
+    127.0.0.1 that serves TINY_TIMM's ImageNet weights (tmp_path/model.safetensors): (the finished process, how many
+    times the weights were downloaded)."""
+    from hub_server import HubServer
+
+    tiny_timm_weights(tmp_path / "model.safetensors")
+    server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
+    env = {**hub_env(tmp_path, server.url), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    try:
+        run = subprocess.run([sys.executable, "-m", job, "--config", str(config)], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=400)
+    finally:
+        server.stop()
+    return run, server.gets[TINY_REPO_FILE]
+
+
 def test_torchvision_weights_download_once_into_torch_hubs_cache_and_a_bad_hash_is_refused(tmp_path, monkeypatch):
     import hashlib
 
@@ -241,9 +260,6 @@ def test_torchvision_weights_download_once_into_torch_hubs_cache_and_a_bad_hash_
 
 def test_timm_weights_download_once_from_the_hugging_face_hub_cache(tmp_path):
     """Through huggingface_hub's own download and cache, with HF_ENDPOINT pointed at a server on 127.0.0.1."""
-    import subprocess
-    import sys
-
     from hub_server import HubServer
 
     tiny_timm_weights(tmp_path / "model.safetensors")
@@ -267,9 +283,6 @@ def test_timm_weights_download_once_from_the_hugging_face_hub_cache(tmp_path):
                   r"place model\.safetensors in the Hugging Face hub cache {hf}/hub or give a state-dict path"),
 ])
 def test_hub_weights_without_network_are_one_line_exit_2_naming_the_cache(tmp_path, weights, message):
-    import subprocess
-    import sys
-
     from helpers import write_config
     from hub_server import closed_port_url
 

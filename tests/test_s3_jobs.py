@@ -221,23 +221,17 @@ def test_hub_weights_are_downloaded_once_by_the_driver_and_staged_for_every_work
     """`model.weights: imagenet` on a timm backbone, with the Hugging Face hub on 127.0.0.1: the driver downloads
     the file once into its own cache and stages it on S3; both workers (whose caches are empty) read the staged
     copy. A linear probe leaves the backbone as loaded, so the checkpoint shows which weights were trained."""
-    from hub_server import HubServer
-    from test_pretrained import TINY_REPO_FILE, TINY_TIMM, hub_env, tiny_timm_weights
+    from safetensors.torch import load_file
+    from test_pretrained import TINY_TIMM, run_with_tiny_timm_hub
 
-    served = tiny_timm_weights(tmp_path / "model.safetensors")
-    server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, seed=5)
     config = write_config(tmp_path, data, experiment="hub-weights", train={"epochs": 1}, scaling={"num_workers": 2},
                           model={"backbone": TINY_TIMM, "weights": "imagenet", "strategy": "linear_probe"},
                           storage={"root": "s3://tl-test/runs"})
-    env = {**hub_env(tmp_path, server.url), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    try:
-        run = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=400)
-    finally:
-        server.stop()
+    run, downloads = run_with_tiny_timm_hub("jobs.finetune", config, tmp_path, ray_cluster, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert server.gets[TINY_REPO_FILE] == 1
+    assert downloads == 1
+    served = load_file(str(tmp_path / "model.safetensors"))
     assert keys(s3, "runs/_weights/") == ["runs/_weights/huggingface/timm/test_resnet.r160_in1k/main/model.safetensors"]
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()

@@ -161,12 +161,9 @@ def test_hub_weights_a_sweep_varies_are_downloaded_once_by_the_driver_and_staged
     the hub weights before any trial, as for a run, and stages them; the trials, whose caches lack them, train from
     the staged copy (they failed, "neither in this node's cache nor staged", when only the base's were staged), and
     the file reaches them as an absolute path (a trial read it relative to its own directory: "does not exist")."""
-    from hub_server import HubServer
-    from test_pretrained import TINY_REPO_FILE, TINY_TIMM, hub_env, tiny_timm_weights
+    from test_pretrained import TINY_TIMM, run_with_tiny_timm_hub, tiny_timm_weights
 
-    tiny_timm_weights(tmp_path / "model.safetensors")
     tiny_timm_weights(tmp_path / "source.safetensors")
-    server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, size=16)
     config = write_sweep(tmp_path, data, experiment="hub-sweep", search_alg="grid", num_samples=1,
                          space={"model.weights": {"grid": [None, "imagenet", "source.safetensors"]}})
@@ -174,14 +171,9 @@ def test_hub_weights_a_sweep_varies_are_downloaded_once_by_the_driver_and_staged
     sweep_file["model"] = {"backbone": TINY_TIMM, "strategy": "linear_probe"}
     sweep_file["search"]["scheduler"] = {"name": "fifo", "max_t": 1}
     config.write_text(yaml.safe_dump(sweep_file))
-    env = {**hub_env(tmp_path, server.url), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    try:
-        run = subprocess.run([sys.executable, "-m", "jobs.sweep", "--config", str(config)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=400)
-    finally:
-        server.stop()
+    run, downloads = run_with_tiny_timm_hub("jobs.sweep", config, tmp_path, ray_cluster, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert server.gets[TINY_REPO_FILE] == 1
+    assert downloads == 1
     staged = tmp_path / "runs" / "_weights" / "huggingface" / "timm" / "test_resnet.r160_in1k" / "main" / "model.safetensors"
     assert staged.is_file()
     histories = trial_histories(tmp_path / "runs" / "hub-sweep")
