@@ -194,8 +194,11 @@ def failed_before_reporting(results, search: SearchConfig) -> list[Failed]:
     for result in results:
         if result.error is None or reported(result, search):
             continue
-        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
-            params = json.loads(f.read())
+        try:
+            with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+                params = json.loads(f.read())
+        except FileNotFoundError:  # a trial that failed before Tune wrote its values
+            params = {}
         failed.append(Failed(str(result.metrics.get("trial_id", _trial_name(result))), {k: params.get(k) for k in search.space},
                              one_line(result.error)))
     return sorted(failed, key=lambda f: f.name)

@@ -107,6 +107,29 @@ def test_analyze_of_a_sweep_whose_every_trial_failed_names_the_first_error():
         analyze.summarize([type("Result", (), {"metrics_dataframe": None, "error": None})()], search)
 
 
+def test_analyze_names_trials_that_failed_before_reporting_with_their_values(tmp_path):
+    """Their values come from Tune's params.json (Tune gives such a trial no config); a trial that failed before Tune
+    wrote it is still named, its values unknown."""
+    import pandas as pd
+    import pyarrow.fs
+
+    (tmp_path / "trial_t1").mkdir()
+    (tmp_path / "trial_t1" / "params.json").write_text('{"optim.lr": 1e+30}')
+    (tmp_path / "trial_t2").mkdir()
+    make = lambda name, frame, error: type("Result", (), {  # noqa: E731
+        "metrics_dataframe": frame, "error": error, "config": None, "metrics": {"trial_id": name},
+        "path": str(tmp_path / f"trial_{name}"), "filesystem": pyarrow.fs.LocalFileSystem()})()
+    results = [make("t0", pd.DataFrame([{"epoch": 1, "val/acc": 0.5, "trial_id": "t0"}]), None),
+               make("t1", None, RuntimeError("Traceback ...\nTrainingDiverged: epoch 1: train/loss is nan")),
+               make("t2", None, RuntimeError("the node died"))]
+    search = SearchConfig.model_validate({"metric": "val/acc", "scheduler": {"name": "fifo", "max_t": 1},
+                                          "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    failed = analyze.failed_before_reporting(results, search)
+    assert [(f.name, f.params, f.error) for f in failed] == [
+        ("t1", {"optim.lr": 1e30}, "RuntimeError: TrainingDiverged: epoch 1: train/loss is nan"),
+        ("t2", {"optim.lr": None}, "RuntimeError: the node died")]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys):
