@@ -41,7 +41,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
     source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume;
     `varied`: the keys a sweep's space sets in each trial; `variants`: the settings of TRIAL_MODEL_KEYS its trials
-    can draw, each model fetched, built and checked as the run's own. Settings the run leaves unread are then named,
+    can draw, each model fetched, built and checked in place of the config's own. Settings the run leaves unread are then named,
     in a warning line per reason (after every check, so that a mistake stays one line)."""
     check_mlflow_uri(cfg)
     cfg = with_absolute_paths(cfg)
@@ -60,21 +60,26 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     # A run resumed from a checkpoint takes every weight from it: its source weights may be gone, or out of reach.
     newest = newest_meta(root.child(cfg.experiment)) if resume else None
     weights = newest is None
-    fetch_hub_weights(cfg, weights)  # once, here on the driver, before any worker starts
-    local = localize(cfg, weights)
+    # A sweep whose space varies the model checks each model its trials can draw, not the file's own, which none
+    # of them may train: its weights are neither fetched nor loaded.
+    own_model = not variants
+    fetch_hub_weights(cfg, weights and own_model)  # once, here on the driver, before any worker starts
+    local = localize(cfg, weights and own_model)
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
     if manifest is None:  # before its kind is guessed from what it holds; an s3:// root's copy is always a folder
         existing_folder(local.data.root, "data.root")
     if cfg.pretrain.method == "supervised":
-        kind = check_modality(local, manifest.modality if manifest else None)
+        found = manifest.modality if manifest else None
+        kind = check_modality(local, found) if own_model else found or modality(local.data)
     elif text := (f"model.backbone {cfg.model.backbone} is a text model" if is_text_backbone(cfg.model.backbone) else
                   f"data.root {cfg.data.root} holds text (table files)" if modality(local.data) == "text" else None):
         raise ConfigError(f"pretrain.method: {cfg.pretrain.method} pretrains image backbones on class folders of images, and "
                           f"{text}; pretrain a text encoder with pretrain.method: supervised")
     classes, n_train = data_classes_and_size(cfg, local, manifest)
-    model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes, n_train)
-    if newest is not None:
-        check_same_run(cfg, classes, root.child(cfg.experiment), model, newest)
+    if own_model:
+        model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes, n_train)
+        if newest is not None:
+            check_same_run(cfg, classes, root.child(cfg.experiment), model, newest)
     for variant in variants:
         check_variant(cfg, variant, manifest, classes, n_train)
     if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, manifest is not None, varied)):

@@ -192,13 +192,13 @@ def reaches_tune(metrics: dict, search_metric: str) -> bool:
 
 def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Collection[Variant] = ()):
     """Run (or with `resume`, continue) the sweep; `variants`: the models its trials can draw (TRIAL_MODEL_KEYS),
-    whose hub weights are staged with the base's."""
+    whose hub weights are staged (the base config's when the space varies none)."""
     from ray import tune
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
     check_capacity(cfg)  # a trial the cluster can never place would leave the sweep pending forever
-    for model in (cfg, *(with_values(cfg, variant) for variant in variants)):
+    for model in [with_values(cfg, variant) for variant in variants] or [cfg]:  # the models the trials train
         stage_hub_weights(model)
     if streaming.is_packed(cfg) and cfg.scaling.max_workers == 1:
         import ray

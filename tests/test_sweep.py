@@ -405,6 +405,29 @@ def test_a_sweep_checks_every_model_its_trials_can_draw_within_a_budget():
     assert sizes == [(("train.batch_size", 2),), (("train.batch_size", 8),)]  # a range's edges
 
 
+def test_a_sweep_checks_the_models_its_trials_draw_not_the_files_own(tmp_path):
+    """The sweep file's backbone (resnet18, the default) is no trial's when the space varies it: its misfit weights
+    were refused (and hub weights would have been downloaded) though every trial trains the Lite0 they fit."""
+    from jobs.preflight import TRIAL_MODEL_KEYS, check_run
+    from jobs.sweep import sweep_has_progress
+
+    config = write_sweep(tmp_path, make_image_folder(tmp_path / "data", n_classes=2, per_class=4),
+                         space={"model.backbone": {"choice": ["timm:tf_efficientnet_lite0"]}})
+    sweep_file = yaml.safe_load(config.read_text())
+    sweep_file["model"] = {"weights": "efficientnet_lite0_imagenet"}
+    config.write_text(yaml.safe_dump(sweep_file))
+
+    def check(overrides=()):
+        base, search = load_sweep(config, overrides)
+        return check_run(base, resume=False, has_progress=sweep_has_progress, varied=search.space,
+                         variants=search.variants(TRIAL_MODEL_KEYS))
+
+    assert check().model.backbone == "resnet18"
+    with pytest.raises(ConfigError, match=re.escape("search.space: a trial with model.backbone 'resnet18' cannot run: "
+                                                    "model.weights: efficientnet_lite0_imagenet are weights for")):
+        check(["search.space.model.backbone.choice=[resnet18, 'timm:tf_efficientnet_lite0']"])
+
+
 def test_pbt_needs_a_checkpoint_at_every_perturbation(tmp_path, capsys):
     space = {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}
     config = write_sweep(tmp_path, make_image_folder(tmp_path / "data", n_classes=2, per_class=4), space=space,
