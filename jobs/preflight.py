@@ -41,8 +41,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     """`cfg` with local paths made absolute, after checking storage access, the experiment name, data and
     source weights, before anything is written. `has_progress(experiment)` says whether there is anything to resume;
     `varied`: the keys a sweep's space sets in each trial; `variants`: the settings of TRIAL_MODEL_KEYS its trials
-    can draw, each model fetched, built and checked in place of the config's own. Settings the run leaves unread are then named,
-    in a warning line per reason (after every check, so that a mistake stays one line)."""
+    can draw, each model fetched, built and checked in place of the config's own. Settings the run leaves unread are
+    then named, in a warning line per reason (after every check, so that a mistake stays one line)."""
     check_mlflow_uri(cfg)
     cfg = with_absolute_paths(cfg)
     root = root_location(cfg)
