@@ -340,7 +340,7 @@ img{{max-width:100%;margin:1em 0}} pre{{background:#f6f6f6;padding:1em}}</style>
 (max_t {search.scheduler.max_t}, grace_period {search.scheduler.grace_period}, reduction_factor {search.scheduler.reduction_factor:g}).</p>
 <p><b>Epochs spent: {spent}</b> against {full} had every trial run to max_t ({spent / full:.0%}).</p>
 <p>Best: <b>{esc(winner.name)}</b>, {esc(search.metric)} {winner.best:.4f}, with
-{esc(", ".join(f"{k}={_fmt(v)}" for k, v in winner.params.items()))}. Retrain it: <code>python -m jobs.finetune --config best.yaml</code>.</p>
+{esc(_values(winner.params, ", "))}. Retrain it: <code>python -m jobs.finetune --config best.yaml</code>.</p>
 <h2>Trials</h2><table><tr>{head}</tr>{"".join(rows)}</table>
 {failed_table}
 <h2>Learning curves</h2>{image("curves.png")}
@@ -351,6 +351,11 @@ img{{max-width:100%;margin:1em 0}} pre{{background:#f6f6f6;padding:1em}}</style>
 <h2>best.yaml</h2><pre>{esc(best_cfg.to_yaml())}</pre>
 </body></html>
 """
+
+
+def _values(params: dict, sep: str = " ") -> str:
+    """A trial's values as `optim.lr=0.001 train.batch_size=8`."""
+    return sep.join(f"{k}={_fmt(v)}" for k, v in params.items())
 
 
 def _fmt(value) -> str:
@@ -370,11 +375,9 @@ def print_summary(trials: list[Trial], failed: list[Failed], winner: Trial, sear
     print(f"{'trial':<18}{'best ' + search.metric:>14}{'epochs':>8}  {'stopped':<28}values")
     for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
         mark = "*" if t is winner else " "
-        values = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-        print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{values}")
+        print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{_values(t.params)}")
     for f in failed:
-        values = " ".join(f"{k}={_fmt(v)}" for k, v in f.params.items())
-        print(f"!{f.name:<17} failed before reporting ({values}): {f.error}")
+        print(f"!{f.name:<17} failed before reporting ({_values(f.params)}): {f.error}")
     spent, full = sum(t.epochs[-1] for t in trials), len(trials) * search.scheduler.max_t
     print(f"epochs spent {spent} of {full} without early stopping ({spent / full:.0%})")
 

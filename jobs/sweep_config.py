@@ -172,12 +172,14 @@ class SearchConfig(Section, MonitorsAMetric):
         for key, value in self.trial_values():
             if key in keys:
                 by_key.setdefault(key, []).append(value)
+        if not by_key:
+            return []
         if math.prod(len(values) for values in by_key.values()) <= limit:
             combinations = itertools.product(*by_key.values())
         else:
             combinations = (tuple(values[i % len(values)] for values in by_key.values())
                             for i in range(max(len(values) for values in by_key.values())))
-        return [tuple(zip(by_key, values, strict=True)) for values in combinations] if by_key else []
+        return [tuple(zip(by_key, values, strict=True)) for values in combinations]
 
 
 def _check_config_key(key: str) -> None:

@@ -339,9 +339,11 @@ class RunConfig(Section):
     def _image_size_of_the_backbone(self) -> RunConfig:
         """`data.image_size` left out is the size the image backbone was pretrained at (its pretrained config's), not
         a constant; written out from then on, so a run and its resume, trials and exports agree on it."""
-        if "image_size" in self.data.model_fields_set or self.model.backbone.startswith("hf:"):
-            return self
         from tl_core.models import pretrained_input_size
+        from tl_core.text_models import is_text_backbone
+
+        if "image_size" in self.data.model_fields_set or is_text_backbone(self.model.backbone):
+            return self
 
         size = pretrained_input_size(self.model.backbone)
         return self if size == self.data.image_size else self.model_copy(

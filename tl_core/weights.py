@@ -87,9 +87,10 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
         raise ConfigError(f"model.weights: {source} is a URL, which is not fetched; download the file to a path or s3:// "
                           f"(or give {names})")
     near = difflib.get_close_matches(source.lower().replace("-", "_"), list(OFFLINE_WEIGHTS), n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]}?" if near else _timm_tag_hint(source, backbone)
     if source == PRETRAINED:
         hint = f"; {PRETRAINED} is what hf: text backbones take, an image backbone's ImageNet weights are {IMAGENET}"
+    else:
+        hint = f"; did you mean {near[0]}?" if near else _timm_tag_hint(source, backbone)
     raise ConfigError(f"model.weights: {source} does not exist (expected {names}, a state-dict file or s3:// object, or a "
                       f"checkpoint directory){hint}")
 
