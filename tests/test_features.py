@@ -13,10 +13,10 @@ from tl_core.models import apply_strategy, build_model, find_head
 from tl_core.state import TrainingState
 
 
-def config(root, augment: bool, epochs: int = 3):
+def config(root, augment: bool, epochs: int = 3, backbone: str = "resnet18"):
     return from_dict({"experiment": "probe", "data": {"root": str(root), "image_size": 16, "loader_workers": 0, "val_fraction": 0.25,
                                                        "augment": augment},
-                      "model": {"backbone": "resnet18", "strategy": "linear_probe"}, "optim": {"name": "adam", "lr": 1e-2},
+                      "model": {"backbone": backbone, "strategy": "linear_probe"}, "optim": {"name": "adam", "lr": 1e-2},
                       "train": {"epochs": epochs, "batch_size": 8}})
 
 
@@ -45,9 +45,11 @@ def test_the_backbone_runs_once_per_image_without_augmentation_and_every_epoch_w
     assert checkpoint.train_state["global_step"] == 3 * math.ceil(27 / 8)  # as many steps as the image batches give
 
 
-def test_the_features_are_the_backbones_a_cached_probe_scores_as_the_whole_model_does(image_folder, tmp_path):
-    """The probe's last validation, on features computed once, equals scoring its checkpoint through the whole model."""
-    cfg = config(image_folder, augment=False)
+@pytest.mark.parametrize("backbone", ["resnet18", "timm:resnetv2_18"])
+def test_the_features_are_the_backbones_a_cached_probe_scores_as_the_whole_model_does(image_folder, tmp_path, backbone):
+    """The probe's last validation, on features computed once, equals scoring its checkpoint through the whole model
+    (BiT's features enter its head as a 1x1 map, the input of the convolution the head replaced)."""
+    cfg = config(image_folder, augment=False, backbone=backbone)
     reporter = LocalReporter(tmp_path / "run")
     last = loop.fit(cfg, reporter)[-1]
     data = loop.labelled_data(cfg)

@@ -114,6 +114,26 @@ def test_a_timm_tag_without_a_classifier_gets_a_head():
     assert backbone_blocks(model)  # gradual unfreezing finds its blocks
 
 
+@pytest.mark.parametrize("name", ["resnetv2_18", "dla34", "dpn48b"])
+def test_a_timm_classifier_that_is_a_1x1_convolution_is_replaced_and_its_weights_load(name, tmp_path):
+    """BiT (`resnetv2_*`), DLA and DPN classify pooled features with a 1x1 convolution, not a linear layer. The task's
+    head takes its place, a file in timm's layout loads into it (the same logits as timm's own model), and gradual
+    unfreezing opens a stage wrapped in one child (BiT's `stages.3.blocks`) like any other big stage."""
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model(name, num_classes=3).eval()
+    assert isinstance(source.get_submodule(source.pretrained_cfg["classifier"]), torch.nn.Conv2d)
+    torch.save(source.state_dict(), tmp_path / "source.pt")
+    model = build_model(ModelConfig(backbone=f"timm:{name}", weights=str(tmp_path / "source.pt")), ["a", "b", "c"], 64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(images), source(images), atol=1e-5)
+    blocks = backbone_blocks(model)
+    sizes = [sum(p.numel() for p in block) for block in blocks]
+    assert len(blocks) >= 4 and max(sizes) <= sum(sizes) / 2
+
+
 def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_position_embeddings():
     from torchvision.models.vision_transformer import VisionTransformer
 

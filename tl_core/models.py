@@ -111,6 +111,8 @@ class ClassifierHead(nn.Module):
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # pooled features (N, C, 1, 1) where the replaced classifier was a 1x1 convolution
+            x = x.flatten(1)
         return self.linear(self.dropout(x))
 
 
@@ -121,10 +123,7 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Mod
 
         return build_text_model(cfg, classes)
     model, head_name = _create_backbone(cfg.backbone, image_size)
-    old = model.get_submodule(head_name)
-    if not isinstance(old, nn.Linear):
-        raise ConfigError(f"model.backbone: {cfg.backbone}'s classifier {head_name} is not a linear layer; choose another model")
-    head = ClassifierHead(old.in_features, len(classes), cfg.dropout)
+    head = ClassifierHead(_classifier_inputs(model.get_submodule(head_name), cfg.backbone, head_name), len(classes), cfg.dropout)
     init_head(head, cfg.head_init)
     set_submodule(model, head_name, head)
     if cfg.weights:
@@ -181,6 +180,17 @@ def init_head(head: ClassifierHead, method: str) -> None:
     # "default": nn.Linear's own initialisation
 
 
+def _classifier_inputs(layer: nn.Module, backbone: str, name: str) -> int:
+    """The width of the features a backbone's classifier takes: a linear layer's, or a 1x1 convolution's on pooled
+    features (timm's BiT `resnetv2_*`, `dla*`, `dpn*`)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1:
+        return layer.in_channels
+    raise ConfigError(f"model.backbone: {backbone}'s classifier {name} is neither a linear layer nor a 1x1 convolution; "
+                      "choose another model")
+
+
 def find_head(model: nn.Module) -> tuple[str, ClassifierHead]:
     for name, module in model.named_modules():
         if isinstance(module, ClassifierHead):
@@ -203,9 +213,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters in input-to-output order, grouped into unfreezing stages.
 
-    Top-level children, with the one holding the head opened up, and any block holding more than half
-    of the backbone opened up too (resnet's layer4, ViT's encoder), so that stages are of useful size. A model that
-    knows its own stages says so (`unfreeze_blocks()`: a text encoder's embeddings, then each layer).
+    Top-level children, with the one holding the head opened up, and any block holding more than half of the
+    backbone opened up too (resnet's layer4, ViT's encoder, BiT's last stage through its one child `blocks`), so that
+    stages are of useful size. A model that knows its own stages says so (`unfreeze_blocks()`: a text encoder's
+    embeddings, then each layer).
     """
     if hasattr(model, "unfreeze_blocks"):
         return model.unfreeze_blocks()
@@ -231,7 +242,7 @@ def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
             units.append(unit)
     total = sum(size(u) for u in units)
     while (big := next((u for u in units if size(u) > total / 2 and isinstance(u, nn.Module)
-                        and len(list(u.children())) > 1), None)) is not None:
+                        and next(u.children(), None) is not None), None)) is not None:
         i = units.index(big)
         units[i:i + 1] = opened(big)
     groups = [[p for p in params(u) if id(p) not in head_params] for u in units]

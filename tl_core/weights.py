@@ -431,9 +431,9 @@ def load_source_weights(model: nn.Module, state: dict[str, torch.Tensor], source
     own = model.state_dict()
     is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731
     state = _nested_model(state, _backbone_keys(own, head_name), source)
-    # torchvision files name the head `fc.weight`; ours is `fc.linear.weight`.
-    state = {(f"{head_name}.linear.{k[len(head_name) + 1:]}" if k in (f"{head_name}.weight", f"{head_name}.bias") else k): v
-             for k, v in state.items()}
+    # Library files name the head `fc.weight` (a 1x1 convolution's of shape (K, C, 1, 1)); ours is `fc.linear.weight`.
+    ours = {f"{head_name}.{p}": f"{head_name}.linear.{p}" for p in ("weight", "bias")}
+    state = {ours.get(k, k): (v.flatten(1) if k in ours and v.dim() == 4 else v) for k, v in state.items()}
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state and not is_head(k))
     mismatched = [k for k in state if k in own and not is_head(k) and state[k].shape != own[k].shape]
