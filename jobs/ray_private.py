@@ -146,6 +146,19 @@ BENIGN_RAY_LINES = (
 )
 
 
+def worker_lines_as_they_come() -> None:
+    """Ray folds lines that read alike but for their numbers, from different processes within 5 s, into the first
+    one, marked " [repeated 3x across cluster]" and printed up to 5 s later: a sweep's concurrent trials' epoch lines,
+    whose numbers are the point, hid behind one trial's and came after the sweep's summary. Unless RAY_DEDUP_LOGS
+    says otherwise, every line is printed as it comes, with its process's prefix."""
+    import os
+
+    from ray._private import ray_logging
+
+    if "RAY_DEDUP_LOGS" not in os.environ:  # read by Ray when it is imported, so set here on its module
+        ray_logging.RAY_DEDUP_LOGS = False
+
+
 def plain_repeat_notes_off_terminals() -> None:
     """Ray marks a deduplicated worker line's " [repeated 3x across cluster]" in green whatever it prints to
     (`ray_logging._color`, unlike its line prefixes, which RAY_COLOR_PREFIX=0 turns off): in a log file that is an

@@ -249,6 +249,7 @@ def connect_ray() -> None:
     else:
         start_local_ray()
     ray_private.drop_benign_ray_lines()
+    ray_private.worker_lines_as_they_come()
     ray_private.plain_repeat_notes_off_terminals()
 
 

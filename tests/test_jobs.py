@@ -377,6 +377,30 @@ def test_repeated_worker_lines_are_noted_without_colour_codes_off_a_terminal(mon
     assert "\x1b[" not in state.formatted() and state.formatted().startswith("(trial pid=1) epoch 2/2 [repeated 3x across cluster]")
 
 
+def test_alike_lines_of_concurrent_trials_are_each_printed_as_they_come(ray_cluster, capfd, monkeypatch):
+    """Two trials' epoch lines differ only in their numbers: Ray printed the first and folded the second into a
+    " [repeated 2x across cluster]" note up to 5 s later (after the sweep's summary), so the second trial's metrics
+    were never seen. A driver of ours prints both at once, unless RAY_DEDUP_LOGS asks for Ray's folding."""
+    from ray._private import ray_logging
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from jobs import ray_private
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # Ray's default, restored after the test
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
+    ray_private.worker_lines_as_they_come()
+    for pid, acc in ((4301, "0.1986"), (4302, "0.2611")):
+        dispatcher.emit({"pid": pid, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "trial-x",
+                         "lines": [f"epoch 2/2  val/acc {acc}"]})
+    err = capfd.readouterr().err
+    assert "val/acc 0.1986" in err and "val/acc 0.2611" in err and "repeated" not in err
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")  # the user's choice stands
+    ray_private.worker_lines_as_they_come()
+    assert ray_logging.RAY_DEDUP_LOGS is True
+
+
 def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd):
     """Ray Train's controller logs its PreemptionWatcher actor at error level on every run (ray-project/ray#53727);
     a driver of ours leaves that line out and echoes every other worker line as Ray would."""
