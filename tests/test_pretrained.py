@@ -15,7 +15,7 @@ from tl_core.checkpoint import LocalReporter
 from tl_core.config import ModelConfig, from_dict
 from tl_core.errors import ConfigError
 from tl_core.loop import fit
-from tl_core.models import backbone_blocks, build_model, normalization
+from tl_core.models import apply_strategy, backbone_blocks, build_model, normalization
 from tl_core.weights import convert_layout
 
 LITE0 = "timm:tf_efficientnet_lite0"
@@ -134,6 +134,29 @@ def test_a_timm_classifier_that_is_a_1x1_convolution_is_replaced_and_its_weights
     assert len(blocks) >= 4 and max(sizes) <= sum(sizes) / 2
 
 
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "levit_128s", "crossvit_tiny_240"])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_timm_model_with_several_classifier_heads_gets_one_and_its_file_loads(name, wrapped, tmp_path):
+    """Distilled DeiT and LeViT average a class and a distillation head, CrossViT one head per branch: the task's one
+    head reads the pooled features those heads read, and a file of the timm model (nested under DDP's `module.` too)
+    loads into everything else, its own heads left out."""
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model(name).eval()
+    size = source.pretrained_cfg["input_size"][-1]
+    torch.save({("module." if wrapped else "") + k: v for k, v in source.state_dict().items()}, tmp_path / "source.pt")
+    cfg = ModelConfig(backbone=f"timm:{name}", weights=str(tmp_path / "source.pt"), strategy="linear_probe")
+    model = build_model(cfg, ["a", "b", "c"], size).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(model.body(images), source.forward_head(source.forward_features(images), pre_logits=True), atol=1e-5)
+        assert model(images).shape == (2, 3)
+    assert len(backbone_blocks(model)) >= 4
+    apply_strategy(model, cfg, 0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.linear.weight", "head.linear.bias"]
+
+
 def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_position_embeddings():
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -150,13 +173,14 @@ def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_po
     ({"backbone": "timm:resnet_nope"}, "unknown timm model 'resnet_nope'; list timm's names with"),
     ({"backbone": LITE0, "weights": "ResNet18_Weights.IMAGENET1K_V1"}, "names torchvision weights"),
     ({"backbone": "resnet18", "weights": "efficientnet_lite0_imagenet"}, "are weights for model.backbone: timm:tf_efficientnet_lite0"),
-    ({"backbone": "timm:deit_tiny_distilled_patch16_224"}, "has 2 classifier heads (head, head_dist"),
     ({"backbone": LITE0, "weights": "efficientnet-lite0"}, "efficientnet-lite0 does not exist (expected imagenet, "
      "efficientnet_lite0_imagenet (offline), a torchvision weights name, a timm pretrained tag, a state-dict file or s3:// "
      "object, or a checkpoint directory); did you mean efficientnet_lite0_imagenet?"),
     ({"backbone": "resnet18", "weights": "a1_in1k"}, "a1_in1k does not exist (expected imagenet, efficientnet_lite0_imagenet "
      "(offline), a torchvision weights name, a timm pretrained tag, a state-dict file or s3:// object, or a checkpoint "
      "directory); a1_in1k is a timm pretrained tag: model.backbone: timm:resnet18 takes it (bare names are torchvision's)"),
+    ({"backbone": "timm:gemma4_vit_167m_enc"}, "model.backbone: timm:gemma4_vit_167m_enc builds no classifier (head) to "
+     "replace; choose a variant that classifies"),
     ({"backbone": "resnet18", "weights": "pretrained"}, "checkpoint directory); pretrained is what hf: text backbones "
      "take, an image backbone's ImageNet weights are imagenet"),
     ({"backbone": LITE0, "weights": "https://example.invalid/lite0.pth"}, "https://example.invalid/lite0.pth is a URL, which "

@@ -2,7 +2,8 @@
 knows, and freezing strategies.
 
 `model.backbone` is a torchvision name (`resnet18`) or `timm:<name>` (any model timm lists). The head (the last linear
-layer: timm's `pretrained_cfg["classifier"]`) is replaced by a `ClassifierHead` for the task's classes.
+layer, or timm's `pretrained_cfg["classifier"]`: a linear layer or a 1x1 convolution on pooled features) is replaced by
+a `ClassifierHead` for the task's classes; a timm model with several heads gets one (`PooledFeatures`).
 """
 
 from __future__ import annotations
@@ -123,7 +124,12 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Mod
 
         return build_text_model(cfg, classes)
     model, head_name = _create_backbone(cfg.backbone, image_size)
-    head = ClassifierHead(_classifier_inputs(model.get_submodule(head_name), cfg.backbone, head_name), len(classes), cfg.dropout)
+    try:
+        old = model.get_submodule(head_name)
+    except AttributeError:  # an encoder-only variant (timm's gemma4_vit_*_enc) builds no head even when asked for one
+        raise ConfigError(f"model.backbone: {cfg.backbone} builds no classifier ({head_name}) to replace; choose a variant "
+                          "that classifies") from None
+    head = ClassifierHead(_classifier_inputs(old, cfg.backbone, head_name), len(classes), cfg.dropout)
     init_head(head, cfg.head_init)
     set_submodule(model, head_name, head)
     if cfg.weights:
@@ -164,10 +170,27 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
         raise ConfigError(f"data.image_size: {backbone} cuts images into {patch[0]} px patches; use a multiple of "
                           f"{patch[0]} (got {image_size})")
     classifier = model.pretrained_cfg.get("classifier")
-    if isinstance(classifier, (tuple, list)):  # distilled models (DeiT, LeViT): a class head and a distillation head
-        raise ConfigError(f"model.backbone: {backbone} has {len(classifier)} classifier heads ({', '.join(classifier)}); "
-                          "choose a model with one (a distilled model's plain variant, e.g. timm:deit_tiny_patch16_224)")
+    if isinstance(classifier, (tuple, list)):  # several heads: distilled DeiT, LeViT; CrossViT's branches; VOLO's aux
+        return PooledFeatures(model, tuple(classifier)), "head"
     return model, classifier or _last_linear_name(model)
+
+
+class PooledFeatures(nn.Module):
+    """A timm model with several classifier heads (distilled DeiT, LeViT, EfficientFormer, RepViT, SwiftFormer: a class
+    and a distillation head; CrossViT: one per branch; VOLO: an auxiliary head) made a model with one: timm's
+    `reset_classifier(0)` leaves `body` returning the pooled features its heads read (averaged where they average their
+    outputs), and `head` classifies them. A file of the timm model loads into `body` without its heads
+    (`tl_core.weights.convert_layout`)."""
+
+    def __init__(self, body: nn.Module, classifiers: tuple[str, ...]):
+        super().__init__()
+        body.reset_classifier(0)
+        self.body = body
+        self.head = nn.Linear(body.num_features, 1)  # build_model puts the task's head here
+        self.removed_heads = tuple(sorted({name.split(".")[0] + "." for name in classifiers}))  # their weights' prefixes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
 
 
 def init_head(head: ClassifierHead, method: str) -> None:

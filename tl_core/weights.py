@@ -27,7 +27,7 @@ from torch import nn
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.errors import ConfigError
-from tl_core.models import BACKBONES, TIMM_PREFIX
+from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
@@ -355,6 +355,10 @@ def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str
     `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a timm EfficientNet, and whatever the timm
     family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A key that fits nowhere stays as it is and
     load_source_weights names it."""
+    if isinstance(model, PooledFeatures) and not any(k.startswith("body.") or ".body." in k for k in state):
+        # the timm model's own file: its weights are the body's, but for the heads PooledFeatures removed
+        body = convert_layout(state, model.body, source)
+        return {f"body.{k}": v for k, v in body.items() if not k.startswith(model.removed_heads)}
     state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source, _EFFNET_STEM)
     if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
         state = _from_efficientnet_pytorch(state, model, source)
