@@ -58,6 +58,21 @@ def test_a_timm_transformer_needs_a_multiple_of_its_patch(backbone, patch):
     assert build_model(ModelConfig(backbone=backbone), CLASSES, image_size=2 * patch) is not None
 
 
+def test_overlapping_patches_are_judged_by_where_their_last_window_ends():
+    """PVT-v2 cuts 7 px patches every 4 px, padded by 3: every size is seen whole (64 px was refused as "not a
+    multiple of 7"). Unpadded overlapping windows (16 px every 8) leave a remainder unseen at 70 px, not at 64 or 72."""
+    from tl_core.models import _check_patches_see_everything
+
+    assert build_model(ModelConfig(backbone="timm:pvt_v2_b0"), CLASSES, image_size=64)(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    embed = nn.Module()
+    embed.patch_size, embed.proj = (16, 16), nn.Conv2d(3, 8, kernel_size=16, stride=8)
+    for size in (64, 72):
+        _check_patches_see_everything("timm:x", embed, size)
+    with pytest.raises(ConfigError, match=r"^data.image_size: timm:x's 16 px patches every 8 px leave the last 6 px of 70 "
+                                          r"unseen; use 64 or 72$"):
+        _check_patches_see_everything("timm:x", embed, 70)
+
+
 @pytest.mark.parametrize("method", ["xavier", "kaiming"])
 def test_head_init(method):
     torch.manual_seed(0)

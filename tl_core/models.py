@@ -165,14 +165,28 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
         model = timm.create_model(name, pretrained=False, num_classes=1)
     except (AssertionError, ValueError) as exc:
         raise ConfigError(f"data.image_size: {backbone} cannot take {image_size} px ({exc})") from None
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)  # a transformer cuts images into patches
-    if isinstance(patch, (tuple, list)) and image_size % patch[0]:  # the remainder would be cut off unseen
-        raise ConfigError(f"data.image_size: {backbone} cuts images into {patch[0]} px patches; use a multiple of "
-                          f"{patch[0]} (got {image_size})")
+    _check_patches_see_everything(backbone, getattr(model, "patch_embed", None), image_size)
     classifier = model.pretrained_cfg.get("classifier")
     if isinstance(classifier, (tuple, list)):  # several heads: distilled DeiT, LeViT; CrossViT's branches; VOLO's aux
         return PooledFeatures(model, tuple(classifier)), "head"
     return model, classifier or _last_linear_name(model)
+
+
+def _check_patches_see_everything(backbone: str, patch_embed: nn.Module | None, image_size: int) -> None:
+    """A transformer cuts images into patches; where the size leaves a remainder, timm builds the model all the same
+    and the last rows and columns are never seen: refused. Overlapping patches (PVT-v2's 7 px every 4, padded by 3)
+    are judged by where their last window ends."""
+    patch = getattr(patch_embed, "patch_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    if isinstance(proj, nn.Conv2d) and (proj.stride != proj.kernel_size or proj.padding != (0, 0)):
+        (k, _), (s, _), (p, _) = proj.kernel_size, proj.stride, proj.padding
+        windows = (image_size + 2 * p - k) // s + 1
+        if (unseen := image_size + p - (s * (windows - 1) + k)) > 0:
+            raise ConfigError(f"data.image_size: {backbone}'s {k} px patches every {s} px leave the last {unseen} px of "
+                              f"{image_size} unseen; use {image_size - unseen} or {image_size - unseen + s}")
+    elif isinstance(patch, (tuple, list)) and image_size % patch[0]:
+        raise ConfigError(f"data.image_size: {backbone} cuts images into {patch[0]} px patches; use a multiple of "
+                          f"{patch[0]} (got {image_size})")
 
 
 class PooledFeatures(nn.Module):
