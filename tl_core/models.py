@@ -178,7 +178,7 @@ def _check_patches_see_everything(backbone: str, patch_embed: nn.Module | None, 
     are judged by where their last window ends."""
     patch = getattr(patch_embed, "patch_size", None)
     proj = getattr(patch_embed, "proj", None)
-    if isinstance(proj, nn.Conv2d) and (proj.stride != proj.kernel_size or proj.padding != (0, 0)):
+    if isinstance(proj, nn.Conv2d) and isinstance(proj.padding, tuple) and (proj.stride != proj.kernel_size or any(proj.padding)):
         (k, _), (s, _), (p, _) = proj.kernel_size, proj.stride, proj.padding
         windows = (image_size + 2 * p - k) // s + 1
         if (unseen := image_size + p - (s * (windows - 1) + k)) > 0:
