@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import math
+import traceback
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -145,8 +147,17 @@ def check_input_size(cfg: RunConfig, model: nn.Module) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as exc:  # what torch and timm raise for an input they cannot take
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({reason}); use a larger size") from None
+        raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({_reason(exc)}); use a larger size") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's first line; for an assertion without a message (timm's HaloNet), the model's line that failed
+    (the innermost outside torch, whose `_assert` raises it)."""
+    if text := str(exc).strip():
+        return text.splitlines()[0]
+    torch_dir = str(Path(torch.__file__).parent)
+    lines = [frame.line for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith(torch_dir)]
+    return f"{type(exc).__name__}: {lines[-1]}" if lines and lines[-1] else type(exc).__name__
 
 
 def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> None:

@@ -289,6 +289,24 @@ def test_an_image_size_the_backbone_cannot_take_is_refused(image_folder, tmp_pat
                     "data.image_size: timm:convnext_atto cannot take 16 px images (")
 
 
+def test_an_image_size_refused_by_an_assertion_without_a_message_names_the_line_that_failed():
+    """timm's HaloNet checks its feature maps with `_assert(H % self.block_size == 0, '')`: the line said only
+    "(AssertionError)"; it names the model's check, not torch's `_assert` helper that raises it."""
+    from jobs.preflight import check_input_size
+    from tl_core.config import from_dict
+    from tl_core.errors import ConfigError
+
+    class Checked(torch.nn.Module):
+        def forward(self, x):
+            torch._assert(x.shape[-1] % 7 == 0, "")
+            return x
+
+    cfg = from_dict({"experiment": "x", "data": {"root": "/d", "image_size": 32}, "model": {"backbone": "resnet18"}})
+    with pytest.raises(ConfigError, match=re.escape("data.image_size: resnet18 cannot take 32 px images (AssertionError: "
+                                                    "torch._assert(x.shape[-1] % 7 == 0, \"\")); use a larger size")):
+        check_input_size(cfg, Checked())
+
+
 def test_a_storage_root_that_is_a_file_is_refused(image_folder, tmp_path, capsys):
     (tmp_path / "runs").write_text("not a directory")
     config = write_config(tmp_path, image_folder)
