@@ -168,7 +168,7 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
     _check_patches_see_everything(backbone, getattr(model, "patch_embed", None), image_size)
     classifier = model.pretrained_cfg.get("classifier")
     if isinstance(classifier, (tuple, list)):  # several heads: distilled DeiT, LeViT; CrossViT's branches; VOLO's aux
-        return PooledFeatures(model, tuple(classifier)), "head"
+        return PooledFeatures(model), "head"
     return model, classifier or _last_linear_name(model)
 
 
@@ -196,12 +196,16 @@ class PooledFeatures(nn.Module):
     outputs), and `head` classifies them. A file of the timm model loads into `body` without its heads
     (`tl_core.weights.convert_layout`)."""
 
-    def __init__(self, body: nn.Module, classifiers: tuple[str, ...]):
+    def __init__(self, body: nn.Module):
         super().__init__()
         body.reset_classifier(0)
         self.body = body
         self.head = nn.Linear(body.num_features, 1)  # build_model puts the task's head here
-        self.removed_heads = tuple(sorted({name.split(".")[0] + "." for name in classifiers}))  # their weights' prefixes
+
+    @property
+    def removed_heads(self) -> tuple[str, ...]:
+        """The prefixes of the removed heads' weights in a file of the timm model (`head.`, `head_dist.`)."""
+        return tuple(sorted({name.split(".")[0] + "." for name in self.body.pretrained_cfg["classifier"]}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
