@@ -26,6 +26,7 @@ from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
 from tl_core.modality import check_modality, modality, unread_settings
+from tl_core.models import INPUT_SIZE_ERRORS, image_sizes_near
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
 from tl_core.text_models import is_text_backbone
@@ -146,8 +147,15 @@ def check_input_size(cfg: RunConfig, model: nn.Module) -> None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
-    except (RuntimeError, AssertionError, ValueError) as exc:  # what torch and timm raise for an input they cannot take
-        raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({_reason(exc)}); use a larger size") from None
+    except INPUT_SIZE_ERRORS as exc:
+        raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({_reason(exc)}); "
+                          f"{_sizes_it_takes(cfg.model.backbone, size)}") from None
+
+
+def _sizes_it_takes(backbone: str, size: int) -> str:
+    if not (sizes := image_sizes_near(backbone, size)):
+        return "no size near it that was tried works either; choose another backbone"
+    return f"the nearest {'size' if len(sizes) == 1 else 'sizes'} it takes: {' and '.join(map(str, sizes))}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ def one_line_exit_2(main, argv, capsys, tmp_path, message, written=()):
     assert "Traceback" not in err[0]
     present = sorted(p.name for p in (tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else []
     assert present == sorted(written), present
+    return err[0]
 
 
 # ---------------------------------------------------------------- no input hangs
@@ -285,8 +286,26 @@ def test_local_down_with_nothing_up_says_so(tmp_path, monkeypatch, capsys):
 def test_an_image_size_the_backbone_cannot_take_is_refused(image_folder, tmp_path, capsys):
     """ConvNeXt-atto's third downsampling (a 2x2 kernel) meets a 1x1 map at 16 px: refused before any worker trains."""
     config = write_config(tmp_path, image_folder, model={"backbone": "timm:convnext_atto"}, data={"image_size": 16})
+    line = one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
+                           "data.image_size: timm:convnext_atto cannot take 16 px images (")
+    assert line.endswith("; the nearest size it takes: 32"), line
+
+
+def test_an_image_size_refused_with_an_index_error_is_one_line(image_folder, tmp_path, capsys):
+    """timm's MViTv2 indexes its relative positions out of range at sizes it cannot take (an IndexError): that was a
+    traceback (found by running the smallest model of each timm family at 36, 50, 72, 100 and 130 px)."""
+    config = write_config(tmp_path, image_folder, model={"backbone": "timm:mvitv2_tiny"}, data={"image_size": 100})
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
-                    "data.image_size: timm:convnext_atto cannot take 16 px images (")
+                    "data.image_size: timm:mvitv2_tiny cannot take 100 px images (index ")
+
+
+def test_the_sizes_offered_for_an_image_size_refused_are_ones_the_backbone_takes():
+    """The line said "use a larger size" whatever the model's constraint: timm's HaloNet-26t refuses 64 px and every
+    size up to 240, takes 241 to 256, and no size below 64."""
+    from tl_core.models import image_sizes_near, takes_image_size
+
+    assert image_sizes_near("timm:halonet26t", 64) == [248]
+    assert not takes_image_size("timm:halonet26t", 128) and takes_image_size("timm:halonet26t", 248)
 
 
 def test_an_image_size_refused_by_an_assertion_without_a_message_names_the_line_that_failed():
@@ -303,7 +322,7 @@ def test_an_image_size_refused_by_an_assertion_without_a_message_names_the_line_
 
     cfg = from_dict({"experiment": "x", "data": {"root": "/d", "image_size": 32}, "model": {"backbone": "resnet18"}})
     with pytest.raises(ConfigError, match=re.escape("data.image_size: resnet18 cannot take 32 px images (AssertionError: "
-                                                    "torch._assert(x.shape[-1] % 7 == 0, \"\")); use a larger size")):
+                                                    "torch._assert(x.shape[-1] % 7 == 0, \"\")); the nearest sizes it takes: 24 and 40")):
         check_input_size(cfg, Checked())
 
 

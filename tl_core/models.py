@@ -172,6 +172,41 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
     return model, classifier or _last_linear_name(model)
 
 
+#: What torch and timm models raise for an input size they cannot take (MViTv2's relative positions: IndexError).
+INPUT_SIZE_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError)
+
+
+def takes_image_size(backbone: str, image_size: int) -> bool:
+    """Whether the architecture (built without weights) runs a blank image of this size."""
+    try:
+        model, _ = _create_backbone(backbone, image_size)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    except (ConfigError, *INPUT_SIZE_ERRORS):
+        return False
+    return True
+
+
+def image_sizes_near(backbone: str, image_size: int, seconds: float = 10.0) -> list[int]:
+    """The nearest multiples of 8 below and above `image_size` that the backbone takes, tried nearest first (each try
+    builds the model and runs one blank image) for at most `seconds`; empty if none was found in that time."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    below = range((image_size - 1) // 8 * 8, 7, -8)
+    above = range(image_size // 8 * 8 + 8, 2 * max(image_size, pretrained_input_size(backbone)) + 1, 8)
+    found: dict[str, int] = {}
+    for candidate in sorted([*below, *above], key=lambda s: (abs(s - image_size), s)):
+        side = "below" if candidate < image_size else "above"
+        if side in found:
+            continue
+        if takes_image_size(backbone, candidate):
+            found[side] = candidate
+        if len(found) == 2 or time.monotonic() > deadline:
+            break
+    return sorted(found.values())
+
+
 def _check_patches_see_everything(backbone: str, patch_embed: nn.Module | None, image_size: int) -> None:
     """A transformer cuts images into patches; where the size leaves a remainder, timm builds the model all the same
     and the last rows and columns are never seen: refused. Overlapping patches (PVT-v2's 7 px every 4, padded by 3)
