@@ -74,6 +74,24 @@ def test_two_ranks_gathered_loss_equals_one_rank_on_the_whole_batch(tmp_path):
     assert all(out[r][2].abs().sum() > 0 and out[r][3].abs().sum() > 0 for r in (0, 1))
 
 
+def test_batch_norm_synced_across_gpus_keeps_the_activations_timm_fuses_into_it():
+    """SimCLR on several GPUs syncs BatchNorm; torch's converter made EfficientNet-Lite0's BatchNormAct2d layers plain
+    SyncBatchNorm, which never calls the ReLU6 they hold: the network lost its activations (sync_batch_norm keeps them).
+    Outside training a synced layer computes as a plain one, so the converted model must compute as the original."""
+    from tl_core.config import ModelConfig, PretrainConfig
+    from tl_core.distributed import sync_batch_norm
+    from tl_core.simclr import build_simclr_model
+
+    torch.manual_seed(0)
+    model = build_simclr_model(ModelConfig(backbone="timm:tf_efficientnet_lite0"), PretrainConfig(), 64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        synced = sync_batch_norm(model)
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+        assert torch.allclose(synced(images), expected, atol=1e-5)
+
+
 def test_unlabelled_data_is_a_flat_folder_or_class_folders_whose_labels_are_ignored(tmp_path):
     classed = make_image_folder(tmp_path / "classed", n_classes=2, per_class=6)
     flat = tmp_path / "flat"

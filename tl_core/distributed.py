@@ -55,6 +55,15 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def sync_batch_norm(model: nn.Module) -> nn.Module:
+    """The model with BatchNorm statistics taken over the global batch: each BatchNorm layer made a SyncBatchNorm, and
+    timm's BatchNormAct2d (a BatchNorm, then its activation: EfficientNet's, RegNet's) timm's SyncBatchNormAct.
+    torch's own converter makes the latter a plain SyncBatchNorm, which never calls the activation it keeps."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the parameters that currently require grad; the bare model in a single process.
 

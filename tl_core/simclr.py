@@ -21,7 +21,8 @@ from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
 from tl_core.data import ImageData, image_normalization, index_unlabelled, is_gpu, loaders_for, normalized_on
-from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, wrap_ddp
+from tl_core.distributed import (all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0,
+                                 sync_batch_norm, wrap_ddp)
 from tl_core.models import build_model, find_head, set_submodule, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
@@ -147,7 +148,7 @@ def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = No
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"weights": None})
     model = build_simclr_model(model_cfg, cfg.pretrain, cfg.data.image_size)
     if is_distributed() and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
+        model = sync_batch_norm(model)
     state = TrainingState.create(cfg, model.encoder, device, steps_per_epoch=len(data.train), trained=model, head="projection",
                                  extra={"projection": model.projection})
     if resume_from is not None:
