@@ -15,7 +15,7 @@ from tl_core.checkpoint import LocalReporter
 from tl_core.config import ModelConfig, from_dict
 from tl_core.errors import ConfigError
 from tl_core.loop import fit
-from tl_core.models import apply_strategy, backbone_blocks, build_model, normalization
+from tl_core.models import apply_strategy, backbone_blocks, build_model, normalization, set_train_mode
 from tl_core.weights import convert_layout
 
 LITE0 = "timm:tf_efficientnet_lite0"
@@ -155,6 +155,23 @@ def test_a_timm_model_with_several_classifier_heads_gets_one_and_its_file_loads(
     assert len(backbone_blocks(model)) >= 4
     apply_strategy(model, cfg, 0)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.linear.weight", "head.linear.bias"]
+
+
+def test_a_several_head_model_fine_tuned_in_full_trains_only_what_its_forward_uses(tmp_path):
+    """EfficientViM weighs its heads' logits with a parameter `weights`, which timm switches off with the heads; full
+    fine-tuning switched it on again, so one parameter got no gradient, which DDP refuses ("Expected to have finished
+    reduction") on 2 workers. It is kept as a buffer: a file of the timm model still loads, and nothing trains it."""
+    import timm
+
+    source = timm.create_model("efficientvim_m1").eval()
+    torch.save(source.state_dict(), tmp_path / "source.pt")
+    cfg = ModelConfig(backbone="timm:efficientvim_m1", weights=str(tmp_path / "source.pt"), strategy="full")
+    model = build_model(cfg, ["a", "b", "c"], 64)
+    apply_strategy(model, cfg, 0)
+    set_train_mode(model)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert torch.equal(model.body.weights, source.weights.detach())
 
 
 def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_position_embeddings():

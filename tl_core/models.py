@@ -234,6 +234,11 @@ class PooledFeatures(nn.Module):
     def __init__(self, body: nn.Module):
         super().__init__()
         body.reset_classifier(0)
+        for module in body.modules():  # what the reset switched off belongs to the heads (EfficientViM's head weighting)
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.requires_grad:  # kept as a buffer: a file of the timm model still loads; nothing trains it
+                    delattr(module, name)
+                    module.register_buffer(name, param.detach())
         self.body = body
         self.head = nn.Linear(body.num_features, 1)  # build_model puts the task's head here
 
