@@ -337,7 +337,8 @@ _MEMORY_KILL = re.compile(r"running low on memory\..*? was ([\d.]+GB) used / ([\
 
 
 def one_line(error: BaseException) -> str:
-    """An error as one line: its type and the last line of its message (a wrapped traceback ends with the error).
+    """An error as one line: its type and its message's first line (with the next where the first introduces it, as
+    torch's "Error(s) in loading state_dict for ResNet:"), or the last line of a traceback, which ends with the error.
     Workers killed by Ray's memory monitor (whose message ends in Ray's own tuning advice) say what to change here."""
     error = getattr(error, "cause", None) or error  # a RayTaskError wraps the task's own exception
     text = str(error)
@@ -345,5 +346,7 @@ def one_line(error: BaseException) -> str:
         used = _MEMORY_KILL.search(text)
         return (f"OutOfMemoryError: the node ran low on memory{f' ({used[1]} used of {used[2]})' if used else ''} and Ray "
                 "killed the training workers; lower train.batch_size or data.image_size, or use nodes with more memory")
-    lines = text.strip().splitlines()
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if any(line.startswith('File "') for line in lines):  # a traceback (Ray's RayTaskError prints one)
+        return f"{type(error).__name__}: {lines[-1]}"
+    return f"{type(error).__name__}: {' '.join(lines[:2]) if lines[:1] and lines[0].endswith(':') else ''.join(lines[:1])}"

@@ -245,6 +245,25 @@ def test_a_worker_failure_becomes_one_line():
     assert first_error(failure) == "DataError: data.root: directory /x does not exist"
 
 
+def test_a_worker_error_of_several_lines_is_told_by_its_first():
+    """DDP's error for a parameter without a gradient came out as its last line, "In addition, you can set the
+    environment variable TORCH_DISTRIBUTED_DEBUG ...", not the line that says what went wrong."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from jobs.runner import first_error, one_line
+
+    ddp = RuntimeError("Expected to have finished reduction in the prior iteration before starting a new one. This error "
+                       "indicates ...\n In addition, you can set the environment variable TORCH_DISTRIBUTED_DEBUG ...")
+    assert first_error(WorkerGroupError("rank 0 failed", {0: ddp})) == (
+        "RuntimeError: Expected to have finished reduction in the prior iteration before starting a new one. This error "
+        "indicates ...")
+    loading = RuntimeError("Error(s) in loading state_dict for ResNet:\n\tMissing key(s) in state_dict: \"fc.bias\".")
+    assert one_line(loading) == 'RuntimeError: Error(s) in loading state_dict for ResNet: Missing key(s) in state_dict: "fc.bias".'
+    wrapped = RayTaskError("train", 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad value', None)
+    assert one_line(wrapped) == "RayTaskError: ValueError: bad value"
+
+
 def test_workers_killed_by_rays_memory_monitor_are_one_line_saying_what_to_change():
     """It ended with the last line of Ray's advice on its own settings (RAY_idle_worker_killing_memory_threshold_bytes),
     seen with data.image_size 1024 and batches of 512 on this machine."""
