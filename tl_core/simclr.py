@@ -21,8 +21,7 @@ from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import ModelConfig, PretrainConfig, RunConfig
 from tl_core.data import ImageData, image_normalization, index_unlabelled, is_gpu, loaders_for, normalized_on
-from tl_core.distributed import (all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0,
-                                 sync_batch_norm, wrap_ddp)
+from tl_core.distributed import all_reduce_sum, broadcast_buffers, get_rank, get_world_size, is_distributed, log_rank0, sync_batch_norm, wrap_ddp
 from tl_core.models import build_model, find_head, set_submodule, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
