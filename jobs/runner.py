@@ -346,7 +346,9 @@ def one_line(error: BaseException) -> str:
         used = _MEMORY_KILL.search(text)
         return (f"OutOfMemoryError: the node ran low on memory{f' ({used[1]} used of {used[2]})' if used else ''} and Ray "
                 "killed the training workers; lower train.batch_size or data.image_size, or use nodes with more memory")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
     if any(line.startswith('File "') for line in lines):  # a traceback (Ray's RayTaskError prints one)
-        return f"{type(error).__name__}: {lines[-1]}"
-    return f"{type(error).__name__}: {' '.join(lines[:2]) if lines[:1] and lines[0].endswith(':') else ''.join(lines[:1])}"
+        told = lines[-1]
+    else:
+        told = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return f"{type(error).__name__}: {told}"
