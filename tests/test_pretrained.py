@@ -174,6 +174,41 @@ def test_a_several_head_model_fine_tuned_in_full_trains_only_what_its_forward_us
     assert torch.equal(model.body.weights, source.weights.detach())
 
 
+def test_our_file_of_a_several_head_vit_loads_at_another_image_size(tmp_path):
+    """A file of ours of distilled DeiT (`body.`, `head.`) did not load at another size: its position embeddings went
+    unresampled ("body.pos_embed has shape (1, 198, 192), model expects (1, 102, 192)"), unlike timm's own file's."""
+    torch.manual_seed(0)
+    source = build_model(ModelConfig(backbone="timm:deit_tiny_distilled_patch16_224"), ["a", "b"], 224)
+    torch.save(source.state_dict(), tmp_path / "ours.pt")
+    model = build_model(ModelConfig(backbone="timm:deit_tiny_distilled_patch16_224", weights=str(tmp_path / "ours.pt")),
+                        ["a", "b"], 160)
+    assert model.body.pos_embed.shape == (1, 2 + 10 * 10, 192)
+    assert torch.equal(model.body.pos_embed[:, :2], source.body.pos_embed[:, :2])  # the class and distillation tokens'
+    assert torch.equal(model.head.linear.weight, source.head.linear.weight)
+
+
+def test_weights_for_another_image_size_whose_tables_timm_does_not_resample_name_their_size(tmp_path):
+    """LeViT's attention biases (and CrossViT's, VOLO's position embeddings) fit one image size; weights for another
+    said only which shapes differ. A file: the backbone's pretrained size, where the table fits it; a checkpoint of
+    ours: the size it was trained at."""
+    import timm
+
+    from tl_core.checkpoint import save_checkpoint
+
+    torch.save(timm.create_model("levit_128s").state_dict(), tmp_path / "levit.pt")
+    with pytest.raises(ConfigError, match=r"attention_biases has shape \(4, 196\), model expects \(4, 100\); they are for "
+                                          r"224 px images, and this table is not resampled to another size: use "
+                                          r"data.image_size 224$"):
+        build_model(ModelConfig(backbone="timm:levit_128s", weights=str(tmp_path / "levit.pt")), ["a", "b"], 160)
+    ours = build_model(ModelConfig(backbone="timm:levit_128s"), ["a", "b"], 32)
+    run = tmp_path / "checkpoint_epoch_0001"
+    save_checkpoint(run, ours.state_dict(), {"epoch": 1}, {"config": {"model": {"backbone": "timm:levit_128s"},
+                                                                      "data": {"image_size": 32}}, "epoch": 1})
+    with pytest.raises(ConfigError, match=r"they are for 32 px images, .*: use data.image_size 32$"):
+        build_model(ModelConfig(backbone="timm:levit_128s", weights=str(run)), ["a", "b"], 64)
+    build_model(ModelConfig(backbone="timm:levit_128s", weights=str(run)), ["a", "b"], 32)
+
+
 def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_position_embeddings():
     from torchvision.models.vision_transformer import VisionTransformer
 

@@ -135,7 +135,7 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int) -> nn.Mod
     if cfg.weights:
         from tl_core.weights import load_source  # weights name models' heads; models name no weights until here
 
-        load_source(model, head_name, cfg.weights, cfg.backbone, classes)
+        load_source(model, head_name, cfg.weights, cfg.backbone, classes, image_size)
     return model
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.errors import ConfigError
-from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures
+from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, pretrained_input_size
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
@@ -44,15 +44,53 @@ class SourceWeights(NamedTuple):
     state: dict[str, torch.Tensor]
     classes: list[str] | None = None  # what its head was trained on, when known
     backbone: str | None = None  # the model.backbone it was trained as, when it is a checkpoint or run of ours
+    image_size: int | None = None  # the data.image_size it was trained at, likewise
 
 
-def load_source(model: nn.Module, head_name: str, source: str, backbone: str, classes: list[str]) -> None:
+class ShapeMismatch(ConfigError):
+    """A source weight whose shape is not the model's."""
+
+    def __init__(self, message: str, key: str, shape: tuple[int, ...]):
+        super().__init__(message)
+        self.key, self.shape = key, shape
+
+
+def load_source(model: nn.Module, head_name: str, source: str, backbone: str, classes: list[str], image_size: int) -> None:
     """Load `source` (a `model.weights` value) into `model`, converting its layout; its head is kept only when it was
     trained on `classes` (or its classes are unknown)."""
     found = read_source_state_dict(source, backbone)
-    with naming_the_trained_backbone(found, backbone):
+    with naming_the_trained_backbone(found, backbone), naming_the_trained_size(found, backbone, image_size):
         state = convert_layout(found.state, model, source=source, head_name=head_name)
         load_source_weights(model, state, source=source, head_name=head_name, keep_head=found.classes in (None, list(classes)))
+
+
+@contextlib.contextmanager
+def naming_the_trained_size(found: SourceWeights, backbone: str, image_size: int) -> Iterator[None]:
+    """Weights whose size-dependent table (LeViT's attention biases, CrossViT's or VOLO's position embeddings, which
+    timm does not resample) fits another image size say which: the size a run of ours was trained at, or else the
+    backbone's pretrained size where the table fits that."""
+    try:
+        yield
+    except ShapeMismatch as exc:
+        if found.backbone not in (None, backbone):
+            raise
+        size = found.image_size or pretrained_input_size(backbone)
+        if size == image_size or _weight_shape(backbone, size, exc.key) != exc.shape:
+            raise
+        raise ConfigError(f"{exc}; they are for {size} px images, and this table is not resampled to another size: use "
+                          f"data.image_size {size}") from None
+
+
+def _weight_shape(backbone: str, image_size: int, key: str) -> tuple[int, ...] | None:
+    """The shape of the weight `key` of `backbone` built for `image_size` (on the meta device: nothing computed)."""
+    from tl_core.models import _create_backbone
+
+    try:
+        with torch.device("meta"):
+            weight = _create_backbone(backbone, image_size)[0].state_dict().get(key)
+    except ConfigError:
+        return None
+    return tuple(weight.shape) if weight is not None else None
 
 
 @contextlib.contextmanager
@@ -305,8 +343,9 @@ def _read_local_weights(path: Path, source: str) -> SourceWeights:
         return SourceWeights(_torch_load(hub_file, str(hub_file)))
     if path.is_dir():
         state, meta = checkpoint.load_model_state(run_dir.local_checkpoint_dir(path, source))
-        trained = stored_value(meta, "config.model.backbone")
-        return SourceWeights(state, meta.get("classes"), trained if isinstance(trained, str) else None)
+        trained, size = stored_value(meta, "config.model.backbone"), stored_value(meta, "config.data.image_size")
+        return SourceWeights(state, meta.get("classes"), trained if isinstance(trained, str) else None,
+                             size if isinstance(size, int) else None)
     return SourceWeights(_torch_load(path, source))
 
 
@@ -355,14 +394,25 @@ def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str
     `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a timm EfficientNet, and whatever the timm
     family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A key that fits nowhere stays as it is and
     load_source_weights names it."""
-    if isinstance(model, PooledFeatures) and not any(k.startswith("body.") or ".body." in k for k in state):
-        # the timm model's own file: its weights are the body's, but for the heads PooledFeatures removed
-        body = convert_layout(state, model.body, source)
-        return {f"body.{k}": v for k, v in body.items() if not k.startswith(model.removed_heads)}
+    if isinstance(model, PooledFeatures):
+        return _into_pooled_features(state, model, source, head_name)
     state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source, _EFFNET_STEM)
     if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
         state = _from_efficientnet_pytorch(state, model, source)
     return _library_conversion(state, model)
+
+
+def _into_pooled_features(state: dict[str, torch.Tensor], model: PooledFeatures, source: str, head_name: str | None
+                          ) -> dict[str, torch.Tensor]:
+    """A file of the timm model (whose weights are the body's, but for the heads PooledFeatures removed) or one of
+    ours (`body.`, `head.`): either way the body's weights go through the timm family's conversion, which resamples
+    position embeddings to the input size."""
+    if not any(k.startswith("body.") or ".body." in k for k in state):
+        body = convert_layout(state, model.body, source)
+        return {f"body.{k}": v for k, v in body.items() if not k.startswith(model.removed_heads)}
+    state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source)
+    body = _library_conversion({k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}, model.body)
+    return {**{k: v for k, v in state.items() if not k.startswith("body.")}, **{f"body.{k}": v for k, v in body.items()}}
 
 
 def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -443,7 +493,8 @@ def load_source_weights(model: nn.Module, state: dict[str, torch.Tensor], source
     mismatched = [k for k in state if k in own and not is_head(k) and state[k].shape != own[k].shape]
     if mismatched:
         k = mismatched[0]
-        raise ConfigError(f"model.weights: {source} does not match the backbone: {k} has shape {tuple(state[k].shape)}, model expects {tuple(own[k].shape)}")
+        raise ShapeMismatch(f"model.weights: {source} does not match the backbone: {k} has shape {tuple(state[k].shape)}, model "
+                            f"expects {tuple(own[k].shape)}", k, tuple(state[k].shape))
     if unexpected or missing:
         what = f"unexpected key {unexpected[0]}" if unexpected else f"missing key {missing[0]}"
         n = len(unexpected) + len(missing)
