@@ -187,6 +187,19 @@ def test_our_file_of_a_several_head_vit_loads_at_another_image_size(tmp_path):
     assert torch.equal(model.head.linear.weight, source.head.linear.weight)
 
 
+def test_our_file_of_a_swin_v2_cr_loads_with_its_head(tmp_path):
+    """Swin-V2-CR's checkpoint filter renames `head.` to `head.fc.` in any file without `head.fc.weight`, so our own
+    head `head.fc.linear.` became `head.fc.fc.linear.` and a run of ours could not be fine-tuned further ("unexpected
+    key head.fc.fc.linear.bias"). Our head is held out of the library's conversion."""
+    torch.manual_seed(0)
+    source = build_model(ModelConfig(backbone="timm:swinv2_cr_tiny_224"), ["a", "b"], 224).eval()
+    torch.save(source.state_dict(), tmp_path / "ours.pt")
+    model = build_model(ModelConfig(backbone="timm:swinv2_cr_tiny_224", weights=str(tmp_path / "ours.pt")), ["a", "b"], 224)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), source(images))
+
+
 def test_weights_for_another_image_size_whose_tables_timm_does_not_resample_name_their_size(tmp_path):
     """LeViT's attention biases (and CrossViT's, VOLO's position embeddings) fit one image size; weights for another
     said only which shapes differ. A file: the backbone's pretrained size, where the table fits it; a checkpoint of

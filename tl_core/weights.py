@@ -399,7 +399,7 @@ def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str
     state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source, _EFFNET_STEM)
     if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
         state = _from_efficientnet_pytorch(state, model, source)
-    return _library_conversion(state, model)
+    return _library_conversion(state, model, head_name)
 
 
 def _into_pooled_features(state: dict[str, torch.Tensor], model: PooledFeatures, source: str, head_name: str | None
@@ -415,11 +415,16 @@ def _into_pooled_features(state: dict[str, torch.Tensor], model: PooledFeatures,
     return {**{k: v for k, v in state.items() if not k.startswith("body.")}, **{f"body.{k}": v for k, v in body.items()}}
 
 
-def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module, head_name: str | None = None
+                        ) -> dict[str, torch.Tensor]:
     """What the model's library does to the weights it loads itself: timm runs its family's `checkpoint_filter_fn`
     (other layouts it knows; position embeddings, patch embeddings and relative-position tables resampled to the
     model's input size); torchvision interpolates a ViT's position embeddings with `interpolate_embeddings`. So a
-    ViT pretrained at 224 px fine-tunes at 64 or 384."""
+    ViT pretrained at 224 px fine-tunes at 64 or 384. Our own head (`<head_name>.linear.`) is no layout the library
+    knows and is held out (Swin-V2-CR's filter renamed it `head.fc.fc.linear.`)."""
+    if head_name and any(k.startswith(f"{head_name}.linear.") for k in state):
+        ours = {k: v for k, v in state.items() if k.startswith(f"{head_name}.linear.")}
+        return {**_library_conversion({k: v for k, v in state.items() if k not in ours}, model), **ours}
     if isinstance(model, torchvision.models.VisionTransformer):
         key = "encoder.pos_embedding"
         if key in state and state[key].shape != model.encoder.pos_embedding.shape:
