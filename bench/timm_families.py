@@ -6,15 +6,17 @@ product builds it (`build_model`: the task's 3-class head in place of timm's, at
 size, random weights) and run under each strategy: a forward and backward pass of 2 images in training mode, then
 which parameters got gradients. It passes when the output has the 3 classes, a linear probe trains the head's 2
 tensors alone, gradual unfreezing (one block open) trains more, full fine-tuning trains at least as many, and under
-no strategy is a trainable parameter left without a gradient (which DDP refuses on more than one worker).
+no strategy is a trainable parameter left without a gradient (which DDP refuses on more than one worker); and
+the model saved as a run saves it loads back as the next run's `model.weights`, computing the same logits.
 A model the product refuses says why in one line (ConfigError), recorded as such.
 
-    python -m bench.timm_families          # ~8 min on 2 cores; writes bench/results/timm_families.json
+    python -m bench.timm_families          # ~10 min on 2 cores; writes bench/results/timm_families.json
 """
 
 from __future__ import annotations
 
 import collections
+import tempfile
 import time
 import warnings
 
@@ -67,7 +69,17 @@ def trained_tensors(backbone: str) -> dict:
         without_gradient += [f"{strategy}: {n}" for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         model.zero_grad(set_to_none=True)
     return {"image_size": size, "blocks": len(backbone_blocks(model)), "trained_tensors": trained,
-            "without_gradient": without_gradient}
+            "without_gradient": without_gradient, "reloads": reloads(model, cfg, size, images)}
+
+
+def reloads(model: torch.nn.Module, cfg: ModelConfig, size: int, images: torch.Tensor) -> bool:
+    """Whether a file of the model, as a run of ours saves it, is a source for the next run (`model.weights`) that
+    computes the same logits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(model.state_dict(), f"{tmp}/model.pt")
+        again = build_model(cfg.model_copy(update={"weights": f"{tmp}/model.pt"}), ["a", "b", "c"], size)
+    with torch.no_grad():
+        return torch.allclose(again.eval()(images), model.eval()(images), atol=1e-5)
 
 
 def main() -> None:
@@ -80,7 +92,7 @@ def main() -> None:
             row.update(trained_tensors(f"timm:{name}"))
             t = row["trained_tensors"]
             row["ok"] = (t["linear_probe"] == 2 and t["gradual_unfreeze"] > 2 and t["full"] >= t["gradual_unfreeze"]
-                         and not row["without_gradient"])
+                         and not row["without_gradient"] and row["reloads"])
         except ConfigError as exc:
             row.update(ok=False, refused=str(exc))
         except Exception as exc:  # noqa: BLE001 - recorded: a failure is the finding
