@@ -172,6 +172,14 @@ def _create_backbone(backbone: str, image_size: int) -> tuple[nn.Module, str]:
     return model, classifier or _last_linear_name(model)
 
 
+def weight_shapes(backbone: str, image_size: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the backbone's weights when built for `image_size`, by their names in our model (a several-head
+    model's under `body.`), built on the meta device: nothing computed or allocated."""
+    with torch.device("meta"):
+        model, _ = _create_backbone(backbone, image_size)
+    return {name: tuple(weight.shape) for name, weight in model.state_dict().items()}
+
+
 #: What torch and timm models raise for an input size they cannot take (MViTv2's relative positions: IndexError).
 INPUT_SIZE_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError)
 

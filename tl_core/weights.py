@@ -27,7 +27,7 @@ from torch import nn
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.errors import ConfigError
-from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, pretrained_input_size
+from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, pretrained_input_size, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
@@ -75,22 +75,10 @@ def naming_the_trained_size(found: SourceWeights, backbone: str, image_size: int
         if found.backbone not in (None, backbone):
             raise
         size = found.image_size or pretrained_input_size(backbone)
-        if size == image_size or _weight_shape(backbone, size, exc.key) != exc.shape:
+        if size == image_size or weight_shapes(backbone, size).get(exc.key) != exc.shape:
             raise
         raise ConfigError(f"{exc}; they are for {size} px images, and this table is not resampled to another size: use "
                           f"data.image_size {size}") from None
-
-
-def _weight_shape(backbone: str, image_size: int, key: str) -> tuple[int, ...] | None:
-    """The shape of the weight `key` of `backbone` built for `image_size` (on the meta device: nothing computed)."""
-    from tl_core.models import _create_backbone
-
-    try:
-        with torch.device("meta"):
-            weight = _create_backbone(backbone, image_size)[0].state_dict().get(key)
-    except ConfigError:
-        return None
-    return tuple(weight.shape) if weight is not None else None
 
 
 @contextlib.contextmanager
