@@ -347,7 +347,7 @@ def one_line(error: BaseException) -> str:
         return (f"OutOfMemoryError: the node ran low on memory{f' ({used[1]} used of {used[2]})' if used else ''} and Ray "
                 "killed the training workers; lower train.batch_size or data.image_size, or use nodes with more memory")
     lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
-    if any(line.startswith('File "') for line in lines):  # a traceback (Ray's RayTaskError prints one)
+    if any(line.startswith(("Traceback", 'File "')) for line in lines):  # a traceback (Tune's error.txt, RayTaskError's)
         told = lines[-1]
     else:
         told = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
