@@ -382,25 +382,14 @@ def convert_layout(state: dict[str, torch.Tensor], model: nn.Module, source: str
     `_blocks.N._depthwise_conv`, `_bn0`, `_fc`, ...), which maps onto a timm EfficientNet, and whatever the timm
     family's checkpoint filter converts (e.g. OpenCLIP or DINOv2 ViTs). A key that fits nowhere stays as it is and
     load_source_weights names it."""
-    if isinstance(model, PooledFeatures):
-        return _into_pooled_features(state, model, source, head_name)
+    if isinstance(model, PooledFeatures) and not any(k.startswith("body.") or ".body." in k for k in state):
+        # the timm model's own file: its weights are the body's, but for the heads PooledFeatures removed
+        body = convert_layout(state, model.body, source)
+        return {f"body.{k}": v for k, v in body.items() if not k.startswith(model.removed_heads)}
     state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source, _EFFNET_STEM)
     if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
         state = _from_efficientnet_pytorch(state, model, source)
     return _library_conversion(state, model, head_name)
-
-
-def _into_pooled_features(state: dict[str, torch.Tensor], model: PooledFeatures, source: str, head_name: str | None
-                          ) -> dict[str, torch.Tensor]:
-    """A file of the timm model (whose weights are the body's, but for the heads PooledFeatures removed) or one of
-    ours (`body.`, `head.`): either way the body's weights go through the timm family's conversion, which resamples
-    position embeddings to the input size."""
-    if not any(k.startswith("body.") or ".body." in k for k in state):
-        body = convert_layout(state, model.body, source)
-        return {f"body.{k}": v for k, v in body.items() if not k.startswith(model.removed_heads)}
-    state = _nested_model(state, _backbone_keys(model.state_dict(), head_name), source)
-    body = _library_conversion({k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}, model.body)
-    return {**{k: v for k, v in state.items() if not k.startswith("body.")}, **{f"body.{k}": v for k, v in body.items()}}
 
 
 def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module, head_name: str | None = None
@@ -409,10 +398,14 @@ def _library_conversion(state: dict[str, torch.Tensor], model: nn.Module, head_n
     (other layouts it knows; position embeddings, patch embeddings and relative-position tables resampled to the
     model's input size); torchvision interpolates a ViT's position embeddings with `interpolate_embeddings`. So a
     ViT pretrained at 224 px fine-tunes at 64 or 384. Our own head (`<head_name>.linear.`) is no layout the library
-    knows and is held out (Swin-V2-CR's filter renamed it `head.fc.fc.linear.`)."""
+    knows and is held out (Swin-V2-CR's filter renamed it `head.fc.fc.linear.`); a several-head model's body is the
+    library's model, so its `body.` weights go through the body's conversion."""
     if head_name and any(k.startswith(f"{head_name}.linear.") for k in state):
         ours = {k: v for k, v in state.items() if k.startswith(f"{head_name}.linear.")}
         return {**_library_conversion({k: v for k, v in state.items() if k not in ours}, model), **ours}
+    if isinstance(model, PooledFeatures):
+        body = _library_conversion({k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}, model.body)
+        return {**{k: v for k, v in state.items() if not k.startswith("body.")}, **{f"body.{k}": v for k, v in body.items()}}
     if isinstance(model, torchvision.models.VisionTransformer):
         key = "encoder.pos_embedding"
         if key in state and state[key].shape != model.encoder.pos_embedding.shape:
