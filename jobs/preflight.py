@@ -26,7 +26,7 @@ from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
 from tl_core.modality import check_modality, modality, unread_settings
-from tl_core.models import INPUT_SIZE_ERRORS, image_sizes_near
+from tl_core.models import INPUT_SIZE_ERRORS, image_sizes_near, run_blank_image
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
 from tl_core.text_models import is_text_backbone
@@ -145,8 +145,7 @@ def check_input_size(cfg: RunConfig, model: nn.Module) -> None:
         return
     size = cfg.data.image_size
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, size, size))
+        run_blank_image(model, size)
     except INPUT_SIZE_ERRORS as exc:
         raise ConfigError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images ({_reason(exc)}); "
                           f"{_sizes_it_takes(cfg.model.backbone, size)}") from None

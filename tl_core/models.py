@@ -184,12 +184,17 @@ def weight_shapes(backbone: str, image_size: int) -> dict[str, tuple[int, ...]]:
 INPUT_SIZE_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError)
 
 
+def run_blank_image(model: nn.Module, image_size: int) -> None:
+    """One forward pass of a blank image in evaluation mode: what raises one of INPUT_SIZE_ERRORS where the model
+    cannot take the size."""
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+
+
 def takes_image_size(backbone: str, image_size: int) -> bool:
     """Whether the architecture (built without weights) runs a blank image of this size."""
     try:
-        model, _ = _create_backbone(backbone, image_size)
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size))
+        run_blank_image(_create_backbone(backbone, image_size)[0], image_size)
     except (ConfigError, *INPUT_SIZE_ERRORS):
         return False
     return True
