@@ -42,9 +42,16 @@ def last_modified(s3, key: str) -> str:
 
 
 def train_workers() -> list[psutil.Process]:
-    """The Ray Train worker processes of this test session's own Ray cluster (children of its raylet)."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline() if p.is_running() else [])]
+    """The live Ray Train worker processes of this test session's own Ray cluster (children of its raylet)."""
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in _command_line(p)]
+
+
+def _command_line(process: psutil.Process) -> str:
+    """The process's command line; empty for one that has ended or is a zombie (a worker Ray has just replaced)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 class WorkerKiller:
