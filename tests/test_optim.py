@@ -16,11 +16,17 @@ def model():
     return build_model(ModelConfig(backbone="resnet18"), CLASSES, image_size=32)
 
 
+# An LR each optimizer is stable at: RMSprop at 0.01 moves every weight ~0.1 on its first steps (its square average
+# starts at zero), and its loss then jumps by orders of magnitude and lands wherever rounding sends it.
+STABLE_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "adagrad": 1e-3, "rmsprop": 1e-4}
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_trains(name):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18"), CLASSES, image_size=32)
-    opt = build_optimizer(model, OptimConfig(name=name, lr=0.01, weight_decay=1e-4), backbone_lr_mult=0.5)
+    lr = STABLE_LR[name]
+    opt = build_optimizer(model, OptimConfig(name=name, lr=lr, weight_decay=1e-4), backbone_lr_mult=0.5)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)
     losses = []
     for _ in range(5):
@@ -29,8 +35,8 @@ def test_every_optimizer_trains(name):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    assert {g["name"]: g["lr"] for g in opt.param_groups}["backbone/decay"] == pytest.approx(0.005)
+    assert losses[-1] < losses[0] / 4
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["backbone/decay"] == pytest.approx(lr / 2)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
