@@ -233,6 +233,24 @@ def test_freeze_bn_stats_keeps_every_batchnorm_in_eval_mode():
     assert model.training and model.fc.training
 
 
+@pytest.mark.parametrize(("backbone", "stages"), [
+    ("timm:mobilenetv3_small_050", ["conv_stem bn1"] + [f"blocks.{i}" for i in range(6)] + ["conv_head"]),
+    ("timm:vgg11", [f"features.{i}" for i in (0, 3, 6, 8, 11, 13, 16, 18)] + ["pre_logits"]),
+    ("timm:convnext_atto", ["stem"] + [f"stages.{i}" for i in range(4)] + ["head.norm"]),
+])
+def test_a_timm_model_unfreezes_by_its_own_stages(backbone, stages):
+    """timm's own grouping of the model (its `group_matcher`), not a guess from module sizes: MobileNetV3's six stages
+    one by one (a size rule saw them as one block, smaller than its last convolution), each of VGG's convolutions."""
+    model = build_model(ModelConfig(backbone=backbone), CLASSES, image_size=64)
+    names = {id(p): n for n, p in model.named_parameters()}
+    prefixes = [prefix for stage in stages for prefix in stage.split()]
+
+    def prefix_of(p: torch.nn.Parameter) -> str:
+        return next((prefix for prefix in prefixes if names[id(p)].startswith(prefix + ".")), names[id(p)])
+
+    assert [" ".join(dict.fromkeys(map(prefix_of, block))) for block in backbone_blocks(model)] == stages
+
+
 def test_gradual_unfreeze_opens_one_block_per_stage_from_the_top():
     cfg = ModelConfig(strategy="gradual_unfreeze", unfreeze_every=2)
     model = build_model(cfg, CLASSES, image_size=32)

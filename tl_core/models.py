@@ -305,17 +305,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # ---------------------------------------------------------------- freezing strategies
 
 def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
-    """The backbone's parameters in input-to-output order, grouped into unfreezing stages.
+    """The backbone's parameters in input-to-output order, grouped into unfreezing stages (also the blocks of
+    layer-wise LR decay).
 
-    Top-level children, with the one holding the head opened up, and any block holding more than half of the
-    backbone opened up too (resnet's layer4, ViT's encoder, BiT's last stage through its one child `blocks`), so that
-    stages are of useful size. A model that knows its own stages says so (`unfreeze_blocks()`: a text encoder's
-    embeddings, then each layer).
+    A model that knows its own stages says so: a text encoder (`unfreeze_blocks()`: its embeddings, then each layer),
+    a timm model (its `group_matcher(coarse=True)`: the stem, then each stage or transformer block, then the layers after
+    them). Otherwise (torchvision) top-level children, with the one holding the head opened up, and any block
+    holding more than half of the backbone opened up too (resnet's layer4, ViT's encoder), so that stages are of
+    useful size.
     """
     if hasattr(model, "unfreeze_blocks"):
         return model.unfreeze_blocks()
     head_name, head = find_head(model)
     head_params = {id(p) for p in head.parameters()}
+    if (stages := _timm_stages(model)) is not None:
+        return [g for g in ([p for p in stage if id(p) not in head_params] for stage in stages) if g]
 
     def opened(module: nn.Module, skip: str = "") -> list:
         """A module's own parameters (ViT's class token, positional embedding) as one unit, then its children."""
@@ -341,6 +345,21 @@ def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
         units[i:i + 1] = opened(big)
     groups = [[p for p in params(u) if id(p) not in head_params] for u in units]
     return [g for g in groups if g]
+
+
+def _timm_stages(model: nn.Module) -> list[list[nn.Parameter]] | None:
+    """A timm model's parameters as its own coarse grouping orders them (timm's `group_parameters`), head included;
+    None for a model that is not timm's or has no coarse grouping (PiT, MetaFormer, CSATv2, RDNet)."""
+    body = model.body if isinstance(model, PooledFeatures) else model
+    if not hasattr(body, "group_matcher"):
+        return None
+    try:
+        matcher = body.group_matcher(coarse=True)
+    except (AssertionError, AttributeError, NotImplementedError):  # declared, but not for coarse grouping
+        return None
+    from timm.models import group_parameters
+
+    return [stage for _, stage in sorted(group_parameters(body, matcher, return_values=True).items())]
 
 
 def apply_strategy(model: nn.Module, cfg: ModelConfig, epoch: int) -> int:
