@@ -106,9 +106,10 @@ def test_training_options_run(image_folder, tmp_path, options):
 
 
 @pytest.mark.parametrize("loader_workers", [0, 2])
-def test_resume_mid_gradual_unfreeze_matches_an_unbroken_run(image_folder, tmp_path, loader_workers):
+def test_resume_mid_gradual_unfreeze_matches_an_unbroken_run(image_folder, tmp_path, loader_workers, caplog):
     """Stop after 2 of 4 epochs, resume: same frozen state, param groups, LR per epoch, and weights; with
-    persistent loader workers (whose random state an interrupted run loses) as well as without."""
+    persistent loader workers (whose random state an interrupted run loses) as well as without. The log says how
+    many of the backbone's blocks train."""
     cfg = config(image_folder, model={"strategy": "gradual_unfreeze", "unfreeze_every": 1},
                  optim={"name": "sgd", "lr": 0.05, "scheduler": "cosine", "warmup_epochs": 1},
                  data={"loader_workers": loader_workers})
@@ -119,7 +120,10 @@ def test_resume_mid_gradual_unfreeze_matches_an_unbroken_run(image_folder, tmp_p
     with pytest.raises(_Interrupted):
         fit(cfg, _StopAfter(first, 2))
     second = LocalReporter(tmp_path / "second")
-    resumed = fit(cfg, second, resume_from=first.checkpoints[1])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tl_core"):
+        resumed = fit(cfg, second, resume_from=first.checkpoints[1])
+    assert "epoch 3: 2 of 7 backbone blocks trainable" in caplog.text  # resnet18: conv1, bn1, layer1-3, layer4's two
 
     assert [h["epoch"] for h in resumed] == [3, 4]
     assert [h["lr"] for h in resumed] == pytest.approx([h["lr"] for h in unbroken[2:]])

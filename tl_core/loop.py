@@ -21,7 +21,7 @@ from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log
 from tl_core.features import probe_features
 from tl_core.metrics import ClassificationMeter
 from tl_core.modality import labelled_data
-from tl_core.models import apply_strategy, build_model, find_head, set_train_mode
+from tl_core.models import apply_strategy, backbone_blocks, build_model, find_head, set_train_mode
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
@@ -81,12 +81,12 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
         log_rank0("linear probe: the backbone's features are computed once (%s)", data.summary())
 
     history: list[dict] = []
-    n_trainable, ddp_model = None, trained
+    n_trainable, ddp_model, n_blocks = None, trained, len(backbone_blocks(model))
     for epoch in state.epochs():
         trainable = apply_strategy(model, cfg.model, epoch)
         if trainable != n_trainable:  # DDP must be rebuilt whenever the set of trainable parameters changes
             n_trainable, ddp_model = trainable, wrap_ddp(trained, device)
-            log_rank0("epoch %d: %d backbone block(s) trainable", epoch + 1, trainable)
+            log_rank0("epoch %d: %d of %d backbone blocks trainable", epoch + 1, trainable, n_blocks)
         state.begin_epoch(epoch, data)
         started = time.perf_counter()
         set_train_mode(model, cfg.model.freeze_bn_stats)
