@@ -348,8 +348,9 @@ def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
 
 
 def _timm_stages(model: nn.Module) -> list[list[nn.Parameter]] | None:
-    """A timm model's parameters as its own coarse grouping orders them (timm's `group_parameters`), head included;
-    None for a model that is not timm's or has no coarse grouping (PiT, MetaFormer, CSATv2, RDNet)."""
+    """A timm model's parameters as its own coarse grouping orders them (timm's `group_parameters`), with our head
+    where the timm model holds it (a several-head model's is outside its `body`); None for a model that is not timm's
+    or has no coarse grouping (PiT, MetaFormer, CSATv2, RDNet)."""
     body = model.body if isinstance(model, PooledFeatures) else model
     if not hasattr(body, "group_matcher"):
         return None
