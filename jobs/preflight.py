@@ -26,7 +26,7 @@ from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
 from tl_core.modality import check_modality, modality, unread_settings
-from tl_core.models import INPUT_SIZE_ERRORS, image_sizes_near, run_blank_image
+from tl_core.models import INPUT_SIZE_ERRORS, backbone_blocks, image_sizes_near, run_blank_image
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
 from tl_core.text_models import is_text_backbone
@@ -186,6 +186,7 @@ def check_same_run(cfg: RunConfig, classes: list[str], experiment: Location, mod
     if trained != cfg.model.backbone:
         raise ConfigError(f"--resume: model.backbone is {cfg.model.backbone}, but experiment {cfg.experiment} was trained with {trained}")
     check_same_state(cfg, meta["config"])
+    check_same_blocks(cfg, meta, model)
     check_same_shapes(cfg, meta["config"], classes, model)
     if meta.get("classes") is not None and meta["classes"] != classes:
         added, missing = sorted(set(classes) - set(meta["classes"])), sorted(set(meta["classes"]) - set(classes))
@@ -213,6 +214,23 @@ def check_same_state(cfg: RunConfig, trained: dict) -> None:
         raise ConfigError(f"--resume: model.layer_decay is {cfg.model.layer_decay}, but experiment {cfg.experiment} was trained "
                           f"with {decay}; layer-wise decay (below 1) and none (1.0) keep different optimizer groups, so "
                           f"keep {'a value below 1' if decay != 1.0 else '1.0'}, or {new_start}")
+
+
+def check_same_blocks(cfg: RunConfig, meta: dict, model: nn.Module) -> None:
+    """The backbone's unfreezing blocks come from its library (timm's own stages) and may change with it: a run whose
+    checkpoint counted another number (`meta["backbone_blocks"]`) cannot load its layer-wise decay's optimizer groups,
+    one per block, and opens its blocks on another schedule when gradual unfreezing continues."""
+    was = meta.get("backbone_blocks")
+    if not isinstance(was, int) or (cfg.model.layer_decay == 1.0 and cfg.model.strategy != "gradual_unfreeze"):
+        return
+    now = len(backbone_blocks(model))
+    if now == was:
+        return
+    why = f"{cfg.model.backbone} now groups into {now} unfreezing blocks, but experiment {cfg.experiment} was trained with {was}"
+    if cfg.model.layer_decay != 1.0:
+        raise ConfigError(f"--resume: model.layer_decay: {why}, and layer-wise decay keeps one optimizer group per block, so its "
+                          "optimizer state cannot load; start a new experiment from one of its checkpoints (model.weights)")
+    log.warning("--resume: model.strategy gradual_unfreeze: %s; unfreezing continues by the %d blocks of today's grouping", why, now)
 
 
 def check_same_shapes(cfg: RunConfig, trained: dict, classes: list[str], model: nn.Module) -> None:

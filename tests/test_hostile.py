@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -360,11 +361,11 @@ def test_an_output_that_cannot_be_created_is_one_line_naming_why(job, argv, obst
         assert under.read_text() == "a file"
 
 
-def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2"), model=None, **sections):
+def _fake_run(tmp_path, backbone="resnet34", classes=("class_0", "class_1", "class_2"), model=None, meta=None, **sections):
     run = tmp_path / "runs" / "tiny"
     config = {"experiment": "tiny", "model": {"backbone": backbone, **(model or {})}, **sections}
     save_checkpoint(run / "checkpoint_epoch_0001", {"w": torch.ones(1)}, {"epoch": 1},
-                    {"config": config, "classes": list(classes), "epoch": 1})
+                    {"config": config, "classes": list(classes), "epoch": 1, **(meta or {})})
     return run
 
 
@@ -384,6 +385,31 @@ def test_resume_with_another_backbone_class_set_or_optimizer_names_the_differenc
     _fake_run(tmp_path, **fake)
     config = write_config(tmp_path, image_folder)
     one_line_exit_2(finetune.main, ["--config", str(config), "--resume"], capsys, tmp_path, message, written=["tiny"])
+
+
+def test_resume_after_the_backbone_was_grouped_into_other_blocks_names_it(image_folder, tmp_path, capsys, caplog):
+    """A timm model's blocks are timm's own stages, so a new timm (or tl-finetune) may group them differently. Layer-wise
+    decay, one optimizer group per block, then failed in every worker mid-load; gradual unfreezing would open blocks
+    on another schedule without a word. The checkpoint's meta.json counts the blocks it was trained with."""
+    from jobs.preflight import check_run
+
+    _fake_run(tmp_path, backbone="resnet18", model={"layer_decay": 0.8}, meta={"backbone_blocks": 3})
+    decayed = write_config(tmp_path, image_folder, model={"backbone": "resnet18", "layer_decay": 0.8})
+    one_line_exit_2(finetune.main, ["--config", str(decayed), "--resume"], capsys, tmp_path, "--resume: model.layer_decay: "
+                    "resnet18 now groups into 7 unfreezing blocks, but experiment tiny was trained with 3, and layer-wise decay "
+                    "keeps one optimizer group per block, so its optimizer state cannot load; start a new experiment",
+                    written=["tiny"])
+    shutil.rmtree(tmp_path / "runs")
+    _fake_run(tmp_path, backbone="resnet18", model={"strategy": "gradual_unfreeze"}, meta={"backbone_blocks": 3})
+    unfrozen = write_config(tmp_path, image_folder, model={"backbone": "resnet18", "strategy": "gradual_unfreeze", "unfreeze_every": 1})
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        check_run(load_config(unfrozen), resume=True)
+    assert "--resume: model.strategy gradual_unfreeze: resnet18 now groups into 7 unfreezing blocks, but experiment tiny was " \
+           "trained with 3; unfreezing continues by the 7 blocks of today's grouping" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jobs"):  # nothing to say for a strategy that opens all or none of them
+        check_run(load_config(write_config(tmp_path, image_folder, model={"backbone": "resnet18"})), resume=True)
+    assert "unfreezing blocks" not in caplog.text
 
 
 def test_resume_of_a_vit_at_another_image_size_names_the_difference(image_folder, tmp_path, capsys):

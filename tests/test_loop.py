@@ -33,7 +33,7 @@ def test_fit_learns_and_checkpoints_every_epoch(image_folder, tmp_path):
     assert max(h["val/acc"] for h in history) > 0.5  # 3 classes: chance is 1/3
     assert len(reporter.checkpoints) == 5
     ckpt = load_checkpoint(reporter.latest)
-    assert ckpt.meta["classes"] == ["class_0", "class_1", "class_2"]
+    assert ckpt.meta["classes"] == ["class_0", "class_1", "class_2"] and ckpt.meta["backbone_blocks"] == 7
     assert len(ckpt.meta["confusion_matrix"]) == 3 and len(ckpt.meta["per_class"]["f1"]) == 3
     assert not any(k.startswith("module.") for k in ckpt.model_state)
 
@@ -303,6 +303,28 @@ def test_a_resume_trains_on_with_the_configs_lr_and_weight_decay_not_the_checkpo
     lr_changed = fit(changed, lambda m, c: None, resume_from=first.latest, checkpoints=False)[0]["lr"]
     lr_same = fit(again, lambda m, c: None, resume_from=first.latest, checkpoints=False)[0]["lr"]
     assert lr_changed == pytest.approx(4 * lr_same) and lr_same < 1e-3  # the cosine schedule went on from epoch 2
+
+
+def test_a_checkpoint_whose_optimizer_groups_differ_is_one_clear_error_not_torchs():
+    """Layer-wise decay keeps one optimizer group per backbone block; a checkpoint written when the backbone grouped into
+    other blocks (an older timm, an older tl-finetune) failed in every worker with torch's "loaded state dict has a
+    different number of parameter groups". Checkpoints now count their blocks for preflight; older ones end here."""
+    from tl_core.checkpoint import Checkpoint
+    from tl_core.models import build_model
+    from tl_core.state import TrainingState
+
+    def state(layer_decay):
+        cfg = from_dict({"experiment": "ld", "data": {"root": "/d"}, "model": {"backbone": "resnet18", "layer_decay": layer_decay}})
+        return TrainingState.create(cfg, build_model(cfg.model, ["a", "b"], 16), torch.device("cpu"), steps_per_epoch=2)
+
+    fewer, more = state(0.9), state(0.8)
+    more.optimizer.param_groups.pop(0)  # as if the backbone had grouped into one block fewer
+    saved = Checkpoint(model_state=more.model.state_dict(), train_state=more.state_dict(), meta={})
+    n = len(fewer.optimizer.param_groups)
+    with pytest.raises(ConfigError, match=rf"^--resume: the checkpoint's optimizer keeps {n - 1} parameter groups and this config "
+                       rf"builds {n} \(model.layer_decay keeps one per backbone block, and resnet18's blocks may be grouped"):
+        fewer.load(saved)
+    fewer.load(Checkpoint(model_state=more.model.state_dict(), train_state=state(0.8).state_dict(), meta={}))
 
 
 def test_an_fp16_step_the_scaler_skips_still_advances_the_schedule_without_a_warning(recwarn):

@@ -93,7 +93,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
         train_loss = state.train_epoch(ddp_model, data.train, step)
         broadcast_buffers(model)
         metrics = {"epoch": epoch + 1, "train/loss": train_loss}
-        meta = {"classes": data.classes}
+        meta = {"classes": data.classes, "backbone_blocks": n_blocks}
         if state.validates(epoch):
             val = evaluate(trained, data.val, state, len(data.classes), cfg.train.label_smoothing)
             metrics.update({f"val/{k}": val[k] for k in VAL_METRICS})

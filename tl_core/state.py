@@ -25,7 +25,7 @@ from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint, Mirror, load_checkpoint, save_checkpoint, staging_dir
 from tl_core.config import EarlyStoppingConfig, RunConfig
 from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0, unwrap
-from tl_core.errors import TrainingDiverged
+from tl_core.errors import ConfigError, TrainingDiverged
 from tl_core.models import checkpoint_files
 from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
 
@@ -174,6 +174,12 @@ class TrainingState:
         for name, module in self.extra.items():
             module.load_state_dict(state[name])
         configured = [(group.get("initial_lr", group["lr"]), group.get("weight_decay", 0.0)) for group in self.optimizer.param_groups]
+        if (saved := len(state[StateKey.OPTIMIZER]["param_groups"])) != len(configured):
+            # preflight names this first where the checkpoint counted its blocks (meta's backbone_blocks)
+            raise ConfigError(f"--resume: the checkpoint's optimizer keeps {saved} parameter groups and this config builds "
+                              f"{len(configured)} (model.layer_decay keeps one per backbone block, and {self.cfg.model.backbone}'s "
+                              "blocks may be grouped differently now); start a new experiment from one of its checkpoints "
+                              "(model.weights)")
         self.optimizer.load_state_dict(state[StateKey.OPTIMIZER])
         self.scheduler.load_state_dict(state[StateKey.SCHEDULER])
         self._apply_configured_hyperparameters(configured)
