@@ -80,11 +80,14 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
                           f"{text}; pretrain a text encoder with pretrain.method: supervised")
     classes, n_train = data_classes_and_size(cfg, local, manifest)
     if own_model:
-        model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes, n_train)
+        model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes)
+        if cfg.pretrain.method == "supervised":
+            check_batch_norm_batches(cfg, n_train, has_batch_norm(model))
         if newest is not None:
             check_same_run(cfg, classes, root.child(cfg.experiment), model, newest)
+    models_checked: dict[Variant, bool] = {}
     for variant in variants:
-        check_variant(cfg, variant, manifest, classes, n_train)
+        check_variant(cfg, variant, manifest, classes, n_train, models_checked)
     if cfg.pretrain.method == "supervised" and (unread := unread_settings(cfg, kind, manifest is not None, varied)):
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     for decider, unread in left_unread(cfg, varied).items():
@@ -92,13 +95,11 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     return cfg
 
 
-def check_model(cfg: RunConfig, local: RunConfig, classes: list[str], n_train: int) -> nn.Module:
+def check_model(cfg: RunConfig, local: RunConfig, classes: list[str]) -> nn.Module:
     """The model `local` (`cfg` as this node reads it) builds, its source weights loaded (bad weights fail here),
-    checked against the input size and the batches it will train on."""
+    checked against the input size."""
     model = RECIPES[cfg.pretrain.method].build_model(local, classes)
     check_input_size(cfg, model)
-    if cfg.pretrain.method == "supervised":
-        check_batch_norm_batches(cfg, n_train, model)
     return model
 
 
@@ -108,16 +109,22 @@ TRIAL_MODEL_KEYS = ("model.backbone", "model.weights", "model.strategy", "model.
                     "data.max_length", "train.batch_size")
 
 
-def check_variant(cfg: RunConfig, variant: Variant, manifest: Manifest | None, classes: list[str], n_train: int) -> None:
+def check_variant(cfg: RunConfig, variant: Variant, manifest: Manifest | None, classes: list[str], n_train: int,
+                  models_checked: dict[Variant, bool]) -> None:
     """A sweep trial's model (`cfg` with `variant`) checked as a run's: its hub weights fetched once, here on the
-    driver, where the sweep stages them for every trial; the first problem named with the trial's values."""
+    driver, where the sweep stages them for every trial; the first problem named with the trial's values. A model
+    its trials draw at several batch sizes is built once (`models_checked`: whether each one built has BatchNorm)."""
     try:
         trial = with_absolute_paths(with_values(cfg, variant))
-        fetch_hub_weights(trial)
-        local = localize(trial)
+        model_key = tuple(item for item in variant if item[0] != "train.batch_size")
+        if model_key not in models_checked:
+            fetch_hub_weights(trial)
+            local = localize(trial)
+            if cfg.pretrain.method == "supervised":
+                check_modality(local, manifest.modality if manifest else None)
+            models_checked[model_key] = has_batch_norm(check_model(trial, local, classes))
         if cfg.pretrain.method == "supervised":
-            check_modality(local, manifest.modality if manifest else None)
-        check_model(trial, local, classes, n_train)
+            check_batch_norm_batches(trial, n_train, models_checked[model_key])
     except (ConfigError, DataError) as exc:
         raise type(exc)(f"search.space: a trial with {named_values(variant)} cannot run: {exc}") from None
 
@@ -167,10 +174,15 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1]}" if lines and lines[-1] else type(exc).__name__
 
 
-def check_batch_norm_batches(cfg: RunConfig, n_train: int, model: nn.Module) -> None:
-    """BatchNorm cannot train on batches of one sample; refuse a batch size (or a dataset per worker) that makes them."""
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def check_batch_norm_batches(cfg: RunConfig, n_train: int, batch_norm: bool) -> None:
+    """BatchNorm cannot train on batches of one sample; refuse a batch size (or a dataset per worker) that makes them,
+    for a model with BatchNorm (`batch_norm`) that trains its statistics."""
     trains_batch_norm = cfg.model.strategy != "linear_probe" and not cfg.model.freeze_bn_stats
-    if not trains_batch_norm or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not (batch_norm and trains_batch_norm):
         return
     per_worker = math.ceil(n_train / cfg.scaling.max_workers)
     if min(cfg.train.batch_size, per_worker) < 2:

@@ -428,6 +428,31 @@ def test_a_sweep_checks_the_models_its_trials_draw_not_the_files_own(tmp_path):
         check(["search.space.model.backbone.choice=[resnet18, 'timm:tf_efficientnet_lite0']"])
 
 
+def test_a_sweep_builds_each_model_once_and_checks_each_batch_size_its_trials_draw(tmp_path, monkeypatch):
+    """A model drawn at several batch sizes was built, its weights loaded, once per size."""
+    import dataclasses
+
+    from jobs.preflight import TRIAL_MODEL_KEYS, check_run
+    from jobs.sweep import sweep_has_progress
+    from tl_core.recipes import RECIPES
+
+    built = []
+    recipe = RECIPES["supervised"]
+    monkeypatch.setitem(RECIPES, "supervised", dataclasses.replace(
+        recipe, build_model=lambda cfg, classes: built.append(cfg.model.backbone) or recipe.build_model(cfg, classes)))
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=4)
+    space = {"model.backbone": {"choice": ["resnet18", "mobilenet_v3_small"]}, "train.batch_size": {"choice": [2, 4, 8]}}
+    base, search = load_sweep(write_sweep(tmp_path, data, space=space))
+    check_run(base, resume=False, has_progress=sweep_has_progress, varied=search.space, variants=search.variants(TRIAL_MODEL_KEYS))
+    assert sorted(built) == ["mobilenet_v3_small", "resnet18"]
+    space["train.batch_size"]["choice"] = [1, 4]
+    base, search = load_sweep(write_sweep(tmp_path, data, space=space))
+    with pytest.raises(ConfigError, match=re.escape("search.space: a trial with model.backbone 'resnet18' and train.batch_size 1 "
+                                                    "cannot run: train.batch_size: 1 with 6 training image(s)")):
+        check_run(base, resume=False, has_progress=sweep_has_progress, varied=search.space,
+                  variants=search.variants(TRIAL_MODEL_KEYS))
+
+
 def test_pbt_needs_a_checkpoint_at_every_perturbation(tmp_path, capsys):
     space = {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}
     config = write_sweep(tmp_path, make_image_folder(tmp_path / "data", n_classes=2, per_class=4), space=space,
