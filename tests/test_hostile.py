@@ -306,6 +306,8 @@ def test_the_sizes_offered_for_an_image_size_refused_are_ones_the_backbone_takes
     from tl_core.models import image_sizes_near, takes_image_size
 
     assert image_sizes_near("timm:halonet26t", 64) == [248]
+    # a transformer's sizes are multiples of its patches: DINOv2's are 14 px, and only multiples of 8 were tried (56, 112)
+    assert image_sizes_near("timm:vit_small_patch14_dinov2", 100) == [98, 112]
     assert not takes_image_size("timm:halonet26t", 128) and takes_image_size("timm:halonet26t", 248)
 
 

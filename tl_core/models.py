@@ -201,15 +201,16 @@ def takes_image_size(backbone: str, image_size: int) -> bool:
 
 
 def image_sizes_near(backbone: str, image_size: int, seconds: float = 10.0) -> list[int]:
-    """The nearest multiples of 8 below and above `image_size` that the backbone takes, tried nearest first (each try
-    builds the model and runs one blank image) for at most `seconds`; empty if none was found in that time."""
+    """The nearest sizes below and above `image_size` that the backbone takes, among the multiples of 8 and of its
+    patch size (a transformer's), tried nearest first (each try builds the model and runs one blank image) for at most
+    `seconds`; empty if none was found in that time."""
     import time
 
     deadline = time.monotonic() + seconds
-    below = range((image_size - 1) // 8 * 8, 7, -8)
-    above = range(image_size // 8 * 8 + 8, 2 * max(image_size, pretrained_input_size(backbone)) + 1, 8)
+    top = 2 * max(image_size, pretrained_input_size(backbone))
+    candidates = {size for step in {8, _patch_size(backbone) or 8} for size in range(step, top + 1, step)} - {image_size}
     found: dict[str, int] = {}
-    for candidate in sorted([*below, *above], key=lambda s: (abs(s - image_size), s)):
+    for candidate in sorted(candidates, key=lambda s: (abs(s - image_size), s)):
         side = "below" if candidate < image_size else "above"
         if side in found:
             continue
@@ -218,6 +219,21 @@ def image_sizes_near(backbone: str, image_size: int, seconds: float = 10.0) -> l
         if len(found) == 2 or time.monotonic() > deadline:
             break
     return sorted(found.values())
+
+
+def _patch_size(backbone: str) -> int | None:
+    """The side of a transformer's square patches (timm's `patch_embed.patch_size`), from the architecture built on the
+    meta device at its pretrained size; None for a model without patches."""
+    if not backbone.startswith(TIMM_PREFIX):
+        return None
+    try:
+        with torch.device("meta"):
+            model, _ = _create_backbone(backbone, pretrained_input_size(backbone))
+    except ConfigError:
+        return None
+    patch = getattr(getattr(getattr(model, "body", model), "patch_embed", None), "patch_size", None)
+    side = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return side if isinstance(side, int) and side > 1 else None
 
 
 def _check_patches_see_everything(backbone: str, patch_embed: nn.Module | None, image_size: int) -> None:
