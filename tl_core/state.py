@@ -193,8 +193,6 @@ class TrainingState:
     def _apply_configured_hyperparameters(self, configured: list[tuple[float, float]]) -> None:
         """After a resume, each group's base LR and weight decay are this run's config's, not the checkpoint's: the
         same when a run simply continues; new ones when population-based training (or a user) changed them."""
-        if len(configured) != len(self.optimizer.param_groups):
-            return
         self.scheduler.base_lrs = [lr for lr, _ in configured]
         for group, (lr, weight_decay), factor in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas, strict=True):
             group["initial_lr"], group["weight_decay"] = lr, weight_decay
