@@ -248,6 +248,10 @@ def test_a_torchvision_vit_pretrained_at_another_size_loads_with_interpolated_po
      "take, an image backbone's ImageNet weights are imagenet"),
     ({"backbone": LITE0, "weights": "https://example.invalid/lite0.pth"}, "https://example.invalid/lite0.pth is a URL, which "
      "is not fetched; download the file to a path or s3://"),
+    # a tag timm does not have was a RuntimeError traceback from timm's create_model
+    ({"backbone": "timm:resnet18.nope"}, "model.backbone: timm has no pretrained tag 'nope' for resnet18 (its tags: a1_in1k, "),
+    ({"backbone": "timm:resnet18", "weights": "timm/resnet18.a1_in1k"}, "timm/resnet18.a1_in1k names timm's weights on the "
+     "Hugging Face hub: model.backbone: timm:resnet18 takes model.weights: a1_in1k"),
 ])
 def test_bad_pretrained_model_input_is_one_line(patch, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -366,17 +370,18 @@ def test_torchvision_weights_download_once_into_torch_hubs_cache_and_a_bad_hash_
 
 
 def test_timm_weights_download_once_from_the_hugging_face_hub_cache(tmp_path):
-    """Through huggingface_hub's own download and cache, with HF_ENDPOINT pointed at a server on 127.0.0.1."""
+    """Through huggingface_hub's own download and cache, with HF_ENDPOINT pointed at a server on 127.0.0.1; the second
+    time the backbone names its tag, `timm:test_resnet.r160_in1k`: the same weights, from the cache."""
     from hub_server import HubServer
 
     tiny_timm_weights(tmp_path / "model.safetensors")
     server = HubServer({TINY_REPO_FILE: tmp_path / "model.safetensors"})
-    script = ("from tl_core.weights import hub_weights; from tl_core.models import build_model; from tl_core.config import ModelConfig; "
-              "h = hub_weights('timm:test_resnet', 'imagenet'); print(h.download()); "
-              "build_model(ModelConfig(backbone='timm:test_resnet', weights='imagenet'), ['a', 'b'], 32)")
+    script = ("import sys; from tl_core.weights import hub_weights; from tl_core.models import build_model; "
+              "from tl_core.config import ModelConfig; h = hub_weights(sys.argv[1], 'imagenet'); print(h.download()); "
+              "build_model(ModelConfig(backbone=sys.argv[1], weights='imagenet'), ['a', 'b'], 32)")
     try:
-        for _ in range(2):
-            run = subprocess.run([sys.executable, "-c", script], env=hub_env(tmp_path, server.url), capture_output=True,
+        for backbone in ("timm:test_resnet", "timm:test_resnet.r160_in1k"):
+            run = subprocess.run([sys.executable, "-c", script, backbone], env=hub_env(tmp_path, server.url), capture_output=True,
                                  text=True, timeout=120)
             assert run.returncode == 0, run.stderr
             assert run.stdout.strip().startswith(str(tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"))
@@ -425,9 +430,26 @@ def test_a_failed_download_of_lite0_names_the_weights_shipped_offline(monkeypatc
     ({"backbone": "hf:all-MiniLM-L6-v2", "weights": "imagenet"}, "model.weights: imagenet names image weights; "
      "hf:all-MiniLM-L6-v2 takes pretrained (its own encoder), null (random), or a state-dict file, checkpoint or run"),
     ({"backbone": "hf:all-MiniLM-L6-v2", "weights": "ResNet50_Weights.IMAGENET1K_V2"}, "names image weights"),
+    ({"backbone": "timm:resnet18.a1_in1k", "weights": "a2_in1k"}, "model.weights: a2_in1k for timm:resnet18.a1_in1k, whose name "
+     "picks timm's a1_in1k (its normalisation and input size): give model.weights: a1_in1k, or name the architecture alone, "
+     "model.backbone: timm:resnet18"),
+    ({"backbone": "timm:vit_small_patch14_dinov2.lvd142m", "weights": "imagenet"}, "model.weights: imagenet: "
+     "timm:vit_small_patch14_dinov2.lvd142m names timm's tag lvd142m, not ImageNet weights; give model.weights: lvd142m"),
 ])
 def test_hub_weights_that_do_not_fit_the_backbone_are_one_line(patch, message):
     from tl_core.weights import hub_weights
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         hub_weights(patch["backbone"], patch["weights"])
+
+
+@pytest.mark.parametrize("backbone,weights,repo", [
+    ("timm:resnet18", "imagenet", "timm/resnet18.a1_in1k"),  # timm's default tag
+    ("timm:resnet18.tv_in1k", "imagenet", "timm/resnet18.tv_in1k"),  # the tag the backbone names: it was resnet18.tv_in1k.tv_in1k
+    ("timm:resnet18.tv_in1k", "tv_in1k", "timm/resnet18.tv_in1k"),
+    ("timm:vit_small_patch14_dinov2.lvd142m", "lvd142m", "timm/vit_small_patch14_dinov2.lvd142m"),
+])
+def test_hub_weights_of_a_timm_backbone_that_names_its_tag_are_that_tags(backbone, weights, repo):
+    from tl_core.weights import hub_weights
+
+    assert hub_weights(backbone, weights).hf_repo == repo

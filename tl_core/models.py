@@ -71,6 +71,10 @@ def check_backbone(name: str) -> str:
         if not timm.is_model(name[len(TIMM_PREFIX):]):
             raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r}; list timm's names with "
                              f"python -c \"import timm; print(timm.list_models('*{name[len(TIMM_PREFIX):][:6]}*'))\"")
+        model, _, tag = name[len(TIMM_PREFIX):].partition(".")  # a pretrained tag picks its normalisation and input size
+        if tag and f"{model}.{tag}" not in (known := timm.list_pretrained(f"{model}.*")):
+            raise ValueError(f"timm has no pretrained tag {tag!r} for {model} (its tags: "
+                             f"{', '.join(t.split('.', 1)[1] for t in known) or 'none'})")
         return name
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}, timm:<name> for any timm model, "

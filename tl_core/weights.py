@@ -115,6 +115,8 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
     near = difflib.get_close_matches(source.lower().replace("-", "_"), list(OFFLINE_WEIGHTS), n=1, cutoff=0.6)
     if source == PRETRAINED:
         hint = f"; {PRETRAINED} is what hf: text backbones take, an image backbone's ImageNet weights are {IMAGENET}"
+    elif hub := re.fullmatch(r"(?:hf[-_]hub:)?timm/([\w-]+)\.([\w-]+)", source):  # a Hugging Face hub name of timm's
+        hint = f"; {source} names timm's weights on the Hugging Face hub: model.backbone: timm:{hub[1]} takes model.weights: {hub[2]}"
     else:
         hint = f"; did you mean {near[0]}?" if near else _timm_tag_hint(source, backbone)
     raise ConfigError(f"model.weights: {source} does not exist (expected {names}, a state-dict file or s3:// object, or a "
@@ -283,12 +285,16 @@ def _timm_hub_weights(backbone: str, name: str, only_if_tag: bool = False) -> Hu
     import timm
     from timm.models import get_pretrained_cfg
 
-    model = backbone[len(TIMM_PREFIX):]
+    model, _, named = backbone[len(TIMM_PREFIX):].partition(".")  # `timm:resnet50.a1_in1k` names its tag too
     tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{model}.*") if "." in t]
     if name == IMAGENET:
-        default = get_pretrained_cfg(model)
-        tag = default.tag if default is not None and _IMAGENET_TAG.search(default.tag or "") else next(
-            (t for t in tags if _IMAGENET_TAG.search(t)), None)
+        default = named or getattr(get_pretrained_cfg(model), "tag", None) or ""  # the named tag, else timm's default
+        tag = next((t for t in ([default] if named else [default, *tags]) if _IMAGENET_TAG.search(t)), None)
+        if tag is None and named:
+            others = [t for t in tags if _IMAGENET_TAG.search(t)]
+            raise ConfigError(f"model.weights: imagenet: {backbone} names timm's tag {named}, not ImageNet weights; give "
+                              f"model.weights: {named}" + (f", or model.backbone: timm:{model} (its ImageNet tags: "
+                                                           f"{', '.join(others)})" if others else ""))
         if tag is None:
             raise ConfigError(f"model.weights: {backbone} has no ImageNet weights in timm (its pretrained tags: "
                               f"{', '.join(tags) or 'none'}); give a tag, a state-dict file, or another backbone")
@@ -299,6 +305,9 @@ def _timm_hub_weights(backbone: str, name: str, only_if_tag: bool = False) -> Hu
     else:
         raise ConfigError(f"model.weights: {name} names torchvision weights, which fit torchvision backbones, not {backbone}; "
                           f"{backbone}'s pretrained tags: {', '.join(tags) or 'none'}")
+    if named and tag != named:  # the named tag decides the normalisation and input size: its weights must be the ones
+        raise ConfigError(f"model.weights: {name} for {backbone}, whose name picks timm's {named} (its normalisation and input "
+                          f"size): give model.weights: {named}, or name the architecture alone, model.backbone: timm:{model}")
     cfg = get_pretrained_cfg(f"{model}.{tag}")
     if cfg.hf_hub_id:
         repo, _, revision = cfg.hf_hub_id.partition("@")
