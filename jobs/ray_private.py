@@ -189,3 +189,10 @@ def drop_benign_ray_lines() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, handler if name != "ray_print_logs" or getattr(handler, "tl_filtered", False) else wrap(handler))
                                for name, handler in dispatcher.handlers]
+
+
+def tuner_run_config(tuner):
+    """The RunConfig a Tuner runs with: a restored one's comes from the experiment's tuner.pkl, with the callbacks the
+    sweep began with, and Tuner has no public getter for it."""
+    return tuner._local_tuner.get_run_config()
+

@@ -146,7 +146,11 @@ def test_sweep_asha_analyze_and_retrain_the_winner(ray_cluster, tmp_path, capsys
         assert rows[-1]["global_batch_size"] == rows[-1]["batch_size_per_worker"] in (4, 8)
     assert len({rows[-1]["pid"] for rows in histories.values()}) < 6  # a trial's process runs later trials too
 
-    capsys.readouterr()
+    # Each trial's TensorBoard events are its own tensorboard/'s alone: Tune's logger wrote a second set beside them
+    # (tags ray/tune/...) and printed a line pointing at the driver's staging folder for those.
+    assert "TensorBoard" not in capsys.readouterr().out
+    events = list(experiment.rglob("events.out.tfevents.*"))
+    assert len(events) == 6 and all(event.parent.name == "tensorboard" for event in events)
     assert analyze.main([str(experiment)]) == 0
     printed = capsys.readouterr().out
     report = experiment / "report"
@@ -266,6 +270,27 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
         again = after[name][len(rows):]
         assert after[name][:len(rows)] == rows and len(again) <= 1
         assert all(epoch_metrics(row) == epoch_metrics(rows[-1]) for row in again)  # its epoch_time_s too: not retrained
+
+
+def test_tunes_default_loggers_are_off_only_for_a_sweep_that_names_its_own(monkeypatch):
+    """A sweep begun before it named Tune's CSV and JSON loggers resumes with Tune's defaults: turning them off there
+    would leave its resumed trials without the results jobs.analyze reads."""
+    from types import SimpleNamespace
+
+    from ray.tune import RunConfig
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from jobs.sweep import NO_DEFAULT_LOGGERS, tune_loggers
+
+    def tuner(callbacks):
+        return SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: RunConfig(callbacks=callbacks)))
+
+    monkeypatch.delenv(NO_DEFAULT_LOGGERS, raising=False)
+    with tune_loggers(tuner([CSVLoggerCallback(), JsonLoggerCallback()])):
+        assert os.environ[NO_DEFAULT_LOGGERS] == "1"
+    assert NO_DEFAULT_LOGGERS not in os.environ
+    with tune_loggers(tuner(None)):
+        assert NO_DEFAULT_LOGGERS not in os.environ
 
 
 @pytest.mark.parametrize("ctrl_c", [True, False])
