@@ -351,4 +351,13 @@ def one_line(error: BaseException) -> str:
         told = lines[-1]
     else:
         told = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    return f"{type(error).__name__}: {told}"
+    return f"{type(error).__name__}: {_QUOTED_LIST.sub(_first_of_list, told)}"
+
+
+#: a list of quoted names, as torch's "Missing key(s) in state_dict: "conv1.weight", "bn1.weight", ..." gives every one
+_QUOTED_LIST = re.compile(r'"[^"]*"(?:, "[^"]*")+')
+
+
+def _first_of_list(match: re.Match, keep: int = 3) -> str:
+    names = re.findall(r'"[^"]*"', match[0])
+    return match[0] if len(names) <= keep else f"{', '.join(names[:keep])} and {len(names) - keep} more"

@@ -260,6 +260,11 @@ def test_a_worker_error_of_several_lines_is_told_by_its_first():
         "indicates ...")
     loading = RuntimeError("Error(s) in loading state_dict for ResNet:\n\tMissing key(s) in state_dict: \"fc.bias\".")
     assert one_line(loading) == 'RuntimeError: Error(s) in loading state_dict for ResNet: Missing key(s) in state_dict: "fc.bias".'
+    # every key of a resnet18 was a line of 3,000 characters ("continue it with --resume ..." at its end)
+    every = ", ".join(f'"{key}"' for key in torchvision.models.resnet18().state_dict())
+    loading = RuntimeError(f"Error(s) in loading state_dict for ResNet:\n\tMissing key(s) in state_dict: {every}. ")
+    assert one_line(loading) == ('RuntimeError: Error(s) in loading state_dict for ResNet: Missing key(s) in state_dict: '
+                                 '"conv1.weight", "bn1.weight", "bn1.bias" and 119 more.')
     wrapped = RayTaskError("train", 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad value', None)
     assert one_line(wrapped) == "RayTaskError: ValueError: bad value"
 
