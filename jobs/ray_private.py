@@ -195,4 +195,3 @@ def tuner_run_config(tuner):
     """The RunConfig a Tuner runs with: a restored one's comes from the experiment's tuner.pkl, with the callbacks the
     sweep began with, and Tuner has no public getter for it."""
     return tuner._local_tuner.get_run_config()
-
