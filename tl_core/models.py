@@ -59,6 +59,13 @@ def backbone_names() -> list[str]:
     return list(BACKBONES)
 
 
+def timm_tags(model: str) -> list[str]:
+    """The pretrained tags timm has for the architecture `model` (`a1_in1k`, `tv_in1k`, ... for resnet18)."""
+    import timm
+
+    return [name.split(".", 1)[1] for name in timm.list_pretrained(f"{model}.*") if "." in name]
+
+
 def check_backbone(name: str) -> str:
     """`name` if the registry knows it; ValueError saying what is allowed otherwise."""
     if name.startswith("hf:"):  # a text encoder: whether it exists is checked when it is built
@@ -72,9 +79,8 @@ def check_backbone(name: str) -> str:
             raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r}; list timm's names with "
                              f"python -c \"import timm; print(timm.list_models('*{name[len(TIMM_PREFIX):][:6]}*'))\"")
         model, _, tag = name[len(TIMM_PREFIX):].partition(".")  # a pretrained tag picks its normalisation and input size
-        if tag and f"{model}.{tag}" not in (known := timm.list_pretrained(f"{model}.*")):
-            raise ValueError(f"timm has no pretrained tag {tag!r} for {model} (its tags: "
-                             f"{', '.join(t.split('.', 1)[1] for t in known) or 'none'})")
+        if tag and tag not in (tags := timm_tags(model)):
+            raise ValueError(f"timm has no pretrained tag {tag!r} for {model} (its tags: {', '.join(tags) or 'none'})")
         return name
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}, timm:<name> for any timm model, "
@@ -235,7 +241,7 @@ def _patch_size(backbone: str) -> int | None:
             model, _ = _create_backbone(backbone, pretrained_input_size(backbone))
     except ConfigError:
         return None
-    patch = getattr(getattr(getattr(model, "body", model), "patch_embed", None), "patch_size", None)
+    patch = getattr(getattr(_timm_model(model), "patch_embed", None), "patch_size", None)
     side = patch[0] if isinstance(patch, (tuple, list)) else patch
     return side if isinstance(side, int) and side > 1 else None
 
@@ -367,11 +373,16 @@ def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [g for g in groups if g]
 
 
+def _timm_model(model: nn.Module) -> nn.Module:
+    """The timm model in `model`: a several-head model's `body`, or `model` itself."""
+    return model.body if isinstance(model, PooledFeatures) else model
+
+
 def _timm_stages(model: nn.Module) -> list[list[nn.Parameter]] | None:
     """A timm model's parameters as its own coarse grouping orders them (timm's `group_parameters`), with our head
     where the timm model holds it (a several-head model's is outside its `body`); None for a model that is not timm's
     or has no coarse grouping (PiT, MetaFormer, CSATv2, RDNet)."""
-    body = model.body if isinstance(model, PooledFeatures) else model
+    body = _timm_model(model)
     if not hasattr(body, "group_matcher"):
         return None
     try:

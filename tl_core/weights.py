@@ -27,7 +27,7 @@ from torch import nn
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.errors import ConfigError
-from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, pretrained_input_size, weight_shapes
+from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, pretrained_input_size, timm_tags, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
@@ -126,9 +126,7 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
 def _timm_tag_hint(source: str, backbone: str) -> str:
     """Where `source` is a pretrained tag of timm's model of the same name as the torchvision `backbone` (`a1_in1k`
     for resnet18), which one takes it."""
-    import timm
-
-    if backbone not in BACKBONES or f"{backbone}.{source}" not in timm.list_pretrained(f"{backbone}.*"):
+    if backbone not in BACKBONES or source not in timm_tags(backbone):
         return ""
     return f"; {source} is a timm pretrained tag: model.backbone: timm:{backbone} takes it (bare names are torchvision's)"
 
@@ -282,11 +280,10 @@ def _torchvision_hub_weights(backbone: str, name: str) -> HubWeights:
 
 
 def _timm_hub_weights(backbone: str, name: str, only_if_tag: bool = False) -> HubWeights | None:
-    import timm
     from timm.models import get_pretrained_cfg
 
     model, _, named = backbone[len(TIMM_PREFIX):].partition(".")  # `timm:resnet50.a1_in1k` names its tag too
-    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{model}.*") if "." in t]
+    tags = timm_tags(model)
     if name == IMAGENET:
         default = named or getattr(get_pretrained_cfg(model), "tag", None) or ""  # the named tag, else timm's default
         tag = next((t for t in ([default] if named else [default, *tags]) if _IMAGENET_TAG.search(t)), None)
