@@ -81,8 +81,7 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     classes, n_train = data_classes_and_size(cfg, local, manifest)
     if own_model:
         model = check_model(cfg, local if weights else with_overrides(local, ["model.weights="]), classes)
-        if cfg.pretrain.method == "supervised":
-            check_batch_norm_batches(cfg, n_train, has_batch_norm(model))
+        check_batch_norm_batches(cfg, n_train, has_batch_norm(model))
         if newest is not None:
             check_same_run(cfg, classes, root.child(cfg.experiment), model, newest)
     models_checked: dict[Variant, bool] = {}
@@ -123,8 +122,7 @@ def check_variant(cfg: RunConfig, variant: Variant, manifest: Manifest | None, c
             if cfg.pretrain.method == "supervised":
                 check_modality(local, manifest.modality if manifest else None)
             models_checked[model_key] = has_batch_norm(check_model(trial, local, classes))
-        if cfg.pretrain.method == "supervised":
-            check_batch_norm_batches(trial, n_train, models_checked[model_key])
+        check_batch_norm_batches(trial, n_train, models_checked[model_key])
     except (ConfigError, DataError) as exc:
         raise type(exc)(f"search.space: a trial with {named_values(variant)} cannot run: {exc}") from None
 
@@ -180,9 +178,10 @@ def has_batch_norm(model: nn.Module) -> bool:
 
 def check_batch_norm_batches(cfg: RunConfig, n_train: int, batch_norm: bool) -> None:
     """BatchNorm cannot train on batches of one sample; refuse a batch size (or a dataset per worker) that makes them,
-    for a model with BatchNorm (`batch_norm`) that trains its statistics."""
+    for a supervised run of a model with BatchNorm (`batch_norm`) that trains its statistics (SimCLR's batch size
+    has its own check: it needs negatives)."""
     trains_batch_norm = cfg.model.strategy != "linear_probe" and not cfg.model.freeze_bn_stats
-    if not (batch_norm and trains_batch_norm):
+    if not (cfg.pretrain.method == "supervised" and batch_norm and trains_batch_norm):
         return
     per_worker = math.ceil(n_train / cfg.scaling.max_workers)
     if min(cfg.train.batch_size, per_worker) < 2:
