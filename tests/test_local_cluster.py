@@ -4,6 +4,7 @@ and `down` stopping exactly what `up` started."""
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -115,3 +116,23 @@ def test_ray_job_submit_against_a_local_head_with_s3(ray_cluster, tmp_path):
     assert "no local cluster" in cli(["status"], env).stdout
     again = cli(["down"], env)  # it said "stopped" with nothing to stop
     assert again.returncode == 0 and again.stderr.strip() == "no local cluster to stop", again.stderr
+
+
+@pytest.mark.integration
+def test_a_dashboard_port_taken_after_the_check_ends_up_with_the_reason(tmp_path, monkeypatch):
+    """`up` checks the port, but something can take it before Ray's dashboard binds it. Before, `ray start`
+    carried on without a dashboard and `up` waited two minutes, then said only that nothing answered."""
+    from cluster.local import head
+
+    monkeypatch.setenv("TL_LOCAL_DIR", str(tmp_path / "local"))
+    monkeypatch.setenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "5")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_ports(1)[0]))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as failed:
+            head.up(num_cpus=1, dashboard_port=port, with_s3=False, timeout=60)
+    message = str(failed.value)
+    assert message.startswith("error: ray start exited with") and f"127.0.0.1:{port}" in message, message
+    assert "\n" not in message and head.running() is None

@@ -54,3 +54,15 @@ def test_listens_on_loopback_only(server):
 
 def test_secrets_are_not_in_the_repr(server):
     assert server.secret_key not in repr(server)
+
+
+def test_free_ports_are_below_the_kernels_ephemeral_range():
+    """A port handed out for a server to bind later must not be one an outgoing connection can take meanwhile:
+    in CI a local head's dashboard once lost its port that way and `up` waited two minutes for nothing."""
+    from pathlib import Path
+
+    from cluster.local.s3_server import free_ports
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(20)
+    assert len(set(ports)) == 20 and all(20000 <= p < low for p in ports), ports

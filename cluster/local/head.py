@@ -113,7 +113,7 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict
     state["gcs_address"] = f"127.0.0.1:{gcs_port}"
     state["agent_url"] = f"http://127.0.0.1:{agent_port}"
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
                "--disable-usage-stats"]
     env = {**os.environ, **{k: v for k, v in job_env(state).items() if k != "RAY_ADDRESS"}}
@@ -157,7 +157,8 @@ def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float, log
                                  f"see {state_dir() / 'ray.log'}")
             if time.monotonic() > deadline:
                 down()
-                raise SystemExit(f"error: {url} did not answer within {timeout:.0f}s; see {state_dir() / 'ray.log'}")
+                raise SystemExit(f"error: {url} did not answer within {timeout:.0f}s{_last_error(log_start)}; "
+                                 f"see {state_dir() / 'ray.log'}")
             time.sleep(1)
 
 

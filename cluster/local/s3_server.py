@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -87,18 +88,44 @@ def weed_binary() -> str:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct ports that are free on 127.0.0.1 right now."""
-    sockets, ports = [], []
+    """n distinct ports that are free on 127.0.0.1 right now, for servers that bind them a little later.
+
+    They come from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): a port
+    from that range can be taken in between as the local end of any outgoing connection (Ray's processes open
+    hundreds while a head starts), which once left a Ray dashboard unable to bind its port."""
+    ephemeral_low = _ephemeral_low()
+    candidates = list(range(20000, ephemeral_low))
+    random.shuffle(candidates)
+    ports = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    return ports + _kernel_chosen_ports(n - len(ports))  # an ephemeral range that leaves no room below it
+
+
+def _kernel_chosen_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
     try:
-        while len(ports) < n:
-            s = socket.socket()
+        for s in sockets:
             s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-            ports.append(s.getsockname()[1])
+        return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
             s.close()
-    return ports
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's range for the local ports of outgoing connections begins (Linux's default where it
+    cannot be read)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
 
 
 def start_s3_server(directory: str | Path, bucket: str | None = None, timeout: float = 90.0,
