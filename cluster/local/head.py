@@ -127,6 +127,9 @@ def up(num_cpus: int | None, dashboard_port: int, with_s3: bool, autoscale: dict
         command.append(f"--num-cpus={num_cpus}")
     # A job's `python -m jobs...` is this interpreter, with this project's dependencies, whatever the caller's PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Ray gives its dashboard 60 s to start, then (the dashboard being required) ends `ray start`; a loaded
+    # machine gets as long as `up` waits. `up` waits a little longer, so that Ray's reason is what it reports.
+    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(round(timeout)))
     with open(directory / "ray.log", "ab") as log:
         log_start = log.tell()
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -148,7 +151,8 @@ def fake_autoscaling_config(gcs_address: str, max_workers: int, idle_timeout_min
 def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float, log_start: int) -> None:
     """Until the dashboard and the head's job agent (which runs submitted jobs) both answer. If `ray start` exits
     instead, its last error line in ray.log (from `log_start`, where this start's lines begin) is the message."""
-    deadline = time.monotonic() + timeout
+    limit = timeout + 30  # past Ray's own limit for its dashboard (see `up`)
+    deadline = time.monotonic() + limit
     for url in (f"{state['dashboard_url']}/api/version", f"{state['agent_url']}/api/local_raylet_healthz"):
         while not _answers(url):
             if head.poll() is not None:
@@ -157,7 +161,7 @@ def _wait_for_dashboard(state: dict, head: subprocess.Popen, timeout: float, log
                                  f"see {state_dir() / 'ray.log'}")
             if time.monotonic() > deadline:
                 down()
-                raise SystemExit(f"error: {url} did not answer within {timeout:.0f}s{_last_error(log_start)}; "
+                raise SystemExit(f"error: {url} did not answer within {limit:.0f}s{_last_error(log_start)}; "
                                  f"see {state_dir() / 'ray.log'}")
             time.sleep(1)
 
