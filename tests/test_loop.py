@@ -7,7 +7,7 @@ from tl_core.checkpoint import LocalReporter, load_checkpoint
 from tl_core.config import EarlyStoppingConfig, from_dict
 from tl_core.errors import ConfigError
 from tl_core.loop import fit
-from tl_core.state import EarlyStopping
+from tl_core.state import EarlyStopping, StateKey
 
 METRICS = {"epoch", "train/loss", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "lr"}
 
@@ -82,6 +82,21 @@ def test_early_stopping_ends_the_run_and_a_resume_does_not_restart_it(image_fold
     history = fit(cfg, reporter)
     assert len(history) == 2
     assert fit(cfg, LocalReporter(tmp_path / "again"), resume_from=reporter.latest) == []
+
+
+@pytest.mark.parametrize("model_options,stops_after", [
+    ({"strategy": "lp_ft", "lp_epochs": 3}, 5),  # fine-tunes from epoch 4 on: patience 2 counts epochs 4 and 5
+    ({"strategy": "gradual_unfreeze", "unfreeze_every": 1}, 9),  # all 7 blocks of a resnet18 train from epoch 8 on
+    ({"strategy": "full"}, 3),
+])
+def test_early_stopping_counts_only_the_strategys_last_phase(image_folder, tmp_path, model_options, stops_after):
+    """A plateau while lp_ft probes (or gradual_unfreeze still has blocks to unfreeze) used to end the run before the
+    whole model trained: lp_ft became a linear probe. The best of an earlier phase is still the one to beat."""
+    stopping = {"metric": "val/loss", "mode": "min", "patience": 2, "min_delta": 1.0}  # nothing improves by 1.0
+    cfg = config(image_folder, model=model_options, optim={"lr": 1e-9}, train={"epochs": 12, "early_stopping": stopping})
+    reporter = LocalReporter(tmp_path / "run")
+    assert len(fit(cfg, reporter)) == stops_after
+    assert load_checkpoint(reporter.latest).train_state[StateKey.EARLY_STOPPING]["bad_epochs"] == 2
 
 
 def test_gradient_accumulation_takes_fewer_optimizer_steps(image_folder, tmp_path):

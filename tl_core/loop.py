@@ -21,7 +21,7 @@ from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log
 from tl_core.features import probe_features
 from tl_core.metrics import ClassificationMeter
 from tl_core.modality import labelled_data
-from tl_core.models import apply_strategy, backbone_blocks, build_model, find_head, set_train_mode
+from tl_core.models import apply_strategy, backbone_blocks, build_model, find_head, set_train_mode, trainable_blocks
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
@@ -100,6 +100,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
             meta.update(per_class=val["per_class"], confusion_matrix=val["confusion_matrix"])
         metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
         history.append(metrics)
-        if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror):
+        last_phase = trainable == trainable_blocks(cfg.model, n_blocks, cfg.train.epochs - 1)
+        if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror, last_phase=last_phase):
             break
     return history

@@ -394,20 +394,24 @@ def _timm_stages(model: nn.Module) -> list[list[nn.Parameter]] | None:
     return [stage for _, stage in sorted(group_parameters(body, matcher, return_values=True).items())]
 
 
+def trainable_blocks(cfg: ModelConfig, n_blocks: int, epoch: int) -> int:
+    """How many of `n_blocks` backbone blocks (from the top) train in `epoch` (0-based) under the configured strategy."""
+    if cfg.strategy == "full":
+        return n_blocks
+    if cfg.strategy == "linear_probe":
+        return 0
+    if cfg.strategy == "lp_ft":  # Kumar et al. 2022: a linear probe first, then everything from the probed head
+        return 0 if epoch < cfg.lp_epochs else n_blocks
+    return min(epoch // cfg.unfreeze_every, n_blocks)  # gradual_unfreeze: head only, then one more block every unfreeze_every epochs
+
+
 def apply_strategy(model: nn.Module, cfg: ModelConfig, epoch: int) -> int:
     """Set requires_grad for `epoch` under the configured strategy; returns trainable backbone blocks.
 
     A pure function of (strategy, epoch): a resumed run gets the same frozen state as an unbroken one.
     """
     blocks = backbone_blocks(model)
-    if cfg.strategy == "full":
-        n_trainable = len(blocks)
-    elif cfg.strategy == "linear_probe":
-        n_trainable = 0
-    elif cfg.strategy == "lp_ft":  # Kumar et al. 2022: a linear probe first, then everything from the probed head
-        n_trainable = 0 if epoch < cfg.lp_epochs else len(blocks)
-    else:  # gradual_unfreeze: head only, then one more block (from the top) every `unfreeze_every` epochs
-        n_trainable = min(epoch // cfg.unfreeze_every, len(blocks))
+    n_trainable = trainable_blocks(cfg, len(blocks), epoch)
     for i, group in enumerate(blocks):
         for p in group:
             p.requires_grad_(i >= len(blocks) - n_trainable)

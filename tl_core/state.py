@@ -51,19 +51,20 @@ class StateKey:
 
 
 class EarlyStopping:
-    """Stops after `patience` epochs without an improvement of more than `min_delta` in `metric`."""
+    """Stops after `patience` epochs without an improvement of more than `min_delta` in `metric`; an epoch that
+    `step` is told not to count can set a new best but never brings the stop nearer."""
 
     def __init__(self, cfg: EarlyStoppingConfig):
         self.cfg = cfg
         self.best: float | None = None
         self.bad_epochs = 0
 
-    def step(self, value: float) -> bool:
+    def step(self, value: float, counts: bool = True) -> bool:
         """Record this epoch's value; True when training should stop."""
         sign = 1.0 if self.cfg.mode == "max" else -1.0
         if self.best is None or sign * (value - self.best) > self.cfg.min_delta:
             self.best, self.bad_epochs = value, 0
-        else:
+        elif counts:
             self.bad_epochs += 1
         return self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience
 
@@ -261,9 +262,10 @@ class TrainingState:
             self.scheduler.step()
 
     def end_epoch(self, epoch: int, metrics: dict, meta: dict, reporter: Reporter, *, checkpoint: bool = True,
-                  mirror: CheckpointMirror | None = None) -> bool:
-        """Record epoch `epoch` (0-based): refuse a diverged loss, step early stopping (when `metrics` has its metric),
-        log, report every rank's metrics (rank 0 with a checkpoint every `checkpoint.every` epochs, at the last and at
+                  mirror: CheckpointMirror | None = None, last_phase: bool = True) -> bool:
+        """Record epoch `epoch` (0-based): refuse a diverged loss, step early stopping (when `metrics` has its metric;
+        its patience counts only epochs in the strategy's `last_phase`: a plateau of lp_ft's probe does not end the run
+        before it fine-tunes), log, report every rank's metrics (rank 0 with a checkpoint every `checkpoint.every` epochs, at the last and at
         an early stop, unless
         `checkpoint` is False; its files copied to `mirror(epoch + 1)` while they are written, when given). True when
         training should stop."""
@@ -273,7 +275,7 @@ class TrainingState:
         self.epoch = epoch + 1
         watched = self.cfg.train.early_stopping.metric
         if watched in metrics:  # a val/ metric is measured at validated epochs only (train.val_every)
-            self.stopped_early = self.stopper.step(metrics[watched])
+            self.stopped_early = self.stopper.step(metrics[watched], counts=last_phase)
         log_rank0("epoch %d/%d  %s", epoch + 1, self.cfg.train.epochs,
                   "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
         due = self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs or self.stopped_early
