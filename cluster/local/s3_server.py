@@ -95,7 +95,7 @@ def free_ports(n: int) -> list[int]:
     hundreds while a head starts), which once left a Ray dashboard unable to bind its port."""
     ephemeral_low = _ephemeral_low()
     candidates = list(range(20000, ephemeral_low))
-    random.shuffle(candidates)
+    random.SystemRandom().shuffle(candidates)  # not the global generator, which a seeded run repeats in every process
     ports = []
     for port in candidates:
         with socket.socket() as s:
