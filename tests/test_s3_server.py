@@ -57,8 +57,9 @@ def test_secrets_are_not_in_the_repr(server):
 
 
 def test_free_ports_are_below_the_kernels_ephemeral_range():
-    """A port handed out for a server to bind later must not be one an outgoing connection can take meanwhile:
-    in CI a local head's dashboard once lost its port that way and `up` waited two minutes for nothing."""
+    """A port handed out for a server to bind later must not be one an outgoing connection can take meanwhile. In CI a
+    local head's dashboard once never answered on such a port, most likely taken that way: a port taken after `up`'s
+    check does exactly that (tests/test_local_cluster.py)."""
     from pathlib import Path
 
     from cluster.local.s3_server import free_ports
