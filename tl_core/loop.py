@@ -82,6 +82,8 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
 
     history: list[dict] = []
     n_trainable, ddp_model, n_blocks = None, trained, len(backbone_blocks(model))
+    # early stopping's patience counts from the strategy's last phase (lp_ft's fine-tuning, the last unfreeze)
+    last_phase_blocks = trainable_blocks(cfg.model, n_blocks, cfg.train.epochs - 1)
     for epoch in state.epochs():
         trainable = apply_strategy(model, cfg.model, epoch)
         if trainable != n_trainable:  # DDP must be rebuilt whenever the set of trainable parameters changes
@@ -100,7 +102,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
             meta.update(per_class=val["per_class"], confusion_matrix=val["confusion_matrix"])
         metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
         history.append(metrics)
-        last_phase = trainable == trainable_blocks(cfg.model, n_blocks, cfg.train.epochs - 1)
-        if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror, last_phase=last_phase):
+        if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror,
+                           last_phase=trainable == last_phase_blocks):
             break
     return history
