@@ -92,7 +92,7 @@ def free_ports(n: int) -> list[int]:
 
     They come from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): a port
     from that range can be taken in between as the local end of any outgoing connection (Ray's processes open
-    hundreds while a head starts), which once left a Ray dashboard unable to bind its port."""
+    hundreds while a head starts); that, most likely, once left a Ray dashboard in CI without its port."""
     ephemeral_low = _ephemeral_low()
     candidates = list(range(20000, ephemeral_low))
     random.SystemRandom().shuffle(candidates)  # not the global generator, which a seeded run repeats in every process
