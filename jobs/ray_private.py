@@ -1,6 +1,7 @@
 """Every use of Ray's private modules, in one place, each with the reason no public API serves.
 
-Ray's private layout changes between minor versions: when upgrading Ray, this is the file to check.
+Ray's private layout changes between minor versions: when upgrading Ray, this is the file to check, and
+jobs/tune_results.py, whose loggers override a private method of Tune's.
 """
 
 from __future__ import annotations

@@ -194,7 +194,8 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
     """Run (or with `resume`, continue) the sweep; `variants`: the models its trials can draw (TRIAL_MODEL_KEYS),
     whose hub weights are staged (the base config's when the space varies none)."""
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from jobs.tune_results import result_loggers, tune_loggers
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()
@@ -239,7 +240,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=kept_checkpoints(cfg, search), checkpoint_score_attribute=search.metric,
                                                         checkpoint_score_order=search.mode),
                 failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures),
-                callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]),
+                callbacks=result_loggers()),
         )
     logging.getLogger("ray.tune.tune").addFilter(_no_tuner_restore_advice)
     with tune_loggers(tuner), ctrl_c_watched() as stopped:
@@ -254,31 +255,6 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
     if results.errors and len(results.errors) == len(results):
         raise RunFailed(f"sweep {cfg.experiment}: every trial failed; the first: {one_line(results.errors[0])}")
     return results
-
-
-NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-
-
-@contextlib.contextmanager
-def tune_loggers(tuner) -> Iterator[None]:
-    """Tune's loggers: its CSV and JSON results, which jobs.analyze reads, and not its TensorBoard events, which would
-    repeat each trial's own tensorboard/ under other names (and print a line pointing at the driver's staging folder).
-    A sweep names the first two as callbacks and turns Tune's default loggers off while it runs; one begun before it
-    named them is resumed with Tune's defaults, all three."""
-    from ray.tune.logger import JsonLoggerCallback
-
-    if not any(isinstance(callback, JsonLoggerCallback) for callback in ray_private.tuner_run_config(tuner).callbacks or ()):
-        yield
-        return
-    before = os.environ.get(NO_DEFAULT_LOGGERS)
-    os.environ[NO_DEFAULT_LOGGERS] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(NO_DEFAULT_LOGGERS, None)
-        else:
-            os.environ[NO_DEFAULT_LOGGERS] = before
 
 
 @contextlib.contextmanager

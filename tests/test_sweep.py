@@ -1,5 +1,6 @@
 """jobs.sweep (Ray Tune + ASHA) and jobs.analyze on the shared local Ray cluster, and their bad-input contract."""
 
+import csv
 import json
 import os
 import re
@@ -280,7 +281,7 @@ def test_tunes_default_loggers_are_off_only_for_a_sweep_that_names_its_own(monke
     from ray.tune import RunConfig
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from jobs.sweep import NO_DEFAULT_LOGGERS, tune_loggers
+    from jobs.tune_results import NO_DEFAULT_LOGGERS, tune_loggers
 
     def tuner(callbacks):
         return SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: RunConfig(callbacks=callbacks)))
@@ -291,6 +292,53 @@ def test_tunes_default_loggers_are_off_only_for_a_sweep_that_names_its_own(monke
     assert NO_DEFAULT_LOGGERS not in os.environ
     with tune_loggers(tuner(None)):
         assert NO_DEFAULT_LOGGERS not in os.environ
+
+
+@pytest.mark.parametrize("logger", ["CSVResults", "JsonResults"])
+def test_a_trial_restarted_from_a_checkpoint_keeps_every_row_it_logged(tmp_path, logger):
+    """A trial restarted in the same run (PBT's exploit, a retry after a failure) had its results file copied back from
+    storage, which the driver syncs only every so often: a CI run's exploited trial lost its first epoch. A resumed
+    sweep, whose driver stages its files in a new folder, still starts from the copy in storage."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from jobs import tune_results
+
+    class Trial:  # what Tune's loggers read of a trial
+        def __init__(self, local: Path):
+            self.local_path, self.config, self.checkpoint = str(local), {"optim.lr": 0.1}, None
+            self.storage = SimpleNamespace(trial_fs_path=str(tmp_path / "storage"), storage_filesystem=pyarrow.fs.LocalFileSystem())
+            self.init_local_path()  # Tune makes it when it makes the trial
+
+        def init_local_path(self):
+            Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+    def run(callbacks, trial, epochs, sync_after=None):
+        callbacks.on_trial_start(0, [], trial)
+        for epoch in epochs:
+            callbacks.on_trial_result(0, [], trial, {"epoch": epoch})
+            if epoch == sync_after:  # the driver's periodic sync to storage
+                shutil.copytree(trial.local_path, tmp_path / "storage", dirs_exist_ok=True)
+        callbacks.on_trial_error(0, [], trial)
+
+    def epochs(trial):
+        text = Path(trial.local_path, "progress.csv" if logger == "CSVResults" else "result.json").read_text()
+        if logger == "CSVResults":
+            return [int(row["epoch"]) for row in csv.DictReader(text.splitlines())]
+        return [json.loads(line)["epoch"] for line in text.splitlines()]
+
+    callbacks, trial = getattr(tune_results, logger)(), Trial(tmp_path / "staging-1")
+    run(callbacks, trial, [1, 2], sync_after=1)
+    trial.checkpoint = object()  # restarted from a checkpoint, in the same run
+    run(callbacks, trial, [3])
+    assert epochs(trial) == [1, 2, 3]
+    shutil.copytree(trial.local_path, tmp_path / "storage", dirs_exist_ok=True)  # the run's last sync
+    resumed = Trial(tmp_path / "staging-2")  # a resumed sweep, staged anew
+    resumed.checkpoint = object()
+    run(getattr(tune_results, logger)(), resumed, [4])
+    assert epochs(resumed) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("ctrl_c", [True, False])
