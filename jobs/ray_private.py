@@ -7,6 +7,7 @@ jobs/tune_results.py, whose loggers override a private method of Tune's.
 from __future__ import annotations
 
 import json
+import re
 
 
 def report_echo_logger_names() -> list[str]:
@@ -58,6 +59,18 @@ def checkpoint_manager_snapshot_name() -> str:
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def number_checkpoints_after(trial_storage, existing: list[str]) -> None:
+    """Make a Tune trial's next checkpoint take the name after the newest of `existing` (its checkpoint directories
+    in storage). Tune numbers a trial's checkpoints (checkpoint_000005) on from the ones it had registered when it
+    last saved the experiment's state, so a trial resumed after its driver was killed wrote its epochs over the
+    checkpoints stored since: the one it resumed from, and a damaged one, included. The number is the trial's
+    StorageContext's `current_checkpoint_index` (the last one written; a report adds one before it saves), which
+    no public API sets."""
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in existing)
+    numbers = [int(match[1]) for name in names if (match := re.fullmatch(r"checkpoint_(\d+)", name))]
+    trial_storage.current_checkpoint_index = max([trial_storage.current_checkpoint_index, *numbers])
 
 
 def use_single_host_mode() -> None:

@@ -27,7 +27,7 @@ from jobs.claim import claimed
 from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
 from jobs.preflight import TRIAL_MODEL_KEYS, check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
-from jobs.staging import experiment_location, root_location, stage_hub_weights, with_absolute_paths
+from jobs.staging import checkpoint_dirs, experiment_location, root_location, stage_hub_weights, with_absolute_paths
 from jobs.sweep_config import SearchConfig, Variant, load_sweep, with_values
 from tl_core.config import RunConfig, as_yaml, from_dict, override, value_at, with_overrides
 from tl_core.errors import ConfigError
@@ -157,6 +157,9 @@ def trial(params: dict, base: dict, search: dict, mlflow_parent: str | None = No
 
     context = ray.tune.get_context()
     trial_storage = context.get_storage()
+    # A resumed trial writes no epoch over a checkpoint stored after Tune last saved the sweep's state.
+    ray_private.number_checkpoints_after(trial_storage, checkpoint_dirs(trial_storage.storage_filesystem,
+                                                                        trial_storage.trial_fs_path))
     mlflow = tracking.mlflow_run(cfg, f"{experiment_location(cfg).uri}#{context.get_trial_id()}", name=context.get_trial_name(),
                                  parent=mlflow_parent, params={f"trial.{k}": v for k, v in params.items()})
     run_recipe(cfg, cfg.pretrain.method, WorkerSession(report, trial_storage.storage_filesystem, trial_storage.trial_fs_path,

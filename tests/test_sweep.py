@@ -678,19 +678,35 @@ def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    checkpoints = sorted(p.parent for p in experiment.glob("*/checkpoint_*/meta.json"))
-    assert len(checkpoints) < 10, "the trial finished before the driver was killed"
-    newest = checkpoints[-1]
-    damaged_epoch = json.loads((newest / "meta.json").read_text())["epoch"]
+    wait_for_the_end_of_its_workers(driver.pid)  # a trial still saving would write the checkpoint damaged below
+    epochs = {p.parent.name: json.loads(p.read_text())["epoch"] for p in experiment.glob("*/checkpoint_*/meta.json")}
+    assert len(epochs) < 10, "the trial finished before the driver was killed"
+    newest = max(experiment.glob("*/checkpoint_*/meta.json")).parent
     with open(newest / "model.pt", "ab") as f:
         f.write(b"bit rot")
+    damaged = (newest / "model.pt").read_bytes()
 
     assert sweep.main(["--config", str(config), "--resume", *keep_all]) == 0
     (rows,) = trial_histories(experiment).values()
     assert rows[-1]["epoch"] == 10
     restarts = [r for r in rows[1:] if r["iterations_since_restore"] == 1]
     # The restored trial's first epoch is the damaged checkpoint's: it resumed from the one before, not from scratch.
-    assert restarts and restarts[-1]["epoch"] == damaged_epoch
+    assert restarts and restarts[-1]["epoch"] == epochs[newest.name]
+    # No epoch was written over a checkpoint stored before: Tune numbers them on from those it had registered.
+    after = {p.parent.name: json.loads(p.read_text())["epoch"] for p in experiment.glob("*/checkpoint_*/meta.json")}
+    assert {name: after[name] for name in epochs} == epochs and (newest / "model.pt").read_bytes() == damaged
+    assert sorted(after.values()) == sorted([*range(1, 11), epochs[newest.name]])  # every epoch, the damaged one kept
+
+
+def wait_for_the_end_of_its_workers(driver_pid: int, seconds: float = 60) -> None:
+    """Until Ray has ended every actor of the job whose driver had `driver_pid` (it does so when the driver dies)."""
+    from ray.util.state import list_actors, list_jobs
+
+    (job,) = [job for job in list_jobs() if job.driver_info and int(job.driver_info.pid) == driver_pid]
+    deadline = time.monotonic() + seconds
+    while list_actors(filters=[("job_id", "=", job.job_id), ("state", "=", "ALIVE")]):
+        assert time.monotonic() < deadline, f"the workers of job {job.job_id} outlived its driver by {seconds} s"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("searcher,scheduler", [("random", "asha"), ("grid", "fifo"), ("optuna", "asha"), ("bohb", "bohb")])
