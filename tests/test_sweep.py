@@ -294,6 +294,33 @@ def test_tunes_default_loggers_are_off_only_for_a_sweep_that_names_its_own(monke
         assert NO_DEFAULT_LOGGERS not in os.environ
 
 
+def test_a_save_of_tunes_state_cut_short_is_set_aside_and_the_one_before_resumed(tmp_path, caplog):
+    """A sweep driver killed while Tune copied its state into local storage leaves a file cut short; Tune's restore
+    then failed with a traceback and went on as a new sweep (6 trials resumed so ran 1 more and ended with status 0)."""
+    import pickle
+
+    from cluster.storage import parse
+
+    experiment = tmp_path / "sweep"
+    experiment.mkdir()
+    first, second = "2026-12-06_10-00-00", "2026-12-06_11-00-00"
+    (experiment / f"experiment_state-{first}.json").write_text('{"trial_data": []}')
+    (experiment / f"basic-variant-state-{first}.json").write_bytes(pickle.dumps({"trials": 3}))  # a pickle, so named
+    (experiment / f"experiment_state-{second}.json").write_text('{"trial_data": []}')
+    (experiment / f"searcher-state-{second}.pkl").write_bytes(pickle.dumps({"trials": 4})[:-2])  # cut short
+    location = parse(str(experiment))
+    assert sweep.set_aside_cut_short_state(location) is True
+    assert sorted(p.name for p in experiment.glob("*state-*")) == [f"basic-variant-state-{first}.json", f"experiment_state-{first}.json"]
+    assert sorted(p.name.rsplit("-", 2)[0] for p in (experiment / "damaged").iterdir()) == [
+        f"experiment_state-{second}.json", f"searcher-state-{second}.pkl"]  # kept, under NAME-TIMESTAMP
+    assert sweep.set_aside_cut_short_state(location) is True  # whole saves stay where they are
+
+    (experiment / f"experiment_state-{first}.json").write_text("")
+    assert sweep.set_aside_cut_short_state(location) is False
+    assert not list(experiment.glob("*state-*")) and "it starts again" in caplog.text
+    assert sweep.set_aside_cut_short_state(parse(str(tmp_path / "never-saved"))) is False
+
+
 @pytest.mark.parametrize("logger", ["CSVResults", "JsonResults"])
 def test_a_trial_restarted_from_a_checkpoint_keeps_every_row_it_logged(tmp_path, logger):
     """A trial restarted in the same run (PBT's exploit, a retry after a failure) had its results file copied back from
@@ -660,7 +687,8 @@ def test_a_sweep_of_a_simclr_pretrain_trains_simclr(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
     """Kill the sweep driver mid-trial and damage the trial's newest checkpoint: --resume continues the trial from
-    the newest checkpoint that verifies (the one before), as a Train run does."""
+    the newest checkpoint that verifies (the one before), as a Train run does. A later save of Tune's state cut short
+    (a driver killed while copying it to storage) is set aside, and the whole one before it resumed."""
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
     config = write_sweep(tmp_path, data, experiment="corrupt", num_samples=1, scheduler={"name": "fifo", "max_t": 10},
                          space={"optim.lr": {"choice": [1.0e-3]}})
@@ -685,8 +713,10 @@ def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
     with open(newest / "model.pt", "ab") as f:
         f.write(b"bit rot")
     damaged = (newest / "model.pt").read_bytes()
+    (experiment / "experiment_state-2099-01-01_00-00-00.json").write_text('{"trial_data": [')
 
     assert sweep.main(["--config", str(config), "--resume", *keep_all]) == 0
+    assert [p.name.rsplit("-", 2)[0] for p in (experiment / "damaged").iterdir()] == ["experiment_state-2099-01-01_00-00-00.json"]
     (rows,) = trial_histories(experiment).values()
     assert rows[-1]["epoch"] == 10
     restarts = [r for r in rows[1:] if r["iterations_since_restore"] == 1]
