@@ -138,7 +138,7 @@ def set_aside_cut_short_state(experiment: Location) -> bool:
              if info.type == pyarrow.fs.FileType.File]
     for stamp in sorted((match[1] for name in names if (match := re.fullmatch(r"experiment_state-(.+)\.json", name))), reverse=True):
         save = [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]
-        if not (cut := [name for name in save if not _reads_whole(fs, f"{experiment.path}/{name}")]):
+        if not (cut := [name for name in save if not reads_whole(fs, f"{experiment.path}/{name}")]):
             return True
         moved = [set_aside(experiment, name).uri for name in save]
         log.warning("Tune's save of the sweep's state at %s has %s cut short (its driver was stopped while saving it): "
@@ -148,7 +148,7 @@ def set_aside_cut_short_state(experiment: Location) -> bool:
     return False
 
 
-def _reads_whole(fs, path: str) -> bool:
+def reads_whole(fs, path: str) -> bool:
     """Whether Tune's state file at `path` is whole: a pickle (by its protocol mark, whatever its name: Tune's
     basic-variant-state-*.json is one) whose opcodes run to its STOP, read with pickletools, which runs none of them;
     otherwise JSON that parses."""

@@ -252,8 +252,7 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
         time.sleep(3)  # the experiment state is saved every second
         finished = {n: h for n, h in trial_histories(experiment).items() if h and h[-1]["epoch"] == 3}
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        kill_between_saves(driver, experiment)
     at_kill = trial_histories(experiment)  # the driver writes every result.json: nothing changes them until the resume
     assert len(at_kill) < 6 or not all(h and h[-1]["epoch"] == 3 for h in at_kill.values())
 
@@ -704,8 +703,7 @@ def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
             time.sleep(0.2)
         time.sleep(2)  # the experiment state is saved every second
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        kill_between_saves(driver, experiment)
     wait_for_the_end_of_its_workers(driver.pid)  # a trial still saving would write the checkpoint damaged below
     epochs = {p.parent.name: json.loads(p.read_text())["epoch"] for p in experiment.glob("*/checkpoint_*/meta.json")}
     assert len(epochs) < 10, "the trial finished before the driver was killed"
@@ -726,6 +724,22 @@ def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
     after = {p.parent.name: json.loads(p.read_text())["epoch"] for p in experiment.glob("*/checkpoint_*/meta.json")}
     assert {name: after[name] for name in epochs} == epochs and (newest / "model.pt").read_bytes() == damaged
     assert sorted(after.values()) == sorted([*range(1, 11), epochs[newest.name]])  # every epoch, the damaged one kept
+
+
+def kill_between_saves(driver: subprocess.Popen, experiment: Path) -> None:
+    """SIGKILL a sweep's driver at a moment when its state in storage reads whole: checked while the driver is stopped
+    (SIGSTOP), so that nothing changes between the check and the kill. A kill that cuts a save short (Tune writes the
+    files in storage in place) is tested on its own: test_a_save_of_tunes_state_cut_short_..."""
+    import pyarrow.fs
+
+    for _ in range(50):
+        driver.send_signal(signal.SIGSTOP)
+        if all(sweep.reads_whole(pyarrow.fs.LocalFileSystem(), str(path)) for path in experiment.glob("*state-*")):
+            break
+        driver.send_signal(signal.SIGCONT)
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
 
 
 def wait_for_the_end_of_its_workers(driver_pid: int, seconds: float = 60) -> None:
