@@ -11,14 +11,9 @@ finished trials.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
 import logging
 import os
-import pickle
-import pickletools
-import re
 import signal
 import threading
 import time
@@ -38,8 +33,6 @@ from tl_core.config import RunConfig, as_yaml, from_dict, override, value_at, wi
 from tl_core.errors import ConfigError
 from tl_core.run_dir import SWEEP_FILE
 from tl_core.safe_yaml import dump_yaml, parse_yaml
-
-log = logging.getLogger("jobs")
 
 
 @guarded
@@ -118,50 +111,6 @@ def sweep_has_progress(experiment: Location) -> bool:
     from ray import tune
 
     return tune.Tuner.can_restore(experiment.path, storage_filesystem=storage.filesystem(experiment) if experiment.is_s3 else None)
-
-
-def set_aside_cut_short_state(experiment: Location) -> bool:
-    """Before a resume: whether a whole save of the sweep's state remains once every newer save with a file that does
-    not read whole is moved to EXPERIMENT/damaged/ (kept). Tune restores the newest save left; with none, the sweep
-    starts again.
-
-    Tune copies its state files (experiment_state-STAMP.json and its searcher's state of the same STAMP) from the
-    driver's staging folder into storage in place: a driver killed during the copy leaves one cut short (on a local
-    or shared disk; an S3 object is whole or absent). Tune's restore then logged a traceback and went on as a new
-    sweep (seen in a test: a sweep of 6 trials, resumed so, ran 1 more trial and ended with status 0)."""
-    import pyarrow.fs
-
-    from jobs.runner import set_aside
-
-    fs, moved = storage.filesystem(experiment), []
-    names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(experiment.path, allow_not_found=True))
-             if info.type == pyarrow.fs.FileType.File]
-    for stamp in sorted((match[1] for name in names if (match := re.fullmatch(r"experiment_state-(.+)\.json", name))), reverse=True):
-        save = [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]
-        if not (cut := [name for name in save if not reads_whole(fs, f"{experiment.path}/{name}")]):
-            return True
-        moved = [set_aside(experiment, name).uri for name in save]
-        log.warning("Tune's save of the sweep's state at %s has %s cut short (its driver was stopped while saving it): "
-                    "moved to %s", stamp, ", ".join(cut), ", ".join(moved))
-    if moved:
-        log.warning("no whole save of the sweep's state is left: it starts again (the trials' folders are kept)")
-    return False
-
-
-def reads_whole(fs, path: str) -> bool:
-    """Whether Tune's state file at `path` is whole: a pickle (by its protocol mark, whatever its name: Tune's
-    basic-variant-state-*.json is one) whose opcodes run to its STOP, read with pickletools, which runs none of them;
-    otherwise JSON that parses."""
-    with fs.open_input_stream(path) as f:
-        data = f.readall()
-    try:
-        if data[:1] == pickle.PROTO:
-            collections.deque(pickletools.genops(data), maxlen=0)
-        else:
-            json.loads(data)
-    except ValueError:  # json.JSONDecodeError is one; pickletools raises it for a pickle cut short
-        return False
-    return True
 
 
 def param_space(search: SearchConfig) -> dict:
@@ -249,7 +198,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
     whose hub weights are staged (the base config's when the space varies none)."""
     from ray import tune
 
-    from jobs.tune_results import result_loggers, tune_loggers
+    from jobs.tune_results import result_loggers, set_aside_cut_short_state, tune_loggers
 
     cfg = with_absolute_paths(cfg)  # trials do not share the driver's working directory
     connect_ray()

@@ -1,24 +1,41 @@
-"""The loggers that write a sweep's per-trial results (progress.csv, result.json), which jobs.analyze reads.
+"""What Ray Tune writes of a sweep, written and read so that a restart or a killed driver loses none of it.
 
-They are Tune's CSV and JSON loggers with one change. When a trial starts from a checkpoint, Tune's loggers copy the
-trial's file from storage over the driver's own copy (`LoggerCallback._restore_from_remote`, a private method: when
-upgrading Ray, check it here). That is right for a resumed sweep, whose driver stages its files in a new folder. It is
-wrong for a trial restarted in the same run (population-based training's exploit, a retry after a failure): the driver
-syncs its copy to storage only every so often, so the copy in storage can be older, and the rows the trial logged since
-the last sync were lost (a CI run's exploited trial kept only its last epoch). Here the driver's copy, when it has one,
-is kept: it holds every row the storage copy does, and any logged since.
+- The per-trial results (progress.csv, result.json), which jobs.analyze reads: Tune's CSV and JSON loggers with one
+  change. When a trial starts from a checkpoint, Tune's loggers copy the trial's file from storage over the driver's
+  own copy (`LoggerCallback._restore_from_remote`, a private method: when upgrading Ray, check it here). That is
+  right for a resumed sweep, whose driver stages its files in a new folder. It is wrong for a trial restarted in the
+  same run (population-based training's exploit, a retry after a failure): the driver syncs its copy to storage only
+  every so often, so the copy in storage can be older, and the rows the trial logged since the last sync were lost
+  (a CI run's exploited trial kept only its last epoch). Here the driver's copy, when it has one, is kept: it holds
+  every row the storage copy does, and any logged since.
+- The saves of Tune's state (experiment_state-STAMP.json and its searcher's files of the same STAMP), which a resume
+  and jobs.analyze read. Tune copies them from the driver's staging folder into storage in place, and rewrites the
+  staged copy while an earlier copy may still be reading it: a driver killed then leaves a file cut short (on a
+  local or shared disk; an S3 object is whole or absent). Tune's restore then logged a traceback and went on as a
+  new sweep (seen in a test: a sweep of 6 trials, resumed so, ran 1 more trial and ended with status 0).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
+import logging
 import os
+import pickle
+import pickletools
+import re
 from pathlib import Path
 from typing import Iterator
 
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+from cluster import storage
+from cluster.storage import Location
+from jobs.runner import set_aside
+
 NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+log = logging.getLogger("jobs")
 
 
 class _KeepsTheDriversCopy:
@@ -59,3 +76,50 @@ def tune_loggers(tuner) -> Iterator[None]:
             os.environ.pop(NO_DEFAULT_LOGGERS, None)
         else:
             os.environ[NO_DEFAULT_LOGGERS] = before
+
+
+def state_saves(experiment: Location) -> list[tuple[str, list[str], bool]]:
+    """Tune's saves of the sweep's state in storage, newest first: (STAMP, the names of its files, whether every one
+    of them reads whole)."""
+    import pyarrow.fs
+
+    fs = storage.filesystem(experiment)
+    names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(experiment.path, allow_not_found=True))
+             if info.type == pyarrow.fs.FileType.File]
+    stamps = sorted((match[1] for name in names if (match := re.fullmatch(r"experiment_state-(.+)\.json", name))), reverse=True)
+    saves = []
+    for stamp in stamps:
+        files = [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]
+        saves.append((stamp, files, all(reads_whole(fs, f"{experiment.path}/{name}") for name in files)))
+    return saves
+
+
+def set_aside_cut_short_state(experiment: Location) -> bool:
+    """Before a resume: whether a whole save of the sweep's state remains once every newer save with a file cut short
+    is moved to EXPERIMENT/damaged/ (kept). Tune restores the newest save left; with none, the sweep starts again."""
+    moved = False
+    for stamp, files, whole in state_saves(experiment):
+        if whole:
+            return True
+        log.warning("Tune's save of the sweep's state at %s has a file cut short (its driver was stopped while saving "
+                    "it): moved to %s", stamp, ", ".join(set_aside(experiment, name).uri for name in files))
+        moved = True
+    if moved:
+        log.warning("no whole save of the sweep's state is left: it starts again (the trials' folders are kept)")
+    return False
+
+
+def reads_whole(fs, path: str) -> bool:
+    """Whether Tune's state file at `path` is whole: a pickle (by its protocol mark, whatever its name: Tune's
+    basic-variant-state-*.json is one) whose opcodes run to its STOP, read with pickletools, which runs none of them;
+    otherwise JSON that parses."""
+    with fs.open_input_stream(path) as f:
+        data = f.readall()
+    try:
+        if data[:1] == pickle.PROTO:
+            collections.deque(pickletools.genops(data), maxlen=0)
+        else:
+            json.loads(data)
+    except ValueError:  # json.JSONDecodeError is one; pickletools raises it for a pickle cut short
+        return False
+    return True

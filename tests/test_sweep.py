@@ -299,6 +299,7 @@ def test_a_save_of_tunes_state_cut_short_is_set_aside_and_the_one_before_resumed
     import pickle
 
     from cluster.storage import parse
+    from jobs import tune_results
 
     experiment = tmp_path / "sweep"
     experiment.mkdir()
@@ -308,16 +309,16 @@ def test_a_save_of_tunes_state_cut_short_is_set_aside_and_the_one_before_resumed
     (experiment / f"experiment_state-{second}.json").write_text('{"trial_data": []}')
     (experiment / f"searcher-state-{second}.pkl").write_bytes(pickle.dumps({"trials": 4})[:-2])  # cut short
     location = parse(str(experiment))
-    assert sweep.set_aside_cut_short_state(location) is True
+    assert tune_results.set_aside_cut_short_state(location) is True
     assert sorted(p.name for p in experiment.glob("*state-*")) == [f"basic-variant-state-{first}.json", f"experiment_state-{first}.json"]
     assert sorted(p.name.rsplit("-", 2)[0] for p in (experiment / "damaged").iterdir()) == [
         f"experiment_state-{second}.json", f"searcher-state-{second}.pkl"]  # kept, under NAME-TIMESTAMP
-    assert sweep.set_aside_cut_short_state(location) is True  # whole saves stay where they are
+    assert tune_results.set_aside_cut_short_state(location) is True  # whole saves stay where they are
 
     (experiment / f"experiment_state-{first}.json").write_text("")
-    assert sweep.set_aside_cut_short_state(location) is False
+    assert tune_results.set_aside_cut_short_state(location) is False
     assert not list(experiment.glob("*state-*")) and "it starts again" in caplog.text
-    assert sweep.set_aside_cut_short_state(parse(str(tmp_path / "never-saved"))) is False
+    assert tune_results.set_aside_cut_short_state(parse(str(tmp_path / "never-saved"))) is False
 
 
 @pytest.mark.parametrize("logger", ["CSVResults", "JsonResults"])
@@ -602,6 +603,23 @@ def test_analyze_needs_an_experiment(tmp_path, capsys):
                                                "not a sweep; analyze takes the experiment of a jobs.sweep")
 
 
+def test_analyze_of_a_sweep_with_no_whole_save_of_its_state_is_one_line(image_folder, tmp_path, capsys):
+    """Its driver stopped before Tune's first save, or while saving every one: one line saying what --resume does."""
+    experiment = tmp_path / "runs" / "sweep"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    (experiment / "sweep.yaml").write_text(yaml.safe_dump(sweep.sweep_record(*load_sweep(write_sweep(tmp_path, image_folder)))))
+    for save, message in [(None, "Tune has saved no state of the sweep yet (its driver was stopped before its first save)"),
+                          ("", "Tune's saves of the sweep's state are cut short (its driver was stopped while saving them)")]:
+        if save is not None:
+            (experiment / "experiment_state-2026-12-06_10-00-00.json").write_text(save)
+        before = sorted(p.name for p in experiment.iterdir())
+        assert analyze.main([str(experiment)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: experiment: {experiment}: {message}; `jobs.sweep --resume`"), err
+        assert sorted(p.name for p in experiment.iterdir()) == before  # analyze reads: nothing set aside or written
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("searcher,scheduler", [("optuna", "asha"), ("bohb", "bohb")])
@@ -684,7 +702,7 @@ def test_a_sweep_of_a_simclr_pretrain_trains_simclr(ray_cluster, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
+def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path, caplog):
     """Kill the sweep driver mid-trial and damage the trial's newest checkpoint: --resume continues the trial from
     the newest checkpoint that verifies (the one before), as a Train run does. A later save of Tune's state cut short
     (a driver killed while copying it to storage) is set aside, and the whole one before it resumed."""
@@ -712,6 +730,8 @@ def test_a_sweep_trial_resumes_past_a_corrupt_checkpoint(ray_cluster, tmp_path):
         f.write(b"bit rot")
     damaged = (newest / "model.pt").read_bytes()
     (experiment / "experiment_state-2099-01-01_00-00-00.json").write_text('{"trial_data": [')
+    assert analyze.main([str(experiment)]) == 0  # the report of the whole save before it, said in a warning
+    assert "the report is of the save at" in caplog.text
 
     assert sweep.main(["--config", str(config), "--resume", *keep_all]) == 0
     assert [p.name.rsplit("-", 2)[0] for p in (experiment / "damaged").iterdir()] == ["experiment_state-2099-01-01_00-00-00.json"]
@@ -732,9 +752,11 @@ def kill_between_saves(driver: subprocess.Popen, experiment: Path) -> None:
     files in storage in place) is tested on its own: test_a_save_of_tunes_state_cut_short_..."""
     import pyarrow.fs
 
+    from jobs import tune_results
+
     for _ in range(50):
         driver.send_signal(signal.SIGSTOP)
-        if all(sweep.reads_whole(pyarrow.fs.LocalFileSystem(), str(path)) for path in experiment.glob("*state-*")):
+        if all(tune_results.reads_whole(pyarrow.fs.LocalFileSystem(), str(path)) for path in experiment.glob("*state-*")):
             break
         driver.send_signal(signal.SIGCONT)
         time.sleep(0.1)
