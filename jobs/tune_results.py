@@ -32,6 +32,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cluster import storage
 from cluster.storage import Location
+from jobs import ray_private
 from jobs.runner import set_aside
 
 NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
@@ -62,8 +63,6 @@ def tune_loggers(tuner) -> Iterator[None]:
     repeat each trial's own tensorboard/ under other names (and print a line pointing at the driver's staging folder).
     A sweep names the first two as callbacks and turns Tune's default loggers off while it runs; one begun before it
     named them is resumed with Tune's defaults, all three."""
-    from jobs import ray_private
-
     if not any(isinstance(callback, JsonLoggerCallback) for callback in ray_private.tuner_run_config(tuner).callbacks or ()):
         yield
         return
