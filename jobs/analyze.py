@@ -108,14 +108,14 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        analysis = ExperimentAnalysis(newest_whole_save(location), storage_filesystem=fs if location.is_s3 else None,
+        analysis = ExperimentAnalysis(state_file_to_read(location), storage_filesystem=fs if location.is_s3 else None,
                                       default_metric=search.metric, default_mode=search.mode)
     finally:
         quiet.setLevel(level)
     return base, search, ResultGrid(analysis)
 
 
-def newest_whole_save(location: storage.Location) -> str:
+def state_file_to_read(location: storage.Location) -> str:
     """The path of the newest experiment_state file of Tune's that reads whole, with its searcher's files: a driver
     killed while saving can leave a newer one cut short, which Tune would pick and fail on."""
     from jobs import tune_results
@@ -124,7 +124,7 @@ def newest_whole_save(location: storage.Location) -> str:
     if not saves:
         raise ConfigError(f"experiment: {location.uri}: Tune has saved no state of the sweep yet (its driver was stopped "
                           "before its first save); `jobs.sweep --resume` starts it again")
-    stamp = next((stamp for stamp, _, whole in saves if whole), None)
+    stamp = tune_results.newest_whole_save(location)
     if stamp is None:
         raise ConfigError(f"experiment: {location.uri}: Tune's saves of the sweep's state are cut short (its driver was "
                           "stopped while saving them); `jobs.sweep --resume` sets them aside and starts the sweep again")

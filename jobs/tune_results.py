@@ -77,35 +77,35 @@ def tune_loggers(tuner) -> Iterator[None]:
             os.environ[NO_DEFAULT_LOGGERS] = before
 
 
-def state_saves(experiment: Location) -> list[tuple[str, list[str], bool]]:
-    """Tune's saves of the sweep's state in storage, newest first: (STAMP, the names of its files, whether every one
-    of them reads whole)."""
+def state_saves(experiment: Location) -> list[tuple[str, list[str]]]:
+    """Tune's saves of the sweep's state in storage, newest first: (STAMP, the names of its files)."""
     import pyarrow.fs
 
     fs = storage.filesystem(experiment)
     names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(experiment.path, allow_not_found=True))
              if info.type == pyarrow.fs.FileType.File]
     stamps = sorted((match[1] for name in names if (match := re.fullmatch(r"experiment_state-(.+)\.json", name))), reverse=True)
-    saves = []
-    for stamp in stamps:
-        files = [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]
-        saves.append((stamp, files, all(reads_whole(fs, f"{experiment.path}/{name}") for name in files)))
-    return saves
+    return [(stamp, [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]) for stamp in stamps]
+
+
+def newest_whole_save(experiment: Location) -> str | None:
+    """The STAMP of the newest save of Tune's state whose every file reads whole, or None."""
+    fs = storage.filesystem(experiment)
+    return next((stamp for stamp, files in state_saves(experiment)
+                 if all(reads_whole(fs, f"{experiment.path}/{name}") for name in files)), None)
 
 
 def set_aside_cut_short_state(experiment: Location) -> bool:
     """Before a resume: whether a whole save of the sweep's state remains once every newer save with a file cut short
     is moved to EXPERIMENT/damaged/ (kept). Tune restores the newest save left; with none, the sweep starts again."""
-    moved = False
-    for stamp, files, whole in state_saves(experiment):
-        if whole:
-            return True
+    whole = newest_whole_save(experiment)
+    newer = [(stamp, files) for stamp, files in state_saves(experiment) if whole is None or stamp > whole]
+    for stamp, files in newer:
         log.warning("Tune's save of the sweep's state at %s has a file cut short (its driver was stopped while saving "
                     "it): moved to %s", stamp, ", ".join(set_aside(experiment, name).uri for name in files))
-        moved = True
-    if moved:
+    if newer and whole is None:
         log.warning("no whole save of the sweep's state is left: it starts again (the trials' folders are kept)")
-    return False
+    return whole is not None
 
 
 def reads_whole(fs, path: str) -> bool:
