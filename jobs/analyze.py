@@ -124,7 +124,7 @@ def state_file_to_read(location: storage.Location) -> str:
     if not saves:
         raise ConfigError(f"experiment: {location.uri}: Tune has saved no state of the sweep yet (its driver was stopped "
                           "before its first save); `jobs.sweep --resume` starts it again")
-    stamp = tune_results.newest_whole_save(location)
+    stamp = tune_results.newest_whole_save(location, saves)
     if stamp is None:
         raise ConfigError(f"experiment: {location.uri}: Tune's saves of the sweep's state are cut short (its driver was "
                           "stopped while saving them); `jobs.sweep --resume` sets them aside and starts the sweep again")

@@ -88,18 +88,18 @@ def state_saves(experiment: Location) -> list[tuple[str, list[str]]]:
     return [(stamp, [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]) for stamp in stamps]
 
 
-def newest_whole_save(experiment: Location) -> str | None:
-    """The STAMP of the newest save of Tune's state whose every file reads whole, or None."""
+def newest_whole_save(experiment: Location, saves: list[tuple[str, list[str]]]) -> str | None:
+    """The STAMP of the newest of `saves` (state_saves' list) whose every file reads whole, or None."""
     fs = storage.filesystem(experiment)
-    return next((stamp for stamp, files in state_saves(experiment)
-                 if all(reads_whole(fs, f"{experiment.path}/{name}") for name in files)), None)
+    return next((stamp for stamp, files in saves if all(reads_whole(fs, f"{experiment.path}/{name}") for name in files)), None)
 
 
 def set_aside_cut_short_state(experiment: Location) -> bool:
     """Before a resume: whether a whole save of the sweep's state remains once every newer save with a file cut short
     is moved to EXPERIMENT/damaged/ (kept). Tune restores the newest save left; with none, the sweep starts again."""
-    whole = newest_whole_save(experiment)
-    newer = [(stamp, files) for stamp, files in state_saves(experiment) if whole is None or stamp > whole]
+    saves = state_saves(experiment)
+    whole = newest_whole_save(experiment, saves)
+    newer = [(stamp, files) for stamp, files in saves if whole is None or stamp > whole]
     for stamp, files in newer:
         log.warning("Tune's save of the sweep's state at %s has a file cut short (its driver was stopped while saving "
                     "it): moved to %s", stamp, ", ".join(set_aside(experiment, name).uri for name in files))
