@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ BAD = [
     ({"optim": {"lr": -0.1}}, "optim.lr: Input should be greater than 0"),
     ({"optim": {"lr": 0}}, "optim.lr: Input should be greater than 0"),
     ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
-    ({"model": {"backbone": "resnet9000"}}, "model.backbone: unknown backbone 'resnet9000'; allowed: resnet18"),
+    ({"model": {"backbone": "resnet9000"}}, "model.backbone: unknown backbone 'resnet9000' (did you mean resnet50?); allowed: resnet18"),
     ({"optim": {"name": "lion"}}, "optim.name: unknown name 'lion'; allowed: sgd, adam, adamw, adagrad, rmsprop"),
     ({"optim": {"scheduler": "poly"}}, "optim.scheduler: unknown name 'poly'; allowed: constant, step, cosine, onecycle"),
     ({"model": {"strategy": "lora"}}, "model.strategy: Input should be 'full', 'linear_probe', 'gradual_unfreeze' or 'lp_ft'"),
@@ -168,6 +169,21 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(path, ["optim.lr"])
     with pytest.raises(ConfigError, match="experiment is a value, not a section"):
         load_config(path, ["experiment.name=3"])
+
+
+@pytest.mark.parametrize("backbone,hint", [
+    ("Resnet18", "unknown backbone 'Resnet18' (did you mean resnet18?); allowed: resnet18"),
+    ("resnet152", "unknown backbone 'resnet152' (timm has it: timm:resnet152); allowed:"),  # not torchvision's here
+    ("TIMM:resnet18", "unknown backbone 'TIMM:resnet18' (the prefix is lower case: timm:resnet18); allowed:"),
+    ("timm:RESNET18", "unknown timm model 'RESNET18' (did you mean timm:resnet18?); list timm's names with python -c "
+                      "\"import timm; print(timm.list_models('*resnet*'))\""),
+    ("timm:tf_efficientnet_lite_0", "unknown timm model 'tf_efficientnet_lite_0' (did you mean timm:tf_efficientnet_lite0?)"),
+    ("timm:", "model.backbone: timm: needs a model name after it, e.g. timm:tf_efficientnet_lite0 (got 'timm:')"),
+    ("zzzz", "unknown backbone 'zzzz'; allowed:"),  # nothing near: no guess
+])
+def test_a_misspelt_backbone_says_what_was_meant(backbone, hint):
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        from_dict({**MINIMAL, "model": {"backbone": backbone}})
 
 
 def test_metric_names_cover_what_the_loop_reports():

@@ -8,6 +8,7 @@ a `ClassifierHead` for the task's classes; a timm model with several heads gets 
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -75,17 +76,40 @@ def check_backbone(name: str) -> str:
     if name.startswith(TIMM_PREFIX):
         import timm
 
-        if not timm.is_model(name[len(TIMM_PREFIX):]):
-            raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r}; list timm's names with "
-                             f"python -c \"import timm; print(timm.list_models('*{name[len(TIMM_PREFIX):][:6]}*'))\"")
-        model, _, tag = name[len(TIMM_PREFIX):].partition(".")  # a pretrained tag picks its normalisation and input size
+        model_name = name[len(TIMM_PREFIX):]
+        if not model_name:
+            raise ValueError("timm: needs a model name after it, e.g. timm:tf_efficientnet_lite0")
+        if not timm.is_model(model_name):
+            near = nearest(model_name, timm.list_models())
+            raise ValueError(f"unknown timm model {model_name!r}{f' (did you mean {TIMM_PREFIX}{near}?)' if near else ''}; "
+                             "list timm's names with python -c \"import timm; print(timm.list_models("
+                             f"'*{model_name.strip().lower()[:6]}*'))\"")
+        model, _, tag = model_name.partition(".")  # a pretrained tag picks its normalisation and input size
         if tag and tag not in (tags := timm_tags(model)):
             raise ValueError(f"timm has no pretrained tag {tag!r} for {model} (its tags: {', '.join(tags) or 'none'})")
         return name
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}, timm:<name> for any timm model, "
-                     "or hf:<model> for a text encoder")
+        import timm
+
+        if name[:len(TIMM_PREFIX)].lower() == TIMM_PREFIX:
+            hint = f" (the prefix is lower case: {TIMM_PREFIX}{name[len(TIMM_PREFIX):]})"
+        elif timm.is_model(name):
+            hint = f" (timm has it: {TIMM_PREFIX}{name})"
+        elif near := nearest(name, BACKBONES):
+            hint = f" (did you mean {near}?)"
+        elif near := nearest(name, timm.list_models()):
+            hint = f" (did you mean {TIMM_PREFIX}{near}?)"
+        else:
+            hint = ""
+        raise ValueError(f"unknown backbone {name!r}{hint}; allowed: {', '.join(BACKBONES)}, timm:<name> for any timm "
+                         "model, or hf:<model> for a text encoder")
     return name
+
+
+def nearest(name: str, names, cutoff: float = 0.75) -> str | None:
+    """The one of `names` nearest to `name`, case, spaces and hyphens aside (for "did you mean"), or None."""
+    near = difflib.get_close_matches(name.strip().lower().replace("-", "_"), list(names), n=1, cutoff=cutoff)
+    return near[0] if near else None
 
 
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -10,7 +10,6 @@ on the driver); reading never downloads.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 import re
 import socket
@@ -27,7 +26,7 @@ from torch import nn
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.errors import ConfigError
-from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, pretrained_input_size, timm_tags, weight_shapes
+from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, nearest, pretrained_input_size, timm_tags, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
@@ -112,13 +111,13 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
     if source.lower().startswith(("http://", "https://")):
         raise ConfigError(f"model.weights: {source} is a URL, which is not fetched; download the file to a path or s3:// "
                           f"(or give {names})")
-    near = difflib.get_close_matches(source.lower().replace("-", "_"), list(OFFLINE_WEIGHTS), n=1, cutoff=0.6)
+    near = nearest(source, OFFLINE_WEIGHTS, cutoff=0.6)
     if source == PRETRAINED:
         hint = f"; {PRETRAINED} is what hf: text backbones take, an image backbone's ImageNet weights are {IMAGENET}"
     elif hub := re.fullmatch(r"(?:hf[-_]hub:)?timm/([\w-]+)\.([\w-]+)", source):  # a Hugging Face hub name of timm's
         hint = f"; {source} names timm's weights on the Hugging Face hub: model.backbone: timm:{hub[1]} takes model.weights: {hub[2]}"
     else:
-        hint = f"; did you mean {near[0]}?" if near else _timm_tag_hint(source, backbone)
+        hint = f"; did you mean {near}?" if near else _timm_tag_hint(source, backbone)
     raise ConfigError(f"model.weights: {source} does not exist (expected {names}, a state-dict file or s3:// object, or a "
                       f"checkpoint directory){hint}")
 
