@@ -7,6 +7,7 @@ from tl_core.checkpoint import LocalReporter, load_checkpoint
 from tl_core.config import EarlyStoppingConfig, from_dict
 from tl_core.errors import ConfigError
 from tl_core.loop import fit
+from tl_core.optim import lr_factor
 from tl_core.state import EarlyStopping, StateKey
 
 METRICS = {"epoch", "train/loss", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "lr"}
@@ -280,6 +281,17 @@ def test_the_train_step_runs_under_autocast_when_amp_is_on(image_folder):
     assert seen == [(True, torch.bfloat16)]
 
 
+def test_the_reported_lr_is_the_rate_the_epochs_last_step_trained_at(image_folder, tmp_path):
+    """Not the rate the scheduler has moved on to for the next step: cosine's last epoch trained at more than 0."""
+    cfg = config(image_folder, optim={"name": "sgd", "lr": 0.1, "scheduler": "cosine"}, train={"epochs": 2, "batch_size": 9})
+    history = fit(cfg, LocalReporter(tmp_path))
+    steps = 3  # 27 training images in batches of 9
+    assert [h["lr"] for h in history] == pytest.approx([0.1 * lr_factor(step, schedule="cosine", total_steps=2 * steps,
+                                                                       warmup_steps=0, steps_per_epoch=steps)
+                                                        for step in (steps - 1, 2 * steps - 1)])
+    assert history[-1]["lr"] > 0
+
+
 def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr_and_resumes_mid_way(image_folder, tmp_path):
     """Epochs 1-2 train the head only (the backbone and its BatchNorm statistics stay), epochs 3-4 everything at
     ft_lr_mult x the schedule; a run stopped after epoch 2 and resumed equals an unbroken one."""
@@ -287,8 +299,8 @@ def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr_and_resumes_mid_way(image_fo
                  optim={"name": "sgd", "lr": 0.05, "scheduler": "constant"})
     full = LocalReporter(tmp_path / "full")
     unbroken = fit(cfg, full)
-    # "lr" is the rate after the epoch's last step: the fine-tuning rate from the end of the probe on
-    assert [h["lr"] for h in unbroken] == pytest.approx([0.05, 0.005, 0.005, 0.005])
+    # "lr" is the rate the epoch's last step trained at: the probe's, then the fine-tuning rate
+    assert [h["lr"] for h in unbroken] == pytest.approx([0.05, 0.05, 0.005, 0.005])
     probed, tuned = load_checkpoint(full.checkpoints[1]).model_state, load_checkpoint(full.checkpoints[3]).model_state
     first = load_checkpoint(full.checkpoints[0]).model_state
     assert torch.equal(first["conv1.weight"], probed["conv1.weight"]) and torch.equal(first["bn1.running_mean"], probed["bn1.running_mean"])

@@ -100,7 +100,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
             val = evaluate(trained, data.val, state, len(data.classes), cfg.train.label_smoothing)
             metrics.update({f"val/{k}": val[k] for k in VAL_METRICS})
             meta.update(per_class=val["per_class"], confusion_matrix=val["confusion_matrix"])
-        metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
+        metrics.update({"lr": state.last_lr, "epoch_time_s": time.perf_counter() - started})
         history.append(metrics)
         if state.end_epoch(epoch, metrics, meta, reporter, checkpoint=checkpoints, mirror=mirror,
                            last_phase=trainable == last_phase_blocks):

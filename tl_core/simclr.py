@@ -166,7 +166,7 @@ def fit_simclr(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = No
         if state.validates(epoch):
             val = evaluate_views(ddp_model, data.val, state, step)
             metrics.update({"val/loss": val["loss"], "val/acc": val["acc"]})
-        metrics.update({"lr": state.optimizer.param_groups[-1]["lr"], "epoch_time_s": time.perf_counter() - started})
+        metrics.update({"lr": state.last_lr, "epoch_time_s": time.perf_counter() - started})
         history.append(metrics)
         if state.end_epoch(epoch, metrics, {"classes": None, "method": "simclr"}, reporter, checkpoint=checkpoints, mirror=mirror):
             break

@@ -131,6 +131,7 @@ class TrainingState:
     extra: dict[str, nn.Module] = field(default_factory=dict)
     epoch: int = 0  # epochs completed
     stopped_early: bool = False
+    last_lr: float = 0.0  # the head's LR at the last optimizer step: an epoch's reported "lr"
 
     @classmethod
     def create(cls, cfg: RunConfig, model: nn.Module, device: torch.device, *, steps_per_epoch: int,
@@ -249,6 +250,7 @@ class TrainingState:
         return (sums[0] / sums[1].clamp(min=1)).item()
 
     def optimizer_step(self, model: nn.Module) -> None:
+        self.last_lr = self.optimizer.param_groups[-1]["lr"]  # the rate this step uses; the scheduler then moves on
         if self.cfg.train.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], self.cfg.train.clip_grad_norm)
