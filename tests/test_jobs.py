@@ -134,7 +134,7 @@ def test_simclr_pretrain_on_unlabelled_images_then_a_linear_probe(ray_cluster, t
                       model={"weights": str(tmp_path / "runs" / "simclr"), "strategy": "linear_probe"})
     caplog.set_level("INFO", logger="tl_core")
     assert finetune.main(["--config", str(ft)]) == 0
-    assert "head re-initialised (skipped fc.linear.weight absent, fc.linear.bias absent)" in caplog.text
+    assert "weights: loaded backbone from " in caplog.text and "(it has no classifier head); a new head for the task" in caplog.text
 
 
 def bad_weights(tmp_path, data_root):

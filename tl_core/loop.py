@@ -78,7 +78,7 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     trained = model
     if (features := probe_features(cfg, model, data, state)) is not None:
         trained, data = find_head(model)[1], features
-        log_rank0("linear probe: the backbone's features are computed once (%s)", data.summary())
+        log_rank0("linear probe: the frozen backbone's features computed once, the head trains on them")
 
     history: list[dict] = []
     n_trainable, ddp_model, n_blocks = None, trained, len(backbone_blocks(model))

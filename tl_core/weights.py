@@ -494,8 +494,10 @@ def load_source_weights(model: nn.Module, state: dict[str, torch.Tensor], source
     skipped = [k for k in head_keys if not keep_head or k not in state or state[k].shape != own[k].shape]
     loaded = {k: v for k, v in state.items() if k not in skipped}
     model.load_state_dict(loaded, strict=False)
-    if skipped:
+    if skipped and not any(k in state for k in skipped):
+        logger.info("weights: loaded backbone from %s (it has no classifier head); a new head for the task", source)
+    elif skipped:
         logger.info("weights: loaded backbone from %s; head re-initialised (skipped %s)", source,
-                    ", ".join(f"{k} {tuple(state[k].shape) if k in state else 'absent'}" for k in skipped))
+                    ", ".join(f"{k} {tuple(state[k].shape)}" for k in skipped if k in state))
     else:
         logger.info("weights: loaded backbone and head from %s", source)
