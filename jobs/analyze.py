@@ -26,7 +26,7 @@ from jobs.cli import ArgumentParser, guarded, run_module
 from jobs.results import read_meta
 from jobs.runner import one_line
 from jobs.sweep import trial_config
-from jobs.sweep_config import SearchConfig
+from jobs.sweep_config import SearchConfig, config_text, listed_values
 from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, describe, from_dict
 from tl_core.errors import ConfigError
@@ -336,11 +336,11 @@ def render_html(out: Path, trials, failed: list[Failed], winner: Trial, search: 
     head = "".join(f"<th>{esc(h)}</th>" for h in ["trial", *search.space, "global batch", f"best {search.metric}", "epochs", "stopped"])
     rows = []
     for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
-        cells = [t.name, *(_fmt(t.params[k]) for k in search.space), str(t.batch.get("global_batch_size", "")),
+        cells = [t.name, *(config_text(t.params[k]) for k in search.space), str(t.batch.get("global_batch_size", "")),
                  f"{t.best:.4f}", str(t.epochs[-1]), t.status]
         style = ' class="best"' if t is winner else ""
         rows.append(f"<tr{style}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    failed_rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in [f.name, *(_fmt(f.params[k]) for k in search.space)])
+    failed_rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in [f.name, *(config_text(f.params[k]) for k in search.space)])
                           + f'<td style="text-align:left">{esc(f.error)}</td></tr>' for f in failed)
     failed_table = (f"<h2>Failed before reporting {esc(search.metric)}</h2><table><tr><th>trial</th>"
                     + "".join(f"<th>{esc(k)}</th>" for k in search.space) + f"<th>error</th></tr>{failed_rows}</table>") if failed else ""
@@ -360,7 +360,7 @@ img{{max-width:100%;margin:1em 0}} pre{{background:#f6f6f6;padding:1em}}</style>
 (max_t {search.scheduler.max_t}, grace_period {search.scheduler.grace_period}, reduction_factor {search.scheduler.reduction_factor:g}).</p>
 <p><b>Epochs spent: {spent}</b> against {full} had every trial run to max_t ({spent / full:.0%}).</p>
 <p>Best: <b>{esc(winner.name)}</b>, {esc(search.metric)} {winner.best:.4f}, with
-{esc(_values(winner.params, ", "))}. Retrain it: <code>python -m jobs.finetune --config best.yaml</code>.</p>
+{esc(listed_values(winner.params, ", "))}. Retrain it: <code>python -m jobs.finetune --config best.yaml</code>.</p>
 <h2>Trials</h2><table><tr>{head}</tr>{"".join(rows)}</table>
 {failed_table}
 <h2>Learning curves</h2>{image("curves.png")}
@@ -371,15 +371,6 @@ img{{max-width:100%;margin:1em 0}} pre{{background:#f6f6f6;padding:1em}}</style>
 <h2>best.yaml</h2><pre>{esc(best_cfg.to_yaml())}</pre>
 </body></html>
 """
-
-
-def _values(params: dict, sep: str = " ") -> str:
-    """A trial's values as `optim.lr=0.001 train.batch_size=8`."""
-    return sep.join(f"{k}={_fmt(v)}" for k, v in params.items())
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def publish(local: Path, target: storage.Location) -> str:
@@ -395,9 +386,9 @@ def print_summary(trials: list[Trial], failed: list[Failed], winner: Trial, sear
     print(f"{'trial':<18}{'best ' + search.metric:>14}{'epochs':>8}  {'stopped':<28}values")
     for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
         mark = "*" if t is winner else " "
-        print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{_values(t.params)}")
+        print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{listed_values(t.params)}")
     for f in failed:
-        print(f"!{f.name:<17} failed before reporting ({_values(f.params)}): {f.error}")
+        print(f"!{f.name:<17} failed before reporting ({listed_values(f.params)}): {f.error}")
     spent, full = sum(t.epochs[-1] for t in trials), len(trials) * search.scheduler.max_t
     print(f"epochs spent {spent} of {full} without early stopping ({spent / full:.0%})")
 

@@ -28,7 +28,7 @@ from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
 from jobs.preflight import TRIAL_MODEL_KEYS, check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import checkpoint_dirs, experiment_location, root_location, stage_hub_weights, with_absolute_paths
-from jobs.sweep_config import SearchConfig, Variant, load_sweep, with_values
+from jobs.sweep_config import SearchConfig, Variant, listed_values, load_sweep, with_values
 from tl_core.config import RunConfig, as_yaml, from_dict, override, value_at, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.run_dir import SWEEP_FILE
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     best = results.get_best_result(search.metric, search.mode, scope="all")
     failed = f" ({len(results.errors)} failed; the first: {one_line(results.errors[0])})" if results.errors else ""
     print(f"{base.experiment}: {len(results)} trials{failed}, best {search.metric} "
-          f"{best.metrics_dataframe[search.metric].agg(search.mode):.4f} ({best.path.rsplit('/', 1)[-1]}: {best.config})")
+          f"{best.metrics_dataframe[search.metric].agg(search.mode):.4f} ({best.path.rsplit('/', 1)[-1]}: {listed_values(best.config)})")
     print(f"report: python -m jobs.analyze {experiment_location(base).uri}")
     return 0
 

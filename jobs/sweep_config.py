@@ -247,3 +247,15 @@ def named_values(combination: Variant) -> str:
     """`model.strategy 'lp_ft' and train.epochs 1`: a trial's values of some keys, as messages name them."""
     *firsts, last = (f"{key} {value!r}" for key, value in combination)
     return f"{', '.join(firsts)} and {last}" if firsts else last
+
+
+def listed_values(params: dict, sep: str = " ") -> str:
+    """`optim.lr=0.001 model.weights=null`: a trial's values as a config reads them (floats to 4 digits)."""
+    return sep.join(f"{key}={config_text(value)}" for key, value in params.items())
+
+
+def config_text(value) -> str:
+    """A value as the config reads it: `null` (trained from scratch), `true`, 0.001."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -16,7 +16,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 from jobs import analyze, finetune, sweep
-from jobs.sweep_config import MAX_CHECKED_COMBINATIONS, SearchConfig, load_sweep
+from jobs.sweep_config import MAX_CHECKED_COMBINATIONS, SearchConfig, listed_values, load_sweep
 from tl_core.errors import ConfigError
 
 REPO = Path(__file__).parent.parent
@@ -129,6 +129,13 @@ def test_analyze_names_trials_that_failed_before_reporting_with_their_values(tmp
     assert [(f.name, f.params, f.error) for f in failed] == [
         ("t1", {"optim.lr": 1e30}, "RuntimeError: TrainingDiverged: epoch 1: train/loss is nan"),
         ("t2", {"optim.lr": None}, "RuntimeError: the node died")]
+
+
+def test_a_trials_values_are_listed_as_a_config_reads_them():
+    """Scratch is `model.weights=null`, as the user writes it (the summary and analyze printed Python's None)."""
+    assert listed_values({"model.weights": None, "data.augment": False, "optim.lr": 0.000123456, "train.batch_size": 8,
+                          "model.strategy": "lp_ft"}) == ("model.weights=null data.augment=false optim.lr=0.0001235 "
+                                                          "train.batch_size=8 model.strategy=lp_ft")
 
 
 @pytest.mark.integration
