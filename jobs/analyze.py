@@ -44,6 +44,7 @@ class Trial:
     best: float
     status: str  # "max_t" | "stopped at rung N" | "error"
     batch: dict
+    rank: tuple[float, float]  # SearchConfig.ranking: higher wins
 
 
 @dataclass
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     base, search, results = load_experiment(location)
     trials = summarize(results, search)
     failed = failed_before_reporting(results, search)
-    winner = pick_best(trials, search.mode)
+    winner = pick_best(trials)
     best_result = next(r for r in results if _trial_name(r) == winner.directory)
     best_cfg = trial_config(base.to_dict(), search.model_dump(), winner.params)
     best_cfg = with_best_name(best_cfg, base.experiment)
@@ -173,7 +174,7 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
     trials, milestones = [], rungs(search)
     for result in results:
         frame = result.metrics_dataframe
-        if not reported(result, search):
+        if not search.reported(result.metrics_dataframe):
             continue
         # A trial resumed after its driver was killed reports again from its last checkpoint: an epoch can appear
         # twice in its rows, and the later report is the run that went on.
@@ -191,7 +192,7 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
         batch = {k: int(row[k]) for k in ("batch_size_per_worker", "global_batch_size") if k in row}
         trials.append(Trial(str(row.get("trial_id", _trial_name(result))), _trial_name(result),
                             {k: result.config[k] for k in search.space}, epochs, curve,
-                            max(curve) if search.mode == "max" else min(curve), status, batch))
+                            max(curve) if search.mode == "max" else min(curve), status, batch, search.ranking(frame)))
     if not trials:
         errors = [result.error for result in results if result.error is not None]
         if errors and len(errors) == len(results):
@@ -201,18 +202,12 @@ def summarize(results, search: SearchConfig) -> list[Trial]:
     return sorted(trials, key=lambda t: t.name)
 
 
-def reported(result, search: SearchConfig) -> bool:
-    """Whether a trial reported the sweep's metric at least once."""
-    frame = result.metrics_dataframe
-    return frame is not None and search.metric in frame and bool(frame[search.metric].notna().any())
-
-
 def failed_before_reporting(results, search: SearchConfig) -> list[Failed]:
     """The trials that failed with nothing to plot: their values (from Tune's params.json, as Tune gives them no
     config) and their error."""
     failed = []
     for result in results:
-        if result.error is None or reported(result, search):
+        if result.error is None or search.reported(result.metrics_dataframe):
             continue
         try:
             with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
@@ -224,8 +219,8 @@ def failed_before_reporting(results, search: SearchConfig) -> list[Failed]:
     return sorted(failed, key=lambda f: f.name)
 
 
-def pick_best(trials: list[Trial], mode: str) -> Trial:
-    return (max if mode == "max" else min)(trials, key=lambda t: t.best)
+def pick_best(trials: list[Trial]) -> Trial:
+    return max(trials, key=lambda t: t.rank)
 
 
 def with_best_name(cfg: RunConfig, sweep_name: str) -> RunConfig:

@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space, variants=variants)
     with claimed(base):
         results = run_sweep(base, search, resume=args.resume, variants=variants)
-    best = results.get_best_result(search.metric, search.mode, scope="all")
     failed = f" ({len(results.errors)} failed; the first: {one_line(results.errors[0])})" if results.errors else ""
+    ranked = [result for result in results if search.reported(result.metrics_dataframe)]
+    if not ranked:
+        print(f"{base.experiment}: {len(results)} trials{failed}, none reported {search.metric}")
+        return 1
+    best = max(ranked, key=lambda result: search.ranking(result.metrics_dataframe))  # as jobs.analyze picks it
     print(f"{base.experiment}: {len(results)} trials{failed}, best {search.metric} "
           f"{best.metrics_dataframe[search.metric].agg(search.mode):.4f} ({best.path.rsplit('/', 1)[-1]}: {listed_values(best.config)})")
     print(f"report: python -m jobs.analyze {experiment_location(base).uri}")

@@ -94,6 +94,27 @@ def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():
     assert trial.epochs == [1, 2, 3] and trial.curve == [0.2, 0.4, 0.5] and trial.best == 0.5 and trial.status == "ran to max_t"
 
 
+@pytest.mark.parametrize("metric,mode,winner", [("val/acc", "max", "t1"), ("val/loss", "min", "t2"), ("val/f1", "max", "t1")])
+def test_a_tie_on_the_sweeps_metric_goes_to_the_better_validation_loss(metric, mode, winner):
+    """On 15 validation images accuracy moves in steps of 1/15, so trials tie; the winner was the first listed. Now the
+    lower val/loss at the tied best wins (the higher val/acc when the metric is val/loss), whatever the order."""
+    import pandas as pd
+
+    rows = {"t0": [{"epoch": 1, "val/acc": 0.6, "val/f1": 0.5, "val/loss": 0.9}, {"epoch": 2, "val/acc": 0.8, "val/f1": 0.7, "val/loss": 0.7}],
+            "t1": [{"epoch": 1, "val/acc": 0.8, "val/f1": 0.7, "val/loss": 0.5}, {"epoch": 2, "val/acc": 0.7, "val/f1": 0.6, "val/loss": 0.4}],
+            "t2": [{"epoch": 1, "val/acc": 0.4, "val/f1": 0.3, "val/loss": 0.4}, {"epoch": 2, "val/acc": 0.75, "val/f1": 0.6, "val/loss": 0.4}]}
+    results = [type("Result", (), {"metrics_dataframe": pd.DataFrame([{**r, "trial_id": name} for r in trial]), "error": None,
+                                   "config": {"optim.lr": 1e-3}, "path": f"/runs/sweep/trial_{name}"})()
+               for name, trial in rows.items()]
+    search = SearchConfig.model_validate({"metric": metric, "mode": mode, "scheduler": {"name": "fifo", "max_t": 2},
+                                          "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    for order in (results, results[::-1]):
+        assert analyze.pick_best(analyze.summarize(order, search)).name == winner
+        assert max(order, key=lambda r: search.ranking(r.metrics_dataframe)).path.endswith(winner)  # the sweep's summary
+    lacking = pd.DataFrame([{"epoch": 1, metric: results[0].metrics_dataframe[metric].agg(mode)}])  # no tie-breaker
+    assert search.ranking(lacking) < search.ranking(results[0].metrics_dataframe)  # loses the tie
+
+
 def test_analyze_of_a_sweep_whose_every_trial_failed_names_the_first_error():
     """Before: 'no trial has reported val/acc yet', as if the sweep were still starting."""
     failed = [type("Result", (), {"metrics_dataframe": None, "error": RuntimeError(f"Traceback ...\nTrainingDiverged: epoch {i}"),
