@@ -277,8 +277,8 @@ def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
             if kind == "loguniform":
                 ax.set_xscale("log")
         else:
-            labels = sorted({str(v) for v in values})
-            ax.scatter([labels.index(str(v)) for v in values], finals, c=colors)
+            labels = sorted({config_text(v) for v in values})
+            ax.scatter([labels.index(config_text(v)) for v in values], finals, c=colors)
             ax.set_xticks(range(len(labels)), labels)
         ax.set(xlabel=key, ylabel=f"final {search.metric}")
     for ax in list(axes.flat)[len(keys):]:
