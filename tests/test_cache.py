@@ -6,7 +6,7 @@ import pytest
 
 from cluster import storage
 from cluster.storage import cache
-from tl_core.errors import StorageError
+from tl_core.errors import ConfigError, StorageError
 
 
 def put(s3, key, body):
@@ -67,3 +67,27 @@ def test_empty_prefix_and_single_objects(s3):
     assert path.read_bytes() == b"weights"
     put(s3, "cache-test/w/model.pt", b"weights v2")
     assert cache.fetch_object(location, "model.weights").read_bytes() == b"weights v2"
+
+
+def test_weights_read_from_a_nodes_copy_are_named_by_their_s3_uri(caplog, monkeypatch, tmp_path):
+    """The demo on S3 logged `loaded backbone from /root/.cache/tl-finetune/s3/...`: the node's copy, not what the
+    config named. Log lines and errors about the copy name its s3:// URI; other paths stay as they are."""
+    import torch
+
+    from tl_core.config import ModelConfig
+    from tl_core.data import as_given
+    from tl_core.models import build_model
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    source = build_model(ModelConfig(backbone="resnet18"), ["a", "b"], 32)
+    location = storage.parse("s3://tl-test/cache-test/weights/src.pt")
+    local = cache.local_path(location)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(source.state_dict(), local)
+    assert as_given(local) == "s3://tl-test/cache-test/weights/src.pt" and as_given("/data/src.pt") == "/data/src.pt"
+    caplog.set_level("INFO", logger="tl_core")
+    build_model(ModelConfig(backbone="resnet18", weights=str(local)), ["a", "b"], 32)
+    assert "weights: loaded backbone and head from s3://tl-test/cache-test/weights/src.pt" in caplog.text
+    torch.save({"conv1.weight": torch.zeros(1)}, local)
+    with pytest.raises(ConfigError, match="model.weights: s3://tl-test/cache-test/weights/src.pt does not match"):
+        build_model(ModelConfig(backbone="resnet18", weights=str(local)), ["a", "b"], 32)

@@ -99,6 +99,21 @@ def node_cache_dir() -> Path:
     return user_path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune")
 
 
+def node_copy_path(bucket: str, key: str) -> Path:
+    """Where this node keeps its copy of the S3 object or prefix s3://BUCKET/KEY (cluster.storage.cache fills it)."""
+    return node_cache_dir() / "s3" / bucket / key
+
+
+def as_given(path: str | Path) -> str:
+    """`path` as a user named it: a node's copy of something on S3 as its s3:// URI (what the config said), any
+    other path as it is. For messages: a log line or an error about a copy names what the user knows."""
+    try:
+        bucket, _, key = Path(path).relative_to(node_cache_dir() / "s3").as_posix().partition("/")
+    except ValueError:
+        return str(path)
+    return f"s3://{bucket}/{key}"
+
+
 def _cached_index(kind: str, paths: list[str], settings: tuple, build: Callable[[], DatasetIndex]) -> DatasetIndex:
     """The index of a dataset version, built (every image decoded and hashed) once per node and read back after:
     the version is every file's path, size, mtime and ctime with the split settings, so a changed file builds it again."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tl_core.config import ModelConfig
+from tl_core.data import as_given
 from tl_core.errors import ConfigError
 from tl_core.files import user_path
 
@@ -224,7 +225,7 @@ def build_text_model(cfg: ModelConfig, classes: list[str]) -> nn.Module:
 
         found = read_source_state_dict(weights, cfg.backbone)
         with naming_the_trained_backbone(found, cfg.backbone):
-            load_source_weights(model, found.state, source=weights, head_name="head",
+            load_source_weights(model, found.state, source=as_given(weights), head_name="head",
                                 keep_head=found.classes in (None, list(classes)))
     return model
 

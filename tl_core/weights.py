@@ -25,6 +25,7 @@ from torch import nn
 
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
+from tl_core.data import as_given
 from tl_core.errors import ConfigError
 from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, nearest, pretrained_input_size, timm_tags, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
@@ -58,9 +59,10 @@ def load_source(model: nn.Module, head_name: str, source: str, backbone: str, cl
     """Load `source` (a `model.weights` value) into `model`, converting its layout; its head is kept only when it was
     trained on `classes` (or its classes are unknown)."""
     found = read_source_state_dict(source, backbone)
+    name = as_given(source)  # a node's copy of weights on S3 named by its s3:// URI
     with naming_the_trained_backbone(found, backbone), naming_the_trained_size(found, backbone, image_size):
-        state = convert_layout(found.state, model, source=source, head_name=head_name)
-        load_source_weights(model, state, source=source, head_name=head_name, keep_head=found.classes in (None, list(classes)))
+        state = convert_layout(found.state, model, source=name, head_name=head_name)
+        load_source_weights(model, state, source=name, head_name=head_name, keep_head=found.classes in (None, list(classes)))
 
 
 @contextlib.contextmanager
@@ -106,7 +108,7 @@ def read_source_state_dict(source: str, backbone: str) -> SourceWeights:
         return SourceWeights(_torch_load(cached, source))
     path = Path(source)
     if path.exists():
-        return _read_local_weights(path, source)
+        return _read_local_weights(path, as_given(source))
     names = f"imagenet, {', '.join(OFFLINE_WEIGHTS)} (offline), a torchvision weights name, a timm pretrained tag"
     if source.lower().startswith(("http://", "https://")):
         raise ConfigError(f"model.weights: {source} is a URL, which is not fetched; download the file to a path or s3:// "

@@ -17,7 +17,7 @@ from filelock import FileLock
 
 from cluster import storage
 from cluster.storage import Location
-from tl_core.data import node_cache_dir
+from tl_core.data import node_cache_dir, node_copy_path
 from tl_core.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def cache_root() -> Path:
 
 
 def local_path(location: Location) -> Path:
-    return cache_root() / "s3" / location.bucket / location.key
+    return node_copy_path(location.bucket, location.key)
 
 
 def sync_prefix(location: Location, field: str) -> Path:
