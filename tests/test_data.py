@@ -27,6 +27,17 @@ def test_class_folders_get_a_stratified_seeded_split(image_folder):
     assert again.val == index.val and other.val != index.val
 
 
+def test_a_nodes_copy_of_s3_data_is_named_by_its_s3_uri_in_warnings(tmp_path, monkeypatch, caplog):
+    """Images read from the node's copy of s3://BUCKET/KEY: an unreadable one is named s3://..., not ~/.cache/..."""
+    from tl_core.data import node_copy_path
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_image_folder(node_copy_path("bucket", "sets/ds"), n_classes=2, per_class=6)
+    (root / "class_0" / "broken.png").write_bytes(b"not an image at all")
+    index_image_folder(cfg(root), seed=0)
+    assert "skipped 1 unreadable image(s), e.g. s3://bucket/sets/ds/class_0/broken.png" in caplog.text
+
+
 def test_train_and_val_folders_are_used_as_given(tmp_path):
     root = make_image_folder(tmp_path / "d", n_classes=2, per_class=8, layout="split")
     index = index_image_folder(cfg(root), seed=0)

@@ -201,7 +201,7 @@ def clean_and_split(classes: list[str], train_files: list[Sample], val_files: li
         raise DataError(f"data.root: too few images for a validation split (val_fraction={val_fraction})")
     index = DatasetIndex(classes, train, val, unreadable, duplicates)
     if unreadable:
-        logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
+        logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), as_given(unreadable[0]))
     return index
 
 
@@ -219,7 +219,7 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
         random.Random(seed).shuffle(samples)
         n_val = min(max(round(len(samples) * cfg.val_fraction), 2), len(samples) - 2)
         if unreadable:
-            logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
+            logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), as_given(unreadable[0]))
         return DatasetIndex([], sorted(samples[n_val:]), sorted(samples[:n_val]), unreadable, duplicates)
 
     return _cached_index("unlabelled", [path for path, _ in files], (cfg.val_fraction, seed), build)
@@ -333,8 +333,8 @@ def warn_conflicts(conflicts: list[tuple[Sample, Sample]], unit: str, label_name
     if conflicts:
         (kept, kept_label), (dropped, dropped_label) = conflicts[0]
         logger.warning("data: %d %s(s) repeat one of another class and were kept once, under the first class; e.g. %s "
-                       "(%s) repeats %s (%s)", len(conflicts), unit, _short(dropped), label_name(dropped_label),
-                       _short(kept), label_name(kept_label))
+                       "(%s) repeats %s (%s)", len(conflicts), unit, _short(as_given(dropped)), label_name(dropped_label),
+                       _short(as_given(kept)), label_name(kept_label))
 
 
 def _short(text: str, keep: int = 30) -> str:
