@@ -21,8 +21,8 @@ def write_result(cfg: RunConfig, result) -> dict:
     metas = dict(checkpoint_metas(experiment))  # complete checkpoints only: never name one cut short
     if not metas:
         raise CheckpointError(f"experiment {cfg.experiment}: the run finished without a checkpoint")
-    sign = 1.0 if cfg.checkpoint.mode == "max" else -1.0
-    best_path, best_meta = max(metas.items(), key=lambda item: (sign * item[1]["metrics"][cfg.checkpoint.metric], -item[1]["epoch"]))
+    # the best `checkpoint.metric`; a tie goes to the lower val/loss, then to the earlier epoch
+    best_path, best_meta = max(metas.items(), key=lambda item: (*cfg.checkpoint.rank(item[1]["metrics"]), -item[1]["epoch"]))
     last = max(metas.values(), key=lambda meta: meta["epoch"])
     final = dict(result.metrics) if result.metrics and result.metrics.get("epoch", 0) >= last["epoch"] else last["metrics"]
     summary = run_dir.result_summary(

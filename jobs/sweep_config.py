@@ -186,16 +186,9 @@ class SearchConfig(Section, MonitorsAMetric):
         return frame is not None and self.metric in frame and bool(frame[self.metric].notna().any())
 
     def ranking(self, frame) -> tuple[float, float]:
-        """A trial's rank, higher first, from its reported rows (a DataFrame): its best `metric` over the epochs, then,
-        for a tie (common on a few validation images: 15 of them score in steps of 1/15), the lower val/loss at that
-        best (the higher val/acc when the metric is val/loss itself). Trials no row of which has the other metric
-        lose ties."""
-        rows = frame.dropna(subset=[self.metric])
-        scores = rows[self.metric] * (1 if self.mode == "max" else -1)
-        top = float(scores.max())
-        other, sign = ("val/acc", 1) if self.metric == "val/loss" else ("val/loss", -1)
-        tie = float((rows.loc[scores == top, other] * sign).max()) if other in rows else math.nan
-        return top, tie if math.isfinite(tie) else -math.inf
+        """A trial's rank, higher first, from its reported rows (a DataFrame): its best epoch's `rank` (its best
+        `metric`, a tie going to the lower val/loss at that best)."""
+        return max(self.rank(row) for row in frame.dropna(subset=[self.metric]).to_dict("records"))
 
 
 def _check_config_key(key: str) -> None:

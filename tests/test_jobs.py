@@ -459,3 +459,25 @@ def test_a_capacity_shortfall_names_the_scaling_key_that_asks_for_it(scaling, me
     cfg = from_dict({"experiment": "x", "data": {"root": "/d"}, "scaling": scaling})
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         preflight.check_capacity(cfg)
+
+
+@pytest.mark.parametrize("metric,best", [("val/acc", 2), ("val/loss", 4), ("val/f1", 3)])
+def test_of_checkpoints_that_tie_the_best_is_the_lower_val_loss_then_the_earlier(tmp_path, metric, best):
+    """15 validation images score accuracy in steps of 1/15, so epochs tie; result.json named the earliest. Now the
+    lower val/loss wins a tie (the higher val/acc where the metric is val/loss), as in a sweep's ranking, and of
+    epochs that tie on both the earlier (val/f1: epochs 1, 3 and 4 tie, 3 and 4 on val/loss too)."""
+    from types import SimpleNamespace
+
+    from jobs.results import write_result
+
+    cfg = from_dict({"experiment": "ties", "data": {"root": str(tmp_path)}, "storage": {"root": str(tmp_path / "runs")},
+                     "checkpoint": {"metric": metric}})
+    rows = [{"val/acc": 0.8, "val/loss": 0.7, "val/f1": 0.7}, {"val/acc": 0.8, "val/loss": 0.5, "val/f1": 0.6},
+            {"val/acc": 0.6, "val/loss": 0.4, "val/f1": 0.7}, {"val/acc": 0.7, "val/loss": 0.4, "val/f1": 0.7}]
+    for epoch, metrics in enumerate(rows, 1):
+        folder = tmp_path / "runs" / "ties" / f"checkpoint_epoch_{epoch:04d}"
+        folder.mkdir(parents=True)
+        (folder / META_FILE).write_text(json.dumps({"epoch": epoch, "classes": ["a", "b"],
+                                                    "metrics": {"epoch": epoch, **metrics}}))
+    summary = write_result(cfg, SimpleNamespace(metrics=None))
+    assert summary["best_checkpoint"].endswith(f"checkpoint_epoch_{best:04d}") and summary["best_metric"]["epoch"] == best

@@ -7,9 +7,10 @@ Validation errors become one `ConfigError` line that names the field and what is
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -91,6 +92,15 @@ class MonitorsAMetric(BaseModel):
         raise ValueError(f"{mode} would take the {'highest' if mode == 'max' else 'lowest'} {metric} as the best, and "
                          f"{metric} is better {'lower' if metric in LOWER_IS_BETTER else 'higher'}: use "
                          f"{metric_mode(metric)}, or leave mode out")
+
+    def rank(self, metrics: Mapping[str, Any]) -> tuple[float, float]:
+        """How good one epoch's `metrics` are, higher first: `metric` oriented by `mode`, then, for a tie (common on a
+        few validation images: 15 of them score accuracy in steps of 1/15), the lower val/loss (the higher val/acc
+        when the metric is val/loss itself); metrics without the tie-breaker lose ties."""
+        value = metrics[self.metric] * (1 if self.mode == "max" else -1)
+        other, sign = ("val/acc", 1) if self.metric == "val/loss" else ("val/loss", -1)
+        tie = metrics.get(other)
+        return value, tie * sign if isinstance(tie, (int, float)) and math.isfinite(tie) else -math.inf
 
 #: The metrics each recipe (`pretrain.method`) reports; SimCLR's val/acc is how often a view finds its partner.
 RECIPE_METRICS = {"supervised": METRIC_NAMES, "simclr": ("train/loss", "val/loss", "val/acc", "epoch")}
