@@ -141,16 +141,17 @@ def best_checkpoint(result, search: SearchConfig, location: storage.Location):
     kept) the best reported `checkpoint_path` that still exists."""
     import ray.train
 
-    found = result.get_best_checkpoint(search.metric, search.mode) if result.best_checkpoints else None
-    if found is not None:
-        return found
+    kept = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or ()
+            if isinstance(metrics.get(search.metric), (int, float)) and not math.isnan(metrics[search.metric])]
+    if kept:  # the best, a tie broken as the trials' is (SearchConfig.rank)
+        return max(kept, key=lambda item: search.rank(item[1]))[0]
     frame = result.metrics_dataframe
     if "checkpoint_path" in frame:
         fs = storage.filesystem(location)
-        ranked = frame.dropna(subset=["checkpoint_path"]).sort_values(search.metric, ascending=search.mode == "min")
-        for path in ranked["checkpoint_path"]:
-            if fs.get_file_info(f"{path}/{META_FILE}").is_file:
-                return ray.train.Checkpoint(path, filesystem=fs)
+        rows = frame.dropna(subset=["checkpoint_path", search.metric]).to_dict("records")
+        for row in sorted(rows, key=search.rank, reverse=True):
+            if fs.get_file_info(f"{row['checkpoint_path']}/{META_FILE}").is_file:
+                return ray.train.Checkpoint(row["checkpoint_path"], filesystem=fs)
     raise ConfigError(f"experiment: trial {_trial_name(result)} kept no checkpoint to report on")
 
 

@@ -15,6 +15,7 @@ import yaml
 from helpers import make_image_folder
 from PIL import Image
 
+from cluster import storage
 from jobs import analyze, finetune, sweep
 from jobs.sweep_config import MAX_CHECKED_COMBINATIONS, SearchConfig, listed_values, load_sweep
 from tl_core.errors import ConfigError
@@ -113,6 +114,24 @@ def test_a_tie_on_the_sweeps_metric_goes_to_the_better_validation_loss(metric, m
         assert max(order, key=lambda r: search.ranking(r.metrics_dataframe)).path.endswith(winner)  # the sweep's summary
     lacking = pd.DataFrame([{"epoch": 1, metric: results[0].metrics_dataframe[metric].agg(mode)}])  # no tie-breaker
     assert search.ranking(lacking) < search.ranking(results[0].metrics_dataframe)  # loses the tie
+
+
+def test_the_winners_checkpoint_reported_on_breaks_a_tie_as_the_trials_do(tmp_path):
+    """Of a trial's kept checkpoints (Tune's, or a DDP trial's reported paths) the one with the lower val/loss of two
+    that tie on the metric is the report's (per-class metrics, confusion matrix); a NaN score is never the best."""
+    import pandas as pd
+
+    search = SearchConfig.model_validate({"metric": "val/acc", "scheduler": {"name": "fifo", "max_t": 3},
+                                          "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    rows = [{"val/acc": 0.8, "val/loss": 0.7}, {"val/acc": 0.8, "val/loss": 0.5}, {"val/acc": float("nan"), "val/loss": 0.1}]
+    tune_kept = type("Result", (), {"best_checkpoints": [(f"ckpt{i}", row) for i, row in enumerate(rows)]})()
+    assert analyze.best_checkpoint(tune_kept, search, None) == "ckpt1"
+    for i in range(3):
+        (tmp_path / f"ckpt{i}").mkdir()
+        (tmp_path / f"ckpt{i}" / "meta.json").write_text("{}")
+    ddp = type("Result", (), {"best_checkpoints": [], "metrics_dataframe": pd.DataFrame(
+        [{**row, "checkpoint_path": str(tmp_path / f"ckpt{i}")} for i, row in enumerate(rows)])})()
+    assert analyze.best_checkpoint(ddp, search, storage.parse(str(tmp_path))).path == str(tmp_path / "ckpt1")
 
 
 def test_analyze_of_a_sweep_whose_every_trial_failed_names_the_first_error():
