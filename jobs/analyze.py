@@ -221,6 +221,7 @@ def failed_before_reporting(results, search: SearchConfig) -> list[Failed]:
 
 
 def pick_best(trials: list[Trial]) -> Trial:
+    """The winner: the best `metric` at any epoch, a tie going to the lower val/loss there (SearchConfig.ranking)."""
     return max(trials, key=lambda t: t.rank)
 
 
@@ -331,7 +332,7 @@ def render_html(out: Path, trials, failed: list[Failed], winner: Trial, search: 
     full = len(trials) * search.scheduler.max_t
     head = "".join(f"<th>{esc(h)}</th>" for h in ["trial", *search.space, "global batch", f"best {search.metric}", "epochs", "stopped"])
     rows = []
-    for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
+    for t in sorted(trials, key=lambda t: t.rank, reverse=True):
         cells = [t.name, *(config_text(t.params[k]) for k in search.space), str(t.batch.get("global_batch_size", "")),
                  f"{t.best:.4f}", str(t.epochs[-1]), t.status]
         style = ' class="best"' if t is winner else ""
@@ -380,7 +381,7 @@ def publish(local: Path, target: storage.Location) -> str:
 
 def print_summary(trials: list[Trial], failed: list[Failed], winner: Trial, search: SearchConfig) -> None:
     print(f"{'trial':<18}{'best ' + search.metric:>14}{'epochs':>8}  {'stopped':<28}values")
-    for t in sorted(trials, key=lambda t: t.best, reverse=search.mode == "max"):
+    for t in sorted(trials, key=lambda t: t.rank, reverse=True):
         mark = "*" if t is winner else " "
         print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{listed_values(t.params)}")
     for f in failed:

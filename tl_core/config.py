@@ -102,6 +102,7 @@ class MonitorsAMetric(BaseModel):
         tie = metrics.get(other)
         return value, tie * sign if isinstance(tie, (int, float)) and math.isfinite(tie) else -math.inf
 
+
 #: The metrics each recipe (`pretrain.method`) reports; SimCLR's val/acc is how often a view finds its partner.
 RECIPE_METRICS = {"supervised": METRIC_NAMES, "simclr": ("train/loss", "val/loss", "val/acc", "epoch")}
 
