@@ -91,3 +91,19 @@ def test_weights_read_from_a_nodes_copy_are_named_by_their_s3_uri(caplog, monkey
     torch.save({"conv1.weight": torch.zeros(1)}, local)
     with pytest.raises(ConfigError, match="model.weights: s3://tl-test/cache-test/weights/src.pt does not match"):
         build_model(ModelConfig(backbone="resnet18", weights=str(local)), ["a", "b"], 32)
+
+
+def test_a_text_encoder_read_from_a_nodes_copy_is_named_by_its_s3_uri(caplog, monkeypatch, tmp_path):
+    """`model.backbone: hf:s3://...` runs from the node's copy of the folder; the log line names the s3:// URI."""
+    import shutil
+
+    from tl_core.config import ModelConfig
+    from tl_core.data import node_copy_path
+    from tl_core.text_models import build_text_model, model_dir
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
+    copy = node_copy_path("bucket", "models/minilm")
+    shutil.copytree(model_dir("hf:all-MiniLM-L6-v2"), copy)
+    caplog.set_level("INFO", logger="tl_core")
+    build_text_model(ModelConfig(backbone=f"hf:{copy}", weights="pretrained"), ["a", "b"])
+    assert "weights: loaded hf:s3://bucket/models/minilm's pretrained encoder from s3://bucket/models/minilm" in caplog.text

@@ -213,7 +213,7 @@ def build_text_model(cfg: ModelConfig, classes: list[str]) -> nn.Module:
     source = source_checkpoint(cfg.backbone)
     if cfg.weights == PRETRAINED and source is None:
         encoder = _without_pooler(lambda **kw: AutoModel.from_pretrained(directory, **kw))
-        logger.info("weights: loaded %s's pretrained encoder from %s", cfg.backbone, directory)
+        logger.info("weights: loaded %s's pretrained encoder from %s", HF_PREFIX + as_given(_name(cfg.backbone)), as_given(directory))
     else:
         config = AutoConfig.from_pretrained(directory)
         encoder = _without_pooler(lambda **kw: AutoModel.from_config(config, **kw))
