@@ -99,16 +99,20 @@ def node_cache_dir() -> Path:
     return user_path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune")
 
 
+def _node_copies() -> Path:
+    return node_cache_dir() / "s3"
+
+
 def node_copy_path(bucket: str, key: str) -> Path:
     """Where this node keeps its copy of the S3 object or prefix s3://BUCKET/KEY (cluster.storage.cache fills it)."""
-    return node_cache_dir() / "s3" / bucket / key
+    return _node_copies() / bucket / key
 
 
 def as_given(path: str | Path) -> str:
     """`path` as a user named it: a node's copy of something on S3 as its s3:// URI (what the config said), any
     other path as it is. For messages: a log line or an error about a copy names what the user knows."""
     try:
-        bucket, _, key = Path(path).relative_to(node_cache_dir() / "s3").as_posix().partition("/")
+        bucket, _, key = Path(path).relative_to(_node_copies()).as_posix().partition("/")
     except ValueError:
         return str(path)
     return f"s3://{bucket}/{key}"

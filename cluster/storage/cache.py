@@ -17,16 +17,12 @@ from filelock import FileLock
 
 from cluster import storage
 from cluster.storage import Location
-from tl_core.data import node_cache_dir, node_copy_path
+from tl_core.data import node_copy_path
 from tl_core.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".tl-manifest.json"
-
-
-def cache_root() -> Path:
-    return node_cache_dir()
 
 
 def local_path(location: Location) -> Path:
