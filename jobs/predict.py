@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                       batch_size=args.batch_size, batch_format="numpy",
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                       num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+    ray_private.no_late_cpu_alarm()
     try:
         predictions.write_parquet(out.path, filesystem=storage.filesystem(out))
     except KeyboardInterrupt:

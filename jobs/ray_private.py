@@ -205,6 +205,19 @@ def drop_benign_ray_lines() -> None:
                                for name, handler in dispatcher.handlers]
 
 
+def no_late_cpu_alarm() -> None:
+    """Ray Data warns, once per process, that a dataset "will hang unless more CPUs are freed up" when it executes on a
+    cluster with no free CPU. `write_parquet` executes twice: the write itself, then its materialized result, by which
+    time the model actors may still hold every CPU, so on a small machine the warning came after the predictions were
+    written. Where CPUs are free as the write starts (the warning's one real case is a cluster with none), its once is
+    spent here, under the key Ray Data logs it with."""
+    import ray
+    from ray.util.debug import log_once
+
+    if ray.available_resources().get("CPU"):
+        log_once("cpu_warning")
+
+
 def tuner_run_config(tuner):
     """The RunConfig a Tuner runs with: a restored one's comes from the experiment's tuner.pkl, with the callbacks the
     sweep began with, and Tuner has no public getter for it."""
