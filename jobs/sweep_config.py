@@ -9,7 +9,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tl_core.config import MetricName, MonitorsAMetric, RunConfig, Section, apply_overrides, describe, from_dict, override, section_at, with_overrides
 from tl_core.config_file import read_config_file
@@ -53,7 +53,7 @@ class SchedulerConfig(Section):
 
 class SearchConfig(Section, MonitorsAMetric):
     space: dict[str, dict[str, list[Any]]]
-    num_samples: int = Field(8, ge=1)
+    num_samples: int = Field(8, ge=1)  # 1 for a space of grid entries only, whose repeats would be the same trials
     max_concurrent_trials: int = Field(2, ge=1)
     search_alg: Literal["random", "grid", "optuna", "bohb"] = "random"  # optuna: TPE; bohb: with scheduler.name bohb
     seed: int = Field(0, ge=0, lt=2**32)  # the searchers' random state
@@ -133,6 +133,22 @@ class SearchConfig(Section, MonitorsAMetric):
         elif self.scheduler.synch:
             raise ValueError(f"scheduler.synch: applies to scheduler.name pbt, not {self.scheduler.name}")
         return self
+
+    @model_validator(mode="after")
+    def _repeats_differ(self, info: ValidationInfo) -> SearchConfig:
+        """A space of grid entries only draws nothing: each repeat of it (`num_samples`) would train the same trials
+        again, from the same values and the same train.seed (PBT's change values as they run). A stored sweep
+        (jobs.analyze's) is read as it ran."""
+        if any(next(iter(s)) != "grid" for s in self.space.values()) or self.scheduler.name == "pbt" \
+                or self.num_samples == 1 or (info.context or {}).get("stored"):
+            return self
+        if "num_samples" not in self.model_fields_set:
+            object.__setattr__(self, "num_samples", 1)  # the default 8 is for spaces that draw values (frozen: set once,
+            return self                                 # here, as pydantic's __init__ keeps self, not a returned copy)
+        seeds = ("its train.seed grid already repeats them on other seeds" if "train.seed" in self.space else
+                 f"to repeat on other seeds, add train.seed: {{grid: {list(range(self.num_samples))}}} to the space")
+        raise ValueError(f"num_samples: {self.num_samples} repeats a space of grid entries only, and every repeat would train "
+                         f"the same trials again (the same values, the same train.seed); give num_samples: 1 ({seeds})")
 
     def trial_values(self) -> list[tuple[str, Any]]:
         """(key, value) pairs that stand for everything the space can draw: every choice, the edges of a range, and

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from helpers import make_image_folder
 from PIL import Image
+from pydantic import ValidationError
 
 from cluster import storage
 from jobs import analyze, finetune, sweep
@@ -493,9 +494,13 @@ SWEEP_BAD_INPUTS = {
     "bohb without its scheduler": ({"search_alg": "bohb"}, "search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together"),
     "a grid for optuna": ({"search_alg": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},
                           "search_alg: optuna samples its own points; use choice instead of grid"),
-    "a grid value twice": ({"search_alg": "grid", "space": {"optim.lr": {"grid": [0.1, 0.01, 0.1]}}},
+    "a grid value twice": ({"search_alg": "grid", "num_samples": 1, "space": {"optim.lr": {"grid": [0.1, 0.01, 0.1]}}},
                            "search.space: optim.lr: grid lists 0.1 twice; each grid value runs its own trials, so list it once"),
-    "a resource key": ({"search_alg": "grid", "space": {"scaling.num_workers": {"grid": [1, 2]}}},
+    "a grid repeated": ({"search_alg": "grid", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},
+                        "search.num_samples: 6 repeats a space of grid entries only, and every repeat would train the same "
+                        "trials again (the same values, the same train.seed); give num_samples: 1 (to repeat on other seeds, "
+                        "add train.seed: {grid: [0, 1, 2, 3, 4, 5]} to the space)"),
+    "a resource key": ({"search_alg": "grid", "num_samples": 1, "space": {"scaling.num_workers": {"grid": [1, 2]}}},
                        "search.space: scaling.num_workers: every trial holds the resources the run config's scaling section "
                        "asks for, reserved once for the sweep, so they cannot vary between trials"),
     "pbt on a fixed key": ({"scheduler": {"name": "pbt"}}, "pbt changes hyperparameters of running trials, which train.batch_size"),
@@ -516,6 +521,23 @@ SWEEP_BAD_INPUTS = {
                                "search.space: model.lp_epochs 6 and model.strategy 'lp_ft' are not valid together: "
                                "model.lp_epochs: 6 must be less than train.epochs (6)"),
 }
+
+
+def test_a_space_of_grid_entries_only_runs_once_unless_num_samples_is_given():
+    """Nothing in such a space is drawn, so each repeat (num_samples, default 8) trained the same trials again from the
+    same train.seed: `search_alg: grid` with the default ran every trial 8 times. It runs once; a num_samples given
+    for it is refused (the bad-input table), a space that draws anything keeps the default, and PBT (which changes its
+    trials' values) and a stored sweep (jobs.analyze reads it as it ran) are left as they are."""
+    grid = {"optim.lr": {"grid": [0.1, 0.01]}, "train.seed": {"grid": [0, 1]}}
+    assert SearchConfig(space=grid, search_alg="grid").num_samples == 1
+    assert SearchConfig(space=grid).num_samples == 1  # random search over grid entries draws nothing either
+    assert SearchConfig(space={**grid, "model.dropout": {"uniform": [0.0, 0.5]}}).num_samples == 8
+    assert SearchConfig.model_validate({"space": grid, "num_samples": 3}, context={"stored": True}).num_samples == 3
+    pbt = {"space": {"optim.lr": {"grid": [0.1, 0.01]}}, "num_samples": 4, "scheduler": {"name": "pbt"}}
+    assert SearchConfig.model_validate(pbt).num_samples == 4
+    with pytest.raises(ValidationError, match=r"num_samples: 2 repeats a space of grid entries only, .*; give num_samples: 1 "
+                                              r"\(its train.seed grid already repeats them on other seeds\)"):
+        SearchConfig(space=grid, num_samples=2)
 
 
 def test_sweep_checks_combinations_of_keys_smallest_first_within_a_budget():
