@@ -28,11 +28,13 @@ from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
 from jobs.preflight import TRIAL_MODEL_KEYS, check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import checkpoint_dirs, experiment_location, root_location, stage_hub_weights, with_absolute_paths
-from jobs.sweep_config import SearchConfig, Variant, listed_values, load_sweep, with_values
-from tl_core.config import RunConfig, as_yaml, from_dict, override, value_at, with_overrides
+from jobs.sweep_config import SearchConfig, Variant, kept_by_search, listed_values, load_sweep, with_values
+from tl_core.config import CheckpointConfig, RunConfig, as_yaml, from_dict, override, value_at, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.run_dir import SWEEP_FILE
 from tl_core.safe_yaml import dump_yaml, parse_yaml
+
+log = logging.getLogger("jobs")
 
 
 @guarded
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         check_same_sweep(base, search)
     variants = search.variants(TRIAL_MODEL_KEYS)
     base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space, variants=variants)
+    if base.checkpoint.metric not in (search.metric, CheckpointConfig().metric):
+        log.warning("config: in a sweep, search.metric %s keeps the trials' checkpoints (and best.yaml's); nothing reads "
+                    "checkpoint.metric: %s", search.metric, base.checkpoint.metric)
     with claimed(base):
         results = run_sweep(base, search, resume=args.resume, variants=variants)
     failed = f" ({len(results.errors)} failed; the first: {one_line(results.errors[0])})" if results.errors else ""
@@ -126,12 +131,13 @@ def param_space(search: SearchConfig) -> dict:
 
 
 def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
-    """The run config of one trial: the base with the sampled values, LR scaled with the global batch if asked."""
+    """The run config of one trial: the base with the sampled values, LR scaled with the global batch if asked, its
+    checkpoints kept by the sweep's metric."""
     params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # BOHB samples numpy scalars
     cfg = with_overrides(from_dict(base), [override(k, v) for k, v in params.items()])
     if search["scale_lr"] == "linear":
         cfg = with_overrides(cfg, [override("optim.lr", cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size'])])
-    return cfg
+    return kept_by_search(cfg, search["metric"], search["mode"])
 
 
 def global_batch_size(cfg: RunConfig) -> int:

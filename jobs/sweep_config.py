@@ -260,7 +260,17 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 (key, value), = combination
                 raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {reason}") from None
             raise ConfigError(f"{path}: search.space: {named_values(combination)} are not valid together: {reason}") from None
+    try:
+        kept_by_search(base, search.metric, search.mode)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: search.metric: {str(exc).split(': ', 2)[-1]}") from None
     return base, search
+
+
+def kept_by_search(cfg: RunConfig, metric: str, mode: str) -> RunConfig:
+    """`cfg` as a trial runs it: its checkpoints kept by the sweep's metric, as Tune keeps them (a DDP trial's
+    TorchTrainer too), and so kept when best.yaml retrains the winner."""
+    return with_overrides(cfg, [override("checkpoint.metric", metric), override("checkpoint.mode", mode)])
 
 
 def with_values(cfg: RunConfig, combination: Variant) -> RunConfig:

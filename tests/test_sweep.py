@@ -523,6 +523,29 @@ SWEEP_BAD_INPUTS = {
 }
 
 
+def test_a_trial_and_the_retrained_winner_keep_checkpoints_by_the_sweeps_metric(tmp_path, monkeypatch, caplog):
+    """Tune keeps a trial's checkpoints by search.metric; best.yaml (the winner's trial config) kept checkpoint.metric,
+    so a sweep judged on val/loss retrained its winner keeping the best val/acc, and a DDP trial's TorchTrainer kept
+    its own by that too. A checkpoint.metric the sweep file sets, which no trial reads, is named in a warning."""
+    config = write_sweep(tmp_path, make_image_folder(tmp_path / "data", n_classes=2, per_class=4), metric="val/loss", mode="min")
+    base, search = load_sweep(config, ["checkpoint.metric=val/f1"])
+    cfg = sweep.trial_config(base.to_dict(), search.model_dump(), {"optim.lr": 0.01})
+    assert (cfg.checkpoint.metric, cfg.checkpoint.mode, cfg.optim.lr) == ("val/loss", "min", 0.01)
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args, **kwargs: type("NoTrials", (list,), {"errors": []})())
+    assert sweep.main(["--config", str(config), "--set", "checkpoint.metric=val/f1"]) == 1
+    assert ("config: in a sweep, search.metric val/loss keeps the trials' checkpoints (and best.yaml's); nothing reads "
+            "checkpoint.metric: val/f1") in caplog.text
+    caplog.clear()
+    assert sweep.main(["--config", str(config), "--set", "experiment=again"]) == 1  # checkpoint.metric left as it was
+    assert "nothing reads checkpoint.metric" not in caplog.text
+
+    simclr = write_sweep(tmp_path, tmp_path / "data", name="simclr.yaml", metric="val/f1", mode="max",
+                         space={"optim.lr": {"loguniform": [1.0e-4, 1.0e-1]}})
+    with pytest.raises(ConfigError, match=r"search.metric: pretrain.method: simclr does not report val/f1; it reports "):
+        load_sweep(simclr, ["pretrain.method=simclr"])
+
+
 def test_a_space_of_grid_entries_only_runs_once_unless_num_samples_is_given():
     """Nothing in such a space is drawn, so each repeat (num_samples, default 8) trained the same trials again from the
     same train.seed: `search_alg: grid` with the default ran every trial 8 times. It runs once; a num_samples given
