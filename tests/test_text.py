@@ -196,6 +196,11 @@ def test_a_frozen_layer_computes_as_in_evaluation_and_an_unfrozen_one_trains_wit
     ("no_data", "data.root: directory "),  # before: "... is a text model, but data.root ... holds images"
     ("two_text_columns", "data.text_column: train.csv has 2 columns named 'text'; which one is meant cannot be told"),  # a KeyError
     ("no_usable_row", "data.root: train.jsonl has no row with text in column 'text' and a label in column 'label' (16 row(s), each"),
+    # Windows-1252 ("café"), as Excel saves a CSV: pyarrow's reason was "CSV conversion error to string: invalid UTF8
+    # data"; its JSON reader kept the bytes and the run failed with a UnicodeDecodeError traceback.
+    ("cp1252_csv", "data.root: train.csv is not UTF-8 text (line 4 is not); tables are read as UTF-8: save it as UTF-8 "
+                   "(in Excel: CSV UTF-8)"),
+    ("cp1252_jsonl", "data.root: train.jsonl is not UTF-8 text (line 3 is not); tables are read as UTF-8: save it as UTF-8"),
 ])
 def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
     data = tmp_path / "data"
@@ -218,6 +223,12 @@ def test_text_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
     elif case == "no_usable_row":  # labels that are JSON objects: each one's text was a class, and the run trained
         data.mkdir()
         (data / "train.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": {"is": r["label"]}}) + "\n" for r in rows))
+    elif case.startswith("cp1252"):
+        data.mkdir()
+        texts = [{**r, "text": r["text"] + (" at the café" if i == 2 else "")} for i, r in enumerate(rows)]
+        table = ("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in texts) if case.endswith("csv") else
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in texts))
+        (data / f"train.{case.split('_')[1]}").write_bytes(table.encode("cp1252"))
     else:
         write_csv(data / "train.csv", rows)
     if case == "max_length":

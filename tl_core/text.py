@@ -52,6 +52,8 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
     try:
         table = readers[path.suffix.lower()](str(path))
     except (pa.ArrowInvalid, OSError) as exc:
+        if path.suffix.lower() != ".parquet" and (line := first_line_not_utf8(path)):
+            raise not_utf8(field, path, f"line {line}") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{field}: {path.name} cannot be read as {path.suffix[1:]} ({reason[:200]})") from None
     for key, column in columns:
@@ -59,7 +61,28 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
             raise DataError(f"{key}: {path.name} has no column {column!r}; its columns: {', '.join(table.column_names) or 'none'}")
         if (n := table.column_names.count(column)) > 1:
             raise DataError(f"{key}: {path.name} has {n} columns named {column!r}; which one is meant cannot be told, rename the others")
+        try:  # pyarrow's JSON reader keeps bytes that are not UTF-8 in its strings, which fail only when read
+            table.column(column).validate(full=True)
+        except pa.ArrowInvalid:
+            line = first_line_not_utf8(path) if path.suffix.lower() != ".parquet" else None
+            raise not_utf8(field, path, f"line {line}" if line else f"column {column!r}") from None
     return table
+
+
+def not_utf8(field: str, path: Path, where: str) -> DataError:
+    excel = " (in Excel: CSV UTF-8)" if path.suffix.lower() == ".csv" else ""
+    return DataError(f"{field}: {path.name} is not UTF-8 text ({where} is not); tables are read as UTF-8: save it as UTF-8{excel}")
+
+
+def first_line_not_utf8(path: Path) -> int | None:
+    """The number of the first line of `path` that is not UTF-8, if one is not."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
 
 
 def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
