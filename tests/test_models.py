@@ -154,6 +154,30 @@ def test_a_checkpoint_of_ours_for_another_backbone_names_the_one_it_was_trained_
         build_model(ModelConfig(backbone="resnet34", weights=str(run)), CLASSES, image_size=32)
 
 
+def test_a_checkpoint_of_ours_that_fits_another_backbone_names_the_one_it_was_trained_as(tmp_path, caplog):
+    """TF-ported EfficientNet-Lite0 weights fit timm's efficientnet_lite0 key for key, and loaded in silence, though
+    that model pads otherwise and normalises with ImageNet's statistics, not mean = std = 0.5: the run trained on
+    inputs its source never saw. It is named, with the difference in normalisation where there is one."""
+    import timm
+
+    from tl_core.checkpoint import save_checkpoint
+
+    def load(trained: str, model: nn.Module, backbone: str) -> str:
+        run = tmp_path / trained.replace(":", "_") / "checkpoint_epoch_0001"
+        save_checkpoint(run, model.state_dict(), {"epoch": 1}, {"config": {"model": {"backbone": trained}}, "classes": CLASSES, "epoch": 1})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tl_core"):
+            build_model(ModelConfig(backbone=backbone, weights=str(run)), CLASSES, image_size=32)
+        assert f"weights: {run} was trained as model.backbone {trained}, and this run's is {backbone}: its weights fit" in caplog.text
+        return caplog.text
+
+    logged = load("timm:tf_efficientnet_lite0", timm.create_model("tf_efficientnet_lite0", num_classes=3), "timm:efficientnet_lite0")
+    assert ("but it normalises images with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), and the source saw them "
+            "with mean (0.5, 0.5, 0.5) and std (0.5, 0.5, 0.5): use model.backbone timm:tf_efficientnet_lite0") in logged
+    logged = load("resnet18", torchvision.models.resnet18(num_classes=3), "timm:resnet18")  # ImageNet's statistics both
+    assert "normalises" not in logged
+
+
 def test_weights_that_are_not_a_state_dict(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")

@@ -27,7 +27,7 @@ from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import stored_value
 from tl_core.data import as_given
 from tl_core.errors import ConfigError
-from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, nearest, pretrained_input_size, timm_tags, weight_shapes
+from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, nearest, normalization, pretrained_input_size, timm_tags, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
 logger = logging.getLogger("tl_core")
@@ -63,6 +63,25 @@ def load_source(model: nn.Module, head_name: str, source: str, backbone: str, cl
     with naming_the_trained_backbone(found, backbone), naming_the_trained_size(found, backbone, image_size):
         state = convert_layout(found.state, model, source=name, head_name=head_name)
         load_source_weights(model, state, source=name, head_name=head_name, keep_head=found.classes in (None, list(classes)))
+    if found.backbone not in (None, backbone):
+        logger.warning("weights: %s was trained as model.backbone %s, and this run's is %s: its weights fit%s", name,
+                       found.backbone, backbone, _input_difference(found.backbone, backbone))
+
+
+def _input_difference(trained: str, backbone: str) -> str:
+    """How the images `backbone` is fed differ from those a model `trained` as another backbone saw, if they do."""
+    try:
+        was, now = normalization(trained), normalization(backbone)
+    except ValueError:  # a backbone this torchvision no longer knows: nothing to compare
+        return ""
+    if was == now:
+        return ""
+    return (f", but it normalises images with mean {_rounded(now[0])} and std {_rounded(now[1])}, and the source saw them "
+            f"with mean {_rounded(was[0])} and std {_rounded(was[1])}: use model.backbone {trained}")
+
+
+def _rounded(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
 @contextlib.contextmanager
