@@ -107,6 +107,17 @@ def test_val_classes_must_exist_in_train(tmp_path):
         index_image_folder(cfg(root), seed=0)
 
 
+def test_a_val_folder_left_with_no_image_says_why(tmp_path):
+    """val/ images that all repeat train/ images (dropped: a copy is kept once, in train/) or cannot be read: the
+    message was "too few images for a validation split (val_fraction=0.2)", a fraction that a val/ folder overrides."""
+    root = make_image_folder(tmp_path / "d", n_classes=2, per_class=4, layout="split")
+    for n, image in enumerate(sorted((root / "val").rglob("*.png"))):
+        image.write_bytes(b"not an image" if n == 0 else next((root / "train" / image.parent.name).glob("*.png")).read_bytes())
+    with pytest.raises(DataError, match=r"^data.root: val/ has no image left to validate on: of its 2, 1 repeat train/ images "
+                                        r"\(an exact copy is kept once, in train/\) and 1 cannot be read$"):
+        index_image_folder(cfg(root), seed=0)
+
+
 def test_a_class_the_val_split_lacks_is_named_in_the_summary(image_folder):
     """A class of one image stays in train: it is trained on and never scored, and the data line says so."""
     assert index_image_folder(cfg(image_folder), seed=0).summary().endswith("dropped 0 duplicates")

@@ -109,6 +109,17 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path, caplog):
         index_text_table(DataConfig(root=str(split)), seed=0)
 
 
+def test_a_val_file_left_with_no_row_says_why(tmp_path):
+    """val.csv rows that all repeat train.csv's texts (kept once, in train.csv) or are empty: the message was "too few
+    texts for a validation split (val_fraction=0.2)", a fraction that a val file overrides."""
+    rows = sentiment_rows(12)
+    write_csv(tmp_path / "train.csv", rows)
+    write_csv(tmp_path / "val.csv", rows[:2] + [{"text": "", "label": "pos"}])
+    with pytest.raises(DataError, match=r"^data.root: val.csv has no text left to validate on: of its 3, 2 repeat train.csv "
+                                        r"texts \(an exact copy is kept once, in train.csv\) and 1 are empty or unlabelled$"):
+        index_text_table(DataConfig(root=str(tmp_path)), seed=0)
+
+
 def test_a_csv_keeps_its_texts_and_labels_as_written(tmp_path):
     """pyarrow infers number columns: label codes "01" and "1" became one class 1, and a text of digits became no
     text (skipped). Read as strings, both stay as written; NA markers are missing values, as in pandas."""

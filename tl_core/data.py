@@ -201,12 +201,24 @@ def clean_and_split(classes: list[str], train_files: list[Sample], val_files: li
     warn_conflicts(conflicts, "image", lambda label: classes[label])
     if not val_files:
         train, val = stratified_split(train, val_fraction, seed)
+    if not val and val_files:
+        broken = digests[len(train_files):].count(None)
+        raise nothing_left_to_validate("val/", "train/", len(val_files) - broken, broken, "cannot be read", unit="image")
     if not val:
         raise DataError(f"data.root: too few images for a validation split (val_fraction={val_fraction})")
     index = DatasetIndex(classes, train, val, unreadable, duplicates)
     if unreadable:
         logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), as_given(unreadable[0]))
     return index
+
+
+def nothing_left_to_validate(val: str, train: str, copies: int, unusable: int, unusable_as: str, unit: str) -> DataError:
+    """The error for a validation folder or file whose every item was dropped: a copy of a training one (kept once,
+    there) or unusable."""
+    why = [f"{copies} repeat {train} {unit}s (an exact copy is kept once, in {train})" if copies else "",
+           f"{unusable} {unusable_as}" if unusable else ""]
+    listed = f"of its {copies + unusable}, {' and '.join(w for w in why if w)}" if copies + unusable else f"it has no {unit}s"
+    return DataError(f"data.root: {val} has no {unit} left to validate on: {listed}")
 
 
 def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:

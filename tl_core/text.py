@@ -17,7 +17,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tl_core.config import DataConfig, RunConfig
-from tl_core.data import DatasetIndex, IndexedData, ShardSampler, drop_unreadable_and_duplicates, existing_folder, stratified_split, warn_conflicts
+from tl_core.data import (
+    DatasetIndex,
+    IndexedData,
+    ShardSampler,
+    drop_unreadable_and_duplicates,
+    existing_folder,
+    nothing_left_to_validate,
+    stratified_split,
+    warn_conflicts,
+)
 from tl_core.errors import DataError
 
 logger = logging.getLogger("tl_core")
@@ -155,6 +164,9 @@ def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
     val = [(text, label_of[name]) for text, name in kept["val"]]
     if not val_file:
         train, val = stratified_split(train, cfg.val_fraction, seed)
+    if not val and val_file:
+        raise nothing_left_to_validate(val_file.name, train_file.name, len(usable["val"]), len(rows["val"]) - len(usable["val"]),
+                                       "are empty or unlabelled", unit="text")
     if not val:
         raise DataError(f"data.root: too few texts for a validation split (val_fraction={cfg.val_fraction})")
     if skipped:
