@@ -263,7 +263,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         kept_by_search(base, search.metric, search.mode)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: search.metric: {str(exc).split(': ', 2)[-1]}") from None
+        raise ConfigError(f"{path}: search.metric: {str(exc).removeprefix('config: ').removeprefix('checkpoint.metric: ')}") from None
     return base, search
 
 
