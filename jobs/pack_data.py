@@ -119,9 +119,9 @@ def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard
         for result in progress(futures, len(samples), "read and checked"):
             digests.update(result)
         index = clean_and_split(classes, train_files, val_files, [digests[p] for p, _ in samples], val_fraction, seed)
-    except DataError:  # a mistake in the data leaves nothing behind
+    except DataError as exc:  # a mistake in the data leaves nothing behind
         storage.delete(dest if created else dest.child(STAGING))
-        raise
+        raise as_arguments(exc) from None
     keep = {path: split for split, rows in (("train", index.train), ("val", index.val)) for path, _ in rows}
     write_task = ray.remote(num_cpus=1)(write_group)
     keep_ref = ray.put(keep)  # one copy in the object store, not one per task
@@ -178,8 +178,20 @@ def read_text_source(source: Location, tables: list[SourceFile], val_fraction: f
             return index_text_table(DataConfig(root=str(root), val_fraction=val_fraction, text_column=columns[0],
                                                label_column=columns[1]), seed)
         except DataError as exc:
-            message = str(exc).replace(str(root), source.uri).replace("data.root", "SOURCE")
-            raise DataError(message.replace("data.text_column", "--text-column").replace("data.label_column", "--label-column")) from None
+            raise as_arguments(DataError(str(exc).replace(str(root), source.uri))) from None
+
+
+#: The config keys that the cleaning a run does names in its errors, and this command's arguments that set them here.
+ARGUMENTS = {"data.root": "SOURCE", "data.text_column": "--text-column", "data.label_column": "--label-column",
+             "val_fraction=": "--val-fraction "}
+
+
+def as_arguments(exc: DataError) -> DataError:
+    """A mistake found by the cleaning a run does (tl_core.data, tl_core.text), naming this command's arguments."""
+    message = str(exc)
+    for key, argument in ARGUMENTS.items():
+        message = message.replace(key, argument)
+    return DataError(message)
 
 
 def write_manifest(dest: Location, manifest: Manifest, index: DatasetIndex, existing: Manifest | None) -> Manifest:

@@ -102,9 +102,24 @@ def test_a_class_with_no_readable_image_is_one_line_and_leaves_nothing(ray_clust
         path.write_bytes(b"junk")
     assert pack_data.main([str(data), str(tmp_path / "packed")]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # progress lines while reading, then the mistake in one line
-    assert err[-1].startswith("error: data.root: class folder(s) with no readable images: class_1"), err
+    assert err[-1].startswith("error: SOURCE: class folder(s) with no readable images: class_1"), err
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.integration
+def test_the_cleanings_mistakes_name_this_commands_arguments(ray_cluster, tmp_path, capsys):
+    """The cleaning a run does (tl_core.data.clean_and_split) named the run's config keys: "data.root: val/ has ...",
+    "too few images for a validation split (val_fraction=0.2)"; pack_data has SOURCE and --val-fraction."""
+    copies = make_image_folder(tmp_path / "copies", n_classes=2, per_class=4, layout="split")
+    for image in (copies / "val").rglob("*.png"):
+        image.write_bytes(next((copies / "train" / image.parent.name).glob("*.png")).read_bytes())
+    few = make_image_folder(tmp_path / "few", n_classes=2, per_class=1)  # a class of one image stays in train
+    for source, extra, message in ((copies, [], "SOURCE: val/ has no image left to validate on: of its 2, 2 repeat train/ images"),
+                                   (few, ["--val-fraction", "0.3"], "SOURCE: too few images for a validation split (--val-fraction 0.3)")):
+        assert pack_data.main([str(source), str(tmp_path / "packed"), *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+        assert not (tmp_path / "packed").exists()
 
 
 @pytest.mark.parametrize("case,message", [
