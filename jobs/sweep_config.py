@@ -11,7 +11,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from tl_core.config import MetricName, MonitorsAMetric, RunConfig, Section, apply_overrides, describe, from_dict, override, section_at, with_overrides
+from tl_core.config import (
+    MetricName,
+    MonitorsAMetric,
+    RunConfig,
+    Section,
+    apply_overrides,
+    describe,
+    from_dict,
+    nearest_key,
+    override,
+    section_at,
+    with_overrides,
+)
 from tl_core.config_file import read_config_file
 from tl_core.errors import ConfigError
 
@@ -214,7 +226,8 @@ def _check_config_key(key: str) -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(parts[:i]) or "the top level"
-            raise ValueError(f"{key}: not a config key; allowed in {where}: {', '.join(fields)}")
+            near = nearest_key(parts[: i + 1])
+            raise ValueError(f"{key}: not a config key{f' (did you mean {near}?)' if near else ''}; allowed in {where}: {', '.join(fields)}")
         annotation = fields[part].annotation
         is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if i < len(parts) - 1 and not is_section:

@@ -113,7 +113,12 @@ def test_endpoint_credentials_are_refused_and_never_echoed():
 
 
 BAD = [
-    ({"optim": {"lrr": 0.1}}, "optim.lrr: unknown key; allowed: name, lr"),
+    ({"optim": {"lrr": 0.1}}, "optim.lrr: unknown key (did you mean optim.lr?); allowed: name, lr"),
+    # a key of another section, or another tool's name for one of ours, is named; one that several sections have is not
+    ({"model": {"lr": 0.1}}, "model.lr: unknown key (did you mean optim.lr?); allowed: backbone, weights"),
+    ({"train": {"max_epochs": 5}}, "train.max_epochs: unknown key (did you mean train.epochs?); allowed: epochs"),
+    ({"data": {"root": "/data", "batch_size": 8}}, "data.batch_size: unknown key (did you mean train.batch_size?); allowed: root"),
+    ({"model": {"metric": "val/acc"}}, "model.metric: unknown key; allowed: backbone"),
     ({"bogus": 1}, "bogus: unknown key"),
     ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
     ({"optim": {"lr": -0.1}}, "optim.lr: Input should be greater than 0"),

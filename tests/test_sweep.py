@@ -486,7 +486,8 @@ def test_a_space_entry_can_be_overridden_from_the_command_line(tmp_path):
 
 SWEEP_BAD_INPUTS = {
     "empty space": ({"space": {}}, "search.space: the search space is empty"),
-    "unknown key": ({"space": {"optim.learning_rate": {"choice": [0.1]}}}, "optim.learning_rate: not a config key"),
+    "unknown key": ({"space": {"optim.learning_rate": {"choice": [0.1]}}},
+                    "optim.learning_rate: not a config key (did you mean optim.lr?); allowed in optim: name, lr"),
     "grace beyond max_t": ({"scheduler": {"grace_period": 9}}, "search.scheduler: grace_period: 9 is more than max_t 6"),
     "unknown metric": ({"metric": "val/top1"}, "search.metric: unknown metric 'val/top1'"),
     "no samples": ({"num_samples": 0}, "search.num_samples: Input should be greater than or equal to 1"),

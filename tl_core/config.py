@@ -6,11 +6,12 @@ Validation errors become one `ConfigError` line that names the field and what is
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -491,7 +492,35 @@ def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
 
 def _allowed_keys(loc: tuple, model: Any) -> str:
     section = section_at(loc[:-1], model)
-    return "" if section is None else "; allowed: " + ", ".join(section.model_fields)
+    if section is None:
+        return ""
+    near = nearest_key([str(part) for part in loc], model)
+    return (f" (did you mean {near}?)" if near else "") + "; allowed: " + ", ".join(section.model_fields)
+
+
+#: Names other tools give keys of ours (Lightning's max_epochs, Keras's learning_rate, ...): the keys they mean.
+_KEY_SYNONYMS = {"learning_rate": "lr", "num_epochs": "epochs", "max_epochs": "epochs", "wd": "weight_decay",
+                 "lr_scheduler": "scheduler", "optimizer": "name", "bs": "batch_size", "workers": "num_workers"}
+
+
+def nearest_key(path: list[str], model: Any = RunConfig) -> str | None:
+    """The key that an unknown dotted `path` most likely means: a near spelling in its own section (`optim.lrr`), a
+    name other tools use (`optim.learning_rate`), or the same name where it is a key of another section (`model.lr`
+    is `optim.lr`; only when one section has it); None when none is likely."""
+    *section, key = path
+    key = _KEY_SYNONYMS.get(key.lower().replace("-", "_"), key.lower().replace("-", "_"))
+    fields = list(here.model_fields) if (here := section_at(section, model)) is not None else []
+    if near := difflib.get_close_matches(key, fields, n=1, cutoff=0.75):
+        return ".".join((*section, near[0]))
+    elsewhere = [keys for keys in _dotted_keys(model) if keys[-1] == key]
+    return ".".join(elsewhere[0]) if len(elsewhere) == 1 else None
+
+
+def _dotted_keys(model: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name in model.model_fields:
+        yield (*prefix, name)
+        if (section := section_at((name,), model)) is not None:
+            yield from _dotted_keys(section, (*prefix, name))
 
 
 def section_at(path: tuple | list, model: Any = RunConfig) -> type[BaseModel] | None:
