@@ -257,7 +257,8 @@ def plot_curves(trials: list[Trial], winner: Trial, search: SearchConfig, path: 
         ax.axvline(r, ls=":", color="tab:blue", lw=0.8)
     ax.plot([], [], "x", color="black", label="stopped by ASHA")
     ax.set(xlabel="epoch", ylabel=search.metric, title=f"{search.metric} of every trial (dotted: ASHA rungs)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no tick at 1.25
+    ax.legend(loc="best", fontsize=8)  # clear of the curves: the best one is at the top for val/acc, the bottom for a loss
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
