@@ -21,7 +21,7 @@ from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log
 from tl_core.features import probe_features
 from tl_core.metrics import ClassificationMeter
 from tl_core.modality import labelled_data
-from tl_core.models import apply_strategy, backbone_blocks, build_model, find_head, set_train_mode, trainable_blocks
+from tl_core.models import apply_strategy, backbone_blocks, build_model, find_head, set_train_mode, trainable_blocks, updates_batch_norm_statistics
 from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_device
 
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
@@ -50,6 +50,11 @@ def evaluate(model: nn.Module, batches, state: TrainingState, num_classes: int, 
             logits = model(inputs).float()
         meter.update(logits, labels, sum_criterion(logits, labels).item())
     return meter.reduce().compute()
+
+
+#: Where a frozen backbone's blocks begin to train with BatchNorm in them (lp_ft's switch, gradual_unfreeze's first block).
+BN_FOLLOWS_BATCHES = ("; from now on their BatchNorm layers normalise with each batch's statistics, not the ones the head "
+                      "was probed on (model.freeze_bn_stats: true keeps those)")
 
 
 def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, resume_from: str | Path | Checkpoint | None = None,
@@ -86,12 +91,14 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     last_phase_blocks = trainable_blocks(cfg.model, n_blocks, cfg.train.epochs - 1)
     for epoch in state.epochs():
         trainable = apply_strategy(model, cfg.model, epoch)
+        set_train_mode(model, cfg.model.freeze_bn_stats)
         if trainable != n_trainable:  # DDP must be rebuilt whenever the set of trainable parameters changes
+            # a probe's head met the source's BatchNorm statistics; from here on, the batches' (lp_ft's loss jumps)
+            bn_note = BN_FOLLOWS_BATCHES if n_trainable == 0 and updates_batch_norm_statistics(model) else ""
             n_trainable, ddp_model = trainable, wrap_ddp(trained, device)
-            log_rank0("epoch %d: %d of %d backbone blocks trainable", epoch + 1, trainable, n_blocks)
+            log_rank0("epoch %d: %d of %d backbone blocks trainable%s", epoch + 1, trainable, n_blocks, bn_note)
         state.begin_epoch(epoch, data)
         started = time.perf_counter()
-        set_train_mode(model, cfg.model.freeze_bn_stats)
         train_loss = state.train_epoch(ddp_model, data.train, step)
         broadcast_buffers(model)
         metrics = {"epoch": epoch + 1, "train/loss": train_loss}

@@ -444,6 +444,12 @@ def apply_strategy(model: nn.Module, cfg: ModelConfig, epoch: int) -> int:
     return n_trainable
 
 
+def updates_batch_norm_statistics(model: nn.Module) -> bool:
+    """Whether `model`, as set_train_mode left it, normalises with each batch's statistics somewhere (and updates its
+    running ones)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
 def set_train_mode(model: nn.Module, freeze_bn_stats: bool = False) -> None:
     """`model.train()`, except that a frozen part (a module all of whose parameters are frozen) computes as it does
     in evaluation: its BatchNorm keeps its running statistics, its dropout and drop path are off, so a linear probe
