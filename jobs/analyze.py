@@ -101,7 +101,7 @@ def load_experiment(location: storage.Location) -> tuple[RunConfig, SearchConfig
     try:
         search = SearchConfig.model_validate(raw.pop("search"), context={"stored": True})  # read, not judged again
     except ValidationError as exc:
-        raise ConfigError(f"{sweep_file.uri}: search.{describe(exc, model=SearchConfig)}") from None
+        raise ConfigError(f"{sweep_file.uri}: {describe(exc, model=SearchConfig, prefix='search.')}") from None
     base = from_dict(raw, source=sweep_file.uri, stored=True)
     # A trial that has not reported yet has no result file; Tune logs a FileNotFoundError per trial for it, which
     # summarize() says in one line when no trial has reported at all.

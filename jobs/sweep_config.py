@@ -250,7 +250,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: search.{describe(exc, model=SearchConfig)}") from None
+        raise ConfigError(f"{path}: {describe(exc, model=SearchConfig, prefix='search.')}") from None
     for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
         if key in RESOURCE_KEYS:
             raise ConfigError(f"{path}: search.space: {key}: every trial holds the resources the run config's scaling section "

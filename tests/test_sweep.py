@@ -491,6 +491,7 @@ SWEEP_BAD_INPUTS = {
     "grace beyond max_t": ({"scheduler": {"grace_period": 9}}, "search.scheduler: grace_period: 9 is more than max_t 6"),
     "unknown metric": ({"metric": "val/top1"}, "search.metric: unknown metric 'val/top1'"),
     "no samples": ({"num_samples": 0}, "search.num_samples: Input should be greater than or equal to 1"),
+    "a misspelt key": ({"num_sample": 4}, "search.num_sample: unknown key (did you mean search.num_samples?); allowed: space"),
     "bad value in space": ({"space": {"optim.name": {"choice": ["sgd", "lamb"]}}}, "search.space.optim.name: value 'lamb'"),
     "bohb without its scheduler": ({"search_alg": "bohb"}, "search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together"),
     "a grid for optuna": ({"search_alg": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.01]}}},

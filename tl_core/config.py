@@ -473,29 +473,29 @@ _PLAIN = {"model_type": "expected a section (key: value lines under it)", "dict_
           "string_pattern_mismatch": "expected letters, digits, '.', '_' and '-', beginning with a letter or digit"}
 
 
-def describe(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """The first validation error as `field: problem (got value)`."""
+def describe(exc: ValidationError, model: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """The first validation error as `field: problem (got value)`; `prefix`: where `model` sits (`search.`)."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = prefix + ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key{_allowed_keys(err['loc'], model or RunConfig)}"
+        return f"{loc}: unknown key{_allowed_keys(err['loc'], model or RunConfig, prefix)}"
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
     msg = _PLAIN.get(err["type"], err["msg"].removeprefix("Value error, "))
-    if not loc:  # a check across sections names its own keys
-        return msg
+    if not err["loc"]:  # a check across sections names its own keys
+        return prefix + msg
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None or loc in _NEVER_SHOWN else f" (got {got!r})"
     more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{loc}: {msg}{shown}{more}"
 
 
-def _allowed_keys(loc: tuple, model: Any) -> str:
+def _allowed_keys(loc: tuple, model: Any, prefix: str = "") -> str:
     section = section_at(loc[:-1], model)
     if section is None:
         return ""
     near = nearest_key([str(part) for part in loc], model)
-    return (f" (did you mean {near}?)" if near else "") + "; allowed: " + ", ".join(section.model_fields)
+    return (f" (did you mean {prefix}{near}?)" if near else "") + "; allowed: " + ", ".join(section.model_fields)
 
 
 #: Names other tools give keys of ours (Lightning's max_epochs, Keras's learning_rate, ...): the keys they mean.
