@@ -503,15 +503,25 @@ _KEY_SYNONYMS = {"learning_rate": "lr", "num_epochs": "epochs", "max_epochs": "e
                  "lr_scheduler": "scheduler", "optimizer": "name", "bs": "batch_size", "workers": "num_workers"}
 
 
+def nearest(name: str, names, cutoff: float = 0.75) -> str | None:
+    """The one of `names` nearest to `name`, case, spaces and hyphens aside (for "did you mean"), or None."""
+    near = difflib.get_close_matches(_plain(name), list(names), n=1, cutoff=cutoff)
+    return near[0] if near else None
+
+
+def _plain(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
 def nearest_key(path: list[str], model: Any = RunConfig) -> str | None:
     """The key that an unknown dotted `path` most likely means: a near spelling in its own section (`optim.lrr`), a
     name other tools use (`optim.learning_rate`), or the same name where it is a key of another section (`model.lr`
     is `optim.lr`; only when one section has it); None when none is likely."""
     *section, key = path
-    key = _KEY_SYNONYMS.get(key.lower().replace("-", "_"), key.lower().replace("-", "_"))
+    key = _KEY_SYNONYMS.get(_plain(key), _plain(key))
     fields = list(here.model_fields) if (here := section_at(section, model)) is not None else []
-    if near := difflib.get_close_matches(key, fields, n=1, cutoff=0.75):
-        return ".".join((*section, near[0]))
+    if near := nearest(key, fields):
+        return ".".join((*section, near))
     elsewhere = [keys for keys in _dotted_keys(model) if keys[-1] == key]
     return ".".join(elsewhere[0]) if len(elsewhere) == 1 else None
 

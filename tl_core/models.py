@@ -8,7 +8,6 @@ a `ClassifierHead` for the task's classes; a timm model with several heads gets 
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tl_core.config import ModelConfig
+from tl_core.config import ModelConfig, nearest
 from tl_core.errors import ConfigError
 
 logger = logging.getLogger("tl_core")
@@ -104,12 +103,6 @@ def check_backbone(name: str) -> str:
         raise ValueError(f"unknown backbone {name!r}{hint}; allowed: {', '.join(BACKBONES)}, timm:<name> for any timm "
                          "model, or hf:<model> for a text encoder")
     return name
-
-
-def nearest(name: str, names, cutoff: float = 0.75) -> str | None:
-    """The one of `names` nearest to `name`, case, spaces and hyphens aside (for "did you mean"), or None."""
-    near = difflib.get_close_matches(name.strip().lower().replace("-", "_"), list(names), n=1, cutoff=cutoff)
-    return near[0] if near else None
 
 
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -61,7 +61,7 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
     try:
         table = readers[path.suffix.lower()](str(path))
     except (pa.ArrowInvalid, OSError) as exc:
-        if path.suffix.lower() != ".parquet" and (line := first_line_not_utf8(path)):
+        if line := first_line_not_utf8(path):
             raise not_utf8(field, path, f"line {line}") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{field}: {path.name} cannot be read as {path.suffix[1:]} ({reason[:200]})") from None
@@ -73,7 +73,7 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
         try:  # pyarrow's JSON reader keeps bytes that are not UTF-8 in its strings, which fail only when read
             table.column(column).validate(full=True)
         except pa.ArrowInvalid:
-            line = first_line_not_utf8(path) if path.suffix.lower() != ".parquet" else None
+            line = first_line_not_utf8(path)
             raise not_utf8(field, path, f"line {line}" if line else f"column {column!r}") from None
     return table
 
@@ -84,7 +84,10 @@ def not_utf8(field: str, path: Path, where: str) -> DataError:
 
 
 def first_line_not_utf8(path: Path) -> int | None:
-    """The number of the first line of `path` that is not UTF-8, if one is not."""
+    """The number of the first line of the text table `path` (CSV, JSON lines) that is not UTF-8, if one is not;
+    None for Parquet, which has no lines."""
+    if path.suffix.lower() == ".parquet":
+        return None
     with open(path, "rb") as lines:
         for number, line in enumerate(lines, 1):
             try:
