@@ -17,7 +17,7 @@ cluster:
    val-NNNNN.parquet; then DEST/manifest.json, last (`tl_core.packed.Manifest`).
 
 SOURCE holding table files where an image folder holds class folders (train.csv + val.csv, or one table; CSV,
-JSON lines or Parquet: what `data.root` reads as text) is packed as text: the tables are read and cleaned once in
+JSON lines or Parquet: what `data.root` reads as text), or one table file itself, is packed as text: the tables are read and cleaned once in
 the driver, as a text run does (`tl_core.text.index_text_table`: empty texts and missing labels skipped, duplicates
 dropped, a stratified split), and the shuffled rows are written as shards of (text, label) by Ray tasks.
 
@@ -50,7 +50,7 @@ from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths, read_file_bytes
 from tl_core.errors import DataError
 from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
-from tl_core.text import TABLE_SUFFIXES, index_text_table
+from tl_core.text import OR_ONE_TABLE, TABLE_SUFFIXES, index_text_table
 
 log = logging.getLogger("jobs")
 
@@ -172,6 +172,8 @@ def read_text_source(source: Location, tables: list[SourceFile], val_fraction: f
     this command's arguments."""
     with tempfile.TemporaryDirectory(prefix="tl-pack-text-") as tmp:
         root = Path(tmp) if source.is_s3 else Path(source.path)
+        if source.is_s3 and tables[0].path == "":  # SOURCE is the table itself
+            root = root / Path(source.key).name
         for table in tables if source.is_s3 else ():
             storage.download(source.child(table.path), root / table.path, "SOURCE")
         try:
@@ -224,14 +226,21 @@ def note_earlier_version(existing: Manifest | None, dest: Location) -> None:
 # ---------------------------------------------------------------- listing
 
 def list_tables(source: Location) -> list[SourceFile]:
-    """SOURCE's table files (train.csv, val.jsonl, ...) at its top level: [] for an image folder."""
-    if source.is_s3:  # the top level only: an image folder's million objects are listed once, by list_source
+    """SOURCE's table files (train.csv, val.jsonl, ...) at its top level, or SOURCE itself when it is one table (its
+    path then ""): [] for an image folder."""
+    from tl_core.text import is_table_file, table_files
+
+    if source.is_s3:
+        one = Path(source.key).suffix.lower() in TABLE_SUFFIXES and storage.head_object(source, "SOURCE")
+        if one:
+            return [SourceFile("", one["ContentLength"], one["ETag"])]
+        # the top level only: an image folder's million objects are listed once, by list_source
         objects = storage.list_objects(source, "SOURCE", top_level=True)
         return [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in objects
                 if Path(o["Key"]).suffix.lower() in TABLE_SUFFIXES and not o["Key"].startswith(".")]
-    from tl_core.text import table_files
-
     root = Path(source.path)
+    if is_table_file(root):
+        return [SourceFile("", root.stat().st_size, str(root.stat().st_mtime_ns))]
     if not root.is_dir():
         return []  # list_source names the missing directory
     return [SourceFile(p.name, p.stat().st_size, str(p.stat().st_mtime_ns)) for p in table_files(root)]
@@ -243,7 +252,7 @@ def list_source(source: Location) -> list[SourceFile]:
     else:
         from tl_core.data import existing_folder, image_files
 
-        root = existing_folder(source.path, "SOURCE")
+        root = existing_folder(source.path, "SOURCE", OR_ONE_TABLE)
         found = []
         for path in image_files(root):
             info = os.stat(path)

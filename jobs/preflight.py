@@ -29,6 +29,7 @@ from tl_core.modality import check_modality, modality, unread_settings
 from tl_core.models import INPUT_SIZE_ERRORS, backbone_blocks, image_sizes_near, run_blank_image
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
+from tl_core.text import OR_ONE_TABLE, is_table_file
 from tl_core.text_models import is_text_backbone
 
 log = logging.getLogger("jobs")
@@ -69,8 +70,8 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     fetch_hub_weights(cfg, weights and own_model)  # once, here on the driver, before any worker starts
     local = localize(cfg, weights and own_model)
     manifest = streaming.read_manifest(cfg) if streaming.is_packed(cfg) else None
-    if manifest is None:  # before its kind is guessed from what it holds; an s3:// root's copy is always a folder
-        existing_folder(local.data.root, "data.root")
+    if manifest is None and not is_table_file(local.data.root):  # before its kind is guessed from what it holds
+        existing_folder(local.data.root, "data.root", OR_ONE_TABLE)
     if cfg.pretrain.method == "supervised":
         found = manifest.modality if manifest else None
         kind = check_modality(local, found) if own_model else found or modality(local.data)

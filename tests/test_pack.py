@@ -124,7 +124,8 @@ def test_the_cleanings_mistakes_name_this_commands_arguments(ray_cluster, tmp_pa
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "SOURCE: directory"),
-    ("a_file", "SOURCE: {source} is a file, not a folder; give the folder that holds the data"),
+    ("a_file", "SOURCE: {source} is a file, not a folder; give the folder that holds the data, or one table of texts "
+               "(.csv, .jsonl or .parquet)"),
     ("empty", "holds no files"),
     ("one_class", "found 1 class folder(s)"),
     ("dest_inside", "is inside SOURCE"),
@@ -132,6 +133,7 @@ def test_the_cleanings_mistakes_name_this_commands_arguments(ray_cluster, tmp_pa
     ("bad_manifest", "is not a packed dataset's manifest"),
     ("val_fraction", "argument --val-fraction: 1.5 must be between 0 and 1 (both excluded) (usage: python -m jobs.pack_data"),
     ("text_one_class", "--label-column: train.csv has 1 class(es) in column 'label'; need at least 2"),
+    ("text_one_table_file", "--label-column: reviews.csv has 1 class(es) in column 'label'; need at least 2"),
     ("text_no_column", "--text-column: train.csv has no column 'text'; its columns: review, label"),
 ])
 def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
@@ -147,6 +149,8 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
         rows = sentiment_rows(8)
         if case == "text_one_class":
             write_csv(source / "train.csv", [{**r, "label": "pos"} for r in rows])
+        elif case == "text_one_table_file":  # SOURCE names the table itself: read as one
+            source = write_csv(source / "reviews.csv", [{**r, "label": "pos"} for r in rows])
         else:
             write_csv(source / "train.csv", [{"review": r["text"], "label": r["label"]} for r in rows], columns=("review", "label"))
     elif case == "a_file":
@@ -195,6 +199,12 @@ def test_a_text_table_on_s3_is_packed_once_and_streams_to_a_text_run(ray_cluster
         for split in ("train", "val")}
     assert stored == {"train": sorted(index.train), "val": sorted(index.val)} and len(manifest.shards["train"]) > 1
     assert pack_data.main(argv) == 0 and "up to date" in capsys.readouterr().err
+    # SOURCE may name one table object: packed as a folder holding only it would be
+    assert pack_data.main(["s3://tl-test/raw/text/train.csv", "s3://tl-test/packed/one-table"]) == 0
+    one = Manifest.from_json(s3.client().get_object(Bucket="tl-test", Key="packed/one-table/manifest.json")["Body"].read(), "s3")
+    alone = index_text_table(DataConfig(root=str(source / "train.csv")), seed=0)
+    assert one.source == "s3://tl-test/raw/text/train.csv" and one.classes == alone.classes
+    assert one.counts == {"train": len(alone.train), "val": len(alone.val), "unreadable": 2, "duplicates": 1}
 
     config = write_config(tmp_path, "s3://tl-test/packed/text", experiment="streamed-text", train={"epochs": 2, "batch_size": 8},
                           data={"max_length": 32, "decode_cpus": 0.5}, storage={"root": "s3://tl-test/runs"},

@@ -109,6 +109,34 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path, caplog):
         index_text_table(DataConfig(root=str(split)), seed=0)
 
 
+def test_data_root_may_name_one_table_file_locally_and_on_s3(tmp_path, s3, capsys):
+    """`data.root: reviews.csv` (the table, not its folder) was refused as "a file, not a folder", and an s3:// object
+    as "no objects under" it; both are now read as a folder holding only that table. A file that is no table still
+    gets one line, which says that a table may be named."""
+    from jobs.preflight import check_run
+    from jobs.staging import localize
+    from tl_core.config_file import load_config
+
+    table = write_csv(tmp_path / "data" / "reviews.csv", sentiment_rows(20))
+    as_folder = index_text_table(DataConfig(root=str(table.parent), val_fraction=0.25), seed=0)
+    as_file = index_text_table(DataConfig(root=str(table), val_fraction=0.25), seed=0)
+    assert (as_file.classes, as_file.train, as_file.val) == (as_folder.classes, as_folder.train, as_folder.val)
+    assert len(as_file.val) == 4  # a quarter of each class
+
+    s3.client().put_object(Bucket="tl-test", Key="one-table/reviews.csv", Body=table.read_bytes())
+    for root in (table, "s3://tl-test/one-table/reviews.csv"):
+        cfg = check_run(load_config(write_config(tmp_path, root, **text_config(root))), resume=False)
+        local = localize(cfg)
+        index = index_text_table(local.data, seed=0)
+        assert (index.classes, index.train, index.val) == (as_file.classes, as_file.train, as_file.val), root
+
+    (tmp_path / "notes.txt").write_text("not a table")
+    config = write_config(tmp_path, tmp_path / "notes.txt", **text_config(tmp_path / "notes.txt"))
+    one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
+                    "notes.txt is a file, not a folder; give the folder that holds the data, or one table of texts "
+                    "(.csv, .jsonl or .parquet)")
+
+
 def test_a_val_file_left_with_no_row_says_why(tmp_path):
     """val.csv rows that all repeat train.csv's texts (kept once, in train.csv) or are empty: the message was "too few
     texts for a validation split (val_fraction=0.2)", a fraction that a val file overrides."""

@@ -85,12 +85,13 @@ def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
         classes, train_files, val_files, _digest_files([path for path, _ in train_files + val_files]), cfg.val_fraction, seed))
 
 
-def existing_folder(path: str, field: str) -> Path:
-    """`path` as a Path, or the DataError that names `field` when it is no folder: missing, or a file."""
+def existing_folder(path: str, field: str, or_else: str = "") -> Path:
+    """`path` as a Path, or the DataError that names `field` when it is no folder: missing, or a file (`or_else`:
+    what else it may be)."""
     if Path(path).is_dir():
         return Path(path)
     if Path(path).exists():
-        raise DataError(f"{field}: {path} is a file, not a folder; give the folder that holds the data")
+        raise DataError(f"{field}: {path} is a file, not a folder; give the folder that holds the data{or_else}")
     raise DataError(f"{field}: directory {path} does not exist")
 
 

@@ -1,7 +1,7 @@
 """Which kind of data a run has (images or text), and the matching index and `TaskData` for the supervised recipe.
 
-`data.modality: auto` (the default) reads a `data.root` holding table files (train.csv, ...) as text and one holding
-class folders as images; the backbone must be of the same kind.
+`data.modality: auto` (the default) reads a `data.root` that is a table file, or holds table files (train.csv, ...),
+as text and one holding class folders as images; the backbone must be of the same kind.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Text datasets: read a table of (text, label) rows, clean it, split it, tokenise it once, and build sharded
 loaders whose batches are padded per batch (to the longest text in it, never to `max_length`).
 
-Layouts accepted under `data.root`: `train.{csv,jsonl,parquet}` (+ optional `val.*` in any of those formats), or a
-single table file (then a stratified, seeded split makes the validation set). Columns `data.text_column` and
+`data.root` is a folder holding `train.{csv,jsonl,parquet}` (+ optional `val.*` in any of those formats) or a single
+table file, or that one table file itself (then a stratified, seeded split makes the validation set). Columns `data.text_column` and
 `data.label_column` (default `text`, `label`).
 """
 
@@ -32,16 +32,24 @@ from tl_core.errors import DataError
 logger = logging.getLogger("tl_core")
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+#: What else `data.root` may be when it is no folder.
+OR_ONE_TABLE = ", or one table of texts (.csv, .jsonl or .parquet)"
 
 
 def table_files(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith("."))
 
 
+def is_table_file(path: str | Path) -> bool:
+    """Whether `path` is one table file, a text dataset by itself."""
+    path = Path(path)
+    return path.suffix.lower() in TABLE_SUFFIXES and path.is_file()
+
+
 def is_text_root(root: str | Path) -> bool:
-    """Whether `root` holds a text dataset (table files where an image dataset has class folders)."""
+    """Whether `root` is a text dataset: a table file, or a folder of them (where an image dataset has class folders)."""
     root = Path(root)
-    return root.is_dir() and bool(table_files(root))
+    return is_table_file(root) or (root.is_dir() and bool(table_files(root)))
 
 
 def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.root"):
@@ -119,26 +127,32 @@ def _class_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
-    """Read, clean (empty or non-string texts and missing or non-scalar labels skipped and counted, exact duplicates
-    dropped) and split the text dataset at `cfg.root`; samples are (text, class index)."""
-    root = existing_folder(cfg.root, "data.root")
+def _train_and_val_files(data_root: str) -> tuple[Path, Path | None]:
+    """The table that trains and the one that validates (None: split from the first), at `data.root`."""
+    if is_table_file(data_root):
+        return Path(data_root), None
+    root = existing_folder(data_root, "data.root", OR_ONE_TABLE)
     by_name: dict[str, list[Path]] = {}
     for path in table_files(root):
         by_name.setdefault(path.stem.lower(), []).append(path)
     for paths in by_name.values():
         if len(paths) > 1:  # train.csv beside train.parquet: which one is meant cannot be guessed
-            raise DataError(f"data.root: {cfg.root} holds one table in {len(paths)} files ({', '.join(p.name for p in paths)}); keep one")
+            raise DataError(f"data.root: {data_root} holds one table in {len(paths)} files ({', '.join(p.name for p in paths)}); keep one")
     tables = {name: paths[0] for name, paths in by_name.items()}
     if "val" in tables and "train" not in tables:
-        raise DataError(f"data.root: {cfg.root} holds {tables['val'].name} but no train.csv, train.jsonl or train.parquet")
+        raise DataError(f"data.root: {data_root} holds {tables['val'].name} but no train.csv, train.jsonl or train.parquet")
     if "train" in tables:
-        train_file, val_file = tables["train"], tables.get("val")
-    elif len(tables) == 1:
-        train_file, val_file = next(iter(tables.values())), None
-    else:
-        raise DataError(f"data.root: {cfg.root} holds {len(tables)} table files ({', '.join(p.name for p in tables.values())}); "
-                        f"name them train.* and val.*, or keep one file")
+        return tables["train"], tables.get("val")
+    if len(tables) == 1:
+        return next(iter(tables.values())), None
+    raise DataError(f"data.root: {data_root} holds {len(tables)} table files ({', '.join(p.name for p in tables.values())}); "
+                    f"name them train.* and val.*, or keep one file")
+
+
+def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
+    """Read, clean (empty or non-string texts and missing or non-scalar labels skipped and counted, exact duplicates
+    dropped) and split the text dataset at `cfg.root`; samples are (text, class index)."""
+    train_file, val_file = _train_and_val_files(cfg.root)
     rows = {"train": _read_table(train_file, cfg), "val": _read_table(val_file, cfg) if val_file else []}
 
     skipped, usable = [], {"train": [], "val": []}

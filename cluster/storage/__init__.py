@@ -196,15 +196,19 @@ def is_dir(location: Location) -> bool:
 
 def is_object(location: Location, field: str = "storage") -> bool:
     """Whether `location` is one S3 object (as opposed to a prefix, or nothing)."""
+    return head_object(location, field) is not None
+
+
+def head_object(location: Location, field: str = "storage") -> dict | None:
+    """The S3 object `location`'s metadata (ContentLength, ETag, ...); None when it is no object (a prefix, or nothing)."""
     from botocore.exceptions import ClientError
 
     with s3_errors(location, field):  # missing credentials, an unreachable endpoint: one line, like every other call
         try:
-            s3_client(location).head_object(Bucket=location.bucket, Key=location.key)
-            return True
+            return s3_client(location).head_object(Bucket=location.bucket, Key=location.key)
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise
 
 
