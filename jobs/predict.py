@@ -6,7 +6,7 @@ RUN is a finished run (its best checkpoint) or a checkpoint, local or s3://. For
 s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .jsonl, .parquet) whose text
 column is the run's `data.text_column`. OUT (local or s3://) receives Parquet files of rows
 
-    path (image file, or the text's row number), predicted (class name), probability, top_k (class names),
+    path (image file, or the text's row number from 0), predicted (class name), probability, top_k (class names),
     top_k_probability, error (why an input could not be read; then predicted is null)
 
 The model is held by a pool of Ray actors (one per GPU when the cluster has GPUs, else CPU actors; --actors bounds
@@ -133,10 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         partial = f"; {out.uri} holds part of them: remove it or give another --out" if storage.has_content(out, "--out") else ""
         raise Interrupted(f"predictions stopped{partial}") from None
-    errors = predictions_errors(out)
-    print(f"{out.uri}: {len(inputs)} {'texts' if text else 'images'} predicted with {description['source']['checkpoint']}; "
-          f"{len(errors)} could not be read{': ' + ', '.join(errors[:5]) if errors else ''}")
+    print(summary(out, len(inputs), "texts" if text else "images", description["source"]["checkpoint"], predictions_errors(out)))
     return 0
+
+
+def summary(out, n: int, unit: str, checkpoint: str, errors: list[str]) -> str:
+    """The last line: how many inputs were predicted, and which could not be read (a text by its row number)."""
+    line = f"{out.uri}: {n - len(errors)} of {n} {unit} predicted with {checkpoint}"
+    if not errors:
+        return line
+    named = [f"row {e}" if unit == "texts" else e for e in errors[:5]] + (["..."] if len(errors) > 5 else [])
+    return f"{line}; {len(errors)} could not be read (their error column says why): {', '.join(named)}"
 
 
 def image_paths(data) -> list[str]:

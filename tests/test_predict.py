@@ -94,7 +94,7 @@ def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, f
 
 
 @pytest.mark.integration
-def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path):
+def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path, capsys):
     from test_text import sentiment_rows, text_config, write_csv
 
     write_csv(tmp_path / "data" / "train.csv", sentiment_rows(16, seed=1))
@@ -103,6 +103,9 @@ def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path):
     rows = sentiment_rows(10, seed=7)
     write_csv(tmp_path / "new.csv", rows + [{"text": "", "label": "pos"}])
     assert predict.main(["--run", str(reporter.latest), "--data", str(tmp_path / "new.csv"), "--out", str(tmp_path / "out")]) == 0
+    # the summary said "11 texts predicted ...; 1 could not be read: 10", counting the empty text as predicted
+    assert capsys.readouterr().out.strip().endswith(f"10 of 11 texts predicted with {reporter.latest}; 1 could not be read "
+                                                    "(their error column says why): row 10")
     table = pyarrow.dataset.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     by_row = {int(r["path"]): r for r in table}
     assert len(by_row) == 11 and by_row[10]["error"] is not None and by_row[10]["predicted"] is None
@@ -121,6 +124,6 @@ def test_the_command_line_predicts_through_the_cluster(ray_cluster, finished_run
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     n_images = len(list((data / "val").rglob("*.png")))
-    assert proc.stdout.strip().endswith(f"{n_images} images predicted with {json.loads((run / 'result.json').read_text())['best_checkpoint']}; "
-                                        "0 could not be read")
+    best = json.loads((run / 'result.json').read_text())['best_checkpoint']
+    assert proc.stdout.strip().endswith(f"{n_images} of {n_images} images predicted with {best}")
     assert len(pyarrow.dataset.dataset(str(tmp_path / "out"), format="parquet").to_table()) == n_images
