@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = local_checkpoint(args.run)
     model, description = load_model(checkpoint)
     with tempfile.TemporaryDirectory(prefix="tl-export-") as tmp:
-        written = export(model, description, args.format, Path(tmp) / "model")
+        written = export(model, description, args.format, Path(tmp) / "model", out.uri.rsplit("/", 1)[-1])
         publish(written, out)
     print(f"{out.uri}: {args.format} of {description['source']['checkpoint']} "
           f"({description['source']['metrics'].get('val/acc', float('nan')):.4f} val/acc), described in {out.uri}.json")
@@ -86,9 +86,10 @@ class _TextInputs(nn.Module):
         return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
-def export(model: nn.Module, description: dict, fmt: str, path: Path) -> list[tuple[Path, str]]:
-    """Write the model in `fmt` and its description; [(local file or folder, suffix after OUT)]. ConfigError in
-    one line when the model cannot be expressed in `fmt` or the export does not reproduce its logits."""
+def export(model: nn.Module, description: dict, fmt: str, path: Path, name: str) -> list[tuple[Path, str]]:
+    """Write the model in `fmt` and its description; [(local file or folder, suffix after OUT)]. `name`: OUT's
+    own, by which the description names the tokenizer beside it. ConfigError in one line when the model cannot be
+    expressed in `fmt` or the export does not reproduce its logits."""
     text = description["modality"] == "text"
     callable_model = _TextInputs(model) if text else model
     inputs = example_inputs(description)
@@ -125,7 +126,7 @@ def export(model: nn.Module, description: dict, fmt: str, path: Path) -> list[tu
     if text:  # the tokenizer travels with the model
         tokenizer = path.with_name("tokenizer")
         shutil.copytree(description["input"]["tokenizer"], tokenizer)
-        description["input"]["tokenizer"] = "OUT.tokenizer/"
+        description["input"]["tokenizer"] = f"{name}.tokenizer/"  # beside the description, as it names it
         files.append((tokenizer, ".tokenizer"))
     meta = path.with_name("model.json")
     meta.write_text(json.dumps(description, indent=1))

@@ -120,7 +120,9 @@ def test_an_exported_text_model_runs_in_onnxruntime_with_its_own_tokenizer(tmp_p
     fit(from_dict(text_config(tmp_path / "data", train={"epochs": 1})), reporter)
     out = tmp_path / "out" / "model.onnx"
     assert export.main([str(reporter.latest), "--format", "onnx", "--out", str(out)]) == 0
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "model.onnx.tokenizer"))
+    described = json.loads((tmp_path / "out" / "model.onnx.json").read_text())["input"]["tokenizer"]
+    assert described == "model.onnx.tokenizer/"  # beside the description (it said "OUT.tokenizer/")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out" / described))
     batch = tokenizer(["The film was wonderful, truly wonderful.", "An awful, dreadful meal and a boring show tonight."],
                       padding=True, return_tensors="np")
     import onnxruntime
