@@ -95,6 +95,9 @@ def check_same_sweep(cfg: RunConfig, search: SearchConfig) -> None:
                           "(another experiment name)")
 
 
+#: How long a trial's process, about to run the next trial, waits for the last one to end (its uploads, say).
+THREAD_END_TIMEOUT_S = 60
+
 #: What says where a sweep's services are, not what its trials train: a resume may find them elsewhere (a local S3
 #: server or MLflow started again on other ports).
 MAY_MOVE = ("storage.endpoint_url", "tracking")
@@ -158,6 +161,9 @@ def trial(params: dict, base: dict, search: dict, mlflow_parent: str | None = No
         return _ddp_trial(cfg, sizes, search["metric"], mlflow_parent)
 
     setup_logging(in_worker=True)
+    # When this process runs the next trial, Tune waits this long for this one's thread to end, read in this process
+    # as it resets (2 s by default; then the failure `reuses_processes` describes).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(THREAD_END_TIMEOUT_S))
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         if not reaches_tune(metrics, search["metric"]):
@@ -194,6 +200,15 @@ def _ddp_trial(cfg: RunConfig, sizes: dict, search_metric: str, mlflow_parent: s
 
     run_trainer(cfg, cfg.pretrain.method, callbacks=[ValidatedEpochsToTune()], extra_metrics=sizes, mlflow_parent=mlflow_parent)
     tracking.finish_mlflow_run(tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment))
+
+
+def reuses_processes(cfg: RunConfig) -> bool:
+    """Whether a finished or stopped trial's process runs the next trial (every trial asks for the same resources):
+    no new process, torch import and worker setup per trial (a 6-trial sweep of short trials: 37 -> 24 s). Not for
+    DDP trials: a trial the scheduler stops at its last result is still winding down its TorchTrainer, which Tune
+    does not wait for (Tune then fails the next trial, "Trainable runner reuse requires reset_config()", and its
+    sweep waited forever)."""
+    return cfg.scaling.max_workers == 1
 
 
 def reaches_tune(metrics: dict, search_metric: str) -> bool:
@@ -244,10 +259,8 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(search),
-            # A finished or stopped trial's process runs the next trial (every trial asks for the same resources):
-            # no new process, torch import and worker setup per trial (a 6-trial sweep of short trials: 37 -> 24 s).
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                                        scheduler=scheduler, search_alg=search_alg, reuse_actors=True),
+                                        scheduler=scheduler, search_alg=search_alg, reuse_actors=reuses_processes(cfg)),
             run_config=tune.RunConfig(
                 name=cfg.experiment, storage_path=root.path, storage_filesystem=fs, verbose=1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=kept_checkpoints(cfg, search), checkpoint_score_attribute=search.metric,

@@ -761,17 +761,24 @@ def test_population_based_training_copies_a_better_trial_and_trains_on_with_new_
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ddp_trials_run_a_torch_trainer_and_are_analyzed(ray_cluster, tmp_path):
+    """Two DDP trials, one after the other. Tune reused the first's process for the second, but that process was
+    still winding down its TorchTrainer after the last result, past Tune's 2 s wait: the second trial ended in
+    ERROR ("Trainable runner reuse requires reset_config() ...") and the sweep then waited forever."""
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=12, size=16)
-    config = write_sweep(tmp_path, data, experiment="ddp-sweep", num_samples=1, scheduler={"name": "fifo", "max_t": 3},
-                         space={"optim.lr": {"choice": [1.0e-3]}})
+    config = write_sweep(tmp_path, data, experiment="ddp-sweep", num_samples=1, max_concurrent_trials=1,
+                         scheduler={"name": "asha", "max_t": 3, "grace_period": 3},  # ASHA stops each trial at its last result
+                         space={"optim.lr": {"grid": [1.0e-3, 2.0e-3]}})
     assert sweep.main(["--config", str(config), "--set", "scaling.num_workers=2", "--set", "train.val_every=2",
                        "--set", "checkpoint.every=2"]) == 0
     experiment = tmp_path / "runs" / "ddp-sweep"
-    (rows,) = trial_histories(experiment).values()
-    assert [r["epoch"] for r in rows] == [2, 3]  # validated epochs only reach Tune (val_every 2, and the last)
-    assert rows[-1]["global_batch_size"] == 16 and rows[-1]["batch_size_per_worker"] == 8  # 2 workers x 8
-    assert rows[-1]["checkpoint_path"].startswith(str(experiment / "ddp-trials"))
+    histories = trial_histories(experiment)
+    assert len(histories) == 2
+    for rows in histories.values():
+        assert [r["epoch"] for r in rows] == [2, 3]  # validated epochs only reach Tune (val_every 2, and the last)
+        assert rows[-1]["global_batch_size"] == 16 and rows[-1]["batch_size_per_worker"] == 8  # 2 workers x 8
+        assert rows[-1]["checkpoint_path"].startswith(str(experiment / "ddp-trials"))
     assert analyze.main([str(experiment)]) == 0
     assert json.loads((experiment / "report" / "per_class.json").read_text())["epoch"] in (2, 3)
 
