@@ -1,10 +1,11 @@
 """Run a finished run's best model over new data with Ray Data, writing one Parquet row per input.
 
     python -m jobs.predict --run RUN_DIR_OR_URI --data DATA --out URI [--top-k 5] [--batch-size 64] [--actors N]
+                           [--text-column NAME]
 
 RUN is a finished run (its best checkpoint) or a checkpoint, local or s3://. For an image model DATA is a folder or
-s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .jsonl, .parquet) whose text
-column is the run's `data.text_column`. OUT (local or s3://) receives Parquet files of rows
+s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .jsonl, .parquet),
+local or s3://, whose texts are in the column --text-column (default: the run's `data.text_column`). OUT (local or s3://) receives Parquet files of rows
 
     path (image file, or the text's row number from 0), predicted (class name), probability, top_k (class names),
     top_k_probability, error (why an input could not be read; then predicted is null)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=count, default=5)
     parser.add_argument("--batch-size", type=count, default=64)
     parser.add_argument("--actors", type=count, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
+    parser.add_argument("--text-column", default=None, help="a text model: DATA's column of texts (default: the run's data.text_column)")
     args = parser.parse_args(argv)
     data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")
     storage.check_creatable(out, "--out")
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = local_checkpoint(args.run, "--run")
     _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
     text = description["modality"] == "text"
-    inputs = text_rows(args.data, description) if text else image_paths(data)
+    if args.text_column and not text:
+        raise DataError(f"--text-column: {description['source']['backbone']} is an image model; --text-column is for text models")
+    inputs = text_rows(args.data, description, args.text_column) if text else image_paths(data)
 
     import ray
 
@@ -171,22 +175,31 @@ def image_paths(data) -> list[str]:
     return paths
 
 
-def text_rows(data: str, description: dict) -> list[dict]:
-    """{"path": row number, "text"} for every row of the table file DATA (the run's text column)."""
+def text_rows(data: str, description: dict, text_column: str | None = None) -> list[dict]:
+    """{"path": row number, "text"} for every row of the table file DATA, local or s3:// (fetched once to this
+    node's cache), from its `text_column` (default: the run's `data.text_column`)."""
     from pathlib import Path
 
+    from cluster.storage import cache
     from tl_core.config import from_dict
     from tl_core.text import TABLE_SUFFIXES, read_table
 
-    cfg = from_dict(description["config"], stored=True)
-    if storage.is_uri(data) or Path(data).suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"--data: a text model reads a local table file ({', '.join(TABLE_SUFFIXES)}), not {data}")
-    if not Path(data).is_file():
+    column = text_column or from_dict(description["config"], stored=True).data.text_column
+    location = storage.parse(data, field="--data")
+    if Path(location.path).suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"--data: a text model reads a table file ({', '.join(TABLE_SUFFIXES)}), local or s3://, not {data}")
+    if location.is_s3:
+        if not storage.is_object(location, "--data"):
+            raise DataError(f"--data: there is no object {location.uri}")
+        path = cache.fetch_object(location, "--data")
+    elif Path(data).is_file():
+        path = Path(data)
+    else:
         raise DataError(f"--data: file {data} does not exist")
-    table = read_table(Path(data), [("--data", cfg.data.text_column)], field="--data")
+    table = read_table(path, [("--text-column" if text_column else "--data", column)], field="--data")
     if not table.num_rows:
         raise DataError(f"--data: {data} has no rows under its header")
-    return [{"path": str(i), "text": t} for i, t in enumerate(table.column(cfg.data.text_column).to_pylist())]
+    return [{"path": str(i), "text": t} for i, t in enumerate(table.column(column).to_pylist())]
 
 
 def predictions_errors(out) -> list[str]:

@@ -73,6 +73,7 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     ("no_images", "holds no images"),
     ("out_exists", "already exists"),
     ("not_an_image", "notes.txt is a file not named like an image"),
+    ("text_column", "--text-column: resnet18 is an image model; --text-column is for text models"),
 ])
 def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, finished_run, tmp_path, capsys):
     run, data = finished_run
@@ -86,11 +87,13 @@ def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, f
     elif case == "not_an_image":
         images = tmp_path / "notes.txt"
         images.write_text("no image")
-    else:  # an empty folder is no obstacle (a stop before anything was written leaves one); one file in it is
+    elif case == "out_exists":  # an empty folder is no obstacle (a stop before anything was written leaves one); one file in it is
         out.mkdir(parents=True)
         (out / "part-0.parquet").write_bytes(b"")
     written = ["predictions"] if case == "out_exists" else []
-    one_line_exit_2(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out)], capsys, tmp_path, message, written)
+    extra = ["--text-column", "review"] if case == "text_column" else []
+    one_line_exit_2(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out), *extra], capsys, tmp_path,
+                    message, written)
 
 
 @pytest.mark.integration
@@ -100,9 +103,10 @@ def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path, capsys):
     write_csv(tmp_path / "data" / "train.csv", sentiment_rows(16, seed=1))
     reporter = LocalReporter(tmp_path / "run")
     fit(from_dict(text_config(tmp_path / "data", train={"epochs": 4})), reporter)
-    rows = sentiment_rows(10, seed=7)
-    write_csv(tmp_path / "new.csv", rows + [{"text": "", "label": "pos"}])
-    assert predict.main(["--run", str(reporter.latest), "--data", str(tmp_path / "new.csv"), "--out", str(tmp_path / "out")]) == 0
+    rows = sentiment_rows(10, seed=7)  # new texts under another column name than the run's (text), with --text-column
+    write_csv(tmp_path / "new.csv", [{"review": r["text"]} for r in rows] + [{"review": ""}], columns=("review",))
+    assert predict.main(["--run", str(reporter.latest), "--data", str(tmp_path / "new.csv"), "--out", str(tmp_path / "out"),
+                         "--text-column", "review"]) == 0
     # the summary said "11 texts predicted ...; 1 could not be read: 10", counting the empty text as predicted
     assert capsys.readouterr().out.strip().endswith(f"10 of 11 texts predicted with {reporter.latest}; 1 could not be read "
                                                     "(their error column says why): row 10")

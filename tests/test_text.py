@@ -164,11 +164,32 @@ def test_predict_refuses_a_table_format_the_reader_does_not_know_and_a_table_wit
 
     (tmp_path / "texts.json").write_text('[{"text": "a"}]')
     description = {"config": {"experiment": "t", "data": {"root": str(tmp_path)}}}
-    with pytest.raises(DataError, match=r"--data: a text model reads a local table file \(\.csv, \.jsonl, \.parquet\)"):
+    with pytest.raises(DataError, match=r"--data: a text model reads a table file \(\.csv, \.jsonl, \.parquet\), local or s3://"):
         predict.text_rows(str(tmp_path / "texts.json"), description)
     (tmp_path / "header_only.csv").write_text("text\n\n")  # Ray Data wrote nothing, and reading the output failed
     with pytest.raises(DataError, match=r"--data: .*header_only.csv has no rows under its header"):
         predict.text_rows(str(tmp_path / "header_only.csv"), description)
+
+
+def test_predict_reads_a_table_of_texts_from_s3_and_any_column_named(tmp_path, s3):
+    """A text table on S3 was refused ("a text model reads a local table file"), and the texts had to be in a column
+    named as the run's training table had it; --text-column names another."""
+    from jobs import predict
+
+    rows = sentiment_rows(6)
+    table = write_csv(tmp_path / "new.csv", [{"review": r["text"]} for r in rows], columns=("review",))
+    s3.client().put_object(Bucket="tl-test", Key="predict-text/new.csv", Body=table.read_bytes())
+    description = {"config": {"experiment": "t", "data": {"root": str(tmp_path), "text_column": "review"}}}
+    expected = [{"path": str(i), "text": r["text"]} for i, r in enumerate(rows)]
+    assert predict.text_rows("s3://tl-test/predict-text/new.csv", description) == expected
+    other = {"config": {"experiment": "t", "data": {"root": str(tmp_path)}}}  # trained on column "text"
+    assert predict.text_rows(str(table), other, text_column="review") == expected
+    with pytest.raises(DataError, match=r"^--data: new.csv has no column 'text'; its columns: review$"):
+        predict.text_rows(str(table), other)
+    with pytest.raises(DataError, match=r"^--text-column: new.csv has no column 'body'; its columns: review$"):
+        predict.text_rows(str(table), other, text_column="body")
+    with pytest.raises(DataError, match=r"^--data: there is no object s3://tl-test/predict-text/old.csv$"):
+        predict.text_rows("s3://tl-test/predict-text/old.csv", description)
 
 
 def test_batches_are_padded_to_their_longest_text_not_to_max_length(tmp_path):
