@@ -131,6 +131,7 @@ def test_data_root_may_name_one_table_file_locally_and_on_s3(tmp_path, s3, capsy
         assert (index.classes, index.train, index.val) == (as_file.classes, as_file.train, as_file.val), root
 
     (tmp_path / "notes.txt").write_text("not a table")
+    capsys.readouterr()  # the log lines of the runs checked above
     config = write_config(tmp_path, tmp_path / "notes.txt", **text_config(tmp_path / "notes.txt"))
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
                     "notes.txt is a file, not a folder; give the folder that holds the data, or one table of texts "
