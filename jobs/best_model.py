@@ -25,21 +25,23 @@ def local_checkpoint(run: str, field: str = "RUN") -> Path:
 
 def load_model(checkpoint: Path, field: str = "RUN") -> tuple[nn.Module, dict]:
     """The checkpoint's classifier, built as its run built it, in eval mode; and its description (input, classes,
-    source), which jobs.export writes as PATH.json."""
+    source: a node's copy of an s3:// checkpoint named by its URI), which jobs.export writes as PATH.json."""
     from tl_core.models import build_model, normalization
     from tl_core.text_models import CHECKPOINT_HF_DIR, is_text_backbone
+
+    from tl_core.data import as_given
 
     state, meta = load_model_state(checkpoint)
     cfg = from_dict(meta["config"], stored=True)
     if cfg.pretrain.method != "supervised" or not meta.get("classes"):
-        raise ConfigError(f"{field}: {checkpoint} is a {cfg.pretrain.method} pretraining checkpoint, which has no classifier; "
+        raise ConfigError(f"{field}: {as_given(checkpoint)} is a {cfg.pretrain.method} pretraining checkpoint, which has no classifier; "
                           "fine-tune it (model.weights: the run) and use that")
     text = is_text_backbone(cfg.model.backbone)
     backbone = f"hf:{checkpoint}" if text else cfg.model.backbone  # a text checkpoint carries its encoder's config
     model = build_model(cfg.model.model_copy(update={"backbone": backbone, "weights": None}), meta["classes"], cfg.data.image_size)
     model.load_state_dict(state)
     model.eval()
-    source = {"checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "metrics": meta.get("metrics", {}),
+    source = {"checkpoint": as_given(checkpoint), "epoch": meta.get("epoch"), "metrics": meta.get("metrics", {}),
               "backbone": cfg.model.backbone, "experiment": cfg.experiment}
     if text:
         inputs = {"tokenizer": str(checkpoint / CHECKPOINT_HF_DIR), "max_length": cfg.data.max_length, "pooling": cfg.model.pooling,

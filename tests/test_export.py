@@ -134,11 +134,22 @@ def test_an_exported_text_model_runs_in_onnxruntime_with_its_own_tokenizer(tmp_p
     assert np.abs(got - expected.numpy()).max() <= 1e-4
 
 
-def test_export_to_s3(image_run, s3, tmp_path):
+def test_export_to_s3(image_run, s3, tmp_path, capsys):
     run, _ = image_run
     assert export.main([str(run), "--format", "onnx", "--out", "s3://tl-test/exports/model.onnx"]) == 0
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="tl-test", Prefix="exports/")["Contents"]}
     assert keys == {"exports/model.onnx", "exports/model.onnx.json"}
+    # from a checkpoint on S3: the description and the summary name it by its URI, not by this node's copy of it
+    from cluster import storage
+
+    best = json.loads((run / "result.json").read_text())["best_checkpoint"]
+    storage.upload_dir(best, storage.parse("s3://tl-test/export-source/checkpoint_epoch_0001"))
+    capsys.readouterr()
+    assert export.main(["s3://tl-test/export-source/checkpoint_epoch_0001", "--format", "safetensors",
+                        "--out", str(tmp_path / "model.safetensors")]) == 0
+    source = json.loads((tmp_path / "model.safetensors.json").read_text())["source"]["checkpoint"]
+    assert source == "s3://tl-test/export-source/checkpoint_epoch_0001"
+    assert f"safetensors of {source} (" in capsys.readouterr().out
 
 
 def test_an_s3_run_that_is_no_run_is_refused_before_anything_is_copied(s3, tmp_path, capsys, monkeypatch):
