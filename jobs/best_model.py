@@ -26,10 +26,9 @@ def local_checkpoint(run: str, field: str = "RUN") -> Path:
 def load_model(checkpoint: Path, field: str = "RUN") -> tuple[nn.Module, dict]:
     """The checkpoint's classifier, built as its run built it, in eval mode; and its description (input, classes,
     source: a node's copy of an s3:// checkpoint named by its URI), which jobs.export writes as PATH.json."""
+    from tl_core.data import as_given
     from tl_core.models import build_model, normalization
     from tl_core.text_models import CHECKPOINT_HF_DIR, is_text_backbone
-
-    from tl_core.data import as_given
 
     state, meta = load_model_state(checkpoint)
     cfg = from_dict(meta["config"], stored=True)
