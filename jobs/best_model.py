@@ -10,7 +10,7 @@ from cluster import storage
 from tl_core.checkpoint import load_model_state
 from tl_core.config import from_dict
 from tl_core.errors import ConfigError
-from tl_core.files import user_path
+from tl_core.files import as_given, user_path
 
 
 def local_checkpoint(run: str, field: str = "RUN") -> Path:
@@ -26,7 +26,6 @@ def local_checkpoint(run: str, field: str = "RUN") -> Path:
 def load_model(checkpoint: Path, field: str = "RUN") -> tuple[nn.Module, dict]:
     """The checkpoint's classifier, built as its run built it, in eval mode; and its description (input, classes,
     source: a node's copy of an s3:// checkpoint named by its URI), which jobs.export writes as PATH.json."""
-    from tl_core.data import as_given
     from tl_core.models import build_model, normalization
     from tl_core.text_models import CHECKPOINT_HF_DIR, is_text_backbone
 

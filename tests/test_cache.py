@@ -75,7 +75,7 @@ def test_weights_read_from_a_nodes_copy_are_named_by_their_s3_uri(caplog, monkey
     import torch
 
     from tl_core.config import ModelConfig
-    from tl_core.data import as_given
+    from tl_core.files import as_given
     from tl_core.models import build_model
 
     monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
@@ -98,7 +98,7 @@ def test_a_text_encoder_read_from_a_nodes_copy_is_named_by_its_s3_uri(caplog, mo
     import shutil
 
     from tl_core.config import ModelConfig
-    from tl_core.data import node_copy_path
+    from tl_core.files import node_copy_path
     from tl_core.text_models import build_text_model, model_dir
 
     monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))

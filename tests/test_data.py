@@ -29,7 +29,7 @@ def test_class_folders_get_a_stratified_seeded_split(image_folder):
 
 def test_a_nodes_copy_of_s3_data_is_named_by_its_s3_uri_in_warnings(tmp_path, monkeypatch, caplog):
     """Images read from the node's copy of s3://BUCKET/KEY: an unreadable one is named s3://..., not ~/.cache/..."""
-    from tl_core.data import node_copy_path
+    from tl_core.files import node_copy_path
 
     monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "cache"))
     root = make_image_folder(node_copy_path("bucket", "sets/ds"), n_classes=2, per_class=6)

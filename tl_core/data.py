@@ -30,7 +30,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from tl_core.config import DataConfig, RunConfig
 from tl_core.errors import DataError
-from tl_core.files import user_path
+from tl_core.files import as_given, node_cache_dir
 
 logger = logging.getLogger("tl_core")
 
@@ -93,30 +93,6 @@ def existing_folder(path: str, field: str, or_else: str = "") -> Path:
     if Path(path).exists():
         raise DataError(f"{field}: {path} is a file, not a folder; give the folder that holds the data{or_else}")
     raise DataError(f"{field}: directory {path} does not exist")
-
-
-def node_cache_dir() -> Path:
-    """This node's cache of dataset copies and indexes: $TL_CACHE_DIR, default ~/.cache/tl-finetune."""
-    return user_path(os.environ.get("TL_CACHE_DIR") or Path.home() / ".cache" / "tl-finetune")
-
-
-def _node_copies() -> Path:
-    return node_cache_dir() / "s3"
-
-
-def node_copy_path(bucket: str, key: str) -> Path:
-    """Where this node keeps its copy of the S3 object or prefix s3://BUCKET/KEY (cluster.storage.cache fills it)."""
-    return _node_copies() / bucket / key
-
-
-def as_given(path: str | Path) -> str:
-    """`path` as a user named it: a node's copy of something on S3 as its s3:// URI (what the config said), any
-    other path as it is. For messages: a log line or an error about a copy names what the user knows."""
-    try:
-        bucket, _, key = Path(path).relative_to(_node_copies()).as_posix().partition("/")
-    except ValueError:
-        return str(path)
-    return f"s3://{bucket}/{key}"
 
 
 def _cached_index(kind: str, paths: list[str], settings: tuple, build: Callable[[], DatasetIndex]) -> DatasetIndex:

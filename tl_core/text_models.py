@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from tl_core.config import ModelConfig
-from tl_core.data import as_given
 from tl_core.errors import ConfigError
-from tl_core.files import user_path
+from tl_core.files import as_given, user_path
 
 logger = logging.getLogger("tl_core")
 

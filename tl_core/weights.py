@@ -25,8 +25,8 @@ from torch import nn
 
 from tl_core.checkpoint import is_state_dict_of_tensors
 from tl_core.config import nearest, stored_value
-from tl_core.data import as_given
 from tl_core.errors import ConfigError
+from tl_core.files import as_given
 from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, normalization, pretrained_input_size, timm_tags, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
 

@@ -17,8 +17,8 @@ from filelock import FileLock
 
 from cluster import storage
 from cluster.storage import Location
-from tl_core.data import node_copy_path
 from tl_core.errors import StorageError
+from tl_core.files import node_copy_path
 
 log = logging.getLogger(__name__)
 
