@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
-from tl_core.errors import UserError
+from tl_core.errors import ConfigError, UserError
 from tl_core.secrets import redact
 
 
@@ -76,11 +76,28 @@ def _number(text: str) -> float:
 def parse_args(argv: list[str] | None, module: str, doc: str | None) -> argparse.Namespace:
     """The arguments of the jobs that run a config: --config, --set (repeatable) and --resume."""
     parser = ArgumentParser(module, doc)
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--config", required=True, help="run config YAML, local or s3:// (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.01 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment from its latest checkpoint")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.config = local_config(args.config)
+    return args
+
+
+def local_config(config: str) -> str:
+    """--config as a file on this machine: an s3:// object (a sweep report's best.yaml, say) fetched to the node
+    cache, which messages name by its URI."""
+    from cluster import storage
+
+    if not storage.is_uri(config):
+        return config
+    from cluster.storage import cache
+
+    location = storage.parse(config, field="--config")
+    if not storage.is_object(location, "--config"):
+        raise ConfigError(f"--config: there is no object {location.uri}")
+    return str(cache.fetch_object(location, "--config"))
 
 
 class RunFailed(Exception):

@@ -26,6 +26,7 @@ from tl_core.config import (
 )
 from tl_core.config_file import read_config_file
 from tl_core.errors import ConfigError
+from tl_core.files import as_given
 
 _DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
@@ -242,27 +243,28 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     section. Every edge of the space, and their combinations, are applied to the run config and validated, so a bad
     range or a clash of two keys fails here, not in trial 7."""
     raw = read_config_file(path)
+    name = as_given(path)  # a node's copy of an s3:// sweep file by its URI
     search_raw = raw.pop("search", None)
     if search_raw is None:
-        raise ConfigError(f"{path}: search: required section is missing (a sweep file is a run config plus search:)")
+        raise ConfigError(f"{name}: search: required section is missing (a sweep file is a run config plus search:)")
     data = apply_overrides({**raw, "search": search_raw}, overrides)
     search_raw = data.pop("search")
     try:
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe(exc, model=SearchConfig, prefix='search.')}") from None
+        raise ConfigError(f"{name}: {describe(exc, model=SearchConfig, prefix='search.')}") from None
     for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
         if key in RESOURCE_KEYS:
-            raise ConfigError(f"{path}: search.space: {key}: every trial holds the resources the run config's scaling section "
+            raise ConfigError(f"{name}: search.space: {key}: every trial holds the resources the run config's scaling section "
                               "asks for, reserved once for the sweep, so they cannot vary between trials; run one sweep per value")
         values = spec.get("grid", [])
         if repeated := [v for i, v in enumerate(values) if v in values[:i]]:
-            raise ConfigError(f"{path}: search.space: {key}: grid lists {repeated[0]!r} twice; each grid value runs its own "
+            raise ConfigError(f"{name}: search.space: {key}: grid lists {repeated[0]!r} twice; each grid value runs its own "
                               "trials, so list it once")
-    base = from_dict(data, [override("train.epochs", search.scheduler.max_t)], source=str(path))
+    base = from_dict(data, [override("train.epochs", search.scheduler.max_t)], source=name)
     interval, every = search.scheduler.perturbation_interval, base.checkpoint.every
     if search.scheduler.name == "pbt" and interval % every:
-        raise ConfigError(f"{path}: checkpoint.every: {every} must divide scheduler.perturbation_interval ({interval}): "
+        raise ConfigError(f"{name}: checkpoint.every: {every} must divide scheduler.perturbation_interval ({interval}): "
                           "a pbt exploit copies the checkpoint of the epoch it happens at")
     for combination in search.trial_combinations():
         try:
@@ -271,12 +273,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             reason = str(exc).split(": ", 1)[-1]
             if len(combination) == 1:
                 (key, value), = combination
-                raise ConfigError(f"{path}: search.space.{key}: value {value!r} is not valid: {reason}") from None
-            raise ConfigError(f"{path}: search.space: {named_values(combination)} are not valid together: {reason}") from None
+                raise ConfigError(f"{name}: search.space.{key}: value {value!r} is not valid: {reason}") from None
+            raise ConfigError(f"{name}: search.space: {named_values(combination)} are not valid together: {reason}") from None
     try:
         kept_by_search(base, search.metric, search.mode)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: search.metric: {str(exc).removeprefix('config: ').removeprefix('checkpoint.metric: ')}") from None
+        raise ConfigError(f"{name}: search.metric: {str(exc).removeprefix('config: ').removeprefix('checkpoint.metric: ')}") from None
     return base, search
 
 

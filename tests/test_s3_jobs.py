@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 from helpers import make_image_folder, write_config
+from test_hostile import one_line_exit_2
 
 from cluster import storage
 from cluster.local.s3_server import start_s3_server
@@ -220,6 +221,31 @@ def test_s3_bad_input_is_one_line_exit_2_and_writes_nothing(case, s3, tmp_path, 
     assert s3.secret_key not in err[-1] and s3.access_key not in err[-1] and "wrong-secret" not in err[-1]
     assert keys(s3, "bad-input/") == []
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_on_s3_is_read_and_named_by_its_uri(s3, tmp_path, capsys):
+    """`jobs.analyze` on a sweep stored on S3 says `python -m jobs.finetune --config s3://.../report/best.yaml`, which
+    failed ("s3:/tl-test/...: config file not found"): --config reads an s3:// object, and every message about the
+    file names its URI, not the node cache's copy."""
+    from jobs import sweep
+    from jobs.cli import parse_args
+    from jobs.preflight import load_and_check
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6)
+    config = write_config(tmp_path, data, experiment="from-s3", scaling={"num_workers": 1})
+    s3.client().put_object(Bucket=BUCKET, Key="configs/run.yaml", Body=config.read_bytes())
+    cfg = load_and_check(parse_args(["--config", "s3://tl-test/configs/run.yaml", "--set", "optim.lr=0.02"], "jobs.finetune", None))
+    assert cfg.experiment == "from-s3" and cfg.optim.lr == 0.02 and cfg.data.root == str(data)
+    cases = {"configs/typo.yaml": (b"optim: {lr: 0.1}\n", "s3://tl-test/configs/typo.yaml: experiment: required key is missing"),
+             "configs/sweep.yaml": (b"search: {space: {}}\n", "s3://tl-test/configs/sweep.yaml: search: this is a sweep file; "
+                                                             "run it with python -m jobs.sweep --config s3://tl-test/configs/sweep.yaml")}
+    for key, (body, message) in cases.items():
+        s3.client().put_object(Bucket=BUCKET, Key=key, Body=body)
+        one_line_exit_2(finetune.main, ["--config", f"s3://tl-test/{key}"], capsys, tmp_path, message)
+    one_line_exit_2(sweep.main, ["--config", "s3://tl-test/configs/typo.yaml"], capsys, tmp_path,
+                    "s3://tl-test/configs/typo.yaml: search: required section is missing")
+    one_line_exit_2(finetune.main, ["--config", "s3://tl-test/configs/gone.yaml"], capsys, tmp_path,
+                    "--config: there is no object s3://tl-test/configs/gone.yaml")
 
 
 @pytest.mark.integration

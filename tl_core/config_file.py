@@ -10,6 +10,7 @@ from typing import Any
 
 from tl_core.config import RunConfig, from_dict, parse_yaml
 from tl_core.errors import ConfigError
+from tl_core.files import as_given
 from tl_core.secrets import is_credential_name
 
 
@@ -17,9 +18,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a run config from YAML, expand `${VAR}` / `${VAR:-default}` in its strings from the
     environment, apply `a.b=c` overrides, validate."""
     raw = read_config_file(path)
+    name = as_given(path)  # a node's copy of an s3:// config by its URI
     if "search" in raw:  # a sweep file (jobs.sweep_config): a run config plus its search section
-        raise ConfigError(f"{path}: search: this is a sweep file; run it with python -m jobs.sweep --config {path}")
-    return from_dict(raw, overrides, source=str(path))
+        raise ConfigError(f"{name}: search: this is a sweep file; run it with python -m jobs.sweep --config {name}")
+    return from_dict(raw, overrides, source=name)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -52,22 +54,23 @@ def _expand_env(value: Any, source: str, where: tuple) -> Any:
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    name = as_given(path)  # a node's copy of an s3:// config by its URI
     if not path.is_file():  # a FIFO or a device would block or never end: only a regular file is read
         what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
-        raise ConfigError(f"{path}: config file {what}")
+        raise ConfigError(f"{name}: config file {what}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
+        raise ConfigError(f"{name}: {path.stat().st_size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
-    data = parse_yaml(text, str(path))
+        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    data = parse_yaml(text, name)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        raise ConfigError(f"{name}: expected a mapping of config sections at the top level")
     return data
 
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file, environment references expanded, not yet validated."""
-    return _expand_env(_read_yaml(path), str(path), ())
+    return _expand_env(_read_yaml(path), as_given(path), ())
