@@ -109,7 +109,7 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path, caplog):
         index_text_table(DataConfig(root=str(split)), seed=0)
 
 
-def test_data_root_may_name_one_table_file_locally_and_on_s3(tmp_path, s3, capsys):
+def test_data_root_may_name_one_table_file_locally_and_on_s3(tmp_path, s3, capsys, caplog):
     """`data.root: reviews.csv` (the table, not its folder) was refused as "a file, not a folder", and an s3:// object
     as "no objects under" it; both are now read as a folder holding only that table. A file that is no table still
     gets one line, which says that a table may be named."""
@@ -129,6 +129,15 @@ def test_data_root_may_name_one_table_file_locally_and_on_s3(tmp_path, s3, capsy
         local = localize(cfg)
         index = index_text_table(local.data, seed=0)
         assert (index.classes, index.train, index.val) == (as_file.classes, as_file.train, as_file.val), root
+
+    # train.csv named alone is split, as named; the val.csv beside it is not read, which a warning says
+    write_csv(tmp_path / "data" / "train.csv", sentiment_rows(20))
+    write_csv(tmp_path / "data" / "val.csv", sentiment_rows(4, seed=3))
+    with caplog.at_level(logging.WARNING, logger="tl_core"):
+        index = index_text_table(DataConfig(root=str(tmp_path / "data" / "train.csv"), val_fraction=0.25), seed=0)
+    assert len(index.val) == 4 and [r.getMessage() for r in caplog.records if "beside" in r.getMessage()] == [
+        "data: train.csv is split by data.val_fraction, and val.csv beside it is not read; to validate on it, give their "
+        "folder as data.root"]
 
     (tmp_path / "notes.txt").write_text("not a table")
     capsys.readouterr()  # the log lines of the runs checked above

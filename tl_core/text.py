@@ -130,7 +130,11 @@ def _class_order(names: set[str]) -> list[str]:
 def _train_and_val_files(data_root: str) -> tuple[Path, Path | None]:
     """The table that trains and the one that validates (None: split from the first), at `data.root`."""
     if is_table_file(data_root):
-        return Path(data_root), None
+        path = Path(data_root)
+        if path.stem.lower() == "train" and (beside := [p.name for p in table_files(path.parent) if p.stem.lower() == "val"]):
+            logger.warning("data: %s is split by data.val_fraction, and %s beside it is not read; to validate on it, "
+                           "give their folder as data.root", path.name, beside[0])
+        return path, None
     root = existing_folder(data_root, "data.root", OR_ONE_TABLE)
     by_name: dict[str, list[Path]] = {}
     for path in table_files(root):
