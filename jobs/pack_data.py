@@ -17,9 +17,10 @@ cluster:
    val-NNNNN.parquet; then DEST/manifest.json, last (`tl_core.packed.Manifest`).
 
 SOURCE holding table files where an image folder holds class folders (train.csv + val.csv, or one table; CSV,
-JSON lines or Parquet: what `data.root` reads as text), or one table file itself, is packed as text: the tables are read and cleaned once in
-the driver, as a text run does (`tl_core.text.index_text_table`: empty texts and missing labels skipped, duplicates
-dropped, a stratified split), and the shuffled rows are written as shards of (text, label) by Ray tasks.
+JSON lines or Parquet: what `data.root` reads as text), or one table file itself, is packed as text: the tables are
+read and cleaned once in the driver, as a text run does (`tl_core.text.index_text_table`: empty texts and missing
+labels skipped, duplicates dropped, a stratified split), and the shuffled rows are written as shards of (text,
+label) by Ray tasks.
 
 The version is the fingerprint of the source listing (every file's path, size and ETag or mtime) and the split
 settings: re-running on an unchanged source does nothing; a changed one is packed again as a new version. A run

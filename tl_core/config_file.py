@@ -70,7 +70,6 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file, environment references expanded, not yet validated."""
     return _expand_env(_read_yaml(path), as_given(path), ())

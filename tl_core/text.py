@@ -2,8 +2,8 @@
 loaders whose batches are padded per batch (to the longest text in it, never to `max_length`).
 
 `data.root` is a folder holding `train.{csv,jsonl,parquet}` (+ optional `val.*` in any of those formats) or a single
-table file, or that one table file itself (then a stratified, seeded split makes the validation set). Columns `data.text_column` and
-`data.label_column` (default `text`, `label`).
+table file, or that one table file itself (then a stratified, seeded split makes the validation set). Columns
+`data.text_column` and `data.label_column` (default `text`, `label`).
 """
 
 from __future__ import annotations
