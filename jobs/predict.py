@@ -4,9 +4,9 @@
                            [--text-column NAME]
 
 RUN is a finished run (its best checkpoint) or a checkpoint, local or s3://. For an image model DATA is a folder or
-s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .jsonl, .parquet),
-local or s3://, whose texts are in the column --text-column (default: the run's `data.text_column`). OUT (local or
-s3://) receives Parquet files of rows
+s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .tsv, .jsonl,
+.parquet), local or s3://, whose texts are in the column --text-column (default: the run's `data.text_column`). OUT
+(local or s3://) receives Parquet files of rows
 
     path (image file, or the text's row number from 0), predicted (class name), probability, top_k (class names),
     top_k_probability, error (why an input could not be read; then predicted is null)

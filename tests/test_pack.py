@@ -125,7 +125,7 @@ def test_the_cleanings_mistakes_name_this_commands_arguments(ray_cluster, tmp_pa
 @pytest.mark.parametrize("case,message", [
     ("missing", "SOURCE: directory"),
     ("a_file", "SOURCE: {source} is a file, not a folder; give the folder that holds the data, or one table of texts "
-               "(.csv, .jsonl or .parquet)"),
+               "(.csv, .tsv, .jsonl or .parquet)"),
     ("empty", "holds no files"),
     ("one_class", "found 1 class folder(s)"),
     ("dest_inside", "is inside SOURCE"),

@@ -105,7 +105,7 @@ def test_text_tables_are_read_cleaned_and_split(tmp_path, caplog):
         index_text_table(DataConfig(root=str(split)), seed=0)
     for name in ("train.csv", "train.jsonl"):
         (split / name).unlink()
-    with pytest.raises(DataError, match="holds val.parquet but no train.csv, train.jsonl or train.parquet"):
+    with pytest.raises(DataError, match="holds val.parquet but no train.csv, train.tsv, train.jsonl or train.parquet"):
         index_text_table(DataConfig(root=str(split)), seed=0)
 
 
@@ -144,7 +144,19 @@ def test_data_root_may_name_one_table_file_locally_and_on_s3(tmp_path, s3, capsy
     config = write_config(tmp_path, tmp_path / "notes.txt", **text_config(tmp_path / "notes.txt"))
     one_line_exit_2(finetune.main, ["--config", str(config)], capsys, tmp_path,
                     "notes.txt is a file, not a folder; give the folder that holds the data, or one table of texts "
-                    "(.csv, .jsonl or .parquet)")
+                    "(.csv, .tsv, .jsonl or .parquet)")
+
+
+def test_a_tsv_table_is_read_without_quoting_as_glue_writes_it(tmp_path):
+    """TSV (GLUE's SST-2 and others) was refused as no table. A tab-separated field has no quoting: a quote inside a
+    text is part of it, where a CSV reader would join lines until the quote closed."""
+    rows = [(r["text"], r["label"]) for r in sentiment_rows(12)]
+    rows[0] = ('" it \'s a charming and often affecting journey .', "pos")  # opens a quote that never closes
+    lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in rows]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    index = index_text_table(DataConfig(root=str(tmp_path / "train.tsv"), text_column="sentence", val_fraction=0.25), seed=0)
+    assert index.classes == ["neg", "pos"] and len(index.train) + len(index.val) == 12
+    assert sorted(index.train + index.val) == sorted((text, index.classes.index(label)) for text, label in rows)
 
 
 def test_a_val_file_left_with_no_row_says_why(tmp_path):
@@ -174,7 +186,7 @@ def test_predict_refuses_a_table_format_the_reader_does_not_know_and_a_table_wit
 
     (tmp_path / "texts.json").write_text('[{"text": "a"}]')
     description = {"config": {"experiment": "t", "data": {"root": str(tmp_path)}}}
-    with pytest.raises(DataError, match=r"--data: a text model reads a table file \(\.csv, \.jsonl, \.parquet\), local or s3://"):
+    with pytest.raises(DataError, match=r"--data: a text model reads a table file \(\.csv, \.tsv, \.jsonl, \.parquet\), local or s3://"):
         predict.text_rows(str(tmp_path / "texts.json"), description)
     (tmp_path / "header_only.csv").write_text("text\n\n")  # Ray Data wrote nothing, and reading the output failed
     with pytest.raises(DataError, match=r"--data: .*header_only.csv has no rows under its header"):

@@ -36,7 +36,7 @@ def check_modality(cfg: RunConfig, found: str | None = None) -> str:
                           f"{'' if found else ' (table files)'}; use a text encoder, hf:<model>")
     if kind == "image" and is_text_backbone(cfg.model.backbone):
         raise ConfigError(f"model.backbone: {cfg.model.backbone} is a text model, but data.root {cfg.data.root} holds images "
-                          "(class folders); use an image backbone, or train.csv/jsonl/parquet for text")
+                          "(class folders); use an image backbone, or train.csv/tsv/jsonl/parquet for text")
     if kind == "text":
         load_tokenizer(cfg.model.backbone, cfg.data.max_length)
     return kind

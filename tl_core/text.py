@@ -1,7 +1,7 @@
 """Text datasets: read a table of (text, label) rows, clean it, split it, tokenise it once, and build sharded
 loaders whose batches are padded per batch (to the longest text in it, never to `max_length`).
 
-`data.root` is a folder holding `train.{csv,jsonl,parquet}` (+ optional `val.*` in any of those formats) or a single
+`data.root` is a folder holding `train.{csv,tsv,jsonl,parquet}` (+ optional `val.*` in any of those formats) or a single
 table file, or that one table file itself (then a stratified, seeded split makes the validation set). Columns
 `data.text_column` and `data.label_column` (default `text`, `label`).
 """
@@ -31,9 +31,9 @@ from tl_core.errors import DataError
 
 logger = logging.getLogger("tl_core")
 
-TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 #: What else `data.root` may be when it is no folder.
-OR_ONE_TABLE = ", or one table of texts (.csv, .jsonl or .parquet)"
+OR_ONE_TABLE = ", or one table of texts (.csv, .tsv, .jsonl or .parquet)"
 
 
 def table_files(root: Path) -> list[Path]:
@@ -53,7 +53,7 @@ def is_text_root(root: str | Path) -> bool:
 
 
 def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.root"):
-    """A CSV, JSON-lines or Parquet file as a pyarrow Table with the named columns ((config key, column) pairs);
+    """A CSV, TSV, JSON-lines or Parquet file as a pyarrow Table with the named columns ((config key, column) pairs);
     DataError naming `field` (or the key of a missing column) when it cannot be read or lacks one."""
     import pyarrow as pa
     import pyarrow.csv
@@ -62,10 +62,13 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
 
     # A CSV's named columns are text whatever they look like: inferred as numbers, label "007" would be class 7 and
     # the text "00123" no text at all. Empty cells and NA markers ("NA", "null", ...) are missing values, as pandas
-    # reads them. JSON and Parquet carry their own types.
+    # reads them. JSON and Parquet carry their own types. A TSV has no quoting (a field holds no tab nor newline), so
+    # a quote in a text is part of it, as GLUE's tables need.
     as_text = pyarrow.csv.ConvertOptions(column_types={column: pa.string() for _, column in columns}, strings_can_be_null=True)
-    readers = {".csv": lambda p: pyarrow.csv.read_csv(p, convert_options=as_text), ".jsonl": pyarrow.json.read_json,
-               ".parquet": pyarrow.parquet.read_table}
+    tabs = pyarrow.csv.ParseOptions(delimiter="\t", quote_char=False)
+    readers = {".csv": lambda p: pyarrow.csv.read_csv(p, convert_options=as_text),
+               ".tsv": lambda p: pyarrow.csv.read_csv(p, parse_options=tabs, convert_options=as_text),
+               ".jsonl": pyarrow.json.read_json, ".parquet": pyarrow.parquet.read_table}
     try:
         table = readers[path.suffix.lower()](str(path))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -92,7 +95,7 @@ def not_utf8(field: str, path: Path, where: str) -> DataError:
 
 
 def first_line_not_utf8(path: Path) -> int | None:
-    """The number of the first line of the text table `path` (CSV, JSON lines) that is not UTF-8, if one is not;
+    """The number of the first line of the text table `path` (CSV, TSV, JSON lines) that is not UTF-8, if one is not;
     None for Parquet, which has no lines."""
     if path.suffix.lower() == ".parquet":
         return None
@@ -106,7 +109,7 @@ def first_line_not_utf8(path: Path) -> int | None:
 
 
 def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
-    """(text, label) of every row of a CSV, JSON-lines or Parquet file."""
+    """(text, label) of every row of a CSV, TSV, JSON-lines or Parquet file."""
     table = read_table(path, [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)])
     return list(zip(table.column(cfg.text_column).to_pylist(), table.column(cfg.label_column).to_pylist(), strict=True))
 
@@ -144,7 +147,7 @@ def _train_and_val_files(data_root: str) -> tuple[Path, Path | None]:
             raise DataError(f"data.root: {data_root} holds one table in {len(paths)} files ({', '.join(p.name for p in paths)}); keep one")
     tables = {name: paths[0] for name, paths in by_name.items()}
     if "val" in tables and "train" not in tables:
-        raise DataError(f"data.root: {data_root} holds {tables['val'].name} but no train.csv, train.jsonl or train.parquet")
+        raise DataError(f"data.root: {data_root} holds {tables['val'].name} but no train.csv, train.tsv, train.jsonl or train.parquet")
     if "train" in tables:
         return tables["train"], tables.get("val")
     if len(tables) == 1:
