@@ -51,7 +51,7 @@ from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths, read_file_bytes
 from tl_core.errors import DataError
 from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
-from tl_core.text import OR_ONE_TABLE, TABLE_SUFFIXES, index_text_table
+from tl_core.text import OR_ONE_TABLE, index_text_table, is_table_name
 
 log = logging.getLogger("jobs")
 
@@ -232,13 +232,13 @@ def list_tables(source: Location) -> list[SourceFile]:
     from tl_core.text import is_table_file, table_files
 
     if source.is_s3:
-        one = Path(source.key).suffix.lower() in TABLE_SUFFIXES and storage.head_object(source, "SOURCE")
+        one = is_table_name(source.key) and storage.head_object(source, "SOURCE")
         if one:
             return [SourceFile("", one["ContentLength"], one["ETag"])]
         # the top level only: an image folder's million objects are listed once, by list_source
         objects = storage.list_objects(source, "SOURCE", top_level=True)
         return [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in objects
-                if Path(o["Key"]).suffix.lower() in TABLE_SUFFIXES and not o["Key"].startswith(".")]
+                if is_table_name(o["Key"]) and not o["Key"].startswith(".")]
     root = Path(source.path)
     if is_table_file(root):
         return [SourceFile("", root.stat().st_size, str(root.stat().st_mtime_ns))]

@@ -183,11 +183,11 @@ def text_rows(data: str, description: dict, text_column: str | None = None) -> l
 
     from cluster.storage import cache
     from tl_core.config import from_dict
-    from tl_core.text import TABLE_SUFFIXES, read_table
+    from tl_core.text import TABLE_SUFFIXES, is_table_name, read_table
 
     column = text_column or from_dict(description["config"], stored=True).data.text_column
     location = storage.parse(data, field="--data")
-    if Path(location.path).suffix.lower() not in TABLE_SUFFIXES:
+    if not is_table_name(location.path):
         raise DataError(f"--data: a text model reads a table file ({', '.join(TABLE_SUFFIXES)}), local or s3://, not {data}")
     if location.is_s3:
         if not storage.is_object(location, "--data"):

@@ -36,14 +36,18 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 OR_ONE_TABLE = ", or one table of texts (.csv, .tsv, .jsonl or .parquet)"
 
 
+def is_table_name(name: str | Path) -> bool:
+    """Whether a file or S3 object so named is read as a table (.csv, .tsv, .jsonl, .parquet, in any case)."""
+    return Path(name).suffix.lower() in TABLE_SUFFIXES
+
+
 def table_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith("."))
+    return sorted(p for p in root.iterdir() if p.is_file() and is_table_name(p) and not p.name.startswith("."))
 
 
 def is_table_file(path: str | Path) -> bool:
     """Whether `path` is one table file, a text dataset by itself."""
-    path = Path(path)
-    return path.suffix.lower() in TABLE_SUFFIXES and path.is_file()
+    return is_table_name(path) and Path(path).is_file()
 
 
 def is_text_root(root: str | Path) -> bool:
