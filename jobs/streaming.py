@@ -210,4 +210,4 @@ def streamed_data(cfg: RunConfig, manifest: Manifest, shard: Callable[[str], obj
     def on_epoch(epoch: int, seed: int) -> None:
         train.seed = (cfg.train.seed * 1_000_003 + epoch) % 2**32
 
-    return StreamedData(manifest.classes, train, val, on_epoch, f"streamed from {cfg.data.root}: {manifest.summary()}")
+    return StreamedData(manifest.classes, manifest.train_counts, train, val, on_epoch, f"streamed from {cfg.data.root}: {manifest.summary()}")

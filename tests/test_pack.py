@@ -206,7 +206,8 @@ def test_a_text_table_on_s3_is_packed_once_and_streams_to_a_text_run(ray_cluster
     assert one.source == "s3://tl-test/raw/text/train.csv" and one.classes == alone.classes
     assert one.counts == {"train": len(alone.train), "val": len(alone.val), "unreadable": 2, "duplicates": 1}
 
-    config = write_config(tmp_path, "s3://tl-test/packed/text", experiment="streamed-text", train={"epochs": 2, "batch_size": 8},
+    config = write_config(tmp_path, "s3://tl-test/packed/text", experiment="streamed-text",
+                          train={"epochs": 2, "batch_size": 8, "class_weights": "balanced"},  # from the manifest's counts
                           data={"max_length": 32, "decode_cpus": 0.5}, storage={"root": "s3://tl-test/runs"},
                           model={"backbone": MINILM, "weights": "pretrained", "strategy": "linear_probe"},
                           optim={"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "scheduler": "cosine"},
@@ -341,7 +342,8 @@ def test_a_packed_dataset_that_cannot_stream_is_one_line_exit_2(case, message, t
     elif case == "cut_shard":
         train = dest / "v1" / "train-00000.parquet"
         train.write_bytes(train.read_bytes()[:100])
-    manifest = Manifest(classes=["a", "b"], shards=shards, source="x", fingerprint="f", val_fraction=0.2, seed=0)
+    manifest = Manifest(classes=["a", "b"], shards=shards, source="x", fingerprint="f", val_fraction=0.2, seed=0,
+                        per_class={"train": {"a": 1, "b": 0}, "val": {"a": 0, "b": 1}})
     (dest / MANIFEST_FILE).write_text(manifest.to_json())
     message = message.format(dest=dest)
     config = write_config(tmp_path, dest, **({"pretrain": {"method": "simclr"}} if case == "simclr" else {}))
@@ -394,3 +396,16 @@ def test_what_a_packed_dataset_fixed_when_packed_is_named_when_a_run_changes_it(
     assert unread_settings(cfg, "image", packed=False) == ["data.label_column: y", "data.decode_cpus: 1.0"]
     assert unread_settings(cfg, "text", packed=True) == ["data.image_size: 64", "data.val_fraction: 0.5",
                                                          "data.label_column: y"]
+
+
+def test_a_manifest_without_per_class_counts_is_not_ours():
+    """Class weights (train.class_weights) read the training split's per-class counts from the manifest."""
+    from tl_core.errors import DataError
+
+    manifest = Manifest(classes=["a", "b"], shards={"train": [{"path": "v1/t.parquet", "rows": 2}], "val": [{"path": "v1/v.parquet", "rows": 1}]},
+                        source="x", fingerprint="f", val_fraction=0.2, seed=0,
+                        per_class={"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 0}})
+    assert Manifest.from_json(manifest.to_json(), "here").per_class["train"] == {"a": 1, "b": 1}
+    for per_class in ({}, {"train": {"a": 1, "b": 1}}, {"train": {"a": 2}, "val": {"a": 1, "b": 0}}):
+        with pytest.raises(DataError, match=r"data.root: there is not a packed dataset's manifest \(per-class counts missing\)"):
+            Manifest.from_json(json.dumps({**json.loads(manifest.to_json()), "per_class": per_class}), "there")

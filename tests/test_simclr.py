@@ -197,7 +197,7 @@ def test_an_interrupted_and_resumed_simclr_pretrain_equals_an_unbroken_one(tmp_p
     assert not any(k.startswith("projection") for k in a.model_state)  # model.pt holds the backbone only
 
 
-@pytest.mark.parametrize("key,value", [("train.label_smoothing", 0.1), ("model.strategy", "linear_probe"),
+@pytest.mark.parametrize("key,value", [("train.label_smoothing", 0.1), ("train.class_weights", "balanced"), ("model.strategy", "linear_probe"),
                                        ("model.dropout", 0.2), ("model.head_init", "xavier")])
 def test_a_key_simclr_does_not_use_is_refused_not_ignored(tmp_path, key, value):
     from tl_core.config import with_overrides

@@ -18,6 +18,7 @@ class TaskData(Protocol):
     `val` holds this rank's share of the validation set, every sample exactly once across ranks."""
 
     classes: list[str]  # class names, in label order ([] for unlabelled data)
+    train_counts: list[int]  # training samples of each class, in label order, over every rank
     train: Iterable[tuple[Any, torch.Tensor]]
     val: Iterable[tuple[Any, torch.Tensor]]
 
@@ -32,8 +33,8 @@ class StreamedData:
     """`TaskData` over batches a job streams in (Ray Data shards of a packed dataset): `train` and `val` are
     iterables the job built, with `len()` batches; `on_epoch(epoch, seed)` reseeds the job's shuffle."""
 
-    def __init__(self, classes: list[str], train, val, on_epoch: Callable[[int, int], None], summary: str):
-        self.classes, self.train, self.val = classes, train, val
+    def __init__(self, classes: list[str], train_counts: list[int], train, val, on_epoch: Callable[[int, int], None], summary: str):
+        self.classes, self.train_counts, self.train, self.val = classes, train_counts, train, val
         self._on_epoch, self._summary = on_epoch, summary
 
     def set_epoch(self, epoch: int, seed: int) -> None:

@@ -191,6 +191,7 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)  # per worker
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: each class's training loss weighted by N / (K x its count)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     grad_accum: int = Field(1, ge=1)
     clip_grad_norm: Optional[float] = Field(None, gt=0.0)
@@ -388,7 +389,8 @@ class RunConfig(Section):
         """A key the chosen recipe does not use is refused, never silently ignored; so is a metric it never reports."""
         method = self.pretrain.method
         if method == "simclr":  # the backbone's head is replaced by the projection MLP, and there are no labels
-            unused = {"train.label_smoothing": self.train.label_smoothing != 0.0, "model.strategy": self.model.strategy != "full",
+            unused = {"train.label_smoothing": self.train.label_smoothing != 0.0, "train.class_weights": self.train.class_weights != "none",
+                      "model.strategy": self.model.strategy != "full",
                       "model.dropout": self.model.dropout != 0.0, "model.head_init": self.model.head_init != "default",
                       "model.layer_decay": self.model.layer_decay != 1.0}
         else:

@@ -53,7 +53,14 @@ class DatasetIndex:
         return (
             f"{f'{len(self.classes)} classes' if self.classes else 'unlabelled'}, {len(self.train)} train / {len(self.val)} val {self.unit}; "
             f"skipped {len(self.unreadable)} {self.skipped_as}, dropped {self.duplicates} duplicates{self._unscored()}"
+            f"{imbalance(self.classes, self.train_counts, self.unit)}"
         )
+
+    @property
+    def train_counts(self) -> list[int]:
+        """Training samples of each class, in label order."""
+        counts = Counter(label for _, label in self.train)
+        return [counts[label] for label in range(len(self.classes))]
 
     def _unscored(self) -> str:
         """Classes the val split lacks (a class of one image stays in train): trained on, never scored."""
@@ -62,6 +69,24 @@ class DatasetIndex:
             return ""
         names = ", ".join(_short(self.classes[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
         return f"; no val {self.unit} of {len(missing)} class(es), which are not scored: {names}"
+
+
+IMBALANCED = 3  # the commonest training class this many times the rarest: said in the data summary
+
+
+def imbalance(classes: list[str], train_counts: list[int], unit: str) -> str:
+    """"; unbalanced: ..." naming the rarest and commonest training classes (`train_counts` in label order; a class
+    with none is not counted) where they differ IMBALANCED times or more, which `train.class_weights: balanced` weighs
+    alike; "" otherwise."""
+    counts = {label: n for label, n in enumerate(train_counts) if n}
+    if len(counts) < 2:
+        return ""
+    rare, common = (f(counts, key=lambda label: (counts[label], label)) for f in (min, max))
+    if counts[common] < IMBALANCED * counts[rare]:
+        return ""
+    one = unit[:-1] if counts[rare] == 1 else unit
+    return (f"; unbalanced: {counts[rare]} train {one} of {_short(classes[rare])} against {counts[common]} of "
+            f"{_short(classes[common])} (train.class_weights: balanced weighs the classes alike)")
 
 
 def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
@@ -483,6 +508,10 @@ class IndexedData:
     @property
     def classes(self) -> list[str]:
         return self.index.classes
+
+    @property
+    def train_counts(self) -> list[int]:
+        return self.index.train_counts
 
     def summary(self) -> str:
         return self.index.summary()

@@ -32,9 +32,9 @@ class FeatureData:
     """`TaskData` over features computed once: each epoch reshuffles the training features into as many batches as
     the images had (the same number of optimizer steps per epoch); validation batches keep their order."""
 
-    def __init__(self, classes: list[str], train: tuple[torch.Tensor, torch.Tensor], val: list[tuple[torch.Tensor, torch.Tensor]],
-                 n_batches: int, summary: str):
-        self.classes, self.val = classes, val
+    def __init__(self, classes: list[str], train_counts: list[int], train: tuple[torch.Tensor, torch.Tensor],
+                 val: list[tuple[torch.Tensor, torch.Tensor]], n_batches: int, summary: str):
+        self.classes, self.train_counts, self.val = classes, train_counts, val
         self._features, self._labels = train
         self._n_batches = n_batches
         self._summary = summary
@@ -69,7 +69,7 @@ def probe_features(cfg: RunConfig, model: nn.Module, data: TaskData, state: Trai
         logger.info("linear probe: the features exceed %d MiB; the backbone runs every epoch", MAX_BYTES >> 20)
         return None
     features = (torch.cat([f for f, _ in train]), torch.cat([y for _, y in train]))
-    return FeatureData(data.classes, features, val, len(data.train), data.summary())
+    return FeatureData(data.classes, data.train_counts, features, val, len(data.train), data.summary())
 
 
 def changes_in_training(model: nn.Module, head: nn.Module, freeze_bn_stats: bool) -> bool:

@@ -27,6 +27,24 @@ from tl_core.state import CheckpointMirror, Reporter, TrainingState, default_dev
 VAL_METRICS = ("loss", "acc", "acc5", "precision", "recall", "f1")
 
 
+def class_weights(how: str, train_counts: list[int], device: torch.device) -> torch.Tensor | None:
+    """The training loss's weight of each class (`train.class_weights`): None for `none`; for `balanced`, as
+    scikit-learn's, N / (K x n_c) over the K classes with training samples, so that every class weighs as much in
+    the loss as the others, however rare it is (a class with none trains nothing either way: weight 0)."""
+    if how == "none":
+        return None
+    counts = torch.tensor(train_counts, dtype=torch.float32)
+    present = counts > 0
+    weights = torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), torch.zeros(()))
+    return weights.to(device)
+
+
+def _named(classes: list[str], weight: torch.Tensor, shown: int = 8) -> str:
+    pairs = [f"{name} {w:.3g}" for name, w in zip(classes, weight.tolist(), strict=True)]
+    more = f", ... ({len(pairs)} classes, {weight.min():.3g} to {weight.max():.3g})" if len(pairs) > shown else ""
+    return ", ".join(pairs[:shown]) + more
+
+
 def classification_step(criterion: nn.Module):
     """The train step: cross-entropy of the model's logits."""
 
@@ -78,7 +96,10 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     state = TrainingState.create(cfg, model, device, steps_per_epoch=len(data.train))
     if resume_from is not None:
         state.load(resume_from)
-    step = classification_step(nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing))
+    weight = class_weights(cfg.train.class_weights, data.train_counts, device)
+    if weight is not None:
+        log_rank0("class weights (balanced): %s", _named(data.classes, weight))
+    step = classification_step(nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing))
     # What the loop runs: the model on `data`, or a linear probe's head on the backbone's features computed once.
     trained = model
     if (features := probe_features(cfg, model, data, state)) is not None:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tl_core.data import decode_rgb
+from tl_core.data import decode_rgb, imbalance
 from tl_core.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -66,6 +66,8 @@ class Manifest:
             manifest = cls(**raw)
             if len(manifest.classes) < 2 or set(manifest.shards) != set(SPLITS) or not all(manifest.shards.values()):
                 raise ValueError("classes or shards missing")
+            if set(manifest.per_class) != set(SPLITS) or any(set(c) != set(manifest.classes) for c in manifest.per_class.values()):
+                raise ValueError("per-class counts missing")
             if manifest.modality not in ("image", "text"):
                 raise ValueError(f"modality {manifest.modality!r}")
             for shard in (s for split in manifest.shards.values() for s in split):
@@ -82,7 +84,13 @@ class Manifest:
         unit, skipped = ("texts", "empty or unlabelled") if self.modality == "text" else ("images", "unreadable")
         return (f"{len(self.classes)} classes, {self.rows('train')} train / {self.rows('val')} val {unit} in "
                 f"{len(self.shards['train'])} + {len(self.shards['val'])} shards; skipped {self.counts.get('unreadable', 0)} "
-                f"{skipped}, dropped {self.counts.get('duplicates', 0)} duplicates")
+                f"{skipped}, dropped {self.counts.get('duplicates', 0)} duplicates"
+                f"{imbalance(self.classes, self.train_counts, unit)}")
+
+    @property
+    def train_counts(self) -> list[int]:
+        """Training rows of each class, in label order."""
+        return [self.per_class["train"][name] for name in self.classes]
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform: Callable, seed: int | None = None) -> dict[str, np.ndarray]:
