@@ -1,15 +1,21 @@
 """Run a finished run's best model over new data with Ray Data, writing one Parquet row per input.
 
     python -m jobs.predict --run RUN_DIR_OR_URI --data DATA --out URI [--top-k 5] [--batch-size 64] [--actors N]
-                           [--text-column NAME]
+                           [--text-column NAME] [--label-column NAME]
 
 RUN is a finished run (its best checkpoint) or a checkpoint, local or s3://. For an image model DATA is a folder or
 s3:// prefix of images (searched recursively), or one image; for a text model, a table file (.csv, .tsv, .jsonl,
 .parquet), local or s3://, whose texts are in the column --text-column (default: the run's `data.text_column`). OUT
 (local or s3://) receives Parquet files of rows
 
-    path (image file, or the text's row number from 0), predicted (class name), probability, top_k (class names),
-    top_k_probability, error (why an input could not be read; then predicted is null)
+    path (image file, or the text's row number from 0), label (the input's known class: its first folder under DATA
+    where that names a class of the run, or a table's --label-column value), predicted (class name),
+    probability, top_k (class names), top_k_probability, error (why an input could not be read; then predicted is null)
+
+Where inputs have labels (a held-out test set in class folders, or a table with a label column), the predictions
+are scored against them: a last line gives accuracy and macro F1, and OUT/_metrics.json the metrics a run's
+validation reports (precision, recall, F1, per class, the confusion matrix); readers of OUT's Parquet files skip
+names that start with "_".
 
 The model is held by a pool of Ray actors (one per GPU when the cluster has GPUs, else CPU actors; --actors bounds
 the pool, which grows with the cluster); images are decoded and transformed as the run validated them. An input
@@ -18,6 +24,7 @@ that cannot be read is counted, listed in its row's `error`, never fatal.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -32,14 +39,15 @@ from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
 
-SCHEMA = pa.schema([("path", pa.string()), ("predicted", pa.string()), ("probability", pa.float64()),
+METRICS_FILE = "_metrics.json"  # pyarrow, pandas and Ray Data read a folder's Parquet files, skipping "_" names
+SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string()), ("predicted", pa.string()), ("probability", pa.float64()),
                     ("top_k", pa.list_(pa.string())), ("top_k_probability", pa.list_(pa.float64())), ("error", pa.string())])
 
 
 class Predictor:
     """A Ray Data actor: the model, loaded once, applied to batches of encoded images or texts."""
 
-    def __init__(self, checkpoint: str, top_k: int, device: str):
+    def __init__(self, checkpoint: str, top_k: int, device: str, root: str | None = None):
         from tl_core.config import from_dict
         from tl_core.data import image_normalization, image_transforms
 
@@ -48,6 +56,7 @@ class Predictor:
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.classes = np.array(self.description["classes"], dtype=object)
+        self.root, self.class_names = root, set(self.description["classes"])
         self.top_k = min(top_k, len(self.classes))
         cfg = from_dict(self.description["config"], stored=True)
         self.text = self.description["modality"] == "text"
@@ -91,7 +100,12 @@ class Predictor:
                 top_k_probability[i] = values[row].tolist()
         # One schema for every batch, whatever its rows hold: a batch with no unreadable input has no error strings
         # to infer a type from, and Parquet files of two schemas are one dataset nobody can read.
-        return pa.Table.from_pydict({"path": [str(p) for p in batch["path"]], "predicted": predicted, "probability": probability,
+        paths = [str(p) for p in batch["path"]]
+        if self.text:  # a string or None; Ray Data hands a column of Nones over as NaNs
+            labels = [label if isinstance(label, str) else None for label in batch["label"]]
+        else:
+            labels = [folder_class(p, self.root, self.class_names) for p in paths]
+        return pa.Table.from_pydict({"path": paths, "label": labels, "predicted": predicted, "probability": probability,
                                      "top_k": top_k, "top_k_probability": top_k_probability, "error": errors}, schema=SCHEMA)
 
 
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=count, default=64)
     parser.add_argument("--actors", type=count, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
     parser.add_argument("--text-column", default=None, help="a text model: DATA's column of texts (default: the run's data.text_column)")
+    parser.add_argument("--label-column", default=None,
+                        help="a text model: DATA's column of labels to score against (default: the run's data.label_column, where DATA has it)")
     args = parser.parse_args(argv)
     data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")
     storage.check_creatable(out, "--out")
@@ -113,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = local_checkpoint(args.run, "--run")
     _, description = load_model(checkpoint, "--run")  # a run with no usable checkpoint stops here, before Ray starts
     text = description["modality"] == "text"
-    if args.text_column and not text:
-        raise DataError(f"--text-column: {description['source']['backbone']} is an image model; --text-column is for text models")
-    inputs = text_rows(args.data, description, args.text_column) if text else image_paths(data)
+    for option, given in (("--text-column", args.text_column), ("--label-column", args.label_column)):
+        if given and not text:
+            raise DataError(f"{option}: {description['source']['backbone']} is an image model; {option} is for text models "
+                            "(images are labelled by their class folders)")
+    inputs, root = (text_rows(args.data, description, args.text_column, args.label_column), None) if text else image_paths(data)
 
     import ray
 
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = ray.data.from_items(inputs)
     else:
         dataset = ray.data.read_binary_files(inputs, include_paths=True, filesystem=storage.filesystem(data))
-    predictions = dataset.map_batches(Predictor, fn_constructor_args=(str(checkpoint), args.top_k, "cuda" if gpus else "cpu"),
+    predictions = dataset.map_batches(Predictor, fn_constructor_args=(str(checkpoint), args.top_k, "cuda" if gpus else "cpu", root),
                                       batch_size=args.batch_size, batch_format="numpy",
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                       num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
@@ -138,12 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         partial = f"; {out.uri} holds part of them: remove it or give another --out" if storage.has_content(out, "--out") else ""
         raise Interrupted(f"predictions stopped{partial}") from None
-    print(summary(out, len(inputs), "texts" if text else "images", description["source"]["checkpoint"], predictions_errors(out)))
+    unit = "texts" if text else "images"
+    table = read_predictions(out)
+    scores = score(table, description["classes"], description["source"]["checkpoint"])
+    if scores["count"]:
+        storage.write_text(out.child(METRICS_FILE), json.dumps(scores, indent=1))
+    print(summary(out, len(inputs), unit, description["source"]["checkpoint"], errors(table)))
+    if scores["count"] or scores["unknown_labels"]:
+        print(scored(out, scores, unit))
     return 0
 
 
 def summary(out, n: int, unit: str, checkpoint: str, errors: list[str]) -> str:
-    """The last line: how many inputs were predicted, and which could not be read (a text by its row number)."""
+    """The summary line: how many inputs were predicted, and which could not be read (a text by its row number)."""
     line = f"{out.uri}: {n - len(errors)} of {n} {unit} predicted with {checkpoint}"
     if not errors:
         return line
@@ -151,9 +176,44 @@ def summary(out, n: int, unit: str, checkpoint: str, errors: list[str]) -> str:
     return f"{line}; {len(errors)} could not be read (their error column says why): {', '.join(named)}"
 
 
-def image_paths(data) -> list[str]:
+def scored(out, scores: dict, unit: str) -> str:
+    """The last line where inputs had labels: how the predictions scored against them, and what was not scored."""
+    unknown = scores["unknown_labels"]
+    names = ", ".join(repr(n) for n in list(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
+    if not scores["count"]:
+        classes = ", ".join(repr(c) for c in scores["classes"][:5]) + (", ..." if len(scores["classes"]) > 5 else "")
+        return (f"not scored: no label names a class of the run ({classes}); {sum(unknown.values())} {unit} are labelled "
+                f"{names}")
+    line = (f"scored against their labels: accuracy {scores['acc']:.3f}, macro F1 {scores['f1']:.3f} over {scores['count']} "
+            f"{unit}; every metric in {out.child(METRICS_FILE).uri}")
+    if unknown:
+        line += f"; {sum(unknown.values())} labelled with no class of the run, not scored: {names}"
+    return line
+
+
+def score(table: pa.Table, classes: list[str], checkpoint: str) -> dict:
+    """The predictions of labelled inputs scored as a run's validation is (tl_core.metrics), with the labels that
+    name no class of the run counted apart; unreadable inputs are not scored."""
+    from collections import Counter
+
+    from tl_core.metrics import confusion_scores
+
+    index = {name: i for i, name in enumerate(classes)}
+    confusion, unknown = torch.zeros(len(classes), len(classes), dtype=torch.int64), Counter()
+    for label, predicted, error in zip(*(table.column(c).to_pylist() for c in ("label", "predicted", "error")), strict=True):
+        if label is None or error is not None:
+            continue
+        if label not in index:
+            unknown[label] += 1
+            continue
+        confusion[index[label], index[predicted]] += 1
+    return {"checkpoint": checkpoint, "classes": classes, **confusion_scores(confusion), "unknown_labels": dict(unknown)}
+
+
+def image_paths(data) -> tuple[list[str], str | None]:
     """Every image file under DATA (a folder or an S3 prefix; or DATA itself, one image file or object), as paths of
-    its filesystem; hidden files and folders left out, as a run's index leaves them out."""
+    its filesystem, hidden files and folders left out, as a run's index leaves them out; and the folder they are
+    under (None for one file), whose class folders label them."""
     from pathlib import Path
 
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -164,8 +224,8 @@ def image_paths(data) -> list[str]:
     if one_file:
         if not is_image_path(data.uri.rsplit("/", 1)[-1]):
             raise DataError(f"--data: {data.uri} is a file not named like an image ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
-        paths = [data.path]
-    elif data.is_s3:
+        return [data.path], None
+    if data.is_s3:
         paths = [f"{data.path}/{o['Key']}" for o in storage.list_objects(data, "--data") if is_image_path(o["Key"])]
     else:
         if not Path(data.path).is_dir():
@@ -173,19 +233,21 @@ def image_paths(data) -> list[str]:
         paths = [p for p in image_files(Path(data.path)) if Path(p).is_file()]  # no FIFO, device or dangling link
     if not paths:
         raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")
-    return paths
+    return paths, data.path
 
 
-def text_rows(data: str, description: dict, text_column: str | None = None) -> list[dict]:
-    """{"path": row number, "text"} for every row of the table file DATA, local or s3:// (fetched once to this
-    node's cache), from its `text_column` (default: the run's `data.text_column`)."""
+def text_rows(data: str, description: dict, text_column: str | None = None, label_column: str | None = None) -> list[dict]:
+    """{"path": row number, "text", "label"} for every row of the table file DATA, local or s3:// (fetched once to
+    this node's cache), from its `text_column` (default: the run's `data.text_column`) and `label_column` (which
+    it must have; default: the run's `data.label_column`, where DATA has that column, else every label is None)."""
     from pathlib import Path
 
     from cluster.storage import cache
     from tl_core.config import from_dict
-    from tl_core.text import TABLE_SUFFIXES, is_table_name, read_table
+    from tl_core.text import TABLE_SUFFIXES, is_table_name, label_name, read_table
 
-    column = text_column or from_dict(description["config"], stored=True).data.text_column
+    run_data = from_dict(description["config"], stored=True).data
+    column, label_key = text_column or run_data.text_column, label_column or run_data.label_column
     location = storage.parse(data, field="--data")
     if not is_table_name(location.path):
         raise DataError(f"--data: a text model reads a table file ({', '.join(TABLE_SUFFIXES)}), local or s3://, not {data}")
@@ -197,18 +259,35 @@ def text_rows(data: str, description: dict, text_column: str | None = None) -> l
         path = Path(data)
     else:
         raise DataError(f"--data: file {data} does not exist")
-    table = read_table(path, [("--text-column" if text_column else "--data", column)], field="--data")
+    required = [("--text-column" if text_column else "--data", column)] + ([("--label-column", label_key)] if label_column else [])
+    table = read_table(path, required, field="--data", optional=(label_key,))
     if not table.num_rows:
         raise DataError(f"--data: {data} has no rows under its header")
-    return [{"path": str(i), "text": t} for i, t in enumerate(table.column(column).to_pylist())]
+    texts = table.column(column).to_pylist()
+    has_labels = label_key in table.column_names and label_key != column
+    labels = map(label_name, table.column(label_key).to_pylist()) if has_labels else [None] * len(texts)
+    return [{"path": str(i), "text": t, "label": label} for i, (t, label) in enumerate(zip(texts, labels, strict=True))]
 
 
-def predictions_errors(out) -> list[str]:
+def read_predictions(out) -> pa.Table:
     import pyarrow.dataset
 
-    table = pyarrow.dataset.dataset(out.path, filesystem=storage.filesystem(out), format="parquet",
-                                    schema=SCHEMA).to_table(columns=["path", "error"])
+    return pyarrow.dataset.dataset(out.path, filesystem=storage.filesystem(out), format="parquet",
+                                   schema=SCHEMA).to_table(columns=["path", "label", "predicted", "error"])
+
+
+def errors(table: pa.Table) -> list[str]:
+    """The paths (texts: row numbers) of the inputs that could not be read."""
     return [p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True) if e is not None]
+
+
+def folder_class(path: str, root: str | None, classes: set[str]) -> str | None:
+    """The class of an image at `path`: the first folder under DATA's `root`, where that names a class of the run."""
+    prefix = f"{root.rstrip('/')}/" if root else None
+    if prefix is None or not path.startswith(prefix):
+        return None
+    folder, _, rest = path[len(prefix):].partition("/")
+    return folder if rest and folder in classes else None
 
 
 if __name__ == "__main__":

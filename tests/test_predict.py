@@ -54,9 +54,16 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     (broken,) = [r for r in rows if r["error"] is not None]
     assert broken["path"].endswith("class_0/broken.png") and broken["predicted"] is None
     readable = [r for r in rows if r["error"] is None]
-    correct = sum(r["predicted"] == r["path"].split("/")[-2] for r in readable)
+    assert all(r["label"] == r["path"].split("/")[-2] for r in rows)  # each image's class folder under --data
+    correct = sum(r["predicted"] == r["label"] for r in readable)
     _, meta = load_model_state(json.loads((run / "result.json").read_text())["best_checkpoint"])
     assert correct / len(readable) == pytest.approx(meta["metrics"]["val/acc"])  # the run's own number, recomputed
+    # and scored by predict itself, as the run scored its validation (the unreadable image is not scored)
+    scores = json.loads(s3.client().get_object(Bucket="tl-test", Key="predictions/p/_metrics.json")["Body"].read())
+    assert scores["confusion_matrix"] == meta["confusion_matrix"] and scores["count"] == len(readable)
+    assert (scores["acc"], scores["f1"]) == (pytest.approx(meta["metrics"]["val/acc"]), pytest.approx(meta["metrics"]["val/f1"]))
+    assert scores["classes"] == meta["classes"] and scores["unknown_labels"] == {}
+    assert len(files.to_table()) == len(rows)  # the metrics file beside the Parquet files is not read as one
     assert all(len(r["top_k"]) == 2 and r["top_k"][0] == r["predicted"] and r["top_k_probability"][0] == r["probability"]
                for r in readable)
 
@@ -65,6 +72,12 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     assert predict.main(["--run", str(run), "--data", one["path"], "--out", str(tmp_path / "one"), "--top-k", "2"]) == 0
     (row,) = pyarrow.dataset.dataset(str(tmp_path / "one"), format="parquet").to_table().to_pylist()
     assert row["path"] == one["path"] and row["predicted"] == one["predicted"]
+    assert row["label"] is None and not (tmp_path / "one" / "_metrics.json").exists()  # one file has no class folder
+
+    storage.upload_dir(data / "val", storage.parse("s3://tl-test/test-images"))  # class folders under an S3 prefix
+    assert predict.main(["--run", str(run), "--data", "s3://tl-test/test-images/", "--out", str(tmp_path / "from-s3")]) == 0
+    from_s3 = json.loads((tmp_path / "from-s3" / "_metrics.json").read_text())
+    assert from_s3["confusion_matrix"] == meta["confusion_matrix"]
     assert row["probability"] == pytest.approx(one["probability"], abs=1e-6)
 
 
@@ -74,6 +87,7 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     ("out_exists", "already exists"),
     ("not_an_image", "notes.txt is a file not named like an image"),
     ("text_column", "--text-column: resnet18 is an image model; --text-column is for text models"),
+    ("label_column", "--label-column: resnet18 is an image model; --label-column is for text models (images are labelled by their class folders)"),
 ])
 def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, finished_run, tmp_path, capsys):
     run, data = finished_run
@@ -91,7 +105,7 @@ def test_predict_mistakes_are_one_line_exit_2_and_write_nothing(case, message, f
         out.mkdir(parents=True)
         (out / "part-0.parquet").write_bytes(b"")
     written = ["predictions"] if case == "out_exists" else []
-    extra = ["--text-column", "review"] if case == "text_column" else []
+    extra = {"text_column": ["--text-column", "review"], "label_column": ["--label-column", "stars"]}.get(case, [])
     one_line_exit_2(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out), *extra], capsys, tmp_path,
                     message, written)
 
@@ -114,6 +128,23 @@ def test_a_text_run_predicts_a_table_of_texts(ray_cluster, tmp_path, capsys):
     by_row = {int(r["path"]): r for r in table}
     assert len(by_row) == 11 and by_row[10]["error"] is not None and by_row[10]["predicted"] is None
     assert sum(by_row[i]["predicted"] == rows[i]["label"] for i in range(10)) >= 8
+    assert all(r["label"] is None for r in table) and not (tmp_path / "out" / "_metrics.json").exists()  # no labels given
+
+    # a held-out test table with the run's label column: scored; a label the run never saw is counted apart
+    labelled = [{"review": r["text"], "label": r["label"]} for r in rows] + [{"review": "", "label": "pos"},
+                                                                             {"review": rows[0]["text"], "label": "meh"}]
+    write_csv(tmp_path / "test.csv", labelled, columns=("review", "label"))
+    assert predict.main(["--run", str(reporter.latest), "--data", str(tmp_path / "test.csv"), "--out", str(tmp_path / "scored"),
+                         "--text-column", "review"]) == 0
+    table = pyarrow.dataset.dataset(str(tmp_path / "scored"), format="parquet").to_table().to_pylist()
+    assert sorted((int(r["path"]), r["label"]) for r in table) == [(i, r["label"]) for i, r in enumerate(labelled)]
+    correct = sum(r["predicted"] == r["label"] for r in table if int(r["path"]) < 10)
+    scores = json.loads((tmp_path / "scored" / "_metrics.json").read_text())
+    assert scores["count"] == 10 and scores["acc"] == correct / 10 and scores["unknown_labels"] == {"meh": 1}
+    assert scores["classes"] == ["neg", "pos"] and sum(map(sum, scores["confusion_matrix"])) == 10
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"scored against their labels: accuracy {correct / 10:.3f}, macro F1 {scores['f1']:.3f} over 10 texts; every metric in "
+        f"{tmp_path / 'scored' / '_metrics.json'}; 1 labelled with no class of the run, not scored: 'meh'")
 
 
 @pytest.mark.integration
@@ -129,5 +160,30 @@ def test_the_command_line_predicts_through_the_cluster(ray_cluster, finished_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     n_images = len(list((data / "val").rglob("*.png")))
     best = json.loads((run / 'result.json').read_text())['best_checkpoint']
-    assert proc.stdout.strip().endswith(f"{n_images} of {n_images} images predicted with {best}")
+    summary, scored = proc.stdout.strip().splitlines()[-2:]
+    assert summary.endswith(f"{n_images} of {n_images} images predicted with {best}")
+    _, meta = load_model_state(best)
+    assert scored == (f"scored against their labels: accuracy {meta['metrics']['val/acc']:.3f}, macro F1 "
+                      f"{meta['metrics']['val/f1']:.3f} over {n_images} images; every metric in {tmp_path / 'out' / '_metrics.json'}")
     assert len(pyarrow.dataset.dataset(str(tmp_path / "out"), format="parquet").to_table()) == n_images
+
+
+def test_an_images_label_is_its_first_folder_under_data_where_that_names_a_class():
+    classes = {"cat", "dog"}
+    assert predict.folder_class("bucket/sets/test/cat/1.jpg", "bucket/sets/test", classes) == "cat"  # an S3 prefix
+    assert predict.folder_class("/d/test/dog/2024/05/1.jpg", "/d/test/", classes) == "dog"  # nested below its class
+    assert predict.folder_class("/d/test/bird/1.jpg", "/d/test", classes) is None  # no class of the run
+    assert predict.folder_class("/d/test/1.jpg", "/d/test", classes) is None  # no folder
+    assert predict.folder_class("/d/testing/cat/1.jpg", "/d/test", classes) is None  # not under DATA
+    assert predict.folder_class("/d/test/cat/1.jpg", None, classes) is None  # DATA was one file
+
+
+def test_labels_that_name_no_class_of_the_run_are_said_not_scored_as_zero():
+    """A test table labelled 1-5 stars for a run on neg/pos read "accuracy 0.000, macro F1 0.000 over 0 texts"."""
+    import pyarrow as pa
+
+    table = pa.table({"label": ["5", "1", None], "predicted": ["pos", "neg", "pos"], "error": [None, None, None]})
+    scores = predict.score(table, ["neg", "pos"], "ckpt")
+    assert scores["count"] == 0 and scores["unknown_labels"] == {"5": 1, "1": 1}
+    out = storage.parse("/tmp/nowhere-out")
+    assert predict.scored(out, scores, "texts") == "not scored: no label names a class of the run ('neg', 'pos'); 2 texts are labelled '5', '1'"

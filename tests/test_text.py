@@ -202,7 +202,7 @@ def test_predict_reads_a_table_of_texts_from_s3_and_any_column_named(tmp_path, s
     table = write_csv(tmp_path / "new.csv", [{"review": r["text"]} for r in rows], columns=("review",))
     s3.client().put_object(Bucket="tl-test", Key="predict-text/new.csv", Body=table.read_bytes())
     description = {"config": {"experiment": "t", "data": {"root": str(tmp_path), "text_column": "review"}}}
-    expected = [{"path": str(i), "text": r["text"]} for i, r in enumerate(rows)]
+    expected = [{"path": str(i), "text": r["text"], "label": None} for i, r in enumerate(rows)]  # no label column
     assert predict.text_rows("s3://tl-test/predict-text/new.csv", description) == expected
     other = {"config": {"experiment": "t", "data": {"root": str(tmp_path)}}}  # trained on column "text"
     assert predict.text_rows(str(table), other, text_column="review") == expected
@@ -212,6 +212,15 @@ def test_predict_reads_a_table_of_texts_from_s3_and_any_column_named(tmp_path, s
         predict.text_rows(str(table), other, text_column="body")
     with pytest.raises(DataError, match=r"^--data: there is no object s3://tl-test/predict-text/old.csv$"):
         predict.text_rows("s3://tl-test/predict-text/old.csv", description)
+    # the run's label column, where the table has it, labels each row as training named its classes ("007" stays text)
+    codes = write_csv(tmp_path / "codes.csv", [{"review": "a", "label": "007"}, {"review": "b", "label": None}], columns=("review", "label"))
+    assert [r["label"] for r in predict.text_rows(str(codes), description)] == ["007", None]
+    # --label-column names another column of labels, which the table must then have
+    stars = write_csv(tmp_path / "stars.csv", [{"review": "a", "stars": "5"}, {"review": "b", "stars": "1"}], columns=("review", "stars"))
+    assert [r["label"] for r in predict.text_rows(str(stars), description)] == [None, None]
+    assert [r["label"] for r in predict.text_rows(str(stars), description, label_column="stars")] == ["5", "1"]
+    with pytest.raises(DataError, match=r"^--label-column: stars.csv has no column 'rating'; its columns: review, stars$"):
+        predict.text_rows(str(stars), description, label_column="rating")
 
 
 def test_batches_are_padded_to_their_longest_text_not_to_max_length(tmp_path):

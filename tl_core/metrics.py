@@ -32,29 +32,33 @@ class ClassificationMeter:
         return self
 
     def compute(self) -> dict:
-        cm = self.confusion.double()
-        count = cm.sum()
-        tp = cm.diag()
-        precision = torch.where(cm.sum(0) > 0, tp / cm.sum(0).clamp(min=1), torch.zeros_like(tp))
-        recall = torch.where(cm.sum(1) > 0, tp / cm.sum(1).clamp(min=1), torch.zeros_like(tp))
-        denom = precision + recall
-        f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
-        # Macro means over the classes that occur, as true or predicted labels (scikit-learn's choice): a class a
-        # small validation split lacks, and that nothing was predicted as, has no precision or recall to average in.
-        seen = (cm.sum(0) + cm.sum(1)) > 0
-        n = max(count.item(), 1.0)
-        return {
-            "loss": self.totals[0].item() / n,
-            "acc": tp.sum().item() / n,
-            "acc5": self.totals[1].item() / n,
-            "precision": _mean(precision[seen]),
-            "recall": _mean(recall[seen]),
-            "f1": _mean(f1[seen]),
-            "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-                          "support": cm.sum(1).long().tolist()},
-            "confusion_matrix": self.confusion.tolist(),
-            "count": int(count.item()),
-        }
+        n = max(self.confusion.sum().item(), 1)
+        return {"loss": self.totals[0].item() / n, "acc5": self.totals[1].item() / n, **confusion_scores(self.confusion)}
+
+
+def confusion_scores(confusion: torch.Tensor) -> dict:
+    """Accuracy, macro precision, recall and F1, and each class's, of a confusion matrix (rows: true class, columns:
+    predicted), with the matrix and its count."""
+    cm = confusion.double()
+    count = cm.sum()
+    tp = cm.diag()
+    precision = torch.where(cm.sum(0) > 0, tp / cm.sum(0).clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(cm.sum(1) > 0, tp / cm.sum(1).clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    # Macro means over the classes that occur, as true or predicted labels (scikit-learn's choice): a class a
+    # small validation split lacks, and that nothing was predicted as, has no precision or recall to average in.
+    seen = (cm.sum(0) + cm.sum(1)) > 0
+    return {
+        "acc": tp.sum().item() / max(count.item(), 1.0),
+        "precision": _mean(precision[seen]),
+        "recall": _mean(recall[seen]),
+        "f1": _mean(f1[seen]),
+        "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                      "support": cm.sum(1).long().tolist()},
+        "confusion_matrix": confusion.tolist(),
+        "count": int(count.item()),
+    }
 
 
 def _mean(values: torch.Tensor) -> float:

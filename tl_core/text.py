@@ -56,9 +56,10 @@ def is_text_root(root: str | Path) -> bool:
     return is_table_file(root) or (root.is_dir() and bool(table_files(root)))
 
 
-def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.root"):
+def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.root", optional: tuple[str, ...] = ()):
     """A CSV, TSV, JSON-lines or Parquet file as a pyarrow Table with the named columns ((config key, column) pairs);
-    DataError naming `field` (or the key of a missing column) when it cannot be read or lacks one."""
+    DataError naming `field` (or the key of a missing column) when it cannot be read or lacks one. `optional`
+    columns are read as the named ones are (a CSV's as text) where the table has them."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.json
@@ -68,7 +69,8 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
     # the text "00123" no text at all. Empty cells and NA markers ("NA", "null", ...) are missing values, as pandas
     # reads them. JSON and Parquet carry their own types. A TSV has no quoting (a field holds no tab nor newline), so
     # a quote in a text is part of it, as GLUE's tables need.
-    as_text = pyarrow.csv.ConvertOptions(column_types={column: pa.string() for _, column in columns}, strings_can_be_null=True)
+    as_text = pyarrow.csv.ConvertOptions(column_types={column: pa.string() for column in (*(c for _, c in columns), *optional)},
+                                         strings_can_be_null=True)
     tabs = pyarrow.csv.ParseOptions(delimiter="\t", quote_char=False)
     readers = {".csv": lambda p: pyarrow.csv.read_csv(p, convert_options=as_text),
                ".tsv": lambda p: pyarrow.csv.read_csv(p, parse_options=tabs, convert_options=as_text),
@@ -80,7 +82,7 @@ def read_table(path: Path, columns: list[tuple[str, str]], field: str = "data.ro
             raise not_utf8(field, path, f"line {line}") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{field}: {path.name} cannot be read as {path.suffix[1:]} ({reason[:200]})") from None
-    for key, column in columns:
+    for key, column in [*columns, *((field, c) for c in optional if c in table.column_names)]:
         if column not in table.column_names:
             raise DataError(f"{key}: {path.name} has no column {column!r}; its columns: {', '.join(table.column_names) or 'none'}")
         if (n := table.column_names.count(column)) > 1:
@@ -118,7 +120,8 @@ def _read_table(path: Path, cfg: DataConfig) -> list[tuple[Any, Any]]:
     return list(zip(table.column(cfg.text_column).to_pylist(), table.column(cfg.label_column).to_pylist(), strict=True))
 
 
-def _label_name(value: Any) -> str | None:
+def label_name(value: Any) -> str | None:
+    """A table's label value as a class name ("7" for 7 and 7.0), or None where it is missing or no scalar."""
     if not isinstance(value, (str, int, float)) or isinstance(value, float) and value != value:  # missing, NaN, a list or object
         return None
     if isinstance(value, float) and value.is_integer():
@@ -169,7 +172,7 @@ def index_text_table(cfg: DataConfig, seed: int) -> DatasetIndex:
     skipped, usable = [], {"train": [], "val": []}
     for split, items in rows.items():
         for i, (text, label) in enumerate(items):
-            name = _label_name(label)
+            name = label_name(label)
             if not isinstance(text, str) or not text.strip() or name is None:
                 skipped.append(f"{split} row {i + 1}")
             else:
