@@ -50,6 +50,7 @@ from jobs.cli import ArgumentParser, fraction, guarded, positive_number, run_mod
 from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths, read_file_bytes
 from tl_core.errors import DataError
+from tl_core.modality import unread_beside
 from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
 from tl_core.text import OR_ONE_TABLE, index_text_table, is_table_name
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard_bytes: int) -> Manifest:
     files = list_source(source)
     classes, train_files, val_files = layout_from_paths([f.path for f in files], source.uri)
+    note_unread(source, [f.path for f in files])
     version = fingerprint(files, val_fraction, seed)
     existing = read_manifest(dest)
     if is_current(existing, version, dest, source):
@@ -140,6 +142,7 @@ def pack_text(source: Location, dest: Location, tables: list[SourceFile], val_fr
               columns: tuple[str, str]) -> Manifest:
     """A text table: cleaned and split once here (as a text run would), its rows shuffled and written as shards of
     about `shard_bytes` by Ray tasks."""
+    note_unread(source, [t.path for t in tables])
     version = fingerprint(tables, val_fraction, seed, list(columns))
     existing = read_manifest(dest)
     if is_current(existing, version, dest, source):
@@ -187,6 +190,12 @@ def read_text_source(source: Location, tables: list[SourceFile], val_fraction: f
 #: The config keys that the cleaning a run does names in its errors, and this command's arguments that set them here.
 ARGUMENTS = {"data.root": "SOURCE", "data.text_column": "--text-column", "data.label_column": "--label-column",
              "val_fraction=": "--val-fraction "}
+
+
+def note_unread(source: Location, paths: list[str]) -> None:
+    """Warn of what SOURCE holds beside the splits a run reads (a test split, by `paths` relative to it): not packed."""
+    if beside := unread_beside(storage.top_level_of(paths)):
+        log.warning("pack: %s beside train and val in %s is not packed (a run reads train and val only)", ", ".join(beside), source.uri)
 
 
 def as_arguments(exc: DataError) -> DataError:

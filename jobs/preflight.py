@@ -25,7 +25,7 @@ from tl_core.config import RunConfig, ScalingConfig, left_unread, override, stor
 from tl_core.config_file import load_config
 from tl_core.data import existing_folder
 from tl_core.errors import ConfigError, DataError
-from tl_core.modality import check_modality, modality, unread_settings
+from tl_core.modality import check_modality, modality, unread_beside, unread_settings
 from tl_core.models import INPUT_SIZE_ERRORS, backbone_blocks, image_sizes_near, run_blank_image
 from tl_core.packed import Manifest
 from tl_core.recipes import RECIPES
@@ -92,7 +92,19 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     for decider, unread in left_unread(cfg, varied).items():
         log.warning("config: with %s, nothing reads %s", decider, "; ".join(unread))
+    if manifest is None and not is_table_file(local.data.root):
+        warn_unread_data(cfg)
     return cfg
+
+
+def warn_unread_data(cfg: RunConfig) -> None:
+    """Name what `data.root` holds beside the splits a run reads (a test split), with the command that scores it."""
+    beside = unread_beside(storage.top_level_names(storage.parse(cfg.data.root, cfg.storage.endpoint_url, "data.root"), "data.root"))
+    if beside:
+        test = next((name for name in beside if name.lower().startswith("test")), beside[0])
+        log.warning("data: a run trains on train and validates on val, and does not read %s beside them; to score a "
+                    "finished run on held-out data: python -m jobs.predict --run RUN --data %s/%s --out DEST",
+                    ", ".join(beside), cfg.data.root.rstrip("/"), test.rstrip("/"))
 
 
 def check_model(cfg: RunConfig, local: RunConfig, classes: list[str]) -> nn.Module:

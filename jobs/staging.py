@@ -27,6 +27,7 @@ from tl_core.checkpoint import META_FILE
 from tl_core.config import RunConfig, override, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.files import user_path
+from tl_core.modality import unread_beside
 from tl_core.text import is_table_name
 from tl_core.text_models import HF_PREFIX, HubModel, hub_repo, is_text_backbone
 from tl_core.weights import HF_SAFE_FILE, HF_TORCH_FILE, HubWeights, hub_weights
@@ -110,7 +111,8 @@ def localize(cfg: RunConfig, weights: bool = True) -> RunConfig:
     if cfg.data.root.startswith("s3://") and not is_packed(cfg):  # a packed dataset streams; it is never copied
         data = storage.parse(cfg.data.root, cfg.storage.endpoint_url, field="data.root")
         one_table = is_table_name(data.key) and storage.is_object(data, "data.root")
-        overrides.append(override("data.root", (cache.fetch_object if one_table else cache.sync_prefix)(data, "data.root")))
+        local = cache.fetch_object(data, "data.root") if one_table else cache.sync_prefix(data, "data.root", unread=unread_beside)
+        overrides.append(override("data.root", local))
     if weights and cfg.model.weights and cfg.model.weights.startswith("s3://"):
         overrides.append(override("model.weights", fetch_weights(cfg.model.weights, cfg.storage.endpoint_url)))
     hub = _hub(cfg) if weights else None

@@ -107,3 +107,43 @@ def test_a_text_encoder_read_from_a_nodes_copy_is_named_by_its_s3_uri(caplog, mo
     caplog.set_level("INFO", logger="tl_core")
     build_text_model(ModelConfig(backbone=f"hf:{copy}", weights="pretrained"), ["a", "b"])
     assert "weights: loaded hf:s3://bucket/models/minilm's pretrained encoder from s3://bucket/models/minilm" in caplog.text
+
+
+def test_a_split_dataset_on_s3_is_synced_without_what_no_run_reads_and_the_run_names_it(s3, tmp_path, caplog):
+    """Every object under data.root was copied to every node, a test/ split (or test.csv) included, which no run
+    reads; they stay on S3 now, and the run names them with the command that scores a finished run on them."""
+    import logging
+
+    from helpers import make_image_folder, write_config
+
+    from jobs.preflight import check_run
+    from tl_core.config_file import load_config
+
+    images = make_image_folder(tmp_path / "images", n_classes=2, per_class=8, layout="split")
+    storage.upload_dir(images, storage.parse("s3://tl-test/split-ds"))
+    storage.upload_dir(images / "val", storage.parse("s3://tl-test/split-ds/test"))
+    put(s3, "split-ds/README.md", b"how the images were taken")
+    location = storage.parse("s3://tl-test/split-ds")
+    assert storage.top_level_names(location) == ["README.md", "test/", "train/", "val/"]
+    assert storage.top_level_names(storage.parse(str(images))) == ["train/", "val/"]
+
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        cfg = check_run(load_config(write_config(tmp_path, "s3://tl-test/split-ds")), resume=False)
+    local = cache.local_path(location)
+    assert sorted(p.relative_to(local).parts[0] for p in local.rglob("*.png")) == ["train"] * 12 + ["val"] * 4
+    assert (local / "README.md").is_file() and not (local / "test").exists()
+    assert cfg.data.root == "s3://tl-test/split-ds"
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("data:")] == [
+        "data: a run trains on train and validates on val, and does not read test/ beside them; to score a finished run on "
+        "held-out data: python -m jobs.predict --run RUN --data s3://tl-test/split-ds/test --out DEST"]
+
+
+def test_what_a_run_leaves_unread_at_its_data_root_follows_how_the_indexes_read_it():
+    from tl_core.modality import unread_beside
+
+    assert unread_beside(["train/", "val/", "test/", ".cache/", "labels.csv.bak", "notes.txt"]) == ["test/"]
+    assert unread_beside(["cats/", "dogs/", "test/"]) == []  # class folders: every folder is a class
+    assert unread_beside(["train.csv", "val.jsonl", "test.CSV", "raw/", ".git/"]) == ["raw/", "test.CSV"]
+    assert unread_beside(["Train.Parquet", "extra.tsv"]) == ["extra.tsv"]
+    assert unread_beside(["reviews.csv"]) == []  # one table: it is the data
+    assert storage.top_level_of(["a/b/c.png", "a/d.png", "e.csv"]) == {"a/", "e.csv"}

@@ -629,6 +629,34 @@ def test_a_tilde_path_of_no_user_is_read_as_the_shell_reads_it_not_a_traceback(i
                     tmp_path, "--run: ~no-such-user-tl/run is neither a finished run nor a checkpoint directory")
 
 
+def test_a_test_split_beside_train_and_val_is_named_as_unread_with_the_command_that_scores_it(tmp_path, caplog):
+    """A test/ folder (or test.csv) beside train and val was silently never read: a user could think the run scored it."""
+    from test_text import MINILM, sentiment_rows, write_csv
+
+    from jobs.preflight import check_run
+
+    images = make_image_folder(tmp_path / "images", n_classes=2, per_class=8, layout="split")
+    shutil.copytree(images / "val", images / "test")
+    (images / "holdout").mkdir()
+    (images / ".cache").mkdir()  # hidden: not data
+    text = tmp_path / "text"
+    write_csv(text / "train.csv", sentiment_rows(16))
+    write_csv(text / "test.csv", sentiment_rows(6, seed=1))
+    flat = make_image_folder(tmp_path / "flat", n_classes=2, per_class=6)  # class folders: every folder is a class
+    runs = [(images, {}, "a run trains on train and validates on val, and does not read holdout/, test/ beside them; to score a "
+                         f"finished run on held-out data: python -m jobs.predict --run RUN --data {images}/test --out DEST"),
+            (text, {"model": {"backbone": MINILM, "weights": "pretrained"}},
+             f"a run trains on train and validates on val, and does not read test.csv beside them; to score a finished run "
+             f"on held-out data: python -m jobs.predict --run RUN --data {text}/test.csv --out DEST"),
+            (flat, {}, None)]
+    for i, (data, sections, message) in enumerate(runs):
+        caplog.clear()
+        (tmp_path / str(i)).mkdir()
+        with caplog.at_level(logging.WARNING, logger="jobs"):
+            check_run(load_config(write_config(tmp_path / str(i), data, **sections)), resume=False)
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("data:")] == ([f"data: {message}"] if message else [])
+
+
 def test_settings_the_strategy_or_optimizer_leaves_unread_are_named_in_a_line_each(image_folder, tmp_path, caplog):
     from jobs.preflight import check_run
 

@@ -80,10 +80,14 @@ def test_pack_cleans_and_splits_once_like_a_run_would_and_does_nothing_twice(ray
 
 
 @pytest.mark.integration
-def test_pack_from_s3_to_s3_keeps_val_and_reads_back_with_pyarrow(ray_cluster, s3, tmp_path):
+def test_pack_from_s3_to_s3_keeps_val_and_reads_back_with_pyarrow(ray_cluster, s3, tmp_path, caplog):
     data = dirty_folder(tmp_path / "data", layout="split")
     storage.upload_dir(data, storage.parse("s3://tl-test/raw/split"))
+    storage.upload_dir(data / "val", storage.parse("s3://tl-test/raw/split/test"))  # a test split: no run reads it
+    # caplog without at_level: main() sets the jobs logger up, and at_level would then reset its level on exit,
+    # silencing the INFO lines of every later main() in the session ("up to date")
     assert pack_data.main(["s3://tl-test/raw/split", "s3://tl-test/packed/split"]) == 0
+    assert "pack: test/ beside train and val in s3://tl-test/raw/split is not packed (a run reads train and val only)" in caplog.text
     body = s3.client().get_object(Bucket="tl-test", Key="packed/split/manifest.json")["Body"].read().decode()
     manifest = Manifest.from_json(body, "s3")
     assert manifest.source == "s3://tl-test/raw/split" and manifest.counts["val"] == 9  # val/ kept as given

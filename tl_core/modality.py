@@ -7,6 +7,7 @@ as text and one holding class folders as images; the backbone must be of the sam
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from tl_core.batches import TaskData
 from tl_core.config import DataConfig, RunConfig, named_if_set
 from tl_core.data import DatasetIndex, image_data, index_image_folder, is_gpu
 from tl_core.errors import ConfigError
-from tl_core.text import index_text_table, is_text_root, text_data
+from tl_core.text import index_text_table, is_table_name, is_text_root, text_data
 from tl_core.text_models import is_text_backbone, load_tokenizer
 
 
@@ -57,6 +58,20 @@ def unread_settings(cfg: RunConfig, kind: str, packed: bool, varied: Collection[
     keys = [key for other, keys in ONLY_FOR.items() if other != kind for key in keys]
     keys += ONLY_UNPACKED if packed else ONLY_PACKED
     return [named for key in dict.fromkeys(keys) if (named := named_if_set(cfg, key, varied))]
+
+
+def unread_beside(names: Collection[str]) -> list[str]:
+    """What a run leaves unread at a data root split into train and val, given the names at its top ("name/" for a
+    folder; `cluster.storage.top_level_names`), as the indexes read it: beside a text dataset's train.* (and val.*),
+    everything; beside an image dataset's train/ (and val/), the other folders (a test split, say). Hidden names
+    are never data, and are not named."""
+    shown = [n for n in names if not n.startswith(".")]
+    tables = {n: Path(n).stem.lower() for n in shown if not n.endswith("/") and is_table_name(n)}
+    if "train" in tables.values():
+        return sorted(n for n in shown if tables.get(n) not in ("train", "val"))
+    if "train/" in shown:
+        return sorted(n for n in shown if n.endswith("/") and n not in ("train/", "val/"))
+    return []
 
 
 def index_labelled(data: DataConfig, seed: int) -> DatasetIndex:

@@ -18,7 +18,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow.fs
@@ -212,17 +212,46 @@ def head_object(location: Location, field: str = "storage") -> dict | None:
             raise
 
 
+def _listing_pages(location: Location, field: str, top_level: bool) -> Iterator[tuple[str, dict]]:
+    """(the prefix of `location`, each page of list_objects_v2 under it); with `top_level`, S3's delimiter: the
+    "folders" below are named (CommonPrefixes), not walked."""
+    prefix = location.key.rstrip("/") + "/" if location.key else ""
+    delimiter = {"Delimiter": "/"} if top_level else {}
+    with s3_errors(location, field):
+        for page in s3_client(location).get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix, **delimiter):
+            yield prefix, page
+
+
 def list_objects(location: Location, field: str = "storage", top_level: bool = False) -> Iterator[dict]:
     """Every object under the prefix `location` ({"Key", "Size", "ETag", ...}), keys relative to it; with `top_level`,
     only those directly under it (S3's delimiter: the "folders" below are not walked)."""
-    prefix = location.key.rstrip("/") + "/" if location.key else ""
-    client = s3_client(location)
-    delimiter = {"Delimiter": "/"} if top_level else {}
-    with s3_errors(location, field):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix, **delimiter):
-            for obj in page.get("Contents", []):
-                if not obj["Key"].endswith("/"):
-                    yield {**obj, "Key": obj["Key"][len(prefix):]}
+    for prefix, page in _listing_pages(location, field, top_level):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                yield {**obj, "Key": obj["Key"][len(prefix):]}
+
+
+def top_level_names(location: Location, field: str = "storage") -> list[str]:
+    """The names directly under a local folder or S3 prefix: files and objects by name, folders (S3's common
+    prefixes) as "name/"."""
+    if not location.is_s3:
+        return sorted(f"{e.name}/" if e.is_dir() else e.name for e in os.scandir(location.path))
+    names = []
+    for prefix, page in _listing_pages(location, field, top_level=True):
+        names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        names += [p["Prefix"][len(prefix):] for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
+
+
+def top_level_name(key: str) -> str:
+    """The top-level name (as `top_level_names` gives it) of a relative key or path: "a/" for "a/b.png"."""
+    first, slash, _ = key.partition("/")
+    return first + slash
+
+
+def top_level_of(keys: Iterable[str]) -> set[str]:
+    """The top-level names of relative keys or paths."""
+    return {top_level_name(key) for key in keys}
 
 
 def read_text(location: Location, field: str = "storage") -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,14 +30,17 @@ def local_path(location: Location) -> Path:
     return node_copy_path(location.bucket, location.key)
 
 
-def sync_prefix(location: Location, field: str) -> Path:
-    """The local directory mirroring every object under the S3 prefix `location`."""
+def sync_prefix(location: Location, field: str, unread: Callable[[Collection[str]], Collection[str]] | None = None) -> Path:
+    """The local directory mirroring every object under the S3 prefix `location`; `unread(names)`: the top-level
+    names (`storage.top_level_of`) whose objects nobody reads here, left on S3 (a dataset's test split)."""
     target = local_path(location)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{target}.lock"):
         listing = {o["Key"]: {"size": o["Size"], "etag": o["ETag"]} for o in storage.list_objects(location, field)}
         if not listing:
             raise StorageError(f"{field}: there are no objects under {location.uri}")
+        if unread is not None and (skipped := set(unread(storage.top_level_of(listing)))):
+            listing = {key: entry for key, entry in listing.items() if storage.top_level_name(key) not in skipped}
         manifest_path = target / MANIFEST
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         if old == listing:
