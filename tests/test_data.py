@@ -188,6 +188,55 @@ def test_a_16_bit_grey_image_keeps_its_contrast(fmt):
     assert all(torch.equal(decoded[c], expected) for c in range(3))
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_rgb_turns_a_photo_upright_by_its_exif_orientation(fmt, orientation):
+    """A phone stores a portrait photo sideways and tags it with how to turn it (EXIF orientation 6); every viewer
+    shows it upright, and so do training, packing and predict: they all decode through decode_rgb."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from tl_core.data import decode_rgb
+
+    pixels = np.random.default_rng(orientation).integers(0, 256, (16, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, exif=exif.tobytes(), quality=95)
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as stored:
+        assert stored.getexif().get(0x0112) == orientation
+        expected = pil_to_tensor(ImageOps.exif_transpose(stored).convert("RGB"))
+    decoded = decode_rgb(data)
+    assert decoded.shape == ((3, 16, 40) if orientation <= 4 else (3, 40, 16))
+    assert torch.equal(decoded, expected)
+
+
+def test_decode_rgb_keeps_a_photo_whose_exif_cannot_be_read_as_stored():
+    """A damaged EXIF block (a bad byte order, an orientation out of range) leaves the pixels as stored, not an
+    unreadable image: the photo still decodes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tl_core.data import decode_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 40, 3), dtype=np.uint8)
+    bad_order = b"Exif\x00\x00ZZ*\x00" + bytes(20)
+    out_of_range = Image.Exif()
+    out_of_range[0x0112] = 77
+    for fmt in ("JPEG", "PNG"):
+        for exif in (bad_order, out_of_range.tobytes()):
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, fmt, exif=exif)
+            decoded = decode_rgb(buf.getvalue())
+            assert decoded.shape == (3, 16, 40)
+
+
 def test_decode_rgb_refuses_a_truncated_jpeg_and_bytes_that_are_no_image():
     import io
 
