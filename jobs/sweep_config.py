@@ -248,7 +248,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if search_raw is None:
         raise ConfigError(f"{name}: search: required section is missing (a sweep file is a run config plus search:)")
     data = apply_overrides({**raw, "search": search_raw}, overrides)
-    search_raw = data.pop("search")
+    search_raw = _max_t_from_epochs(name, data, data.pop("search"))
     try:
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as exc:
@@ -280,6 +280,26 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except ConfigError as exc:
         raise ConfigError(f"{name}: search.metric: {str(exc).removeprefix('config: ').removeprefix('checkpoint.metric: ')}") from None
     return base, search
+
+
+def _max_t_from_epochs(name: str, data: dict, search: Any) -> Any:
+    """The `search:` section with the scheduler's max_t, which is every trial's train.epochs, taken from the file's
+    `train.epochs` where only that is set; both set to different numbers is refused, as the file's epochs would
+    silently not be what the trials run."""
+    train = data.get("train")
+    epochs = train.get("epochs") if isinstance(train, dict) else None
+    scheduler = search.get("scheduler", {}) if isinstance(search, dict) else None
+    if epochs is None or not isinstance(scheduler, dict):
+        return search  # nothing to take, or a section the validation names
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"{name}: train.epochs: {epochs!r} must be a whole number of epochs, at least 1")
+    max_t = scheduler.get("max_t")
+    if max_t is None:
+        return {**search, "scheduler": {**scheduler, "max_t": epochs}}
+    if max_t != epochs:
+        raise ConfigError(f"{name}: train.epochs: {epochs}, but search.scheduler.max_t: {max_t} is every trial's train.epochs; "
+                          "set one of them, or both to the same number")
+    return search
 
 
 def kept_by_search(cfg: RunConfig, metric: str, mode: str) -> RunConfig:

@@ -99,7 +99,7 @@ def test_jobs_scale_worker_nodes_up_and_idle_ones_away(tmp_path):
         assert watch.wait_for(0, timeout=90), f"idle worker nodes were not removed: {watch.workers()} left"
 
         # A sweep of 5 one-worker trials on at most 3 nodes: the last trials wait for a node instead of failing.
-        sweep = write_config(tmp_path, data, "sweep.yaml", experiment="waves", train={"batch_size": 8},
+        sweep = write_config(tmp_path, data, "sweep.yaml", experiment="waves", train={"batch_size": 8, "epochs": 1},
                              scaling={"num_workers": 1}, checkpoint={"keep": 1},
                              search={"num_samples": 1, "max_concurrent_trials": 5, "metric": "val/acc", "mode": "max",
                                      "scheduler": {"name": "fifo", "max_t": 1},

@@ -228,3 +228,28 @@ def test_numbers_with_an_exponent_read_as_numbers_everywhere(tmp_path):
         cfg = with_overrides(from_dict(MINIMAL), [override("experiment", text)])
         assert from_dict(yaml.safe_load(cfg.to_yaml())).experiment == text
         assert load_config(write(tmp_path, cfg.to_yaml())).experiment == text
+
+
+def test_a_sweep_files_train_epochs_is_its_max_t_and_never_silently_replaced(tmp_path):
+    """train.epochs: 4 in a sweep file ran every trial for 10 epochs (max_t's default), and said nothing."""
+    def sweep(train: dict, scheduler: dict, overrides=()):
+        run = {**MINIMAL, "train": train, "search": {"scheduler": scheduler, "space": {"optim.lr": {"choice": [0.1, 0.01]}}}}
+        return load_sweep(write(tmp_path, yaml.safe_dump(run)), list(overrides))
+
+    base, search = sweep({"epochs": 4}, {"name": "asha"})
+    assert base.train.epochs == search.scheduler.max_t == 4
+    base, search = sweep({"batch_size": 8}, {"name": "asha"})  # neither: max_t's default
+    assert base.train.epochs == search.scheduler.max_t == 10
+    base, search = sweep({"epochs": 6}, {"name": "asha", "max_t": 6})
+    assert base.train.epochs == 6
+    with pytest.raises(ConfigError, match=r"run.yaml: train.epochs: 4, but search.scheduler.max_t: 9 is every trial's "
+                                          r"train.epochs; set one of them, or both to the same number$"):
+        sweep({"epochs": 4}, {"name": "asha", "max_t": 9})
+    with pytest.raises(ConfigError, match=r"train.epochs: 3, but search.scheduler.max_t: 6"):
+        sweep({"epochs": 6}, {"name": "asha", "max_t": 6}, ["train.epochs=3"])
+    base, search = sweep({"epochs": 6}, {"name": "asha", "max_t": 6}, ["train.epochs=3", "search.scheduler.max_t=3"])
+    assert base.train.epochs == search.scheduler.max_t == 3
+    with pytest.raises(ConfigError, match=r"train.epochs: 'four' must be a whole number of epochs, at least 1$"):
+        sweep({"epochs": "four"}, {"name": "asha"})
+    with pytest.raises(ConfigError, match=r"search.scheduler: grace_period: 5 is more than max_t 4"):
+        sweep({"epochs": 4}, {"name": "asha", "grace_period": 5})
