@@ -93,18 +93,22 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     for decider, unread in left_unread(cfg, varied).items():
         log.warning("config: with %s, nothing reads %s", decider, "; ".join(unread))
     if manifest is None and not is_table_file(local.data.root):
-        warn_unread_data(cfg)
+        warn_unread_data(cfg, text=cfg.pretrain.method == "supervised" and kind == "text")
     return cfg
 
 
-def warn_unread_data(cfg: RunConfig) -> None:
-    """Name what `data.root` holds beside the splits a run reads (a test split), with the command that scores it."""
+def warn_unread_data(cfg: RunConfig, text: bool) -> None:
+    """Name the data `data.root` holds beside the splits a run reads (a test split), with the command that scores
+    a finished run on it where jobs.predict reads it (a text model a table, an image model a folder)."""
     beside = unread_beside(storage.top_level_names(storage.parse(cfg.data.root, cfg.storage.endpoint_url, "data.root"), "data.root"))
-    if beside:
-        test = next((name for name in beside if name.lower().startswith("test")), beside[0])
-        log.warning("data: a run trains on train and validates on val, and does not read %s beside them; to score a "
-                    "finished run on held-out data: python -m jobs.predict --run RUN --data %s/%s --out DEST",
-                    ", ".join(beside), cfg.data.root.rstrip("/"), test.rstrip("/"))
+    if not beside:
+        return
+    line = f"data: a run trains on train and validates on val, and does not read {', '.join(beside)} beside them"
+    if scorable := [name for name in beside if name.endswith("/") != text]:
+        test = next((name for name in scorable if name.lower().startswith("test")), scorable[0])
+        line += (f"; to score a finished run on held-out data: python -m jobs.predict --run RUN --data "
+                 f"{cfg.data.root.rstrip('/')}/{test.rstrip('/')} --out DEST")
+    log.warning("%s", line)
 
 
 def check_model(cfg: RunConfig, local: RunConfig, classes: list[str]) -> nn.Module:

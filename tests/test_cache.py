@@ -143,7 +143,7 @@ def test_what_a_run_leaves_unread_at_its_data_root_follows_how_the_indexes_read_
 
     assert unread_beside(["train/", "val/", "test/", ".cache/", "labels.csv.bak", "notes.txt"]) == ["test/"]
     assert unread_beside(["cats/", "dogs/", "test/"]) == []  # class folders: every folder is a class
-    assert unread_beside(["train.csv", "val.jsonl", "test.CSV", "raw/", ".git/"]) == ["raw/", "test.CSV"]
+    assert unread_beside(["train.csv", "val.jsonl", "test.CSV", "raw/", ".git/", "README.md"]) == ["raw/", "test.CSV"]
     assert unread_beside(["Train.Parquet", "extra.tsv"]) == ["extra.tsv"]
     assert unread_beside(["reviews.csv"]) == []  # one table: it is the data
     assert storage.top_level_of(["a/b/c.png", "a/d.png", "e.csv"]) == {"a/", "e.csv"}

@@ -643,12 +643,18 @@ def test_a_test_split_beside_train_and_val_is_named_as_unread_with_the_command_t
     write_csv(text / "train.csv", sentiment_rows(16))
     write_csv(text / "test.csv", sentiment_rows(6, seed=1))
     flat = make_image_folder(tmp_path / "flat", n_classes=2, per_class=6)  # class folders: every folder is a class
+    notes = tmp_path / "notes"  # a README is no data; a folder is, but a text model's predict reads a table
+    write_csv(notes / "train.csv", sentiment_rows(16))
+    (notes / "README.md").write_text("# reviews\n")
+    (notes / "raw").mkdir()
     runs = [(images, {}, "a run trains on train and validates on val, and does not read holdout/, test/ beside them; to score a "
                          f"finished run on held-out data: python -m jobs.predict --run RUN --data {images}/test --out DEST"),
             (text, {"model": {"backbone": MINILM, "weights": "pretrained"}},
              f"a run trains on train and validates on val, and does not read test.csv beside them; to score a finished run "
              f"on held-out data: python -m jobs.predict --run RUN --data {text}/test.csv --out DEST"),
-            (flat, {}, None)]
+            (flat, {}, None),
+            (notes, {"model": {"backbone": MINILM, "weights": "pretrained"}},
+             "a run trains on train and validates on val, and does not read raw/ beside them")]
     for i, (data, sections, message) in enumerate(runs):
         caplog.clear()
         (tmp_path / str(i)).mkdir()

@@ -61,14 +61,14 @@ def unread_settings(cfg: RunConfig, kind: str, packed: bool, varied: Collection[
 
 
 def unread_beside(names: Collection[str]) -> list[str]:
-    """What a run leaves unread at a data root split into train and val, given the names at its top ("name/" for a
-    folder; `cluster.storage.top_level_names`), as the indexes read it: beside a text dataset's train.* (and val.*),
-    everything; beside an image dataset's train/ (and val/), the other folders (a test split, say). Hidden names
-    are never data, and are not named."""
+    """The data a run leaves unread at a data root split into train and val, given the names at its top ("name/"
+    for a folder; `cluster.storage.top_level_names`), as the indexes read it: beside a text dataset's train.* (and
+    val.*), the other tables and the folders; beside an image dataset's train/ (and val/), the other folders (a test
+    split, say). Other files (a README) and hidden names are no data, and are not named."""
     shown = [n for n in names if not n.startswith(".")]
     tables = {n: Path(n).stem.lower() for n in shown if not n.endswith("/") and is_table_name(n)}
     if "train" in tables.values():
-        return sorted(n for n in shown if tables.get(n) not in ("train", "val"))
+        return sorted(n for n in shown if (n.endswith("/") or n in tables) and tables.get(n) not in ("train", "val"))
     if "train/" in shown:
         return sorted(n for n in shown if n.endswith("/") and n not in ("train/", "val/"))
     return []
