@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard_bytes: int) -> Manifest:
-    files = list_source(source)
+    files = read_by_runs(source, list_source(source))
     classes, train_files, val_files = layout_from_paths([f.path for f in files], source.uri)
-    note_unread(source, [f.path for f in files])
     version = fingerprint(files, val_fraction, seed)
     existing = read_manifest(dest)
     if is_current(existing, version, dest, source):
@@ -142,7 +141,7 @@ def pack_text(source: Location, dest: Location, tables: list[SourceFile], val_fr
               columns: tuple[str, str]) -> Manifest:
     """A text table: cleaned and split once here (as a text run would), its rows shuffled and written as shards of
     about `shard_bytes` by Ray tasks."""
-    note_unread(source, [t.path for t in tables])
+    tables = read_by_runs(source, tables)
     version = fingerprint(tables, val_fraction, seed, list(columns))
     existing = read_manifest(dest)
     if is_current(existing, version, dest, source):
@@ -192,10 +191,14 @@ ARGUMENTS = {"data.root": "SOURCE", "data.text_column": "--text-column", "data.l
              "val_fraction=": "--val-fraction "}
 
 
-def note_unread(source: Location, paths: list[str]) -> None:
-    """Warn of what SOURCE holds beside the splits a run reads (a test split, by `paths` relative to it): not packed."""
-    if beside := unread_beside(storage.top_level_of(paths)):
-        log.warning("pack: %s beside train and val in %s is not packed (a run reads train and val only)", ", ".join(beside), source.uri)
+def read_by_runs(source: Location, files: list[SourceFile]) -> list[SourceFile]:
+    """SOURCE's `files` that a run reads: what lies beside its train and val splits (a test split) is named in a
+    warning and left out, of the shards and of the version, so that a changed test split repacks nothing."""
+    beside = set(unread_beside(storage.top_level_of(f.path for f in files)))
+    if beside:
+        log.warning("pack: %s beside train and val in %s is not packed (a run reads train and val only)",
+                    ", ".join(sorted(beside)), source.uri)
+    return [f for f in files if storage.top_level_name(f.path) not in beside]
 
 
 def as_arguments(exc: DataError) -> DataError:

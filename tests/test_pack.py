@@ -97,6 +97,11 @@ def test_pack_from_s3_to_s3_keeps_val_and_reads_back_with_pyarrow(ray_cluster, s
                for split in manifest.shards.values() for s in split)
     assert rows == 36
     assert not [o for o in storage.list_objects(storage.parse("s3://tl-test/packed/split")) if o["Key"].startswith("_staging")]
+    # the test split is no part of the version either: a file added to it repacks nothing
+    s3.client().put_object(Bucket="tl-test", Key="raw/split/test/class_0/late.png", Body=next((data / "val" / "class_0").glob("*.png")).read_bytes())
+    caplog.clear()
+    assert pack_data.main(["s3://tl-test/raw/split", "s3://tl-test/packed/split"]) == 0
+    assert "pack: s3://tl-test/packed/split is up to date with s3://tl-test/raw/split" in caplog.text
 
 
 @pytest.mark.integration
