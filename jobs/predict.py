@@ -9,7 +9,7 @@ s3:// prefix of images (searched recursively), or one image; for a text model, a
 (local or s3://) receives Parquet files of rows
 
     path (image file, or the text's row number from 0), label (the input's known class: its first folder under DATA
-    where that names a class of the run, or a table's --label-column value), predicted (class name),
+    where DATA holds class folders, or a table's --label-column value), predicted (class name),
     probability, top_k (class names), top_k_probability, error (why an input could not be read; then predicted is null)
 
 Where inputs have labels (a held-out test set in class folders, or a table with a label column), the predictions
@@ -47,7 +47,7 @@ SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string()), ("predicted",
 class Predictor:
     """A Ray Data actor: the model, loaded once, applied to batches of encoded images or texts."""
 
-    def __init__(self, checkpoint: str, top_k: int, device: str, root: str | None = None):
+    def __init__(self, checkpoint: str, top_k: int, device: str, labelled_under: str | None = None):
         from tl_core.config import from_dict
         from tl_core.data import image_normalization, image_transforms
 
@@ -56,7 +56,7 @@ class Predictor:
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.classes = np.array(self.description["classes"], dtype=object)
-        self.root, self.class_names = root, set(self.description["classes"])
+        self.labelled_under = labelled_under
         self.top_k = min(top_k, len(self.classes))
         cfg = from_dict(self.description["config"], stored=True)
         self.text = self.description["modality"] == "text"
@@ -104,7 +104,7 @@ class Predictor:
         if self.text:  # a string or None; Ray Data hands a column of Nones over as NaNs
             labels = [label if isinstance(label, str) else None for label in batch["label"]]
         else:
-            labels = [folder_class(p, self.root, self.class_names) for p in paths]
+            labels = [first_folder(p, self.labelled_under) for p in paths]
         return pa.Table.from_pydict({"path": paths, "label": labels, "predicted": predicted, "probability": probability,
                                      "top_k": top_k, "top_k_probability": top_k_probability, "error": errors}, schema=SCHEMA)
 
@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         if given and not text:
             raise DataError(f"{option}: {description['source']['backbone']} is an image model; {option} is for text models "
                             "(images are labelled by their class folders)")
-    inputs, root = (text_rows(args.data, description, args.text_column, args.label_column), None) if text else image_paths(data)
+    if text:
+        inputs, labelled_under = text_rows(args.data, description, args.text_column, args.label_column), None
+    else:
+        inputs = image_paths(data)
+        labelled_under = class_folders_root(inputs, data.path, description["classes"])
 
     import ray
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = ray.data.from_items(inputs)
     else:
         dataset = ray.data.read_binary_files(inputs, include_paths=True, filesystem=storage.filesystem(data))
-    predictions = dataset.map_batches(Predictor, fn_constructor_args=(str(checkpoint), args.top_k, "cuda" if gpus else "cpu", root),
+    predictions = dataset.map_batches(Predictor, fn_constructor_args=(str(checkpoint), args.top_k, "cuda" if gpus else "cpu", labelled_under),
                                       batch_size=args.batch_size, batch_format="numpy",
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                       num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
@@ -210,10 +214,9 @@ def score(table: pa.Table, classes: list[str], checkpoint: str) -> dict:
     return {"checkpoint": checkpoint, "classes": classes, **confusion_scores(confusion), "unknown_labels": dict(unknown)}
 
 
-def image_paths(data) -> tuple[list[str], str | None]:
+def image_paths(data) -> list[str]:
     """Every image file under DATA (a folder or an S3 prefix; or DATA itself, one image file or object), as paths of
-    its filesystem, hidden files and folders left out, as a run's index leaves them out; and the folder they are
-    under (None for one file), whose class folders label them."""
+    its filesystem; hidden files and folders left out, as a run's index leaves them out."""
     from pathlib import Path
 
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -224,8 +227,8 @@ def image_paths(data) -> tuple[list[str], str | None]:
     if one_file:
         if not is_image_path(data.uri.rsplit("/", 1)[-1]):
             raise DataError(f"--data: {data.uri} is a file not named like an image ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
-        return [data.path], None
-    if data.is_s3:
+        paths = [data.path]
+    elif data.is_s3:
         paths = [f"{data.path}/{o['Key']}" for o in storage.list_objects(data, "--data") if is_image_path(o["Key"])]
     else:
         if not Path(data.path).is_dir():
@@ -233,7 +236,7 @@ def image_paths(data) -> tuple[list[str], str | None]:
         paths = [p for p in image_files(Path(data.path)) if Path(p).is_file()]  # no FIFO, device or dangling link
     if not paths:
         raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")
-    return paths, data.path
+    return paths
 
 
 def text_rows(data: str, description: dict, text_column: str | None = None, label_column: str | None = None) -> list[dict]:
@@ -281,13 +284,20 @@ def errors(table: pa.Table) -> list[str]:
     return [p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True) if e is not None]
 
 
-def folder_class(path: str, root: str | None, classes: set[str]) -> str | None:
-    """The class of an image at `path`: the first folder under DATA's `root`, where that names a class of the run."""
+def class_folders_root(paths: list[str], root: str, classes: list[str]) -> str | None:
+    """`root` (DATA) where it holds class folders, whose names label the images in them: where the first folder of
+    some image under it names a class of the run; then a folder naming none is a class the run lacks, its images
+    counted apart. None where no folder names a class (new, unlabelled images): no image has a label."""
+    return root if any(first_folder(path, root) in classes for path in paths) else None
+
+
+def first_folder(path: str, root: str | None) -> str | None:
+    """The first folder under `root` on the way to the file at `path`; None for a file directly in it (or no root)."""
     prefix = f"{root.rstrip('/')}/" if root else None
     if prefix is None or not path.startswith(prefix):
         return None
     folder, _, rest = path[len(prefix):].partition("/")
-    return folder if rest and folder in classes else None
+    return folder if rest else None
 
 
 if __name__ == "__main__":

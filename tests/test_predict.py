@@ -75,9 +75,11 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
     assert row["label"] is None and not (tmp_path / "one" / "_metrics.json").exists()  # one file has no class folder
 
     storage.upload_dir(data / "val", storage.parse("s3://tl-test/test-images"))  # class folders under an S3 prefix
+    extra = next((data / "val" / "class_0").glob("*.png")).read_bytes()  # in a folder of a class the run lacks: counted apart
+    s3.client().put_object(Bucket="tl-test", Key="test-images/class_9/x.png", Body=extra)
     assert predict.main(["--run", str(run), "--data", "s3://tl-test/test-images/", "--out", str(tmp_path / "from-s3")]) == 0
     from_s3 = json.loads((tmp_path / "from-s3" / "_metrics.json").read_text())
-    assert from_s3["confusion_matrix"] == meta["confusion_matrix"]
+    assert from_s3["confusion_matrix"] == meta["confusion_matrix"] and from_s3["unknown_labels"] == {"class_9": 1}
     assert row["probability"] == pytest.approx(one["probability"], abs=1e-6)
 
 
@@ -168,14 +170,24 @@ def test_the_command_line_predicts_through_the_cluster(ray_cluster, finished_run
     assert len(pyarrow.dataset.dataset(str(tmp_path / "out"), format="parquet").to_table()) == n_images
 
 
-def test_an_images_label_is_its_first_folder_under_data_where_that_names_a_class():
-    classes = {"cat", "dog"}
-    assert predict.folder_class("bucket/sets/test/cat/1.jpg", "bucket/sets/test", classes) == "cat"  # an S3 prefix
-    assert predict.folder_class("/d/test/dog/2024/05/1.jpg", "/d/test/", classes) == "dog"  # nested below its class
-    assert predict.folder_class("/d/test/bird/1.jpg", "/d/test", classes) is None  # no class of the run
-    assert predict.folder_class("/d/test/1.jpg", "/d/test", classes) is None  # no folder
-    assert predict.folder_class("/d/testing/cat/1.jpg", "/d/test", classes) is None  # not under DATA
-    assert predict.folder_class("/d/test/cat/1.jpg", None, classes) is None  # DATA was one file
+def test_images_in_class_folders_are_labelled_by_them_and_a_folder_naming_no_class_is_counted_apart():
+    """A test set's folder of a class the run lacks was labelled None, and its images silently left unscored."""
+    import pyarrow as pa
+
+    classes = ["cat", "dog"]
+    paths = ["bucket/sets/test/cat/1.jpg", "bucket/sets/test/dog/2024/05/1.jpg", "bucket/sets/test/bird/1.jpg", "bucket/sets/test/2.jpg"]
+    root = predict.class_folders_root(paths, "bucket/sets/test/", classes)  # an S3 prefix of class folders
+    assert [predict.first_folder(p, root) for p in paths] == ["cat", "dog", "bird", None]  # nested below its class; no folder
+    assert predict.first_folder("/d/testing/cat/1.jpg", "/d/test") is None  # not under DATA
+    # new images in folders that name no class (by date): unlabelled, nothing to score, nothing said
+    assert predict.class_folders_root(["/d/new/2024/1.jpg", "/d/new/2.jpg"], "/d/new", classes) is None
+    assert predict.class_folders_root(["/d/test/cat/1.jpg"], "/d/test/cat/1.jpg", classes) is None  # DATA was one file
+    table = pa.table({"label": ["cat", "dog", "bird", None], "predicted": ["cat", "cat", "dog", "dog"], "error": [None] * 4})
+    scores = predict.score(table, classes, "ckpt")
+    assert scores["count"] == 2 and scores["acc"] == 0.5 and scores["unknown_labels"] == {"bird": 1}
+    assert predict.scored(storage.parse("/tmp/nowhere-out"), scores, "images") == (
+        "scored against their labels: accuracy 0.500, macro F1 0.333 over 2 images; every metric in /tmp/nowhere-out/_metrics.json; "
+        "1 labelled with no class of the run, not scored: 'bird'")
 
 
 def test_labels_that_name_no_class_of_the_run_are_said_not_scored_as_zero():
