@@ -60,10 +60,10 @@ def run_stages(stages: list[tuple[str, object]]) -> dict:
     results = {}
     for i, (name, cfg) in enumerate(stages, 1):
         storage.delete(experiment_location(cfg))  # the demo's own outputs from an earlier run
-        cfg = check_run(cfg, resume=False)
         print(f"\n=== stage {i}/{len(stages)}, {STAGE_TITLES[name]}: {cfg.model.backbone} "
               f"{'' if cfg.model.backbone.startswith('hf:') else f'at {cfg.data.image_size} px, '}{cfg.train.epochs} epochs ===", flush=True)
         started = time.monotonic()
+        cfg = check_run(cfg, resume=False)  # its lines (the source weights it loads) belong to the stage
         try:
             with claimed(cfg):
                 results[name] = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))

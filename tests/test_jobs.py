@@ -498,3 +498,21 @@ def test_of_checkpoints_that_tie_the_best_is_the_lower_val_loss_then_the_earlier
                                                     "metrics": {"epoch": epoch, **metrics}}))
     summary = write_result(cfg, SimpleNamespace(metrics=None))
     assert summary["best_checkpoint"].endswith(f"checkpoint_epoch_{best:04d}") and summary["best_metric"]["epoch"] == best
+
+
+def test_each_demo_stage_is_headed_before_its_checks_print_anything(tmp_path, monkeypatch, capsys):
+    """The source weights a stage's checks load were logged above its header, as if the stage before had loaded them."""
+    import contextlib
+
+    from jobs import demo
+    from tl_core.config_file import load_config
+
+    cfg = load_config(write_config(tmp_path, tmp_path / "data", experiment="stage"))
+    monkeypatch.setattr(demo, "check_run", lambda cfg, resume: print("weights: loaded backbone from SOURCE") or cfg)
+    monkeypatch.setattr(demo, "claimed", lambda cfg: contextlib.nullcontext())
+    monkeypatch.setattr(demo, "run_trainer", lambda cfg, recipe: None)
+    monkeypatch.setattr(demo, "write_result", lambda cfg, result: {"final_metrics": {"val/acc": 0.5}})
+    demo.run_stages([("finetune", cfg)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert lines[0].startswith("=== stage 1/1, fine-tune the source model") and lines[1] == "weights: loaded backbone from SOURCE"
+    assert lines[2] == "=== stage 1/1 done in 0 s: val/acc 0.500 ==="
