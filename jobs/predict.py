@@ -288,7 +288,8 @@ def class_folders_root(paths: list[str], root: str, classes: list[str]) -> str |
     """`root` (DATA) where it holds class folders, whose names label the images in them: where the first folder of
     some image under it names a class of the run; then a folder naming none is a class the run lacks, its images
     counted apart. None where no folder names a class (new, unlabelled images): no image has a label."""
-    return root if any(first_folder(path, root) in classes for path in paths) else None
+    names = set(classes)
+    return root if any(first_folder(path, root) in names for path in paths) else None
 
 
 def first_folder(path: str, root: str | None) -> str | None:
