@@ -66,6 +66,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def column_name(text: str) -> str:
+    """argparse type of a table's column: a name, not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a column of the table, not be empty")
+    return text
+
+
 def _number(text: str) -> float:
     try:
         return float(text)

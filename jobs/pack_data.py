@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.storage import Location
-from jobs.cli import ArgumentParser, fraction, guarded, positive_number, run_module
+from jobs.cli import ArgumentParser, column_name, fraction, guarded, positive_number, run_module
 from tl_core.config import DataConfig
 from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths, read_file_bytes
 from tl_core.errors import DataError
@@ -76,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=fraction, default=0.2, help="validation share when SOURCE has no val/ (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the shuffle into shards")
     parser.add_argument("--shard-mb", type=positive_number, default=256.0, help="target shard size in MB (default 256)")
-    parser.add_argument("--text-column", default="text", help="text tables: the column holding the text (default text)")
-    parser.add_argument("--label-column", default="label", help="text tables: the column holding the label (default label)")
+    parser.add_argument("--text-column", type=column_name, default="text", help="text tables: the column holding the text (default text)")
+    parser.add_argument("--label-column", type=column_name, default="label", help="text tables: the column holding the label (default label)")
     args = parser.parse_args(argv)
     source = storage.parse(args.source, field="SOURCE")
     dest = storage.parse(args.dest, field="DEST")
     storage.check_creatable(dest, "DEST")
     shard_bytes = int(args.shard_mb * 2**20)
     tables = list_tables(source)
+    if tables and args.label_column == args.text_column:  # each text would be its own class
+        raise DataError(f"--label-column: {args.label_column!r} is --text-column too; the labels must be in a column of their own")
     if tables:
         manifest = pack_text(source, dest, tables, args.val_fraction, args.seed, shard_bytes, (args.text_column, args.label_column))
     else:

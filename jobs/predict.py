@@ -34,7 +34,7 @@ import torch
 from cluster import storage
 from jobs import ray_private
 from jobs.best_model import load_model, local_checkpoint
-from jobs.cli import ArgumentParser, Interrupted, count, guarded, run_module
+from jobs.cli import ArgumentParser, Interrupted, column_name, count, guarded, run_module
 from tl_core.errors import DataError
 
 log = logging.getLogger("jobs")
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=count, default=5)
     parser.add_argument("--batch-size", type=count, default=64)
     parser.add_argument("--actors", type=count, default=None, help="the most model actors (default: one per GPU, else half the CPUs)")
-    parser.add_argument("--text-column", default=None, help="a text model: DATA's column of texts (default: the run's data.text_column)")
-    parser.add_argument("--label-column", default=None,
+    parser.add_argument("--text-column", type=column_name, default=None, help="a text model: DATA's column of texts (default: the run's data.text_column)")
+    parser.add_argument("--label-column", type=column_name, default=None,
                         help="a text model: DATA's column of labels to score against (default: the run's data.label_column, where DATA has it)")
     args = parser.parse_args(argv)
     data, out = storage.parse(args.data, field="--data"), storage.parse(args.out, field="--out")
@@ -251,6 +251,8 @@ def text_rows(data: str, description: dict, text_column: str | None = None, labe
 
     run_data = from_dict(description["config"], stored=True).data
     column, label_key = text_column or run_data.text_column, label_column or run_data.label_column
+    if label_column and label_column == column:  # the default label column may be the texts given: then no labels
+        raise DataError(f"--label-column: {label_column!r} is the column of texts too; the labels must be in a column of their own")
     location = storage.parse(data, field="--data")
     if not is_table_name(location.path):
         raise DataError(f"--data: a text model reads a table file ({', '.join(TABLE_SUFFIXES)}), local or s3://, not {data}")

@@ -136,6 +136,7 @@ BAD = [
     ({"scaling": {"resources_per_worker": 2}}, "scaling.resources_per_worker: expected key: value pairs (got 2)"),
     ({"data": {}}, "data.root: required key is missing"),
     ({"optim": {"nesterov": True, "name": "adam"}}, "nesterov: needs name: sgd"),
+    ({"data": {"root": "/data", "label_column": "text"}}, "data: label_column: 'text' is text_column too; the labels must be in a column of their own"),
     ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1 (got 0)"),
     ({"scaling": {"num_workers": {"min": 4, "max": 2}}}, "scaling.num_workers: {min, max} range: min (4) must not exceed max (2)"),
     ({"scaling": {"num_workers": {"min": 1}}}, "scaling.num_workers: {min, max} range: max: required key is missing"),

@@ -144,6 +144,9 @@ def test_the_cleanings_mistakes_name_this_commands_arguments(ray_cluster, tmp_pa
     ("text_one_class", "--label-column: train.csv has 1 class(es) in column 'label'; need at least 2"),
     ("text_one_table_file", "--label-column: reviews.csv has 1 class(es) in column 'label'; need at least 2"),
     ("text_no_column", "--text-column: train.csv has no column 'text'; its columns: review, label"),
+    # a traceback from the schema once; and the texts as their own labels, each its own class
+    ("text_empty_column", "argument --text-column: must name a column of the table, not be empty (usage: python -m jobs.pack_data"),
+    ("text_same_columns", "--label-column: 'text' is --text-column too; the labels must be in a column of their own"),
 ])
 def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_path, capsys):
     source, dest = tmp_path / "data", tmp_path / "runs" / "packed"
@@ -160,6 +163,8 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
             write_csv(source / "train.csv", [{**r, "label": "pos"} for r in rows])
         elif case == "text_one_table_file":  # SOURCE names the table itself: read as one
             source = write_csv(source / "reviews.csv", [{**r, "label": "pos"} for r in rows])
+        elif case in ("text_empty_column", "text_same_columns"):
+            write_csv(source / "train.csv", rows)
         else:
             write_csv(source / "train.csv", [{"review": r["text"], "label": r["label"]} for r in rows], columns=("review", "label"))
     elif case == "a_file":
@@ -173,6 +178,7 @@ def test_pack_mistakes_are_one_line_exit_2_and_write_nothing(case, message, tmp_
         (dest / ("notes.txt" if case == "dest_not_packed" else MANIFEST_FILE)).write_text(json.dumps({"format": "other"}))
     if case == "val_fraction":
         extra = ["--val-fraction", "1.5"]
+    extra += {"text_empty_column": ["--text-column="], "text_same_columns": ["--label-column", "text"]}.get(case, [])
     written = ["packed"] if case in ("dest_not_packed", "bad_manifest") else []
     one_line_exit_2(pack_data.main, [str(source), str(dest), *extra], capsys, tmp_path, message.format(source=source), written=written)
     if written:

@@ -221,6 +221,9 @@ def test_predict_reads_a_table_of_texts_from_s3_and_any_column_named(tmp_path, s
     assert [r["label"] for r in predict.text_rows(str(stars), description, label_column="stars")] == ["5", "1"]
     with pytest.raises(DataError, match=r"^--label-column: stars.csv has no column 'rating'; its columns: review, stars$"):
         predict.text_rows(str(stars), description, label_column="rating")
+    # the column of texts named as the labels too would score each text as its own class: refused, not left unscored
+    with pytest.raises(DataError, match=r"^--label-column: 'review' is the column of texts too; the labels must be in a column of their own$"):
+        predict.text_rows(str(stars), description, label_column="review")
 
 
 def test_batches_are_padded_to_their_longest_text_not_to_max_length(tmp_path):

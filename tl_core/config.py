@@ -121,6 +121,12 @@ class DataConfig(Section):
     max_length: int = Field(128, ge=2, le=32768)  # text: tokens per text, after truncation (batches pad to their longest)
     decode_cpus: float = Field(0.5, gt=0.0, le=64)  # packed datasets: CPUs each Ray Data decode task holds (reads hold 1)
 
+    @model_validator(mode="after")
+    def _labels_apart_from_texts(self) -> "DataConfig":
+        if self.label_column == self.text_column:  # each text would be its own class
+            raise ValueError(f"label_column: {self.label_column!r} is text_column too; the labels must be in a column of their own")
+        return self
+
 
 class ModelConfig(Section):
     backbone: str = "resnet18"
