@@ -18,6 +18,8 @@ def local_checkpoint(run: str, field: str = "RUN") -> Path:
     from jobs.staging import fetch_weights
     from tl_core import run_dir
 
+    if not run.strip():  # "" would be the working directory
+        raise ConfigError(f"{field}: empty; give a finished run or a checkpoint directory, local or s3://")
     if storage.is_uri(run):
         return fetch_weights(run, None, field)
     return run_dir.local_checkpoint_dir(user_path(run), run, field)

@@ -97,6 +97,8 @@ def local_config(config: str) -> str:
     cache, which messages name by its URI."""
     from cluster import storage
 
+    if not config.strip():
+        raise ConfigError("--config: empty; give a run config YAML file, local or s3://")
     if not storage.is_uri(config):
         return config
     from cluster.storage import cache

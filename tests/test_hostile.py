@@ -674,3 +674,23 @@ def test_settings_the_strategy_or_optimizer_leaves_unread_are_named_in_a_line_ea
         "config: with model.strategy: full, nothing reads model.lp_epochs: 3",
         "config: with optim.name: adam, nothing reads optim.momentum: 0.5"]
 
+
+
+@pytest.mark.parametrize("job,argv,message", [
+    ("pack_data", ["", "{tmp}/runs/packed"], "SOURCE: empty; give a local path or s3://bucket/prefix"),
+    ("pack_data", ["{data}", " "], "DEST: empty; give a local path or s3://bucket/prefix"),
+    ("predict", ["--run", "", "--data", "{data}", "--out", "{tmp}/runs/p"], "--run: empty; give a finished run or a checkpoint directory"),
+    ("predict", ["--run", "{tmp}/run", "--data", "", "--out", "{tmp}/runs/p"], "--data: empty; give a local path or s3://bucket/prefix"),
+    ("export", ["", "--format", "onnx", "--out", "{tmp}/runs/m.onnx"], "RUN: empty; give a finished run or a checkpoint directory"),
+    ("analyze", [""], "experiment: empty; give a local path or s3://bucket/prefix"),
+    ("finetune", ["--config="], "--config: empty; give a run config YAML file, local or s3://"),
+])
+def test_an_empty_path_argument_is_refused_not_read_as_the_working_directory(job, argv, message, tmp_path, capsys, monkeypatch):
+    """pack_data '' DEST packed the folder it was started in (its bench/ and data/ folders became two classes)."""
+    import importlib
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=4)
+    monkeypatch.chdir(make_image_folder(tmp_path / "cwd", n_classes=2, per_class=4))  # would be read as the data
+    (tmp_path / "run").mkdir()
+    main = importlib.import_module(f"jobs.{job}").main
+    one_line_exit_2(main, [a.format(tmp=tmp_path, data=data) for a in argv], capsys, tmp_path, message)

@@ -56,6 +56,8 @@ class Location:
 
 
 def parse(root: str, endpoint_url: str | None = None, field: str = "storage.root") -> Location:
+    if not root.strip():  # "" resolves to the working directory: a job would read or write the folder it was started in
+        raise StorageError(f"{field}: empty; give a local path or s3://bucket/prefix")
     if root.startswith("s3://"):
         parts = urlsplit(root)
         bucket, prefix = parts.netloc, parts.path.strip("/")
