@@ -135,6 +135,9 @@ BAD = [
     ({"train": [1]}, "train: expected a section (key: value lines under it)"),  # "... or instance of TrainConfig"
     ({"scaling": {"resources_per_worker": 2}}, "scaling.resources_per_worker: expected key: value pairs (got 2)"),
     ({"data": {}}, "data.root: required key is missing"),
+    # "" is the working directory: a run read the folder it was started in as class folders, or wrote its checkpoints there
+    ({"data": {"root": ""}}, "data.root: empty; give a local path or s3://bucket/prefix (got '')"),
+    ({"storage": {"root": " "}}, "storage.root: empty; give a local path or s3://bucket/prefix (got ' ')"),
     ({"optim": {"nesterov": True, "name": "adam"}}, "nesterov: needs name: sgd"),
     ({"data": {"root": "/data", "label_column": "text"}}, "data: label_column: 'text' is text_column too; the labels must be in a column of their own"),
     ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1 (got 0)"),

@@ -108,8 +108,18 @@ class MonitorsAMetric(BaseModel):
 RECIPE_METRICS = {"supervised": METRIC_NAMES, "simclr": ("train/loss", "val/loss", "val/acc", "epoch")}
 
 
+def _a_location(value: str) -> str:
+    """A local path or s3:// URI, never empty: "" is the working directory, which a run would read or write."""
+    if not value.strip():
+        raise ValueError("empty; give a local path or s3://bucket/prefix")
+    return value
+
+
+PathOrUri = Annotated[str, AfterValidator(_a_location)]
+
+
 class DataConfig(Section):
-    root: str
+    root: PathOrUri
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     image_size: int = Field(224, ge=8, le=1024)  # left out: the image backbone's pretrained input size
     augment: bool = True
@@ -278,7 +288,7 @@ class CheckpointConfig(Section, MonitorsAMetric):
 
 
 class StorageConfig(Section):
-    root: str = "./runs"
+    root: PathOrUri = "./runs"
     endpoint_url: Optional[str] = None  # else AWS_ENDPOINT_URL, else AWS S3
 
     @field_validator("endpoint_url")
