@@ -120,6 +120,9 @@ class SearchConfig(Section, MonitorsAMetric):
                     raise ValueError(f"{key}: {kind} needs [lower, upper] with lower < upper (got {values})")
                 if kind == "loguniform" and values[0] <= 0:
                     raise ValueError(f"{key}: loguniform needs a positive lower bound (got {values[0]})")
+                if kind == "randint" and values[1] - values[0] <= 1:  # Tune's upper bound is excluded
+                    raise ValueError(f"{key}: randint {values} draws only {values[0]}, as its upper bound is excluded (as in "
+                                     f"Tune and range()); give [{values[0]}, {values[0] + 2}] for {values[0]} or {values[0] + 1}")
             elif not values:
                 raise ValueError(f"{key}: {kind} needs at least one value")
         return space

@@ -486,6 +486,9 @@ def test_a_space_entry_can_be_overridden_from_the_command_line(tmp_path):
 
 SWEEP_BAD_INPUTS = {
     "empty space": ({"space": {}}, "search.space: the search space is empty"),
+    "a randint of one value": ({"space": {"train.batch_size": {"randint": [8, 9]}}},
+                               "search.space: train.batch_size: randint [8, 9] draws only 8, as its upper bound is excluded "
+                               "(as in Tune and range()); give [8, 10] for 8 or 9"),
     "unknown key": ({"space": {"optim.learning_rate": {"choice": [0.1]}}},
                     "optim.learning_rate: not a config key (did you mean optim.lr?); allowed in optim: name, lr"),
     "grace beyond max_t": ({"scheduler": {"grace_period": 9}}, "search.scheduler: grace_period: 9 is more than max_t 6"),
