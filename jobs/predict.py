@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         inputs = image_paths(data)
         labelled_under = class_folders_root(inputs, data.path, description["classes"])
+        if labelled_under is None and (splits := split_folders(inputs, data.path, description["classes"])):
+            held_out = next((name for start in ("test", "val") for name in splits if name.lower().startswith(start)), splits[0])
+            log.warning("--data: the images under %s are in class folders one level down, so they are predicted but not "
+                        "scored; to score one split: --data %s/%s", ", ".join(f"{name}/" for name in splits),
+                        data.uri.rstrip("/"), held_out)
 
     import ray
 
@@ -292,6 +297,16 @@ def class_folders_root(paths: list[str], root: str, classes: list[str]) -> str |
     counted apart. None where no folder names a class (new, unlabelled images): no image has a label."""
     names = set(classes)
     return root if any(first_folder(path, root) in names for path in paths) else None
+
+
+def split_folders(paths: list[str], root: str, classes: list[str]) -> list[str]:
+    """The folders under `root` (DATA) whose own first folders name classes of the run: a dataset root's train/,
+    val/ and test/, given as DATA where one split of class folders was meant."""
+    names, found = set(classes), set()
+    for path in paths:
+        if (first := first_folder(path, root)) and first not in found and first_folder(path, f"{root.rstrip('/')}/{first}") in names:
+            found.add(first)
+    return sorted(found)
 
 
 def first_folder(path: str, root: str | None) -> str | None:

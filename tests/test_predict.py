@@ -190,6 +190,31 @@ def test_images_in_class_folders_are_labelled_by_them_and_a_folder_naming_no_cla
         "1 labelled with no class of the run, not scored: 'bird'")
 
 
+def test_a_dataset_root_given_as_data_names_its_splits_of_class_folders():
+    """--data ROOT (train/, val/, test/ of class folders) predicted every image and scored none, without a word."""
+    paths = ["/d/train/cat/1.jpg", "/d/train/dog/2.jpg", "/d/test/cat/3.jpg", "/d/test/bird/4.jpg", "/d/notes/a/5.jpg", "/d/6.jpg"]
+    assert predict.class_folders_root(paths, "/d", ["cat", "dog"]) is None
+    assert predict.split_folders(paths, "/d/", ["cat", "dog"]) == ["test", "train"]
+    assert predict.split_folders(["/d/2024/05/1.jpg"], "/d", ["cat", "dog"]) == []  # folders by date: new images
+
+
+def test_predict_warns_before_it_starts_when_data_is_a_dataset_root(finished_run, tmp_path, capsys, monkeypatch):
+    import jobs.runner
+
+    class Started(Exception):
+        pass
+
+    def started():
+        raise Started
+
+    run, data = finished_run  # data: train/ and val/ of class folders
+    monkeypatch.setattr(jobs.runner, "connect_ray", started)  # the warning comes before Ray starts; stop there
+    with pytest.raises(Started):
+        predict.main(["--run", str(run), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert (f"--data: the images under train/, val/ are in class folders one level down, so they are predicted but not "
+            f"scored; to score one split: --data {data}/val") in capsys.readouterr().err
+
+
 def test_labels_that_name_no_class_of_the_run_are_said_not_scored_as_zero():
     """A test table labelled 1-5 stars for a run on neg/pos read "accuracy 0.000, macro F1 0.000 over 0 texts"."""
     import pyarrow as pa
