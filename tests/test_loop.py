@@ -431,3 +431,6 @@ def test_balanced_class_weights_lift_a_rare_class_that_the_plain_loss_never_pred
             acc[how] = fit(cfg, LocalReporter(tmp_path / f"{how}{seed}"), checkpoints=False)[-1]["val/acc"]
         assert acc["none"] <= 0.55 and acc["balanced"] >= acc["none"] + 0.2, acc
     assert "class weights (balanced): a 0.542, b 6.5" in caplog.text
+    # the run with the plain loss says what would weigh the classes alike; the balanced one has no need to
+    hint = "data: the classes are unbalanced; train.class_weights: balanced weighs them alike in the training loss"
+    assert caplog.text.count(hint) == 2  # one run of each seed

@@ -75,18 +75,24 @@ IMBALANCED = 3  # the commonest training class this many times the rarest: said 
 
 
 def imbalance(classes: list[str], train_counts: list[int], unit: str) -> str:
-    """"; unbalanced: ..." naming the rarest and commonest training classes (`train_counts` in label order; a class
-    with none is not counted) where they differ IMBALANCED times or more, which `train.class_weights: balanced` weighs
-    alike; "" otherwise."""
+    """"; unbalanced: ..." naming the rarest and commonest training classes where they differ IMBALANCED times or
+    more (`unbalanced`); "" otherwise."""
+    if (pair := unbalanced(train_counts)) is None:
+        return ""
+    rare, common = pair
+    one = unit[:-1] if train_counts[rare] == 1 else unit
+    return (f"; unbalanced: {train_counts[rare]} train {one} of {_short(classes[rare])} against {train_counts[common]} of "
+            f"{_short(classes[common])}")
+
+
+def unbalanced(train_counts: list[int]) -> tuple[int, int] | None:
+    """The labels of the rarest and commonest training classes (`train_counts` in label order; a class with none is
+    not counted) where the commonest has IMBALANCED times the rarest's samples or more; None otherwise."""
     counts = {label: n for label, n in enumerate(train_counts) if n}
     if len(counts) < 2:
-        return ""
+        return None
     rare, common = (f(counts, key=lambda label: (counts[label], label)) for f in (min, max))
-    if counts[common] < IMBALANCED * counts[rare]:
-        return ""
-    one = unit[:-1] if counts[rare] == 1 else unit
-    return (f"; unbalanced: {counts[rare]} train {one} of {_short(classes[rare])} against {counts[common]} of "
-            f"{_short(classes[common])} (train.class_weights: balanced weighs the classes alike)")
+    return (rare, common) if counts[common] >= IMBALANCED * counts[rare] else None
 
 
 def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:

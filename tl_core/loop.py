@@ -17,6 +17,7 @@ from torch import nn
 from tl_core.batches import TaskData, move_to
 from tl_core.checkpoint import Checkpoint
 from tl_core.config import RunConfig
+from tl_core.data import unbalanced
 from tl_core.distributed import broadcast_buffers, get_rank, get_world_size, log_rank0, wrap_ddp
 from tl_core.features import probe_features
 from tl_core.metrics import ClassificationMeter
@@ -99,6 +100,8 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     weight = class_weights(cfg.train.class_weights, data.train_counts, device)
     if weight is not None:
         log_rank0("class weights (balanced): %s", _named(data.classes, weight))
+    elif unbalanced(data.train_counts):
+        log_rank0("data: the classes are unbalanced; train.class_weights: balanced weighs them alike in the training loss")
     step = classification_step(nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing))
     # What the loop runs: the model on `data`, or a linear probe's head on the backbone's features computed once.
     trained = model
