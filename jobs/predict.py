@@ -205,17 +205,19 @@ def score(table: pa.Table, classes: list[str], checkpoint: str) -> dict:
     name no class of the run counted apart; unreadable inputs are not scored."""
     from collections import Counter
 
-    from tl_core.metrics import confusion_scores
+    from tl_core.metrics import confusion_matrix, confusion_scores
 
     index = {name: i for i, name in enumerate(classes)}
-    confusion, unknown = torch.zeros(len(classes), len(classes), dtype=torch.int64), Counter()
+    known, unknown = [], Counter()
     for label, predicted, error in zip(*(table.column(c).to_pylist() for c in ("label", "predicted", "error")), strict=True):
         if label is None or error is not None:
             continue
         if label not in index:
             unknown[label] += 1
             continue
-        confusion[index[label], index[predicted]] += 1
+        known.append((index[label], index[predicted]))
+    labels, preds = torch.tensor(known, dtype=torch.int64).reshape(-1, 2).unbind(1)
+    confusion = confusion_matrix(labels, preds, len(classes))
     return {"checkpoint": checkpoint, "classes": classes, **confusion_scores(confusion), "unknown_labels": dict(unknown)}
 
 

@@ -18,9 +18,7 @@ class ClassificationMeter:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float) -> None:
         logits, labels = logits.detach().float().cpu(), labels.cpu()
-        preds = logits.argmax(dim=1)
-        self.confusion += torch.bincount(labels * self.num_classes + preds, minlength=self.num_classes ** 2).view(
-            self.num_classes, self.num_classes)
+        self.confusion += confusion_matrix(labels, logits.argmax(dim=1), self.num_classes)
         k = min(5, self.num_classes)
         hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
         self.totals += torch.tensor([float(loss_sum), float(hits)], dtype=torch.float64)
@@ -34,6 +32,11 @@ class ClassificationMeter:
     def compute(self) -> dict:
         n = max(self.confusion.sum().item(), 1)
         return {"loss": self.totals[0].item() / n, "acc5": self.totals[1].item() / n, **confusion_scores(self.confusion)}
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The counts of (true class, predicted class) pairs: rows true, columns predicted."""
+    return torch.bincount(labels * num_classes + preds, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
 def confusion_scores(confusion: torch.Tensor) -> dict:
