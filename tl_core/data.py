@@ -6,6 +6,7 @@ folders directly (then a stratified, seeded split makes the validation set).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -56,9 +57,10 @@ class DatasetIndex:
             f"{imbalance(self.classes, self.train_counts, self.unit)}"
         )
 
-    @property
+    @functools.cached_property
     def train_counts(self) -> list[int]:
-        """Training samples of each class, in label order."""
+        """Training samples of each class, in label order (counted once: the summary, the loss weights and a linear
+        probe's features ask)."""
         counts = Counter(label for _, label in self.train)
         return [counts[label] for label in range(len(self.classes))]
 
