@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     storage.check_creatable(dest, "DEST")
     shard_bytes = int(args.shard_mb * 2**20)
     tables = list_tables(source)
-    if tables and args.label_column == args.text_column:  # each text would be its own class
-        raise DataError(f"--label-column: {args.label_column!r} is --text-column too; the labels must be in a column of their own")
     if tables:
+        if args.label_column == args.text_column:  # each text would be its own class
+            raise DataError(f"--label-column: {args.label_column!r} is --text-column too; the labels must be in a column of their own")
         manifest = pack_text(source, dest, tables, args.val_fraction, args.seed, shard_bytes, (args.text_column, args.label_column))
     else:
         manifest = pack(source, dest, args.val_fraction, args.seed, shard_bytes)
