@@ -306,7 +306,7 @@ def tiny_timm_weights(path):
 
 
 def test_a_hugging_face_model_folder_is_a_source_locally_and_on_s3(tmp_path, s3):
-    """What `huggingface-cli download timm/... --local-dir DIR` leaves (model.safetensors beside config.json) loads as
+    """What `hf download timm/... --local-dir DIR` leaves (model.safetensors beside config.json) loads as
     its weights file; on S3 that one object is fetched, not the folder."""
     from cluster import storage
     from jobs.staging import fetch_weights
@@ -363,7 +363,8 @@ def test_torchvision_weights_download_once_into_torch_hubs_cache_and_a_bad_hash_
         assert hub.download() == hub.cached()  # the second time from the cache
         assert server.gets[f"/models/{good}"] == 1
         with pytest.raises(ConfigError, match=r"cannot download imagenet for resnet18 \(.*hash.*\); without network, place "
-                                              r"resnet18-deadbeef\.pth in the torch hub cache .*/hub/checkpoints"):
+                                              r"resnet18-deadbeef\.pth \(from http://127\.0\.0\.1:\d+/models/resnet18-deadbeef\.pth\) in the "
+                                              r"torch hub cache .*/hub/checkpoints"):
             HubWeights("resnet18", "imagenet", url=f"{server.url}/models/resnet18-deadbeef.pth").download()
     finally:
         server.stop()
@@ -392,7 +393,8 @@ def test_timm_weights_download_once_from_the_hugging_face_hub_cache(tmp_path):
 
 @pytest.mark.parametrize("weights,message", [
     ("r160_in1k", r"model\.weights: cannot download r160_in1k for timm:test_resnet \(.*Connection refused\); without network, "
-                  r"place model\.safetensors in the Hugging Face hub cache {hf}/hub or give a state-dict path"),
+                  r"fill the Hugging Face hub cache {hf}/hub with timm/test_resnet\.r160_in1k's model\.safetensors \(hf download "
+                  r"timm/test_resnet\.r160_in1k model\.safetensors, where there is network\) or give a state-dict path"),
 ])
 def test_hub_weights_without_network_are_one_line_exit_2_naming_the_cache(tmp_path, weights, message):
     from helpers import write_config

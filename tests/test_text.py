@@ -448,7 +448,7 @@ def test_a_hub_text_model_without_network_is_one_line_exit_2_naming_the_cache(tm
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.backbone: cannot download acme/minilm from the Hugging Face hub (" in lines[0], run.stderr
-    assert f"place it in the hub cache {tmp_path / 'hf' / 'hub'}" in lines[0]
+    assert f"fill the hub cache {tmp_path / 'hf' / 'hub'} with it (hf download acme/minilm, where there is network)" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 

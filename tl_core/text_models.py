@@ -153,7 +153,8 @@ class HubModel:
             hf_download_first(self.repo, HF_WEIGHT_FILES)
         except Exception as exc:  # noqa: BLE001 - no network, a refused connection, a server error, a missing file
             raise ConfigError(f"model.backbone: cannot download {self.repo} from the Hugging Face hub ({download_failure(exc)}); "
-                              f"without network, place it in the hub cache {self.cache_dir()} or give a local directory") from None
+                              f"without network, fill the hub cache {self.cache_dir()} with it (hf download {self.repo}, where there is "
+                              f"network) or give a local directory") from None
         logger.info("model: downloaded %s into %s", self.repo, directory)
         return directory
 

@@ -200,6 +200,15 @@ class HubWeights:
             return f"huggingface/{self.hf_repo}/{self.hf_revision or 'main'}"
         return f"torchvision/{Path(self.file_name).stem}"
 
+    @property
+    def fill_hint(self) -> str:
+        """How to fill the cache on a machine without network: which file, from where, into which directory."""
+        if not self.hf_repo:
+            return f"place {self.file_name} (from {self.url}) in the {self.library} cache {self.cache_dir}"
+        revision = f" --revision {self.hf_revision}" if self.hf_revision else ""
+        return (f"fill the {self.library} cache {self.cache_dir} with {self.hf_repo}'s {self.file_name} "
+                f"(hf download {self.hf_repo} {self.file_name}{revision}, where there is network)")
+
     def cached(self) -> Path | None:
         """The file in the library's cache, or None."""
         if not self.hf_repo:
@@ -223,7 +232,7 @@ class HubWeights:
         except Exception as exc:  # noqa: BLE001 - no network, a refused connection, a server error, a bad hash
             raise ConfigError(
                 f"model.weights: cannot download {self.name} for {self.backbone} ({download_failure(exc)}); without network, "
-                f"place {self.file_name} in the {self.library} cache {self.cache_dir} or give a state-dict path"
+                f"{self.fill_hint} or give a state-dict path"
                 f"{''.join(f' (or {short}, shipped offline)' for short, (b, *_) in OFFLINE_WEIGHTS.items() if b == self.backbone)}"
             ) from None
         logger.info("weights: downloaded %s for %s into %s (%.1f MB)", self.name, self.backbone, path, path.stat().st_size / 1e6)
@@ -364,7 +373,7 @@ def _read_local_weights(path: Path, source: str) -> SourceWeights:
 
 
 def hugging_face_weights_file(folder: Path) -> Path | None:
-    """The weights of a Hugging Face model folder (`huggingface-cli download timm/resnet50.a1_in1k --local-dir DIR`):
+    """The weights of a Hugging Face model folder (`hf download timm/resnet50.a1_in1k --local-dir DIR`):
     its model.safetensors, else its pytorch_model.bin; None when it has neither."""
     return next((folder / name for name in (HF_SAFE_FILE, HF_TORCH_FILE) if (folder / name).is_file()), None)
 
