@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tl-export-") as tmp:
         written = export(model, description, args.format, Path(tmp) / "model", out.uri.rsplit("/", 1)[-1])
         publish(written, out)
-    print(f"{out.uri}: {args.format} of {description['source']['checkpoint']} "
-          f"({description['source']['metrics'].get('val/acc', float('nan')):.4f} val/acc), described in {out.uri}.json")
+    metric = description["config"]["checkpoint"]["metric"]  # what the run chose its best checkpoint by
+    value = description["source"]["metrics"].get(metric)
+    score = f" ({value:.4f} {metric})" if value is not None else ""
+    print(f"{out.uri}: {args.format} of {description['source']['checkpoint']}{score}, described in {out.uri}.json")
     return 0
 
 

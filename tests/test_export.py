@@ -23,7 +23,8 @@ def finished_run(root, backbone: str, image_size: int, per_class: int):
     directory (result.json naming its checkpoint), and its images."""
     data = make_image_folder(root / "data", n_classes=3, per_class=per_class, size=image_size + image_size // 4)
     cfg = from_dict({"experiment": "exp", "data": {"root": str(data), "image_size": image_size, "loader_workers": 0},
-                     "model": {"backbone": backbone}, "train": {"epochs": 1, "batch_size": 8}, "optim": {"name": "adam", "lr": 1e-3}})
+                     "model": {"backbone": backbone}, "train": {"epochs": 1, "batch_size": 8}, "optim": {"name": "adam", "lr": 1e-3},
+                     "checkpoint": {"metric": "val/f1", "mode": "max"}})
     reporter = LocalReporter(root / "run")
     fit(cfg, reporter)
     (root / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(reporter.latest)}))
@@ -149,7 +150,8 @@ def test_export_to_s3(image_run, s3, tmp_path, capsys):
                         "--out", str(tmp_path / "model.safetensors")]) == 0
     source = json.loads((tmp_path / "model.safetensors.json").read_text())["source"]["checkpoint"]
     assert source == "s3://tl-test/export-source/checkpoint_epoch_0001"
-    assert f"safetensors of {source} (" in capsys.readouterr().out
+    f1 = load_model_state(best)[1]["metrics"]["val/f1"]
+    assert f"safetensors of {source} ({f1:.4f} val/f1), described in" in capsys.readouterr().out  # the metric it was kept by
 
 
 def test_an_s3_run_that_is_no_run_is_refused_before_anything_is_copied(s3, tmp_path, capsys, monkeypatch):
