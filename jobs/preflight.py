@@ -99,12 +99,13 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
 
 def warn_unread_data(cfg: RunConfig, text: bool) -> None:
     """Name the data `data.root` holds beside the splits a run reads (a test split), with the command that scores
-    a finished run on it where jobs.predict reads it (a text model a table, an image model a folder)."""
+    a finished run on it where jobs.predict reads it (a text model a table, an image model a folder) and the run
+    has a classifier to score (a SimCLR pretraining has none)."""
     beside = unread_beside(storage.top_level_names(storage.parse(cfg.data.root, cfg.storage.endpoint_url, "data.root"), "data.root"))
     if not beside:
         return
     line = f"data: a run trains on train and validates on val, and does not read {', '.join(beside)} beside them"
-    if scorable := [name for name in beside if name.endswith("/") != text]:
+    if cfg.pretrain.method == "supervised" and (scorable := [name for name in beside if name.endswith("/") != text]):
         test = next((name for name in scorable if name.lower().startswith("test")), scorable[0])
         line += (f"; to score a finished run on held-out data: python -m jobs.predict --run RUN --data "
                  f"{cfg.data.root.rstrip('/')}/{test.rstrip('/')} --out DEST")

@@ -630,7 +630,9 @@ def test_a_tilde_path_of_no_user_is_read_as_the_shell_reads_it_not_a_traceback(i
 
 
 def test_a_test_split_beside_train_and_val_is_named_as_unread_with_the_command_that_scores_it(tmp_path, caplog):
-    """A test/ folder (or test.csv) beside train and val was silently never read: a user could think the run scored it."""
+    """A test/ folder (or test.csv) beside train and val was silently never read: a user could think the run scored it.
+    The command that scores it is offered only where jobs.predict can: not to a SimCLR pretraining, which has no
+    classifier."""
     from test_text import MINILM, sentiment_rows, write_csv
 
     from jobs.preflight import check_run
@@ -652,6 +654,8 @@ def test_a_test_split_beside_train_and_val_is_named_as_unread_with_the_command_t
             (text, {"model": {"backbone": MINILM, "weights": "pretrained"}},
              f"a run trains on train and validates on val, and does not read test.csv beside them; to score a finished run "
              f"on held-out data: python -m jobs.predict --run RUN --data {text}/test.csv --out DEST"),
+            (images, {"pretrain": {"method": "simclr"}},  # no classifier to score: no predict command
+             "a run trains on train and validates on val, and does not read holdout/, test/ beside them"),
             (flat, {}, None),
             (notes, {"model": {"backbone": MINILM, "weights": "pretrained"}},
              "a run trains on train and validates on val, and does not read raw/ beside them")]
