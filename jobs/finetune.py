@@ -8,7 +8,7 @@ from __future__ import annotations
 from jobs.claim import claimed
 from jobs.cli import guarded, parse_args, run_module
 from jobs.preflight import load_and_check
-from jobs.results import write_result
+from jobs.results import run_summary, write_result
 from jobs.runner import run_trainer
 from tl_core.errors import ConfigError
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"pretrain.method: {cfg.pretrain.method} is a pretraining method; run it with python -m jobs.pretrain")
     with claimed(cfg):
         result = write_result(cfg, run_trainer(cfg, recipe="supervised"))
-    print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']} "
+    print(f"{cfg.experiment}: {run_summary(result)} "
           f"-> {result['best_checkpoint']}")
     return 0
 

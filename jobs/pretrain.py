@@ -12,7 +12,7 @@ from __future__ import annotations
 from jobs.claim import claimed
 from jobs.cli import guarded, parse_args, run_module
 from jobs.preflight import load_and_check
-from jobs.results import write_result
+from jobs.results import run_summary, write_result
 from jobs.runner import run_trainer
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_and_check(args)
     with claimed(cfg):
         result = write_result(cfg, run_trainer(cfg, recipe=cfg.pretrain.method))
-    print(f"{cfg.experiment}: {result['epochs_completed']} epochs, best {result['best_metric']}; "
+    print(f"{cfg.experiment}: {run_summary(result)}; "
           f"fine-tune from it with model.weights={result['best_checkpoint']}")
     return 0
 

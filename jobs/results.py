@@ -37,6 +37,14 @@ def write_result(cfg: RunConfig, result) -> dict:
     return summary
 
 
+def run_summary(result: dict) -> str:
+    """A finished run's result.json in words for its last line: "3 epochs, best val/f1 0.8125 at epoch 2"."""
+    best = dict(result["best_metric"])
+    epoch, epochs = best.pop("epoch"), result["epochs_completed"]
+    return (f"{epochs} epoch{'' if epochs == 1 else 's'}, "
+            + ", ".join(f"best {name} {value:.4f}" for name, value in best.items()) + f" at epoch {epoch}")
+
+
 def read_meta(checkpoint) -> dict:
     """meta.json of a Ray checkpoint, read where it lies (local or S3) without downloading the weights."""
     return read_meta_at(checkpoint.filesystem, checkpoint.path)

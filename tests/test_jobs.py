@@ -98,12 +98,23 @@ def test_an_elastic_run_starts_with_the_workers_that_fit(ray_cluster, image_fold
     assert result["config"]["scaling"]["num_workers"] == {"min": 1, "max": 4}
 
 
+def test_a_finished_run_is_summed_up_in_words_rounded():
+    from jobs.results import run_summary
+
+    assert run_summary({"epochs_completed": 3, "best_metric": {"val/f1": 0.8124999403953552, "epoch": 2}}) == \
+        "3 epochs, best val/f1 0.8125 at epoch 2"
+    assert run_summary({"epochs_completed": 1, "best_metric": {"val/loss": 0.5, "epoch": 1}}) == "1 epoch, best val/loss 0.5000 at epoch 1"
+
+
 @pytest.mark.integration
-def test_pretrain_run_is_a_source_for_finetune(ray_cluster, tmp_path, caplog):
+def test_pretrain_run_is_a_source_for_finetune(ray_cluster, tmp_path, caplog, capsys):
     source = make_image_folder(tmp_path / "source", n_classes=2, per_class=8, seed=1)
     target = make_image_folder(tmp_path / "target", n_classes=3, per_class=8, seed=2)
     pre = write_config(tmp_path, source, "pre.yaml", experiment="pre", train={"epochs": 1}, scaling={"num_workers": 1})
     assert pretrain.main(["--config", str(pre)]) == 0
+    best = json.loads((tmp_path / "runs" / "pre" / "result.json").read_text())["best_metric"]["val/acc"]
+    assert capsys.readouterr().out.splitlines()[-1] == (f"pre: 1 epoch, best val/acc {best:.4f} at epoch 1; fine-tune from it with "
+                                                        f"model.weights={tmp_path / 'runs' / 'pre' / 'checkpoint_epoch_0001'}")
     ft = write_config(tmp_path, target, "ft.yaml", experiment="ft", train={"epochs": 1}, scaling={"num_workers": 1},
                       model={"weights": str(tmp_path / "runs" / "pre")})
     caplog.set_level("INFO", logger="tl_core")
