@@ -39,6 +39,21 @@ def test_fit_learns_and_checkpoints_every_epoch(image_folder, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt.model_state)
 
 
+def test_the_epoch_line_leaves_out_top5_accuracy_where_it_is_1_by_definition(tmp_path, caplog):
+    """With five classes or fewer every label is in the top 5: "val/acc5 1" on every line of the demo said nothing.
+    The metric is still reported (a sweep or early stopping may name it); only the line leaves it out."""
+    from helpers import make_image_folder
+
+    for n_classes, shown in ((5, False), (6, True)):
+        data = make_image_folder(tmp_path / f"data{n_classes}", n_classes=n_classes, per_class=4)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tl_core"):
+            history = fit(config(data, train={"epochs": 1}), LocalReporter(tmp_path / f"run{n_classes}"), checkpoints=False)
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1 "))
+        assert "val/acc " in line and ("val/acc5 " in line) == shown, line
+        assert METRICS <= set(history[-1])
+
+
 def test_checkpoint_every_n_epochs_and_always_the_last_and_an_early_stop(image_folder, tmp_path):
     reporter = LocalReporter(tmp_path / "run")
     fit(config(image_folder, train={"epochs": 5}, checkpoint={"every": 2}), reporter)

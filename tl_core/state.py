@@ -26,6 +26,7 @@ from tl_core.checkpoint import Checkpoint, Mirror, load_checkpoint, save_checkpo
 from tl_core.config import EarlyStoppingConfig, RunConfig
 from tl_core.distributed import all_reduce_sum, get_rank, is_main_process, log_rank0, unwrap
 from tl_core.errors import ConfigError, TrainingDiverged
+from tl_core.metrics import uninformative
 from tl_core.models import checkpoint_files
 from tl_core.optim import build_optimizer, build_scheduler, l1_penalty
 
@@ -278,8 +279,9 @@ class TrainingState:
         watched = self.cfg.train.early_stopping.metric
         if watched in metrics:  # a val/ metric is measured at validated epochs only (train.val_every)
             self.stopped_early = self.stopper.step(metrics[watched], counts=last_phase)
-        log_rank0("epoch %d/%d  %s", epoch + 1, self.cfg.train.epochs,
-                  "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        n_classes = len(meta["classes"] or ())
+        log_rank0("epoch %d/%d  %s", epoch + 1, self.cfg.train.epochs, "  ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch" and not uninformative(k, n_classes)))
         due = self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs or self.stopped_early
         if checkpoint and due and is_main_process():
             with staging_dir() as tmp:
