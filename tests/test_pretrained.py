@@ -445,6 +445,16 @@ def test_hub_weights_that_do_not_fit_the_backbone_are_one_line(patch, message):
         hub_weights(patch["backbone"], patch["weights"])
 
 
+@pytest.mark.parametrize("written", ["ImageNet", "IMAGENET", " imagenet"])
+def test_imagenet_is_meant_in_any_case(written):
+    """`weights: ImageNet` was taken for a file that does not exist, and `IMAGENET` for a torchvision enum name."""
+    from tl_core.config import ModelConfig
+    from tl_core.weights import hub_weights
+
+    cfg = ModelConfig(backbone="timm:resnet18", weights=written)
+    assert cfg.weights == "imagenet" and hub_weights(cfg.backbone, cfg.weights).hf_repo == "timm/resnet18.a1_in1k"
+
+
 @pytest.mark.parametrize("backbone,weights,repo", [
     ("timm:resnet18", "imagenet", "timm/resnet18.a1_in1k"),  # timm's default tag
     ("timm:resnet18.tv_in1k", "imagenet", "timm/resnet18.tv_in1k"),  # the tag the backbone names: it was resnet18.tv_in1k.tv_in1k

@@ -159,6 +159,11 @@ class ModelConfig(Section):
 
         return check_backbone(name)
 
+    @field_validator("weights")
+    @classmethod
+    def _imagenet_in_any_case(cls, name: str | None) -> str | None:
+        return "imagenet" if name is not None and name.strip().lower() == "imagenet" else name  # "ImageNet" means it too
+
 
 def _registered(registry: str):
     """A validator: the value must be a key of `tl_core.optim.<registry>` (imported when a config is validated)."""
