@@ -447,12 +447,15 @@ def test_hub_weights_that_do_not_fit_the_backbone_are_one_line(patch, message):
 
 @pytest.mark.parametrize("written", ["ImageNet", "IMAGENET", " imagenet"])
 def test_imagenet_is_meant_in_any_case(written):
-    """`weights: ImageNet` was taken for a file that does not exist, and `IMAGENET` for a torchvision enum name."""
+    """`weights: ImageNet` was taken for a file that does not exist, and `IMAGENET` for a torchvision enum name;
+    a text encoder's `Pretrained` likewise."""
     from tl_core.config import ModelConfig
     from tl_core.weights import hub_weights
 
     cfg = ModelConfig(backbone="timm:resnet18", weights=written)
     assert cfg.weights == "imagenet" and hub_weights(cfg.backbone, cfg.weights).hf_repo == "timm/resnet18.a1_in1k"
+    assert ModelConfig(backbone="hf:all-MiniLM-L6-v2", weights=written.replace("ImageNet", "Pretrained").replace(
+        "IMAGENET", "PRETRAINED").replace("imagenet", "pretrained")).weights == "pretrained"
 
 
 @pytest.mark.parametrize("backbone,weights,repo", [

@@ -161,8 +161,10 @@ class ModelConfig(Section):
 
     @field_validator("weights")
     @classmethod
-    def _imagenet_in_any_case(cls, name: str | None) -> str | None:
-        return "imagenet" if name is not None and name.strip().lower() == "imagenet" else name  # "ImageNet" means it too
+    def _keywords_in_any_case(cls, name: str | None) -> str | None:
+        """`ImageNet` means `imagenet`, `Pretrained` (a text encoder's own weights) `pretrained`."""
+        keyword = name.strip().lower() if name is not None else None
+        return keyword if keyword in ("imagenet", "pretrained") else name
 
 
 def _registered(registry: str):
