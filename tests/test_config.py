@@ -132,7 +132,11 @@ BAD = [
     ({"train": {"early_stopping": {"metric": "acc"}}}, "train.early_stopping.metric: unknown metric"),
     ({"experiment": "../escape"}, "experiment: expected letters, digits, '.', '_' and '-', beginning with a letter or digit "
                                   "(got '../escape')"),
-    ({"train": [1]}, "train: expected a section (key: value lines under it)"),  # "... or instance of TrainConfig"
+    ({"train": [1]}, "train: expected a section (key: value lines under it) (got a list)"),  # "... or instance of TrainConfig"
+    # a list or section says its kind, not its contents; `--set model.backbone=timm:` reads as a key with no value
+    ({"model": {"backbone": None}}, "model.backbone: expected text (got no value)"),
+    ({"model": {"backbone": {"timm": None}}}, "model.backbone: expected text (got key: value pairs; quote a value that ends in ':')"),
+    ({"optim": {"betas": {"a": 1}}}, "optim.betas: expected a list of 2 numbers, e.g. [0.9, 0.999] (got key: value pairs)"),
     ({"scaling": {"resources_per_worker": 2}}, "scaling.resources_per_worker: expected key: value pairs (got 2)"),
     ({"data": {}}, "data.root: required key is missing"),
     # "" is the working directory: a run read the folder it was started in as class folders, or wrote its checkpoints there

@@ -495,6 +495,7 @@ def _deep_copy(value: Any) -> Any:
 _NEVER_SHOWN = {"storage.endpoint_url"}  # a URL may carry user info; the message names the field only
 #: pydantic's words where they are Python's, not the config's ("a valid dictionary or instance of TrainConfig")
 _PLAIN = {"model_type": "expected a section (key: value lines under it)", "dict_type": "expected key: value pairs",
+          "string_type": "expected text",
           "string_pattern_mismatch": "expected letters, digits, '.', '_' and '-', beginning with a letter or digit"}
 
 
@@ -509,10 +510,20 @@ def describe(exc: ValidationError, model: type[BaseModel] | None = None, prefix:
     msg = _PLAIN.get(err["type"], err["msg"].removeprefix("Value error, "))
     if not err["loc"]:  # a check across sections names its own keys
         return prefix + msg
-    got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None or loc in _NEVER_SHOWN else f" (got {got!r})"
+    shown = "" if loc in _NEVER_SHOWN else _got(err.get("input"))
     more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{loc}: {msg}{shown}{more}"
+
+
+def _got(value: Any) -> str:
+    """What a key was given, in a few words: a scalar itself, a section or a list by its kind (they can be long)."""
+    if value is None:
+        return " (got no value)"
+    if isinstance(value, dict):  # `--set model.backbone=timm:` is read as YAML reads it: a key with no value
+        return " (got key: value pairs" + ("; quote a value that ends in ':')" if None in value.values() else ")")
+    if isinstance(value, list):
+        return " (got a list)"
+    return f" (got {value!r})"
 
 
 def _allowed_keys(loc: tuple, model: Any, prefix: str = "") -> str:
