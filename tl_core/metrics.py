@@ -6,7 +6,6 @@ import torch
 
 from tl_core.distributed import all_reduce_sum
 
-
 TOP_K = 5  # val/acc5
 
 
