@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, named as it is run (`python -m bench.NAME`), described by its docstring's first
+    line. Numbers of things (steps, seeds, trials) take jobs.cli's `count`: 0 or less is a usage error, exit 2."""
+    return argparse.ArgumentParser(f"python -m {module}", description=doc.splitlines()[0])
 
 
 def digits_source(root: str | Path = "data/digits") -> Path:

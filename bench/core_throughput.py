@@ -8,7 +8,6 @@ alternate so that drift in machine speed hits both. Target: ratio (core / minima
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -16,7 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from bench.common import digits_source, write_result
+from bench.common import argument_parser, digits_source, write_result
+from jobs.cli import count
 from tl_core.config import from_dict
 from tl_core.data import build_loaders, build_transforms, index_image_folder
 from tl_core.loop import classification_step
@@ -37,9 +37,9 @@ def minimal_epoch(model, loader, optimizer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6, help="timed epochs per loop (fewer are too noisy on 2 shared cores)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--epochs", type=count, default=6, help="timed epochs per loop (fewer are too noisy on 2 shared cores)")
+    parser.add_argument("--batch-size", type=count, default=64)
     args = parser.parse_args(argv)
 
     cfg = from_dict({"experiment": "bench", "data": {"root": str(digits_source()), "image_size": 32, "loader_workers": 0, "hflip": False},

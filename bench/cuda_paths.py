@@ -25,7 +25,6 @@ fine-tune's) and train no faster once done (1.5 s an epoch, 1.3-1.6 s without it
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,7 +41,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from bench.common import write_result
+from bench.common import argument_parser, write_result
 from tl_core import distributed
 from tl_core.batches import move_to
 from tl_core.config import from_dict
@@ -254,7 +253,7 @@ def recipe_checks(root: str, batch: int, workers: int, epochs: int) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
     parser.add_argument("--out", help="also write the JSON here (a folder)")
     args = parser.parse_args(argv)

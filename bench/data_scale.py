@@ -26,7 +26,6 @@ least 0.9x the bare limit; the folder path's second run no longer pays a decode 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -37,7 +36,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, argument_parser, write_result
+from jobs.cli import count
 
 BUCKET = "tl-bench-data"
 CLASSES = 10
@@ -167,11 +167,11 @@ def _bare_pass(root: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--folder-up-to", type=int, default=None, help="run the folder path only for sizes up to this")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of the packed path per size and worker count (the best "
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--sizes", type=count, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--workers", type=count, nargs="+", default=[1, 2])
+    parser.add_argument("--folder-up-to", type=count, default=None, help="run the folder path only for sizes up to this")
+    parser.add_argument("--repeats", type=count, default=2, help="runs of the packed path per size and worker count (the best "
                                                                     "rate counts, as for the bare loop)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

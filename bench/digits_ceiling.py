@@ -17,7 +17,6 @@ images; choices made on the 120 tuning images), at 1 and 3 labels per class, ove
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -27,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.common import write_result
+from bench.common import argument_parser, write_result
 from bench.transfer import LITE0
 from bench.transfer_data import SPLITS, parts, write_target
+from jobs.cli import count
 
 LABELS = (1, 3)
 #: (resnet18 stages kept, grid of the head's average pool, epochs): whole at the study's cap and at 60, then cut ones
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     from tl_core.config import ModelConfig
     from tl_core.models import build_model, normalization
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=5)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--draws", type=count, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     splits = digit_splits()

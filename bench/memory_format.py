@@ -11,13 +11,13 @@ other by more than 3% (the two are within noise where neither wins).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from bench.common import write_result
+from bench.common import argument_parser, write_result
+from jobs.cli import count
 from tl_core.config import ModelConfig
 from tl_core.models import build_model
 from tl_core.state import memory_format_for
@@ -45,10 +45,10 @@ def step_seconds(model: torch.nn.Module, layout: torch.memory_format, size: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per layout and round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two layouts")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--steps", type=count, default=4, help="timed steps per layout and round")
+    parser.add_argument("--rounds", type=count, default=2, help="alternations of the two layouts")
+    parser.add_argument("--batch-size", type=count, default=16)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []

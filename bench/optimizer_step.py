@@ -8,13 +8,13 @@ seconds per `step()`. Target: fused / looped <= 0.5 for AdamW on ResNet-18, the 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from bench.common import write_result
+from bench.common import argument_parser, write_result
+from jobs.cli import count
 from tl_core.config import ModelConfig, OptimConfig
 from tl_core.models import build_model
 from tl_core.optim import OPTIMIZERS, build_optimizer
@@ -33,8 +33,8 @@ def seconds_per_step(optimizer: torch.optim.Optimizer, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--steps", type=count, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {}

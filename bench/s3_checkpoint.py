@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -26,9 +25,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from bench.common import write_result
+from bench.common import argument_parser, write_result
 from cluster import storage
 from cluster.local.s3_server import s3_server
+from jobs.cli import count
 from tl_core.checkpoint import load_checkpoint, save_checkpoint
 
 BUCKET = "tl-bench"
@@ -81,8 +81,8 @@ def time_restore(n: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--repeats", type=count, default=3)
     parser.add_argument("--skip-resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

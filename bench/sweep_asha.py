@@ -20,14 +20,14 @@ searchers compare on the same task and budget.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, digits_source, write_result
+from bench.common import RESULTS, argument_parser, digits_source, write_result
 from jobs.analyze import summarize
+from jobs.cli import count
 from jobs.sweep import run_sweep
 from jobs.sweep_config import SearchConfig
 from tl_core.checkpoint import LocalReporter
@@ -126,9 +126,9 @@ def plot(sweeps: dict[str, dict], samples: int, max_t: int, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=24)
-    parser.add_argument("--max-t", type=int, default=9)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--samples", type=count, default=24)
+    parser.add_argument("--max-t", type=count, default=9)
     parser.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
     parser.add_argument("--name", default="sweep_asha", help="write bench/results/NAME.json and NAME.png")
     args = parser.parse_args(argv)

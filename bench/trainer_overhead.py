@@ -11,7 +11,6 @@ competes for the 2 cores here). Target: ratio (trainer / core) <= 1.10.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import statistics
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import digits_source, write_result
+from bench.common import argument_parser, digits_source, write_result
+from jobs.cli import count
 from tl_core.config import from_dict, with_overrides
 from tl_core.loop import fit
 
@@ -32,8 +32,8 @@ def steady_epoch(timestamps: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser = argument_parser(__spec__.name, __doc__)
+    parser.add_argument("--epochs", type=count, default=5)
     parser.add_argument("--loader-workers", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -38,8 +38,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import RESULTS
+from bench.common import RESULTS, argument_parser
 from bench.transfer_data import SPLITS, TEXT_TARGETS, write_split, write_target
+from jobs.cli import count, positive_number
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLE_START, TABLE_END = "<!-- transfer-table -->", "<!-- /transfer-table -->"
@@ -188,11 +189,15 @@ def pretrain_source(method: str, out: Path) -> str:
         cfg["train"] = {"epochs": 15, "batch_size": 128, "seed": 0}
         cfg["optim"].update(lr=0.3, weight_decay=1.0e-6)
     recipe = "simclr" if method == "simclr" else "supervised"
-    reporter = LocalReporter(out / f"run-{method}")
+    run = out / f"run-{method}"
+    if run.exists():  # a study cut short during this pretraining: its checkpoints are kept aside, the pretraining redone
+        run.rename(run.with_name(f"{run.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"))
+    reporter = LocalReporter(run)
     RECIPES[recipe].fit(from_dict(cfg), reporter, device=torch.device("cpu"))
     state = load_checkpoint(reporter.latest).model_state
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    partial = path.with_suffix(".pt.partial")  # the file appears whole or not at all: a study cut short never reads half of it
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, partial)
+    partial.replace(path)
     return str(path)
 
 
@@ -398,19 +403,22 @@ def update_readme(table_md: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--targets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    parser.add_argument("--labels", type=int, nargs="+", default=[1, 3, 10, 50], choices=[1, 3, 10, 50])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=4, help="trials per cell's ASHA sweep")
-    parser.add_argument("--parallel", type=int, default=PARALLEL_SWEEPS, help="cells tuned at once")
+    parser.add_argument("--labels", type=count, nargs="+", default=[1, 3, 10, 50], choices=[1, 3, 10, 50])
+    parser.add_argument("--seeds", type=count, default=3)
+    parser.add_argument("--trials", type=count, default=4, help="trials per cell's ASHA sweep")
+    parser.add_argument("--parallel", type=count, default=PARALLEL_SWEEPS, help="cells tuned at once")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--report", type=float, metavar="MINUTES",
+    parser.add_argument("--report", type=positive_number, metavar="MINUTES",
                         help="only write the outputs from the runs a study cut short left in rows.jsonl (its wall time)")
     args = parser.parse_args(argv)
     if args.report is not None:
-        rows = [json.loads(line) for line in (WORK / "rows.jsonl").read_text().splitlines() if line.strip()]
+        progress = WORK / "rows.jsonl"
+        rows = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()] if progress.is_file() else []
+        if not rows:  # the outputs would be rewritten from nothing new
+            parser.error(f"--report: {progress} holds no runs; it is what a study cut short leaves")
         return report(rows, args, args.report)
 
     import ray
