@@ -1,5 +1,5 @@
 """The benchmarks' command lines: a bad number stops before anything runs (`python -m bench.transfer --seeds 0`
-crashed after starting Ray; `--trials 0` began a study that trained nothing and could never end)."""
+crashed after starting Ray; `--trials 0` and `--parallel 0` started a study)."""
 
 import importlib
 
