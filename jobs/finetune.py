@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"pretrain.method: {cfg.pretrain.method} is a pretraining method; run it with python -m jobs.pretrain")
     with claimed(cfg):
         result = write_result(cfg, run_trainer(cfg, recipe="supervised"))
-    print(f"{cfg.experiment}: {run_summary(result)} "
-          f"-> {result['best_checkpoint']}")
+    print(f"{cfg.experiment}: {run_summary(result)} -> {result['best_checkpoint']}")
     return 0
 
 
