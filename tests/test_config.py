@@ -238,6 +238,19 @@ def test_numbers_with_an_exponent_read_as_numbers_everywhere(tmp_path):
         assert load_config(write(tmp_path, cfg.to_yaml())).experiment == text
 
 
+def test_off_on_yes_and_no_read_as_words_and_booleans_take_them(tmp_path):
+    """YAML 1.1 reads `off` as false: `train.amp: off`, an allowed value, was refused ("got False"). As in YAML 1.2
+    only true and false are booleans; a boolean key takes the words as pydantic does, and a written config quotes
+    them, so other YAML readers read them back as written."""
+    text = "experiment: exp\ntrain:\n  amp: off\ndata:\n  root: /data\n  augment: no\n  hflip: yes\n"
+    cfg = load_config(write(tmp_path, text), ["scaling.use_gpu=off", "model.freeze_bn_stats=On"])
+    assert (cfg.train.amp, cfg.data.augment, cfg.data.hflip, cfg.scaling.use_gpu, cfg.model.freeze_bn_stats) == ("off", False, True, False, True)
+    assert yaml.safe_load(cfg.to_yaml())["train"]["amp"] == "off"
+    assert load_config(write(tmp_path, cfg.to_yaml())) == cfg
+    _, search = load_sweep(write(tmp_path, text + "search:\n  space:\n    train.amp: {choice: [off, auto]}\n"), [])
+    assert search.space == {"train.amp": {"choice": ["off", "auto"]}}
+
+
 def test_a_sweep_files_train_epochs_is_its_max_t_and_never_silently_replaced(tmp_path):
     """train.epochs: 4 in a sweep file ran every trial for 10 epochs (max_t's default), and said nothing."""
     def sweep(train: dict, scheduler: dict, overrides=()):

@@ -1,7 +1,8 @@
 """YAML read safely: the safe loader, and no alias that refers to itself or expands past MAX_YAML_VALUES
-("billion laughs"). Errors are one line naming the source and where. Numbers are read as YAML 1.2 (and every
-Python YAML user) expects: `1e-4` is a float, where YAML 1.1 wants `1.0e-4` and reads `1e-4` as text; what this
-module writes quotes such text, so it reads back as written."""
+("billion laughs"). Errors are one line naming the source and where. Numbers and booleans are read as YAML 1.2 (and
+every Python YAML user) expects: `1e-4` is a float, where YAML 1.1 wants `1.0e-4` and reads `1e-4` as text; `off`,
+`on`, `yes`, `no` are words, where YAML 1.1 reads them as booleans (`train.amp: off` was false, which amp refused);
+a boolean key takes them as pydantic does. What this module writes quotes such text, so it reads back as written."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ class _Dumper(yaml.SafeDumper):
 
 for _cls in (_Loader, _Dumper):  # the dumper resolves alike, so it quotes the text "1e5" that the loader would read as 1e5
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {  # YAML 1.2's booleans only; the dumper keeps 1.1's, so it quotes `off` and `yes`
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def parse_yaml(text: str, source: str) -> Any:
