@@ -21,6 +21,7 @@ from tl_core.checkpoint import save_checkpoint, to_json
 from tl_core.config import from_dict
 from tl_core.config_file import load_config
 from tl_core.errors import ConfigError, StorageError
+from tl_core.safe_yaml import parse_yaml
 
 MINIMAL = {"experiment": "x", "data": {"root": "/data"}}
 
@@ -95,12 +96,22 @@ def test_an_s3_endpoint_that_never_answers_is_one_line_within_seconds(tmp_path, 
      "f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n", "expands to more than"),
     (b"experiment: caf\xe9\n", "not UTF-8 text"),
     ("experiment: [unclosed\n", "not valid YAML at line"),
+    # a key given twice: YAML keeps the last and dropped the first `data:` section without a word
+    ("experiment: x\ndata:\n  root: /d\ntrain:\n  epochs: 3\ndata:\n  image_size: 32\n",
+     r"run.yaml: line 6: data is given twice \(first at line 2\); the first would be silently dropped: keep one$"),
+    ("experiment: x\ndata: {root: /d, root: /e}\n", "line 2: root is given twice"),
 ])
 def test_hostile_yaml_is_one_line(tmp_path, text, message):
     path = tmp_path / "run.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_keys_merged_from_an_alias_may_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("experiment: x\ndata: {root: /d}\nx-train: &t {epochs: 3, batch_size: 8}\ntrain:\n  <<: *t\n  epochs: 5\n")
+    assert parse_yaml(path.read_text(), "run.yaml")["train"] == {"epochs": 5, "batch_size": 8}
 
 
 def test_an_alias_bomb_in_a_command_line_value_is_refused_too():

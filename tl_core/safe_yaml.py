@@ -75,6 +75,7 @@ def _count_values(node: yaml.Node | None, source: str, counted: dict[int, int], 
         raise ConfigError(f"{source}: a YAML alias refers to the node that contains it")
     open_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
+        _check_unique_keys(node, source)
         total = 1 + sum(_count_values(k, source, counted, open_nodes) + _count_values(v, source, counted, open_nodes) for k, v in node.value)
     elif isinstance(node, yaml.SequenceNode):
         total = 1 + sum(_count_values(v, source, counted, open_nodes) for v in node.value)
@@ -85,3 +86,17 @@ def _count_values(node: yaml.Node | None, source: str, counted: dict[int, int], 
         raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values through its aliases")
     counted[id(node)] = total
     return total
+
+
+def _check_unique_keys(node: yaml.MappingNode, source: str) -> None:
+    """A key written twice in one mapping (two `data:` sections) is refused: YAML loaders keep the last and drop the
+    first without a word. Keys merged in with `<<: *alias` may be overridden, as YAML means them to be."""
+    first_line: dict[str, int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key.start_mark.line + 1
+        if key.value in first_line:
+            raise ConfigError(f"{source}: line {line}: {key.value} is given twice (first at line {first_line[key.value]}); "
+                              "the first would be silently dropped: keep one")
+        first_line[key.value] = line
