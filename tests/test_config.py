@@ -193,6 +193,11 @@ def test_missing_file_and_bad_override(tmp_path):
     ("timm:tf_efficientnet_lite_0", "unknown timm model 'tf_efficientnet_lite_0' (did you mean timm:tf_efficientnet_lite0?)"),
     ("timm:", "model.backbone: timm: needs a model name after it, e.g. timm:tf_efficientnet_lite0 (got 'timm:')"),
     ("zzzz", "unknown backbone 'zzzz'; allowed:"),  # nothing near: no guess
+    # timm.create_model's hub names: the hint was to list the models named like '*hf-hub*'
+    ("timm:hf-hub:timm/resnet18.a1_in1k", "timm's hub names (hf-hub:) are not taken: name the model and its tag, "
+                                          "timm:resnet18.a1_in1k, with model.weights: imagenet or its tag"),
+    ("timm:hf-hub:acme/net", "timm's hub names (hf-hub:) are not taken: name a timm model (timm:<name>) and give the "
+                             "repository's weights file as model.weights"),
 ])
 def test_a_misspelt_backbone_says_what_was_meant(backbone, hint):
     with pytest.raises(ConfigError, match=re.escape(hint)):

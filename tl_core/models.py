@@ -78,6 +78,13 @@ def check_backbone(name: str) -> str:
         model_name = name[len(TIMM_PREFIX):]
         if not model_name:
             raise ValueError("timm: needs a model name after it, e.g. timm:tf_efficientnet_lite0")
+        if model_name.startswith(("hf-hub:", "hf_hub:")):  # timm.create_model's name for a hub repository
+            repo = model_name.split(":", 1)[1]
+            named = repo.removeprefix("timm/")
+            hint = (f"name the model and its tag, {TIMM_PREFIX}{named}, with model.weights: imagenet or its tag"
+                    if repo.startswith("timm/") and timm.is_model(named) else
+                    "name a timm model (timm:<name>) and give the repository's weights file as model.weights")
+            raise ValueError(f"timm's hub names (hf-hub:) are not taken: {hint}")
         if not timm.is_model(model_name):
             near = nearest(model_name, timm.list_models())
             raise ValueError(f"unknown timm model {model_name!r}{f' (did you mean {TIMM_PREFIX}{near}?)' if near else ''}; "
