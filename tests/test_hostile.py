@@ -96,6 +96,8 @@ def test_an_s3_endpoint_that_never_answers_is_one_line_within_seconds(tmp_path, 
      "f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n", "expands to more than"),
     (b"experiment: caf\xe9\n", "not UTF-8 text"),
     ("experiment: [unclosed\n", "not valid YAML at line"),
+    ("experiment: x\ndata:\n\troot: /d\n", r"line 3, column 1: found character '\\t' that cannot start any token; YAML wants "
+                                            r"spaces there, not a tab$"),
     # a key given twice: YAML keeps the last and dropped the first `data:` section without a word
     ("experiment: x\ndata:\n  root: /d\ntrain:\n  epochs: 3\ndata:\n  image_size: 32\n",
      r"run.yaml: line 6: data is given twice \(first at line 2\); the first would be silently dropped: keep one$"),

@@ -46,6 +46,8 @@ def parse_yaml(text: str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "'\\t'" in problem:  # an editor's tab, which YAML never takes for indentation
+            problem += "; YAML wants spaces there, not a tab"
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
