@@ -157,6 +157,9 @@ BENIGN_RAY_LINES = (
     # Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store and restarts
     # allowed; the core worker logs that at error level on every run (ray-project/ray#53727), though nothing fails.
     "Actor with class name: 'PreemptionWatcher'",
+    # Ray Train's PlacementGroupCleaner asks the state API whether the controller lives; as a run stopped with
+    # Ctrl-C shuts the cluster down the API is gone first, and it warns after the run's last line that it will retry.
+    "Failed to query Ray Train Controller actor state",
 )
 
 
