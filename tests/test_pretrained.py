@@ -322,6 +322,19 @@ def test_a_hugging_face_model_folder_is_a_source_locally_and_on_s3(tmp_path, s3)
     assert local.name == "model.safetensors" and local.read_bytes() == (folder / "model.safetensors").read_bytes()
 
 
+def test_a_folder_of_weights_files_names_one_to_give(tmp_path):
+    """A folder holding weights files under other names (a.safetensors, b.pt) was "neither a finished run nor a
+    checkpoint directory", which did not say that one of its files would do."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    tiny_timm_weights(folder / "b.safetensors")
+    (folder / "a.pt").write_bytes((folder / "b.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=rf"model.weights: {re.escape(str(folder))} is a folder of weights files \(a.pt, "
+                                          r"b.safetensors\), not a run, a checkpoint or a Hugging Face model folder "
+                                          rf"\(model.safetensors or pytorch_model.bin\): give one file, e.g. {re.escape(str(folder))}/a.pt$"):
+        build_model(ModelConfig(backbone=TINY_TIMM, weights=str(folder)), ["a", "b"], 32)
+
+
 def hub_env(tmp_path, endpoint: str) -> dict:
     import os
 

@@ -68,6 +68,13 @@ def best_of_finished_run(path: Path, source: str, field: str = "model.weights") 
     return best
 
 
+def is_run_or_checkpoint(path: Path) -> bool:
+    """Whether the local folder `path` is a run of ours (its result.json) or a checkpoint (its meta.json)."""
+    from tl_core.checkpoint import META_FILE
+
+    return (path / RESULT_FILE).is_file() or (path / META_FILE).is_file()
+
+
 def local_checkpoint_dir(path: Path, source: str, field: str = "model.weights") -> Path:
     """The checkpoint directory a local `path` names: a finished run's best checkpoint, or `path` itself when it holds
     a checkpoint (its meta.json). ConfigError for `field: source` otherwise, saying what the folder is instead."""

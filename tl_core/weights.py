@@ -158,6 +158,7 @@ _ENUM_NAME = re.compile(r"^([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
 _IMAGENET_TAG = re.compile(r"in1k|in12k|in21k|in22k|imagenet")
 HF_SAFE_FILE, HF_TORCH_FILE = "model.safetensors", "pytorch_model.bin"  # what timm publishes on the Hugging Face hub
 DOWNLOAD_TIMEOUT_S = 60
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # what a state-dict file is named
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,11 @@ def _read_local_weights(path: Path, source: str) -> SourceWeights:
         raise ConfigError(f"model.weights: {source} is neither a file nor a directory")
     if path.is_dir() and (hub_file := hugging_face_weights_file(path)) is not None:
         return SourceWeights(_torch_load(hub_file, str(hub_file)))
+    if path.is_dir() and not run_dir.is_run_or_checkpoint(path) and (files := sorted(
+            p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in WEIGHTS_SUFFIXES)):
+        raise ConfigError(f"model.weights: {source} is a folder of weights files ({', '.join(files[:3])}"
+                          f"{', ...' if len(files) > 3 else ''}), not a run, a checkpoint or a Hugging Face model folder "
+                          f"({HF_SAFE_FILE} or {HF_TORCH_FILE}): give one file, e.g. {source.rstrip('/')}/{files[0]}")
     if path.is_dir():
         state, meta = checkpoint.load_model_state(run_dir.local_checkpoint_dir(path, source))
         trained, size = stored_value(meta, "config.model.backbone"), stored_value(meta, "config.data.image_size")
