@@ -55,6 +55,28 @@ def test_unreadable_images_are_skipped_and_counted(image_folder, caplog):
     assert "skipped 2 unreadable" in caplog.text
 
 
+def test_files_not_named_as_images_are_left_out_in_a_warning_that_says_so(image_folder, tmp_path, caplog):
+    """A class folder's GIFs (torchvision's IMG_EXTENSIONS has no .gif) and notes were left out without a word: a
+    class could silently shrink. Hidden files are still no data at all."""
+    from PIL import Image
+
+    from tl_core.data import index_unlabelled
+
+    for i in range(2):
+        Image.new("RGB", (16, 16), "white").save(image_folder / "class_0" / f"anim{i}.gif")
+    (image_folder / "class_2" / "labels.txt").write_text("class_2\n")
+    (image_folder / "class_2" / ".DS_Store").write_bytes(b"\x00")
+    with caplog.at_level(logging.WARNING, logger="tl_core"):
+        index = index_image_folder(cfg(image_folder), seed=0)
+    assert len(index.train) + len(index.val) == 36
+    assert (f"data: left out 3 file(s) not named as images (.gif 2, .txt 1), e.g. {image_folder}/class_0/anim0.gif; images are "
+            "named .jpg, .jpeg, .png,") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tl_core"):
+        index_unlabelled(cfg(image_folder), seed=0)
+    assert "data: left out 3 file(s) not named as images (.gif 2, .txt 1)" in caplog.text
+
+
 def test_hidden_files_and_folders_in_a_class_are_not_its_images(image_folder):
     """A notebook's .ipynb_checkpoints/ beside the images (a stale edit of one) and macOS's ._ files: the S3 listing
     never took them; the local walk took them as images of the class (and the ._ files as unreadable)."""

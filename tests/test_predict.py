@@ -215,6 +215,22 @@ def test_predict_warns_before_it_starts_when_data_is_a_dataset_root(finished_run
             f"scored; to score one split: --data {data}/val") in capsys.readouterr().err
 
 
+def test_files_under_data_not_named_as_images_are_said_to_be_left_out(tmp_path, s3, caplog):
+    """--data's GIFs and notes were skipped without a word, locally and on S3; hidden files are no data at all."""
+    import logging
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=2)
+    (data / "class_0" / "anim.gif").write_bytes(b"GIF89a")
+    (data / "notes.txt").write_text("taken in May\n")
+    (data / ".DS_Store").write_bytes(b"\x00")
+    storage.upload_dir(data, storage.parse("s3://tl-test/predict-left-out"))
+    for where, first in ((str(data), f"{data}/notes.txt"), ("s3://tl-test/predict-left-out", "s3://tl-test/predict-left-out/class_0/anim.gif")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tl_core"):
+            assert len(predict.image_paths(storage.parse(where))) == 4
+        assert f"data: left out 2 file(s) not named as images (.gif 1, .txt 1), e.g. {first};" in caplog.text, where
+
+
 def test_labels_that_name_no_class_of_the_run_are_said_not_scored_as_zero():
     """A test table labelled 1-5 stars for a run on neg/pos read "accuracy 0.000, macro F1 0.000 over 0 texts"."""
     import pyarrow as pa

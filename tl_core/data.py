@@ -106,16 +106,21 @@ def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
     if len(classes) < 2:
         raise DataError(f"data.root: found {len(classes)} class folder(s) in {train_dir if has_split else root}; need at least 2")
 
-    train_files = _list_files(train_dir if has_split else root, classes)
+    left_out: list[str] = []
+    train_files = _list_files(train_dir if has_split else root, classes, left_out)
     val_files: list[Sample] = []
     if has_split and (root / "val").is_dir():
         extra = sorted(set(_class_folders(root / "val")) - set(classes))
         if extra:
             raise DataError(f"data.root: val/ has class folders not in train/: {', '.join(extra)}")
-        val_files = _list_files(root / "val", classes)
+        val_files = _list_files(root / "val", classes, left_out)
 
-    return _cached_index("folder", [path for path, _ in train_files + val_files], (cfg.val_fraction, seed), lambda: clean_and_split(
-        classes, train_files, val_files, _digest_files([path for path, _ in train_files + val_files]), cfg.val_fraction, seed))
+    def build() -> DatasetIndex:
+        warn_left_out(left_out)
+        return clean_and_split(classes, train_files, val_files, _digest_files([path for path, _ in train_files + val_files]),
+                               cfg.val_fraction, seed)
+
+    return _cached_index("folder", [path for path, _ in train_files + val_files], (cfg.val_fraction, seed), build)
 
 
 def existing_folder(path: str, field: str, or_else: str = "") -> Path:
@@ -161,7 +166,12 @@ def _cached_index(kind: str, paths: list[str], settings: tuple, build: Callable[
 def is_image_path(path: str) -> bool:
     """Whether a "/"-separated path below a dataset's root names an image the index takes: an image file's name,
     nothing hidden on the way (what `image_files` walks locally)."""
-    return path.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in path.split("/"))
+    return path.lower().endswith(IMG_EXTENSIONS) and not is_hidden_path(path)
+
+
+def is_hidden_path(path: str) -> bool:
+    """Whether a "/"-separated path below a dataset's root has a hidden file or folder on the way: no data at all."""
+    return any(part.startswith(".") for part in path.split("/"))
 
 
 def layout_from_paths(paths: list[str], where: str) -> tuple[list[str], list[Sample], list[Sample]]:
@@ -235,9 +245,11 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     """Every image under `cfg.root` (class folders, whose labels are ignored, or a flat folder), cleaned like
     `index_image_folder` and split at random by `val_fraction`; labels are all 0 and `classes` is empty."""
     root = existing_folder(cfg.root, "data.root")
-    files = [(path, 0) for path in image_files(root)]
+    left_out: list[str] = []
+    files = [(path, 0) for path in image_files(root, left_out)]
 
     def build() -> DatasetIndex:
+        warn_left_out(left_out)
         kept, unreadable, duplicates, _ = drop_unreadable_and_duplicates(files, _digest_files([path for path, _ in files]))
         samples = [s for s in kept if s is not None]
         if len(samples) < 4:
@@ -255,12 +267,12 @@ def _class_folders(directory: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
-def _list_files(directory: Path, classes: Sequence[str]) -> list[Sample]:
+def _list_files(directory: Path, classes: Sequence[str], left_out: list[str] | None = None) -> list[Sample]:
     return [(path, label) for label, name in enumerate(classes) if (directory / name).is_dir()
-            for path in image_files(directory / name)]
+            for path in image_files(directory / name, left_out)]
 
 
-def image_files(directory: Path) -> list[str]:
+def image_files(directory: Path, left_out: list[str] | None = None) -> list[str]:
     """Every file named like an image under `directory`, in a stable order. Symlinks are followed, but a directory
     reached twice (a link loop, or two links to one place) is walked once. Hidden files and folders (a notebook's
     `.ipynb_checkpoints/`, macOS's `._` files) are not images of the class, as on S3 (`layout_from_paths`)."""
@@ -277,8 +289,22 @@ def image_files(directory: Path) -> list[str]:
             continue
         seen.add((info.st_dev, info.st_ino))
         walked.append((dirpath, files))
+    if left_out is not None:  # files of the data that are not named as images: said, never silently dropped
+        left_out += [os.path.join(dirpath, fname) for dirpath, files in sorted(walked) for fname in sorted(files)
+                     if not fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith(".")]
     return [os.path.join(dirpath, fname) for dirpath, files in sorted(walked)
             for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith(".")]
+
+
+def warn_left_out(paths: list[str]) -> None:
+    """Say which files an index left out because they are not named as images (a class folder of GIFs or HEICs
+    would otherwise just be smaller), by suffix."""
+    if not paths:
+        return
+    suffixes = Counter(Path(p).suffix.lower() or "(no suffix)" for p in paths)
+    counted = ", ".join(f"{suffix} {n}" for suffix, n in sorted(suffixes.items(), key=lambda item: (-item[1], item[0])))
+    logger.warning("data: left out %d file(s) not named as images (%s), e.g. %s; images are named %s", len(paths), counted,
+                   as_given(paths[0]), ", ".join(IMG_EXTENSIONS))
 
 
 def image_digest(data: bytes) -> str | None:
