@@ -228,7 +228,7 @@ def image_paths(data) -> list[str]:
 
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from tl_core.data import image_files, is_hidden_path, is_image_path, warn_left_out
+    from tl_core.data import image_files, is_hidden_path, is_image_path, not_images, warn_left_out
 
     one_file = (bool(data.key) and storage.is_object(data, "--data")) if data.is_s3 else Path(data.path).is_file()
     if one_file:
@@ -238,15 +238,16 @@ def image_paths(data) -> list[str]:
     elif data.is_s3:
         keys = [o["Key"] for o in storage.list_objects(data, "--data") if not is_hidden_path(o["Key"])]
         paths = [f"{data.path}/{key}" for key in keys if is_image_path(key)]
-        warn_left_out([f"{data.uri.rstrip('/')}/{key}" for key in keys if not is_image_path(key)])
+        left_out = [f"{data.uri.rstrip('/')}/{key}" for key in keys if not is_image_path(key)]
     else:
         if not Path(data.path).is_dir():
             raise DataError(f"--data: {data.uri} does not exist")
-        left_out: list[str] = []
+        left_out = []
         paths = [p for p in image_files(Path(data.path), left_out) if Path(p).is_file()]  # no FIFO, device or dangling link
-        warn_left_out(left_out)
     if not paths:
-        raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...)")
+        found = f"; it holds {not_images(left_out)}" if left_out else ""
+        raise DataError(f"--data: {data.uri} holds no images (files named {', '.join(IMG_EXTENSIONS[:4])}, ...){found}")
+    warn_left_out(left_out)
     return paths
 
 

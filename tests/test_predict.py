@@ -85,7 +85,7 @@ def test_predictions_on_the_validation_images_agree_with_the_runs_val_acc(ray_cl
 
 @pytest.mark.parametrize("case,message", [
     ("no_checkpoint", "--run: "),
-    ("no_images", "holds no images"),
+    ("no_images", "holds no images (files named .jpg, .jpeg, .png, .ppm, ...); it holds 1 file(s) not named as images (.txt 1), e.g. "),
     ("out_exists", "already exists"),
     ("not_an_image", "notes.txt is a file not named like an image"),
     ("text_column", "--text-column: resnet18 is an image model; --text-column is for text models"),

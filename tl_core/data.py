@@ -299,12 +299,15 @@ def image_files(directory: Path, left_out: list[str] | None = None) -> list[str]
 def warn_left_out(paths: list[str]) -> None:
     """Say which files an index left out because they are not named as images (a class folder of GIFs or HEICs
     would otherwise just be smaller), by suffix."""
-    if not paths:
-        return
+    if paths:
+        logger.warning("data: left out %s; images are named %s", not_images(paths), ", ".join(IMG_EXTENSIONS))
+
+
+def not_images(paths: list[str]) -> str:
+    """"3 file(s) not named as images (.gif 2, .txt 1), e.g. PATH": what an index left out, by suffix."""
     suffixes = Counter(Path(p).suffix.lower() or "(no suffix)" for p in paths)
     counted = ", ".join(f"{suffix} {n}" for suffix, n in sorted(suffixes.items(), key=lambda item: (-item[1], item[0])))
-    logger.warning("data: left out %d file(s) not named as images (%s), e.g. %s; images are named %s", len(paths), counted,
-                   as_given(paths[0]), ", ".join(IMG_EXTENSIONS))
+    return f"{len(paths)} file(s) not named as images ({counted}), e.g. {as_given(paths[0])}"
 
 
 def image_digest(data: bytes) -> str | None:
