@@ -231,6 +231,7 @@ def image_paths(data) -> list[str]:
     from tl_core.data import image_files, is_hidden_path, is_image_path, not_images, warn_left_out
 
     one_file = (bool(data.key) and storage.is_object(data, "--data")) if data.is_s3 else Path(data.path).is_file()
+    left_out: list[str] = []  # what a folder holds that is not named as an image
     if one_file:
         if not is_image_path(data.uri.rsplit("/", 1)[-1]):
             raise DataError(f"--data: {data.uri} is a file not named like an image ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
@@ -242,7 +243,6 @@ def image_paths(data) -> list[str]:
     else:
         if not Path(data.path).is_dir():
             raise DataError(f"--data: {data.uri} does not exist")
-        left_out = []
         paths = [p for p in image_files(Path(data.path), left_out) if Path(p).is_file()]  # no FIFO, device or dangling link
     if not paths:
         found = f"; it holds {not_images(left_out)}" if left_out else ""

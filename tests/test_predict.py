@@ -229,6 +229,8 @@ def test_files_under_data_not_named_as_images_are_said_to_be_left_out(tmp_path, 
         with caplog.at_level(logging.WARNING, logger="tl_core"):
             assert len(predict.image_paths(storage.parse(where))) == 4
         assert f"data: left out 2 file(s) not named as images (.gif 1, .txt 1), e.g. {first};" in caplog.text, where
+    one = next((data / "class_1").glob("*.png"))  # one image file: nothing beside it is looked at
+    assert predict.image_paths(storage.parse(str(one))) == [str(one)]
 
 
 def test_labels_that_name_no_class_of_the_run_are_said_not_scored_as_zero():
