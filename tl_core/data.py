@@ -289,11 +289,14 @@ def image_files(directory: Path, left_out: list[str] | None = None) -> list[str]
             continue
         seen.add((info.st_dev, info.st_ino))
         walked.append((dirpath, files))
-    if left_out is not None:  # files of the data that are not named as images: said, never silently dropped
-        left_out += [os.path.join(dirpath, fname) for dirpath, files in sorted(walked) for fname in sorted(files)
-                     if not fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith(".")]
-    return [os.path.join(dirpath, fname) for dirpath, files in sorted(walked)
-            for fname in sorted(files) if fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith(".")]
+    images = []
+    for dirpath, files in sorted(walked):
+        for fname in sorted(f for f in files if not f.startswith(".")):
+            if fname.lower().endswith(IMG_EXTENSIONS):
+                images.append(os.path.join(dirpath, fname))
+            elif left_out is not None:  # files of the data not named as images: said, never silently dropped
+                left_out.append(os.path.join(dirpath, fname))
+    return images
 
 
 def warn_left_out(paths: list[str]) -> None:
