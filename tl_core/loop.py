@@ -97,11 +97,10 @@ def fit(cfg: RunConfig, reporter: Reporter, *, data: TaskData | None = None, res
     state = TrainingState.create(cfg, model, device, steps_per_epoch=len(data.train))
     if resume_from is not None:
         state.load(resume_from)
-    train_counts = data.train_counts
-    weight = class_weights(cfg.train.class_weights, train_counts, device)
+    weight = class_weights(cfg.train.class_weights, data.train_counts, device)
     if weight is not None:
         log_rank0("class weights (balanced): %s", _named(data.classes, weight))
-    elif unbalanced(train_counts):
+    elif unbalanced(data.train_counts):
         log_rank0("data: the classes are unbalanced; train.class_weights: balanced weighs them alike in the training loss")
     step = classification_step(nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing))
     # What the loop runs: the model on `data`, or a linear probe's head on the backbone's features computed once.
