@@ -48,7 +48,7 @@ from cluster import storage
 from cluster.storage import Location
 from jobs.cli import ArgumentParser, column_name, fraction, guarded, positive_number, run_module
 from tl_core.config import DataConfig
-from tl_core.data import DatasetIndex, clean_and_split, image_digest, layout_from_paths, read_file_bytes
+from tl_core.data import DatasetIndex, clean_and_split, image_digest, is_image_path, layout_from_paths, read_file_bytes
 from tl_core.errors import DataError
 from tl_core.modality import unread_beside
 from tl_core.packed import MANIFEST_FILE, SCHEMA, SPLITS, TEXT_SCHEMA, Manifest
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def pack(source: Location, dest: Location, val_fraction: float, seed: int, shard_bytes: int) -> Manifest:
     files = read_by_runs(source, list_source(source))
-    classes, train_files, val_files = layout_from_paths([f.path for f in files], source.uri)
+    try:
+        classes, train_files, val_files = layout_from_paths([f.path for f in files], source.uri)
+    except DataError as exc:
+        raise as_arguments(exc) from None
+    files = [f for f in files if is_image_path(f.path)]  # the version of what is packed: a note changed repacks nothing
     version = fingerprint(files, val_fraction, seed)
     existing = read_manifest(dest)
     if is_current(existing, version, dest, source):
@@ -262,14 +266,15 @@ def list_tables(source: Location) -> list[SourceFile]:
 
 
 def list_source(source: Location) -> list[SourceFile]:
+    """Every file under SOURCE but hidden ones: `layout_from_paths` takes the images and names the rest."""
     if source.is_s3:
         found = [SourceFile(o["Key"], o["Size"], o["ETag"]) for o in storage.list_objects(source, "SOURCE")]
     else:
         from tl_core.data import existing_folder, image_files
 
         root = existing_folder(source.path, "SOURCE", OR_ONE_TABLE)
-        found = []
-        for path in image_files(root):
+        found, others = [], []
+        for path in image_files(root, others) + others:
             info = os.stat(path)
             found.append(SourceFile(Path(path).relative_to(root).as_posix(), info.st_size, str(info.st_mtime_ns)))
     if not found:

@@ -136,7 +136,7 @@ def test_the_cleanings_mistakes_name_this_commands_arguments(ray_cluster, tmp_pa
     ("a_file", "SOURCE: {source} is a file, not a folder; give the folder that holds the data, or one table of texts "
                "(.csv, .tsv, .jsonl or .parquet)"),
     ("empty", "holds no files"),
-    ("one_class", "found 1 class folder(s)"),
+    ("one_class", "SOURCE: found 1 class folder(s)"),  # was data.root's, a run's key
     ("dest_inside", "is inside SOURCE"),
     ("dest_not_packed", "holds files and no packed dataset"),
     ("bad_manifest", "is not a packed dataset's manifest"),
@@ -424,3 +424,31 @@ def test_a_manifest_without_per_class_counts_is_not_ours():
     for per_class in ({}, {"train": {"a": 1, "b": 1}}, {"train": {"a": 2}, "val": {"a": 1, "b": 0}}):
         with pytest.raises(DataError, match=r"data.root: there is not a packed dataset's manifest \(per-class counts missing\)"):
             Manifest.from_json(json.dumps({**json.loads(manifest.to_json()), "per_class": per_class}), "there")
+
+
+def test_files_of_a_class_not_named_as_images_are_named_in_a_warning_and_change_no_version(tmp_path, caplog):
+    """As a run's index does: a class folder's GIF or note is left out in a warning (it once vanished silently), what
+    lies beside the classes (a README) is no data and is not named, and a changed note repacks nothing."""
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=3, size=8)
+    (data / "README.md").write_text("about")
+    (data / "class_0" / "anim.gif").write_bytes(b"GIF89a")
+    (data / "class_1" / "notes.txt").write_text("one")
+    source = storage.parse(str(data), field="SOURCE")
+    files = pack_data.list_source(source)
+    classes, train, _ = pack_data.layout_from_paths([f.path for f in files], source.uri)
+    assert classes == ["class_0", "class_1"] and len(train) == 6
+    assert (f"data: left out 2 file(s) not named as images (.gif 1, .txt 1), e.g. {data}/class_0/anim.gif; images are "
+            in caplog.text)
+    assert "README" not in caplog.text
+    version = pack_data.fingerprint([f for f in files if pack_data.is_image_path(f.path)], 0.2, 0)
+    (data / "class_1" / "notes.txt").write_text("two, longer")
+    again = pack_data.list_source(source)
+    assert pack_data.fingerprint([f for f in again if pack_data.is_image_path(f.path)], 0.2, 0) == version
+
+
+def test_an_s3_listing_leaves_out_what_is_not_an_image_as_a_local_folder_does(caplog):
+    listing = ["README.md", "train/a/1.png", "train/a/2.gif", "train/b/1.png", "train/b/.ipynb_checkpoints/x.txt",
+               "val/a/3.png", "val/b/notes.txt", "test/a/9.txt"]
+    classes, train, val = pack_data.layout_from_paths(listing, "s3://b/raw")
+    assert (classes, train, val) == (["a", "b"], [("train/a/1.png", 0), ("train/b/1.png", 1)], [("val/a/3.png", 0)])
+    assert "data: left out 2 file(s) not named as images (.gif 1, .txt 1), e.g. s3://b/raw/train/a/2.gif;" in caplog.text

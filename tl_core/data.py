@@ -175,24 +175,29 @@ def is_hidden_path(path: str) -> bool:
 
 
 def layout_from_paths(paths: list[str], where: str) -> tuple[list[str], list[Sample], list[Sample]]:
-    """(classes, train files, val files) of a listing of image files relative to a dataset's root (an S3 prefix,
-    where folders exist only through the files in them), laid out as `index_image_folder` reads a local folder."""
-    paths = sorted(p for p in paths if is_image_path(p))
-    has_split = any(p.startswith("train/") for p in paths)
+    """(classes, train files, val files) of a listing of files relative to a dataset's root `where` (an S3 prefix,
+    where folders exist only through the files in them), laid out as `index_image_folder` reads a local folder:
+    hidden files are no data, and files of a class not named as images are left out in a warning."""
+    shown = sorted(p for p in paths if not is_hidden_path(p))
+    images = [p for p in shown if is_image_path(p)]
+    has_split = any(p.startswith("train/") for p in images)
 
-    def under(prefix: str) -> dict[str, list[str]]:
+    def under(prefix: str, among: list[str]) -> dict[str, list[str]]:
         by_class: dict[str, list[str]] = {}
-        for path in paths:
+        for path in among:
             if path.startswith(prefix) and path.count("/") >= prefix.count("/") + 1:
                 by_class.setdefault(path[len(prefix):].split("/", 1)[0], []).append(path)
         return by_class
 
-    train = under("train/" if has_split else "")
+    train = under("train/" if has_split else "", images)
     if has_split:
-        val = under("val/")
+        val = under("val/", images)
     else:
         train, val = {c: v for c, v in train.items() if c not in ("train", "val")}, {}
     classes = sorted(train)
+    others = [p for p in shown if not is_image_path(p)]
+    warn_left_out([f"{where.rstrip('/')}/{path}" for prefix in (("train/", "val/") if has_split else ("",))
+                   for files in under(prefix, others).values() for path in files])
     if len(classes) < 2:
         raise DataError(f"data.root: found {len(classes)} class folder(s) in {where}{'/train' if has_split else ''}; need at least 2")
     extra = sorted(set(val) - set(classes))
