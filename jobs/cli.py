@@ -157,11 +157,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+SAID_BY_PREFLIGHT = ("tl_core.weights", "tl_core.text_models")  # loggers of what jobs.preflight.check_model builds
+
+
 def setup_logging(in_worker: bool = False) -> None:
     """Our own progress lines at INFO on stderr.
 
     In a Ray worker the root logger already prints at INFO (Ray sets it up), so our loggers stop there
-    instead of printing twice, and Ray's line-per-report echoes (metrics, "Checkpoint successfully created") are turned down.
+    instead of printing twice, and Ray's line-per-report echoes (metrics, "Checkpoint successfully created") are turned down,
+    as are the lines about source weights: the driver's preflight loaded the same weights into the same model before any
+    worker started and said all of it (`weights: loaded ...`), which each worker would say again.
     """
     for name in ("tl_core", "jobs"):
         log = logging.getLogger(name)
@@ -177,6 +182,8 @@ def setup_logging(in_worker: bool = False) -> None:
 
         for name in ray_private.report_echo_logger_names():
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in SAID_BY_PREFLIGHT:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_module(name: str) -> NoReturn:

@@ -532,3 +532,26 @@ def test_each_demo_stage_is_headed_before_its_checks_print_anything(tmp_path, mo
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert lines[0].startswith("=== stage 1/1, fine-tune the source model") and lines[1] == "weights: loaded backbone from SOURCE"
     assert lines[2] == "=== stage 1/1 done in 0 s: val/acc 0.500 ==="
+
+
+def test_a_worker_does_not_repeat_the_weights_lines_the_drivers_preflight_printed(capsys):
+    """Every stage of the demo said `weights: loaded ...` twice, once from the driver's preflight and once from its
+    worker; a worker's other lines (data, epochs) still print."""
+    import logging
+
+    from jobs.cli import SAID_BY_PREFLIGHT, setup_logging
+    from tl_core import data, text_models, weights
+
+    loggers = [logging.getLogger(name) for name in ("tl_core", "jobs", *SAID_BY_PREFLIGHT)]
+    saved = [(log, log.level, log.propagate, log.handlers[:]) for log in loggers]
+    try:
+        setup_logging(in_worker=True)
+        weights.logger.info("weights: loaded backbone from SOURCE")
+        text_models.logger.info("weights: loaded hf:minilm's pretrained encoder from DIR")
+        data.logger.info("data: 5 classes, 15 train / 881 val images")
+        assert capsys.readouterr().err.splitlines() == ["data: 5 classes, 15 train / 881 val images"]
+    finally:
+        for log, level, propagate, handlers in saved:
+            log.setLevel(level)
+            log.propagate = propagate
+            log.handlers[:] = handlers

