@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 
 def report_echo_logger_names() -> list[str]:
@@ -206,6 +207,27 @@ def drop_benign_ray_lines() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, handler if name != "ray_print_logs" or getattr(handler, "tl_filtered", False) else wrap(handler))
                                for name, handler in dispatcher.handlers]
+
+
+_last_worker_line = [0.0]  # time.monotonic() when the latest batch of worker lines reached this driver
+
+
+def note_when_worker_lines_come() -> None:
+    """Keep the time the latest worker lines reached this driver, for `worker_lines_settled`: they come through the
+    dispatcher Ray prints them from (see `drop_benign_ray_lines`), which has no public hook."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("tl_last_line")
+    dispatcher.add_handler("tl_last_line", lambda data: _last_worker_line.__setitem__(0, time.monotonic()))
+
+
+def worker_lines_settled(quiet_s: float = 1.0, at_most_s: float = 5.0) -> None:
+    """Return once no worker line has reached this driver for `quiet_s` (or after `at_most_s`). A worker's lines come
+    through Ray's log monitor, which polls the workers' files every 0.1 s, later on a busy machine: a sweep's last
+    epoch line, printed as its trial ended, came after the sweep's summary. Lines long quiet cost no wait."""
+    deadline = time.monotonic() + at_most_s
+    while (wait := min(_last_worker_line[0] + quiet_s, deadline) - time.monotonic()) > 0:
+        time.sleep(wait)
 
 
 def no_late_cpu_alarm() -> None:

@@ -249,6 +249,7 @@ def connect_ray() -> None:
     else:
         start_local_ray()
     ray_private.drop_benign_ray_lines()
+    ray_private.note_when_worker_lines_come()
     ray_private.worker_lines_as_they_come()
     ray_private.plain_repeat_notes_off_terminals()
 
@@ -311,6 +312,8 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     except SystemExit as exc:  # how the driver's wait ends after Ray Train's own Ctrl-C handler has aborted the run
         tracking.finish_mlflow_run(mlflow, status="KILLED")
         raise Interrupted(f"experiment {cfg.experiment} stopped; its checkpoints are kept: continue it with --resume") from exc
+    finally:
+        ray_private.worker_lines_settled()  # the workers' last lines before anything this driver says next
 
 
 def train_scaling(scaling: ScalingConfig):

@@ -271,6 +271,7 @@ def run_sweep(cfg: RunConfig, search: SearchConfig, resume: bool, variants: Coll
     logging.getLogger("ray.tune.tune").addFilter(_no_tuner_restore_advice)
     with tune_loggers(tuner), ctrl_c_watched() as stopped:
         results = tuner.fit()
+    ray_private.worker_lines_settled()  # the trials' last lines before the sweep's summary
     tracking.close_stopped_children(parent)
     best = results.get_best_result(search.metric, search.mode, scope="all") if len(results) > len(results.errors) else None
     tracking.finish_mlflow_run(parent, status="KILLED" if stopped.is_set() else "FINISHED" if best else "FAILED",

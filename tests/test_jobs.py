@@ -555,3 +555,31 @@ def test_a_worker_does_not_repeat_the_weights_lines_the_drivers_preflight_printe
             log.setLevel(level)
             log.propagate = propagate
             log.handlers[:] = handlers
+
+
+def test_the_driver_waits_for_worker_lines_still_coming_before_it_speaks():
+    """A sweep's last epoch line came after its summary: Ray's log monitor had not yet passed it on. Lines still
+    coming are waited for until they have been quiet a while (never past a bound); lines long quiet cost no wait."""
+    import threading
+    import time
+
+    from jobs import ray_private
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    ray_private.note_when_worker_lines_come()
+    try:
+        late = threading.Timer(0.4, dispatcher.emit, [{"lines": [], "pid": 1, "ip": "127.0.0.1"}])
+        dispatcher.emit({"lines": [], "pid": 1, "ip": "127.0.0.1"})
+        late.start()
+        start = time.monotonic()
+        ray_private.worker_lines_settled(quiet_s=0.5, at_most_s=30)
+        assert time.monotonic() - start >= 0.9  # 0.5 s quiet after the line that came at 0.4 s
+        start = time.monotonic()
+        ray_private.worker_lines_settled(quiet_s=0.5, at_most_s=30)  # quiet long enough already
+        assert time.monotonic() - start < 0.45  # not the 0.5 s a wait would take
+        dispatcher.emit({"lines": [], "pid": 1, "ip": "127.0.0.1"})
+        start = time.monotonic()
+        ray_private.worker_lines_settled(quiet_s=30, at_most_s=0.3)
+        assert 0.3 <= time.monotonic() - start < 10
+    finally:
+        dispatcher.remove_handler("tl_last_line")
