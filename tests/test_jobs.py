@@ -563,8 +563,9 @@ def test_the_driver_waits_for_worker_lines_still_coming_before_it_speaks():
     import threading
     import time
 
-    from jobs import ray_private
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from jobs import ray_private
 
     ray_private.note_when_worker_lines_come()
     try:
