@@ -23,6 +23,7 @@ from tl_core.config import with_overrides
 from tl_core.config_file import load_config
 from tl_core.demo_data import write_digits
 from tl_core.errors import ConfigError
+from tl_core.text_models import is_text_backbone
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LOCAL_DIGITS = Path("data/digits")
@@ -60,8 +61,9 @@ def run_stages(stages: list[tuple[str, object]]) -> dict:
     results = {}
     for i, (name, cfg) in enumerate(stages, 1):
         storage.delete(experiment_location(cfg))  # the demo's own outputs from an earlier run
-        print(f"\n=== stage {i}/{len(stages)}, {STAGE_TITLES[name]}: {cfg.model.backbone} "
-              f"{'' if cfg.model.backbone.startswith('hf:') else f'at {cfg.data.image_size} px, '}{cfg.train.epochs} epochs ===", flush=True)
+        inputs = f"on up to {cfg.data.max_length} tokens" if is_text_backbone(cfg.model.backbone) else f"at {cfg.data.image_size} px"
+        print(f"\n=== stage {i}/{len(stages)}, {STAGE_TITLES[name]}: {cfg.model.backbone} {inputs}, {cfg.train.epochs} epochs ===",
+              flush=True)
         started = time.monotonic()
         cfg = check_run(cfg, resume=False)  # its lines (the source weights it loads) belong to the stage
         try:

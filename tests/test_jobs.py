@@ -18,7 +18,7 @@ from helpers import REPO, make_image_folder, write_config
 
 from jobs import finetune, pretrain
 from tl_core.checkpoint import META_FILE, MODEL_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
-from tl_core.config import from_dict
+from tl_core.config import from_dict, with_overrides
 from tl_core.errors import CheckpointError, ConfigError
 
 
@@ -531,7 +531,11 @@ def test_each_demo_stage_is_headed_before_its_checks_print_anything(tmp_path, mo
     demo.run_stages([("finetune", cfg)])
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert lines[0].startswith("=== stage 1/1, fine-tune the source model") and lines[1] == "weights: loaded backbone from SOURCE"
+    assert lines[0].endswith(f": {cfg.model.backbone} at {cfg.data.image_size} px, {cfg.train.epochs} epochs ===")
     assert lines[2] == "=== stage 1/1 done in 0 s: val/acc 0.500 ==="
+    text = with_overrides(cfg, ["model.backbone=hf:all-MiniLM-L6-v2", "data.max_length=64"])
+    demo.run_stages([("text-minilm", text)])  # its length in tokens, where "hf:all-MiniLM-L6-v2 20 epochs" had none
+    assert capsys.readouterr().out.splitlines()[1].endswith(f": hf:all-MiniLM-L6-v2 on up to 64 tokens, {cfg.train.epochs} epochs ===")
 
 
 def test_a_worker_does_not_repeat_the_weights_lines_the_drivers_preflight_printed(capsys):
