@@ -2,6 +2,8 @@
 1), unlabelled data, and a short pretraining whose backbone a linear probe prefers to a random one."""
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +108,30 @@ def test_unlabelled_data_is_a_flat_folder_or_class_folders_whose_labels_are_igno
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="data.root: found 0 readable image"):
         index_unlabelled(DataConfig(root=str(tmp_path / "empty")), seed=0)
+
+
+def test_unlabelled_data_split_into_train_and_val_is_read_as_a_labelled_run_reads_it(tmp_path):
+    """SimCLR read every image under the root, a test/ split too, and re-split train/ and val/ at random, while the run
+    warned that it did not read test/ (and on S3 the node's copy left test/ out). Now: train/ trains, val/ validates,
+    nothing beside them is read; without val/, a random share of train/ validates."""
+    root = make_image_folder(tmp_path / "data", n_classes=2, per_class=8, layout="split")  # 12 train, 4 val
+    make_image_folder(root / "test", n_classes=2, per_class=4, seed=1)
+    index = index_unlabelled(DataConfig(root=str(root), val_fraction=0.25), seed=0)
+    assert sorted(Path(p).parent.parent.name for p, _ in index.train) == ["train"] * 12
+    assert sorted(Path(p).parent.parent.name for p, _ in index.val) == ["val"] * 4
+    for path in sorted((root / "val").rglob("*.png"))[1:]:
+        path.unlink()
+    with pytest.raises(DataError, match=rf"data.root: {root}/val/ has 1 readable image\(s\) \(repeats of earlier ones not "
+                                        r"counted\); need at least 2"):  # a view's partner is found among the others
+        index_unlabelled(DataConfig(root=str(root)), seed=0)
+    shutil.rmtree(root / "val")
+    index = index_unlabelled(DataConfig(root=str(root), val_fraction=0.25), seed=0)
+    assert len(index.train) == 9 and len(index.val) == 3
+    assert {Path(p).parent.parent.name for p, _ in index.train + index.val} == {"train"}
+    for path in sorted((root / "train").rglob("*.png"))[1:]:
+        path.unlink()
+    with pytest.raises(DataError, match=r"data.root: found 1 readable image"):
+        index_unlabelled(DataConfig(root=str(root)), seed=0)
 
 
 def make_textures(root, per_class=24, size=16, seed=0):

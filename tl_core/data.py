@@ -247,25 +247,36 @@ def nothing_left_to_validate(val: str, train: str, copies: int, unusable: int, u
 
 
 def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
-    """Every image under `cfg.root` (class folders, whose labels are ignored, or a flat folder), cleaned like
-    `index_image_folder` and split at random by `val_fraction`; labels are all 0 and `classes` is empty."""
+    """The images of `cfg.root` a run reads, laid out as `index_image_folder` reads them but with their labels ignored
+    (all 0, `classes` empty): `train/` (validated on `val/`, else on a random `val_fraction` of train/'s), and nothing
+    beside them (a test split); without `train/`, every image under the root (class folders or a flat folder), split
+    at random by `val_fraction`. Cleaned like `index_image_folder`."""
     root = existing_folder(cfg.root, "data.root")
+    has_split = (root / "train").is_dir()
     left_out: list[str] = []
-    files = [(path, 0) for path in image_files(root, left_out)]
+    train = image_files(root / "train" if has_split else root, left_out)
+    val = image_files(root / "val", left_out) if has_split and (root / "val").is_dir() else []
+    files = [(path, 0) for path in train + val]
 
     def build() -> DatasetIndex:
         warn_left_out(left_out)
         kept, unreadable, duplicates, _ = drop_unreadable_and_duplicates(files, _digest_files([path for path, _ in files]))
-        samples = [s for s in kept if s is not None]
-        if len(samples) < 4:
-            raise DataError(f"data.root: found {len(samples)} readable image(s) under {cfg.root}; need at least 4")
-        random.Random(seed).shuffle(samples)
-        n_val = min(max(round(len(samples) * cfg.val_fraction), 2), len(samples) - 2)
+        samples, held_out = ([s for s in part if s is not None] for part in (kept[: len(train)], kept[len(train):]))
+        if len(samples) + len(held_out) < 4:
+            raise DataError(f"data.root: found {len(samples) + len(held_out)} readable image(s) under {cfg.root}; need at least 4")
+        if not val:
+            random.Random(seed).shuffle(samples)
+            n_val = min(max(round(len(samples) * cfg.val_fraction), 2), len(samples) - 2)
+            samples, held_out = samples[n_val:], samples[:n_val]
+        for part, images in (("train/", samples), ("val/", held_out)):
+            if len(images) < 2:  # a view's partner is found among the others
+                raise DataError(f"data.root: {cfg.root.rstrip('/')}/{part} has {len(images)} readable image(s) (repeats of "
+                                "earlier ones not counted); need at least 2")
         if unreadable:
             logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), as_given(unreadable[0]))
-        return DatasetIndex([], sorted(samples[n_val:]), sorted(samples[:n_val]), unreadable, duplicates)
+        return DatasetIndex([], sorted(samples), sorted(held_out), unreadable, duplicates)
 
-    return _cached_index("unlabelled", [path for path, _ in files], (cfg.val_fraction, seed), build)
+    return _cached_index("unlabelled", [path for path, _ in files], (cfg.val_fraction, seed, len(train)), build)
 
 
 def _class_folders(directory: Path) -> list[str]:
