@@ -153,7 +153,8 @@ def quiet_token_auth_notice() -> None:
     logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
 
 
-#: Lines Ray prints from its own processes that are harmless but read as failures (an `E` log level), each with why.
+#: Lines Ray prints from its own processes that are harmless but read as failures (an `E` log level), or that are
+#: noise in a run's log, each with why.
 BENIGN_RAY_LINES = (
     # Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store and restarts
     # allowed; the core worker logs that at error level on every run (ray-project/ray#53727), though nothing fails.
@@ -161,6 +162,11 @@ BENIGN_RAY_LINES = (
     # Ray Train's PlacementGroupCleaner asks the state API whether the controller lives; as a run stopped with
     # Ctrl-C shuts the cluster down the API is gone first, and it warns after the run's last line that it will retry.
     "Failed to query Ray Train Controller actor state",
+    # A packed dataset's split coordinators, whose progress bars jobs.streaming turns off (they would print per batch),
+    # say once how to turn them on, then that each epoch's pass over the split finished ("✔️ Dataset ... execution
+    # finished in 1.65 seconds", twice an epoch). A failed pass still says so ("execution failed").
+    "Progress bars disabled. To enable, set",
+    " execution finished in ",
 )
 
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -135,9 +136,20 @@ def decode_with_threads(batch: dict[str, np.ndarray], transform: Callable) -> di
 def data_config():
     """Ray Train's DataConfig for a packed dataset: an equal split of "train" (DDP ranks step in lockstep), and a
     split of "val" that drops nothing."""
+    import ray.data
     from ray.train import DataConfig
 
     class EveryValidationRowOnce(DataConfig):
+        @staticmethod
+        def default_ingest_options():
+            """Ray Train's defaults but `exclude_resources`, which Ray 2.60's own copy sets, so that every streamed run
+            printed a RayDeprecationWarning about it from its DatasetManager (a Train v1 setting; v2 reserves none)."""
+            from ray.data import ExecutionOptions
+
+            options = ray.data.DataContext.get_current().execution_options
+            return ExecutionOptions(resource_limits=options.resource_limits, preserve_order=options.preserve_order,
+                                    verbose_progress=options.verbose_progress)
+
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
@@ -178,6 +190,9 @@ class StreamedBatches:
         return self.rows // self.batch_size if self.drop_last else math.ceil(self.rows / self.batch_size)
 
     def __iter__(self):
+        # Ray turns numpy's read-only-array warning off around each conversion with warnings.catch_warnings, which is
+        # not thread-safe, and its batches are made in threads: the warning came through now and then, mid-epoch.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         buffer = self.batch_size * SHUFFLE_BUFFER_BATCHES if self.shuffle else None
         batches = self.iterator.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last, collate_fn=self.collate,
                                                    local_shuffle_buffer_size=buffer,

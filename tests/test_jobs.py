@@ -454,9 +454,15 @@ def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd)
     dispatcher.emit({"pid": 4243, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "PlacementGroupCleaner",
                      "lines": ["Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
                                "Continuing to monitor."]})
+    # a packed dataset's split coordinator: how to turn on the progress bars we turned off, then each pass's end
+    dispatcher.emit({"pid": 4244, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "SplitCoordinator",
+                     "lines": ["Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars "
+                               "= True`.", "✔️  Dataset dataset_035A_0 execution finished in 1.65 seconds",
+                               "⚠️  Dataset dataset_035A_1 execution failed"]})
     err = capfd.readouterr().err
     assert "epoch 1/2  train/loss 0.5 (a real line)" in err and "PreemptionWatcher" not in err
     assert "Failed to query" not in err
+    assert "Progress bars" not in err and "finished in" not in err and "dataset_035A_1 execution failed" in err
 
 
 def test_ray_datas_hang_warning_is_not_printed_after_the_predictions_are_written(ray_cluster, monkeypatch, capfd, caplog):

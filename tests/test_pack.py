@@ -452,3 +452,18 @@ def test_an_s3_listing_leaves_out_what_is_not_an_image_as_a_local_folder_does(ca
     classes, train, val = pack_data.layout_from_paths(listing, "s3://b/raw")
     assert (classes, train, val) == (["a", "b"], [("train/a/1.png", 0), ("train/b/1.png", 1)], [("val/a/3.png", 0)])
     assert "data: left out 2 file(s) not named as images (.gif 1, .txt 1), e.g. s3://b/raw/train/a/2.gif;" in caplog.text
+
+
+def test_a_streamed_runs_data_config_sets_no_deprecated_ray_option():
+    """Ray Train's default ingest options set `exclude_resources`, so every streamed run printed Ray Data's
+    RayDeprecationWarning about it from its DatasetManager."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from jobs import streaming
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        options = streaming.data_config()._resolve_execution_options("train")  # what its configure applies
+    assert options.preserve_order is False
