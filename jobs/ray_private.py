@@ -154,8 +154,8 @@ def quiet_token_auth_notice() -> None:
 
 
 #: Lines Ray prints from its own processes that are harmless but read as failures (an `E` log level), or that are
-#: noise in a run's log, each with why.
-BENIGN_RAY_LINES = (
+#: noise in a run's log, each with why: a line holding one of these texts (or every text of a tuple) is left out.
+BENIGN_RAY_LINES: tuple[str | tuple[str, ...], ...] = (
     # Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store and restarts
     # allowed; the core worker logs that at error level on every run (ray-project/ray#53727), though nothing fails.
     "Actor with class name: 'PreemptionWatcher'",
@@ -167,7 +167,15 @@ BENIGN_RAY_LINES = (
     # finished in 1.65 seconds", twice an epoch). A failed pass still says so ("execution failed").
     "Progress bars disabled. To enable, set",
     " execution finished in ",
+    # The GCS, stopping an actor whose process has already exited (a packed dataset's split coordinator at a run's
+    # end), finds its socket closed: "Failed to kill actor ..., return status: Invalid: KillActor RPC failed for actor
+    # ...: RpcError: RPC error: Socket closed rpc_code: 14". The actor is gone, as asked.
+    ("Failed to kill actor", "KillActor RPC failed", "Socket closed"),
 )
+
+
+def is_benign(line: str) -> bool:
+    return any(all(part in line for part in ((benign,) if isinstance(benign, str) else benign)) for benign in BENIGN_RAY_LINES)
 
 
 def worker_lines_as_they_come() -> None:
@@ -203,7 +211,7 @@ def drop_benign_ray_lines() -> None:
 
     def wrap(handler):
         def filtered(data: dict) -> None:
-            lines = [line for line in data.get("lines", []) if not any(benign in line for benign in BENIGN_RAY_LINES)]
+            lines = [line for line in data.get("lines", []) if not is_benign(line)]
             if lines:
                 handler({**data, "lines": lines})
 

@@ -459,10 +459,16 @@ def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd)
                      "lines": ["Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars "
                                "= True`.", "✔️  Dataset dataset_035A_0 execution finished in 1.65 seconds",
                                "⚠️  Dataset dataset_035A_1 execution failed"]})
+    # the GCS stopping an actor that has already exited; another reason to fail a kill is still shown
+    kill = "[2026-12-07 14:34:17,423 E 5676 5676] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor 9f36, return status: "
+    dispatcher.emit({"pid": "gcs_server", "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "",
+                     "lines": [kill + "Invalid: KillActor RPC failed for actor 9f36: RpcError: RPC error: Socket closed rpc_code: 14",
+                               kill + "TimedOut: (a reason that matters)"]})
     err = capfd.readouterr().err
     assert "epoch 1/2  train/loss 0.5 (a real line)" in err and "PreemptionWatcher" not in err
     assert "Failed to query" not in err
     assert "Progress bars" not in err and "finished in" not in err and "dataset_035A_1 execution failed" in err
+    assert "Socket closed" not in err and "TimedOut: (a reason that matters)" in err
 
 
 def test_ray_datas_hang_warning_is_not_printed_after_the_predictions_are_written(ray_cluster, monkeypatch, capfd, caplog):
