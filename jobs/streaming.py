@@ -136,7 +136,7 @@ def decode_with_threads(batch: dict[str, np.ndarray], transform: Callable) -> di
 def data_config():
     """Ray Train's DataConfig for a packed dataset: an equal split of "train" (DDP ranks step in lockstep), and a
     split of "val" that drops nothing."""
-    import ray.data
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
     class EveryValidationRowOnce(DataConfig):
@@ -144,9 +144,7 @@ def data_config():
         def default_ingest_options():
             """Ray Train's defaults but `exclude_resources`, which Ray 2.60's own copy sets, so that every streamed run
             printed a RayDeprecationWarning about it from its DatasetManager (a Train v1 setting; v2 reserves none)."""
-            from ray.data import ExecutionOptions
-
-            options = ray.data.DataContext.get_current().execution_options
+            options = DataContext.get_current().execution_options
             return ExecutionOptions(resource_limits=options.resource_limits, preserve_order=options.preserve_order,
                                     verbose_progress=options.verbose_progress)
 
@@ -190,9 +188,6 @@ class StreamedBatches:
         return self.rows // self.batch_size if self.drop_last else math.ceil(self.rows / self.batch_size)
 
     def __iter__(self):
-        # Ray turns numpy's read-only-array warning off around each conversion with warnings.catch_warnings, which is
-        # not thread-safe, and its batches are made in threads: the warning came through now and then, mid-epoch.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         buffer = self.batch_size * SHUFFLE_BUFFER_BATCHES if self.shuffle else None
         batches = self.iterator.iter_torch_batches(batch_size=self.batch_size, drop_last=self.drop_last, collate_fn=self.collate,
                                                    local_shuffle_buffer_size=buffer,
@@ -207,6 +202,9 @@ class StreamedBatches:
 def streamed_data(cfg: RunConfig, manifest: Manifest, shard: Callable[[str], object], world_size: int) -> StreamedData:
     """This rank's `TaskData` over the stream; `shard(name)` is its DataIterator of "train" or "val". `cfg` is as
     this node reads it (a text encoder's tokenizer in the node's cache)."""
+    # Ray turns numpy's read-only-array warning off around each conversion with warnings.catch_warnings, which is not
+    # thread-safe, and its batches are made in threads: the warning came through now and then, mid-epoch.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     collate = normalize = None
     if manifest.modality == "text":
         from tl_core.text_models import load_tokenizer

@@ -97,23 +97,29 @@ def unbalanced(train_counts: list[int]) -> tuple[int, int] | None:
     return (rare, common) if counts[common] >= IMBALANCED * counts[rare] else None
 
 
+def split_folders(root: Path) -> tuple[Path, Path | None]:
+    """(the folder a run trains on, the one it validates on or None) of a dataset root: `train/` and `val/` where
+    there is a `train/`, else the root itself and no validation folder. Nothing beside them is read (a test split)."""
+    if (root / "train").is_dir():
+        return root / "train", (root / "val") if (root / "val").is_dir() else None
+    return root, None
+
+
 def index_image_folder(cfg: DataConfig, seed: int) -> DatasetIndex:
     """Scan, clean (unreadable skipped, duplicates by content hash dropped) and split `cfg.root`."""
-    root = existing_folder(cfg.root, "data.root")
-    train_dir = root / "train"
-    has_split = train_dir.is_dir()
-    classes = _class_folders(train_dir if has_split else root)
+    train_dir, val_dir = split_folders(existing_folder(cfg.root, "data.root"))
+    classes = _class_folders(train_dir)
     if len(classes) < 2:
-        raise DataError(f"data.root: found {len(classes)} class folder(s) in {train_dir if has_split else root}; need at least 2")
+        raise DataError(f"data.root: found {len(classes)} class folder(s) in {train_dir}; need at least 2")
 
     left_out: list[str] = []
-    train_files = _list_files(train_dir if has_split else root, classes, left_out)
+    train_files = _list_files(train_dir, classes, left_out)
     val_files: list[Sample] = []
-    if has_split and (root / "val").is_dir():
-        extra = sorted(set(_class_folders(root / "val")) - set(classes))
+    if val_dir is not None:
+        extra = sorted(set(_class_folders(val_dir)) - set(classes))
         if extra:
             raise DataError(f"data.root: val/ has class folders not in train/: {', '.join(extra)}")
-        val_files = _list_files(root / "val", classes, left_out)
+        val_files = _list_files(val_dir, classes, left_out)
 
     def build() -> DatasetIndex:
         warn_left_out(left_out)
@@ -251,11 +257,10 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
     (all 0, `classes` empty): `train/` (validated on `val/`, else on a random `val_fraction` of train/'s), and nothing
     beside them (a test split); without `train/`, every image under the root (class folders or a flat folder), split
     at random by `val_fraction`. Cleaned like `index_image_folder`."""
-    root = existing_folder(cfg.root, "data.root")
-    has_split = (root / "train").is_dir()
+    train_dir, val_dir = split_folders(existing_folder(cfg.root, "data.root"))
     left_out: list[str] = []
-    train = image_files(root / "train" if has_split else root, left_out)
-    val = image_files(root / "val", left_out) if has_split and (root / "val").is_dir() else []
+    train = image_files(train_dir, left_out)
+    val = image_files(val_dir, left_out) if val_dir is not None else []
     files = [(path, 0) for path in train + val]
 
     def build() -> DatasetIndex:
@@ -276,6 +281,8 @@ def index_unlabelled(cfg: DataConfig, seed: int) -> DatasetIndex:
             logger.warning("data: skipped %d unreadable image(s), e.g. %s", len(unreadable), as_given(unreadable[0]))
         return DatasetIndex([], sorted(samples), sorted(held_out), unreadable, duplicates)
 
+    # len(train): where val/'s images begin. An index cached before val/ was read as validation has the same paths
+    # (where no test/ lay beside them) and must not be read back.
     return _cached_index("unlabelled", [path for path, _ in files], (cfg.val_fraction, seed, len(train)), build)
 
 
