@@ -28,7 +28,7 @@ from jobs.cli import Interrupted, RunFailed, guarded, parse_args, run_module
 from jobs.preflight import TRIAL_MODEL_KEYS, check_capacity, check_decode_room, check_run, worker_resources
 from jobs.runner import WorkerSession, connect_ray, one_line, run_recipe, run_trainer
 from jobs.staging import checkpoint_dirs, experiment_location, root_location, stage_hub_weights, with_absolute_paths
-from jobs.sweep_config import SearchConfig, Variant, kept_by_search, listed_values, load_sweep, with_values
+from jobs.sweep_config import SearchConfig, Variant, kept_by_search, listed_values, load_sweep, settings, with_values
 from tl_core.config import CheckpointConfig, RunConfig, as_yaml, from_dict, override, value_at, with_overrides
 from tl_core.errors import ConfigError
 from tl_core.run_dir import SWEEP_FILE
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         check_same_sweep(base, search)
     variants = search.variants(TRIAL_MODEL_KEYS)
-    base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.space, variants=variants)
+    base = check_run(base, resume=args.resume, has_progress=sweep_has_progress, varied=search.varied_keys(), variants=variants)
     if base.checkpoint.metric not in (search.metric, CheckpointConfig().metric):
         log.warning("config: in a sweep, search.metric %s keeps the trials' checkpoints (and best.yaml's); nothing reads "
                     "checkpoint.metric: %s", search.metric, base.checkpoint.metric)
@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 def with_absolute_space(base: RunConfig, search: SearchConfig) -> SearchConfig:
     """`search` with the local paths among its choice and grid values (`model.weights`, an `hf:` folder, ...) made
     absolute as with_absolute_paths makes the base's: trials do not run in the driver's working directory."""
-    def absolute(key: str, value: Any) -> Any:
-        return value_at(with_absolute_paths(with_overrides(base, [override(key, value)])), key)
+    def absolute(entry: str, value: Any) -> Any:
+        if not search.is_group(entry):
+            return value_at(with_absolute_paths(with_values(base, ((entry, value),))), entry)
+        drawn = with_absolute_paths(with_values(base, ((entry, value),)))
+        return {key: value_at(drawn, key) for key, _ in settings(entry, value)}  # a group's keys, flat
 
     space = {key: {kind: [absolute(key, v) for v in values] if kind in ("choice", "grid") else values}
              for key, spec in search.space.items() for kind, values in spec.items()}
@@ -137,7 +140,7 @@ def trial_config(base: dict, search: dict, params: dict) -> RunConfig:
     """The run config of one trial: the base with the sampled values, LR scaled with the global batch if asked, its
     checkpoints kept by the sweep's metric."""
     params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # BOHB samples numpy scalars
-    cfg = with_overrides(from_dict(base), [override(k, v) for k, v in params.items()])
+    cfg = with_values(from_dict(base), tuple(params.items()))
     if search["scale_lr"] == "linear":
         cfg = with_overrides(cfg, [override("optim.lr", cfg.optim.lr * global_batch_size(cfg) / search['base_batch_size'])])
     return kept_by_search(cfg, search["metric"], search["mode"])

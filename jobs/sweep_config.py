@@ -111,8 +111,14 @@ class SearchConfig(Section, MonitorsAMetric):
         if not space:
             raise ValueError("the search space is empty; give at least one key, e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-1]}")
         for key, spec in space.items():
-            _check_config_key(key)
             kind, values = next(iter(spec.items()))
+            if is_group(key, values):
+                _check_group(key, kind, values)
+                continue
+            if "." not in key and key not in RunConfig.model_fields and any(isinstance(v, dict) for v in values):
+                raise ValueError(f"{key}: draws several keys together, so each of its values is a mapping of config keys "
+                                 f"(got {next(v for v in values if not isinstance(v, dict))!r})")
+            _check_config_key(key)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ValueError(f"{key}: {kind} values must be finite numbers (got {values})")
             if kind in ("loguniform", "uniform", "randint"):
@@ -125,6 +131,12 @@ class SearchConfig(Section, MonitorsAMetric):
                                      f"Tune and range()); give [{values[0]}, {values[0] + 2}] for {values[0]} or {values[0] + 1}")
             elif not values:
                 raise ValueError(f"{key}: {kind} needs at least one value")
+        set_by: dict[str, str] = {}
+        for entry, spec in space.items():
+            for key in dict.fromkeys(k for value in next(iter(spec.values())) for k, _ in settings(entry, value)):
+                if key in set_by:
+                    raise ValueError(f"{set_by[key]} and {entry} both set {key}; draw it in one entry")
+                set_by[key] = entry
         return space
 
     @model_validator(mode="after")
@@ -133,6 +145,9 @@ class SearchConfig(Section, MonitorsAMetric):
             raise ValueError("search_alg: grid needs every space entry to be {grid: [...]}")
         if self.search_alg in ("optuna", "bohb") and any(next(iter(s)) == "grid" for s in self.space.values()):
             raise ValueError(f"search_alg: {self.search_alg} samples its own points; use choice instead of grid in the space")
+        if self.search_alg in ("optuna", "bohb") and (group := next((k for k in self.space if self.is_group(k)), None)):
+            raise ValueError(f"search_alg: {self.search_alg} draws numbers and words, not the settings {group} draws together; "
+                             "use search_alg random or grid, or give each key its own entry")
         if (self.search_alg == "bohb") != (self.scheduler.name == "bohb"):
             raise ValueError("search_alg: bohb and scheduler.name: bohb (HyperBand for BOHB) go together")
         if self.scheduler.name == "pbt":
@@ -166,6 +181,15 @@ class SearchConfig(Section, MonitorsAMetric):
         raise ValueError(f"num_samples: {self.num_samples} repeats a space of grid entries only, and every repeat would train "
                          f"the same trials again (the same values, the same train.seed); give num_samples: 1 ({seeds})")
 
+    def is_group(self, key: str) -> bool:
+        """Whether the space's entry `key` draws several keys together (`is_group`)."""
+        return is_group(key, next(iter(self.space[key].values())))
+
+    def varied_keys(self) -> list[str]:
+        """Every config key a trial's drawn values set: the entries' own, and each key a group entry draws."""
+        return list(dict.fromkeys(key for entry, spec in self.space.items() for value in next(iter(spec.values()))
+                                  for key, _ in settings(entry, value)))
+
     def trial_values(self) -> list[tuple[str, Any]]:
         """(key, value) pairs that stand for everything the space can draw: every choice, the edges of a range, and
         for a continuous range a fractional value inside it (a key that takes integers refuses it)."""
@@ -198,20 +222,23 @@ class SearchConfig(Section, MonitorsAMetric):
 
     def variants(self, keys: Collection[str], limit: int = MAX_VARIANTS) -> list[Variant]:
         """The settings of those `keys` that the space varies, standing for every trial (`trial_values`): all their
-        combinations when there are at most `limit`, else one per value of the key with the most, the other keys'
-        values taken in turn (every value in at least one). Empty when the space varies none of `keys`."""
-        by_key: dict[str, list[Any]] = {}
-        for key, value in self.trial_values():
-            if key in keys:
-                by_key.setdefault(key, []).append(value)
-        if not by_key:
+        combinations when there are at most `limit`, else one per value of the entry with the most, the other entries'
+        values taken in turn (every value in at least one); a group's value gives those of its keys among `keys`.
+        Empty when the space varies none of `keys`."""
+        by_entry: dict[str, list[Variant]] = {}
+        for entry, value in self.trial_values():
+            if chosen := tuple((key, v) for key, v in settings(entry, value) if key in keys):
+                by_entry.setdefault(entry, [])
+                if chosen not in by_entry[entry]:  # a group's values may differ only in keys the model does not read
+                    by_entry[entry].append(chosen)
+        if not by_entry:
             return []
-        if math.prod(len(values) for values in by_key.values()) <= limit:
-            combinations = itertools.product(*by_key.values())
+        if math.prod(len(parts) for parts in by_entry.values()) <= limit:
+            combinations = itertools.product(*by_entry.values())
         else:
-            combinations = (tuple(values[i % len(values)] for values in by_key.values())
-                            for i in range(max(len(values) for values in by_key.values())))
-        return [tuple(zip(by_key, values, strict=True)) for values in combinations]
+            combinations = (tuple(parts[i % len(parts)] for parts in by_entry.values())
+                            for i in range(max(len(parts) for parts in by_entry.values())))
+        return [tuple(setting for part in parts for setting in part) for parts in combinations]
 
     def reported(self, frame) -> bool:
         """Whether a trial's rows (a DataFrame, or None before any) hold the sweep's metric at least once."""
@@ -221,6 +248,43 @@ class SearchConfig(Section, MonitorsAMetric):
         """A trial's rank, higher first, from its reported rows (a DataFrame): its best epoch's `rank` (its best
         `metric`, a tie going to the lower val/loss at that best)."""
         return max(self.rank(row) for row in frame.dropna(subset=[self.metric]).to_dict("records"))
+
+
+def is_group(key: str, values: list) -> bool:
+    """Whether a space entry draws several keys together: a name of the user's own, not a config key (no dots), whose
+    values are mappings of config keys (`source: {choice: [{model.backbone: resnet18, model.weights: null}, ...]}`)."""
+    return "." not in key and key not in RunConfig.model_fields and bool(values) and all(isinstance(v, dict) for v in values)
+
+
+def settings(entry: str, value: Any) -> list[tuple[str, Any]]:
+    """The (config key, value) pairs that a space entry's drawn `value` sets in a trial: the entry's own key, or each
+    key of a group's mapping (`is_group`; nested sections joined with dots: `{model: {backbone: resnet18}}` sets
+    model.backbone)."""
+    if not (isinstance(value, dict) and is_group(entry, [value])):
+        return [(entry, value)]
+
+    def flat(prefix: tuple[str, ...], mapping: dict) -> Iterator[tuple[str, Any]]:
+        for name, v in mapping.items():
+            path = (*prefix, *str(name).split("."))
+            if isinstance(v, dict) and section_at(path) is not None:
+                yield from flat(path, v)
+            else:
+                yield ".".join(path), v
+
+    return list(flat((), value))
+
+
+def _check_group(entry: str, kind: str, values: list[dict]) -> None:
+    if kind not in ("choice", "grid"):
+        raise ValueError(f"{entry}: draws several keys together from a choice or grid of mappings, not {kind}")
+    for value in values:
+        if not value:
+            raise ValueError(f"{entry}: an empty mapping sets nothing; each value names the keys it sets")
+        for key, _ in settings(entry, value):
+            try:
+                _check_config_key(key)
+            except ValueError as exc:
+                raise ValueError(f"{entry}: {exc}") from None
 
 
 def _check_config_key(key: str) -> None:
@@ -237,7 +301,8 @@ def _check_config_key(key: str) -> None:
         if i < len(parts) - 1 and not is_section:
             raise ValueError(f"{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
         if i == len(parts) - 1 and is_section:
-            raise ValueError(f"{key}: is a section; name one of its keys: {', '.join(annotation.model_fields)}")
+            raise ValueError(f"{key}: is a section; name one of its keys ({', '.join(annotation.model_fields)}), or draw several "
+                             f"keys together under a name of your own: NAME: {{choice: [{{{key}.KEY: VALUE, ...}}, ...]}}")
         model = annotation
 
 
@@ -257,9 +322,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except ValidationError as exc:
         raise ConfigError(f"{name}: {describe(exc, model=SearchConfig, prefix='search.')}") from None
     for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
-        if key in RESOURCE_KEYS:
+        values = next(iter(spec.values()))
+        if resource := next((k for value in values for k, _ in settings(key, value) if k in RESOURCE_KEYS), None):
             raise ConfigError(f"{name}: search.space: {key}: every trial holds the resources the run config's scaling section "
-                              "asks for, reserved once for the sweep, so they cannot vary between trials; run one sweep per value")
+                              f"asks for, reserved once for the sweep, so they cannot vary between trials"
+                              f"{'' if resource == key else f' ({resource})'}; run one sweep per value")
         values = spec.get("grid", [])
         if repeated := [v for i, v in enumerate(values) if v in values[:i]]:
             raise ConfigError(f"{name}: search.space: {key}: grid lists {repeated[0]!r} twice; each grid value runs its own "
@@ -276,7 +343,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             reason = str(exc).split(": ", 1)[-1]
             if len(combination) == 1:
                 (key, value), = combination
-                raise ConfigError(f"{name}: search.space.{key}: value {value!r} is not valid: {reason}") from None
+                raise ConfigError(f"{name}: search.space.{key}: value {shown(value)} is not valid: {reason}") from None
             raise ConfigError(f"{name}: search.space: {named_values(combination)} are not valid together: {reason}") from None
     try:
         kept_by_search(base, search.metric, search.mode)
@@ -313,12 +380,12 @@ def kept_by_search(cfg: RunConfig, metric: str, mode: str) -> RunConfig:
 
 def with_values(cfg: RunConfig, combination: Variant) -> RunConfig:
     """`cfg` as a trial that draws `combination` ((key, value), ...) runs it."""
-    return with_overrides(cfg, [override(key, value) for key, value in combination])
+    return with_overrides(cfg, [override(key, v) for entry, value in combination for key, v in settings(entry, value)])
 
 
 def named_values(combination: Variant) -> str:
     """`model.strategy 'lp_ft' and train.epochs 1`: a trial's values of some keys, as messages name them."""
-    *firsts, last = (f"{key} {value!r}" for key, value in combination)
+    *firsts, last = (f"{key} {shown(value)}" for key, value in combination)
     return f"{', '.join(firsts)} and {last}" if firsts else last
 
 
@@ -327,8 +394,15 @@ def listed_values(params: dict, sep: str = " ") -> str:
     return sep.join(f"{key}={config_text(value)}" for key, value in params.items())
 
 
+def shown(value) -> str:
+    """A drawn value in a message: 'lp_ft', 0.1, or a group's settings as the config reads them."""
+    return config_text(value) if isinstance(value, dict) else repr(value)
+
+
 def config_text(value) -> str:
     """A value as the config reads it: `null` (trained from scratch), `true`, 0.001."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, dict):  # a group's drawn settings
+        return "{" + ", ".join(f"{key}: {config_text(v)}" for key, v in value.items()) + "}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -257,6 +257,38 @@ def test_hub_weights_a_sweep_varies_are_downloaded_once_by_the_driver_and_staged
     assert sorted(trained, key=str) == sorted([None, "imagenet", str(tmp_path / "source.safetensors")], key=str), run.stderr[-3000:]
 
 
+@pytest.mark.integration
+def test_a_sweep_over_models_with_their_own_weights_and_sizes_trains_and_retrains_each_as_drawn(ray_cluster, tmp_path, capsys):
+    """Scratch resnet18 at 16 px against the offline ImageNet Lite0 probed at 32 px, each drawn whole (a group): every
+    trial trains its model with its weights and size, and best.yaml retrains the winner's."""
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=6, size=16)
+    scratch = {"model.backbone": "resnet18", "model.weights": None}
+    imagenet = {"model.backbone": "timm:tf_efficientnet_lite0", "model.weights": "efficientnet_lite0_imagenet",
+                "model.strategy": "linear_probe", "data.image_size": 32}
+    config = write_sweep(tmp_path, data, experiment="sources", search_alg="grid", num_samples=1,
+                         space={"source": {"grid": [scratch, imagenet]}})
+    sweep_file = yaml.safe_load(config.read_text())
+    sweep_file["search"]["scheduler"] = {"name": "fifo", "max_t": 1}
+    config.write_text(yaml.safe_dump(sweep_file))
+    assert sweep.main(["--config", str(config)]) == 0
+    experiment = tmp_path / "runs" / "sources"
+    drawn = {json.dumps(rows[-1]["config"]["source"], sort_keys=True): rows[-1] for rows in trial_histories(experiment).values()}
+    assert set(drawn) == {json.dumps(scratch, sort_keys=True), json.dumps(imagenet, sort_keys=True)}
+    for trial_dir in experiment.glob("trial-*"):
+        checkpoint = next(trial_dir.glob("checkpoint_*"))
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        source = json.loads((trial_dir / "params.json").read_text())["source"]
+        assert (meta["config"]["model"]["backbone"], meta["config"]["data"]["image_size"]) == \
+            (source["model.backbone"], source.get("data.image_size", 16))
+    capsys.readouterr()
+    assert analyze.main([str(experiment)]) == 0
+    winner = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("*"))
+    best = yaml.safe_load((experiment / "report" / "best.yaml").read_text())
+    won = imagenet if "source={model.backbone: timm:tf_efficientnet_lite0" in winner else scratch
+    assert {key: best[key.split(".")[0]][key.split(".")[1]] for key in won} == won, winner
+    assert "<th>source</th>" in (experiment / "report" / "report.html").read_text()
+
+
 def test_a_sweep_with_a_failed_trial_says_so_beside_its_best(ray_cluster, tmp_path, capsys):
     """A trial whose loss diverges fails; the others' best is the result, and the summary says one failed and why
     (it said "2 trials, best ..." alone, the failure only in Tune's log above); so does the report, which left such a
@@ -522,6 +554,31 @@ SWEEP_BAD_INPUTS = {
     "weights a trial cannot load": ({"space": {"model.weights": {"choice": [None, "missing.pt"]}}},
                                     "search.space: a trial with model.weights 'missing.pt' cannot run: model.weights: "
                                     "missing.pt does not exist"),
+    "a section drawn whole": ({"space": {"model": {"choice": [{"backbone": "resnet18"}]}}},
+                              "search.space: model: is a section; name one of its keys (backbone, weights, "),
+    "a group drawn from a range": ({"space": {"source": {"uniform": [{"optim.lr": 0.1}, {"optim.lr": 0.2}]}}},
+                                   "search.space: source: draws several keys together from a choice or grid of mappings, "
+                                   "not uniform"),
+    "a group's unknown key": ({"space": {"source": {"choice": [{"model.backbon": "resnet18"}]}}},
+                              "search.space: source: model.backbon: not a config key (did you mean model.backbone?)"),
+    "a group's value that is no mapping": ({"space": {"source": {"choice": [{"optim.lr": 0.1}, 4]}}},
+                                           "search.space: source: draws several keys together, so each of its values is a "
+                                           "mapping of config keys (got 4)"),
+    "a key drawn by two entries": ({"space": {"source": {"choice": [{"optim.lr": 0.1, "model.dropout": 0.1}]},
+                                              "optim.lr": {"choice": [0.2]}}},
+                                   "search.space: optim.lr and source both set optim.lr; draw it in one entry"),
+    "a group's resource key": ({"search_alg": "grid", "num_samples": 1, "space": {"source": {"grid": [{"scaling.num_workers": 2}]}}},
+                               "search.space: source: every trial holds the resources the run config's scaling section asks "
+                               "for, reserved once for the sweep, so they cannot vary between trials (scaling.num_workers)"),
+    "a group for optuna": ({"search_alg": "optuna", "space": {"source": {"choice": [{"optim.lr": 0.1}]}}},
+                           "search.search_alg: optuna draws numbers and words, not the settings source draws together"),
+    "a group's keys that clash": ({"space": {"source": {"choice": [{"model.strategy": "lp_ft", "train.epochs": 1}]}}},
+                                  "search.space.source: value {model.strategy: lp_ft, train.epochs: 1} is not valid: "
+                                  "model.lp_epochs: 1 must be less than train.epochs (1)"),
+    "a group's weights its backbone cannot load": (
+        {"space": {"source": {"choice": [{"model.backbone": "resnet18", "model.weights": "efficientnet_lite0_imagenet"}]}}},
+        "search.space: a trial with model.backbone 'resnet18' and model.weights 'efficientnet_lite0_imagenet' cannot run: "
+        "model.weights: efficientnet_lite0_imagenet are weights for model.backbone: timm:tf_efficientnet_lite0, not resnet18"),
     "lp_epochs beyond max_t": ({"space": {"model.strategy": {"choice": ["full", "lp_ft"]}, "model.lp_epochs": {"choice": [1, 6]}}},
                                "search.space: model.lp_epochs 6 and model.strategy 'lp_ft' are not valid together: "
                                "model.lp_epochs: 6 must be less than train.epochs (6)"),
@@ -600,6 +657,50 @@ def test_a_sweep_checks_every_model_its_trials_can_draw_within_a_budget():
     assert SearchConfig(space={"optim.lr": {"choice": [0.1]}}).variants(keys) == []
     sizes = SearchConfig(space={"train.batch_size": {"randint": [2, 9]}}).variants(["train.batch_size"])
     assert sizes == [(("train.batch_size", 2),), (("train.batch_size", 8),)]  # a range's edges
+
+
+def test_a_group_draws_several_keys_together_in_every_trial_and_check(tmp_path, monkeypatch):
+    """A backbone and the weights, strategy and input size that go with it, drawn as one (`source`): a scratch resnet18
+    against the offline ImageNet Lite0, which resnet18 cannot load and which no space of separate keys could pair."""
+    import dataclasses
+
+    from jobs.preflight import TRIAL_MODEL_KEYS, check_run
+    from jobs.sweep import sweep_has_progress, with_absolute_space
+    from tl_core.recipes import RECIPES
+
+    built = []
+    recipe = RECIPES["supervised"]
+    monkeypatch.setitem(RECIPES, "supervised", dataclasses.replace(
+        recipe, build_model=lambda cfg, classes: built.append((cfg.model.backbone, cfg.model.weights, cfg.data.image_size))
+        or recipe.build_model(cfg, classes)))
+    scratch = {"model.backbone": "resnet18", "model.weights": None}
+    lite0 = {"model": {"backbone": "timm:tf_efficientnet_lite0", "weights": "efficientnet_lite0_imagenet", "strategy": "lp_ft",
+                       "lp_epochs": 2}, "data.image_size": 32}
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=4)
+    config = write_sweep(tmp_path, data, space={"source": {"grid": [scratch, lite0]}, "optim.lr": {"choice": [0.1, 0.01]}})
+    base, search = load_sweep(config)
+    assert sorted(search.varied_keys()) == ["data.image_size", "model.backbone", "model.lp_epochs", "model.strategy",
+                                            "model.weights", "optim.lr"]
+    variants = search.variants(TRIAL_MODEL_KEYS)
+    assert [dict(v) for v in variants] == [scratch, {"model.backbone": "timm:tf_efficientnet_lite0",
+                                                     "model.weights": "efficientnet_lite0_imagenet", "model.strategy": "lp_ft",
+                                                     "data.image_size": 32}]
+    check_run(base, resume=False, has_progress=sweep_has_progress, varied=search.varied_keys(), variants=variants)
+    assert sorted(built, key=str) == [("resnet18", None, 16), ("timm:tf_efficientnet_lite0", "efficientnet_lite0_imagenet", 32)]
+
+    params = sweep.param_space(search)
+    assert params["source"] == {"grid_search": [scratch, lite0]}
+    trial = sweep.trial_config(base.to_dict(), search.model_dump(), {"source": lite0, "optim.lr": 0.1})
+    assert (trial.model.backbone, trial.model.strategy, trial.model.lp_epochs, trial.data.image_size, trial.optim.lr) == \
+        ("timm:tf_efficientnet_lite0", "lp_ft", 2, 32, 0.1)
+    assert listed_values({"source": scratch, "optim.lr": 0.1}) == "source={model.backbone: resnet18, model.weights: null} optim.lr=0.1"
+
+    # A path among a group's values is made absolute, as a single key's is: trials run in other directories.
+    monkeypatch.chdir(tmp_path)
+    torch_save = tmp_path / "src.pt"
+    torch_save.write_bytes(b"")
+    _, search = load_sweep(config, ["search.space.source.grid=[{model.weights: src.pt, model.dropout: 0.1}]"])
+    assert with_absolute_space(base, search).space["source"] == {"grid": [{"model.weights": str(torch_save), "model.dropout": 0.1}]}
 
 
 def test_a_sweep_checks_the_models_its_trials_draw_not_the_files_own(tmp_path):

@@ -492,7 +492,9 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
-_NEVER_SHOWN = {"storage.endpoint_url"}  # a URL may carry user info; the message names the field only
+#: Keys whose value an error does not repeat: a URL may carry user info (the message names the field only); the
+#: search space's checks name the entry and value at fault themselves ("(got key: value pairs)" said nothing more).
+_NEVER_SHOWN = {"storage.endpoint_url", "search.space"}
 #: pydantic's words where they are Python's, not the config's ("a valid dictionary or instance of TrainConfig")
 _PLAIN = {"model_type": "expected a section (key: value lines under it)", "dict_type": "expected key: value pairs",
           "string_type": "expected text",
