@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,7 +283,10 @@ def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
         else:
             labels = sorted({config_text(v) for v in values})
             ax.scatter([labels.index(config_text(v)) for v in values], finals, c=colors)
-            ax.set_xticks(range(len(labels)), labels)
+            ticks = {config_text(v): _tick(v) for v in values}
+            ax.set_xticks(range(len(labels)), [ticks[label] for label in labels],
+                          fontsize=7 if any("\n" in tick for tick in ticks.values()) else None)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set(xlabel=key, ylabel=f"final {search.metric}")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
@@ -290,6 +294,12 @@ def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _tick(value) -> str:
+    """A drawn value under its axis: a group's settings one per line, long text (a weights path) wrapped."""
+    lines = [f"{key}: {config_text(v)}" for key, v in value.items()] if isinstance(value, dict) else [config_text(value)]
+    return "\n".join(part for line in lines for part in textwrap.wrap(line, 26) or [line])
 
 
 def plot_confusion(meta: dict, path: Path) -> None:

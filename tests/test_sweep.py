@@ -703,6 +703,13 @@ def test_a_group_draws_several_keys_together_in_every_trial_and_check(tmp_path, 
     assert with_absolute_space(base, search).space["source"] == {"grid": [{"model.weights": str(torch_save), "model.dropout": 0.1}]}
 
 
+def test_the_params_plot_puts_a_groups_settings_one_per_line_under_its_axis():
+    """A group's value as one tick label ran across its neighbours' plots, unreadable."""
+    assert analyze._tick({"model.backbone": "resnet18", "model.weights": None}) == "model.backbone: resnet18\nmodel.weights: null"
+    assert analyze._tick("/data/sources/run-supervised-digits-0-4") == "/data/sources/run-\nsupervised-digits-0-4"
+    assert analyze._tick(0.001) == "0.001"
+
+
 def test_a_sweep_checks_the_models_its_trials_draw_not_the_files_own(tmp_path):
     """The sweep file's backbone (resnet18, the default) is no trial's when the space varies it: its misfit weights
     were refused (and hub weights would have been downloaded) though every trial trains the Lite0 they fit."""
