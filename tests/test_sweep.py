@@ -77,8 +77,9 @@ def test_resuming_a_sweep_whose_config_changed_names_the_first_difference(image_
         (["search.num_samples=8"], "--resume: sweep sweep was started with search.num_samples: 6, and the config now says 8;"),
         (["search.space.optim.lr.loguniform=[0.1, 0.5]"], "--resume: sweep sweep was started with search.space: {"),
     ]:
-        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        with pytest.raises(ConfigError, match="^" + re.escape(message)) as raised:
             sweep.check_same_sweep(*load_sweep(config, overrides))
+        assert "\n" not in str(raised.value)  # the spaces, longer than a YAML line, were wrapped over three lines
 
 
 def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():

@@ -593,7 +593,8 @@ def as_yaml(value: Any) -> str:
         value = os.fspath(value)
     if isinstance(value, tuple):
         value = list(value)
-    return dump_yaml(value, default_flow_style=True).strip().removesuffix("...").strip()
+    # one line, however long: messages quote it (a sweep's space, named by --resume, ran over three lines)
+    return dump_yaml(value, default_flow_style=True, width=math.inf).strip().removesuffix("...").strip()
 
 
 #: Settings that some values of another leave unread: {key: (the deciding key, the values that leave it unread)}. A
