@@ -92,6 +92,12 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
         log.warning("config: a run on %s%s data does not read %s", "packed " if manifest else "", kind, "; ".join(unread))
     for decider, unread in left_unread(cfg, varied).items():
         log.warning("config: with %s, nothing reads %s", decider, "; ".join(unread))
+    for named, model in [("config", cfg)] if own_model else \
+            [(f"search.space: a trial with {named_values(v)}", with_values(cfg, v)) for v in variants]:
+        if cfg.pretrain.method == "supervised" and (frozen := FROZEN_FIRST.get(model.model.strategy)) and model.model.weights is None:
+            log.warning("%s: model.strategy: %s %s, and model.weights: null leaves it at random weights, so the head "
+                        "learns from random features; give model.weights (imagenet, a file or a run of ours), or train "
+                        "with model.strategy: full", named, model.model.strategy, frozen)
     if manifest is None and not is_table_file(local.data.root):
         warn_unread_data(cfg, text=cfg.pretrain.method == "supervised" and kind == "text")
     return cfg
@@ -118,6 +124,12 @@ def check_model(cfg: RunConfig, local: RunConfig, classes: list[str]) -> nn.Modu
     model = RECIPES[cfg.pretrain.method].build_model(local, classes)
     check_input_size(cfg, model)
     return model
+
+
+#: The strategies that train the head on a frozen backbone, for a while or throughout.
+FROZEN_FIRST = {"linear_probe": "trains the head alone on a frozen backbone",
+                "lp_ft": "trains the head alone on a frozen backbone for model.lp_epochs",
+                "gradual_unfreeze": "starts with the backbone frozen"}
 
 
 #: The keys whose values check_run judges beyond the schema (by building the model, fetching its weights, against

@@ -692,6 +692,50 @@ def test_settings_the_strategy_or_optimizer_leaves_unread_are_named_in_a_line_ea
         "config: with optim.name: adam, nothing reads optim.momentum: 0.5"]
 
 
+def test_a_frozen_backbone_left_at_random_weights_is_named(image_folder, tmp_path, caplog):
+    """A linear probe (or LP-FT's, or gradual unfreezing's first epochs) with no model.weights trains a head on random
+    features, without a word: most likely weights forgotten."""
+    import yaml
+
+    from jobs.preflight import TRIAL_MODEL_KEYS, check_run
+    from jobs.sweep import sweep_has_progress
+    from jobs.sweep_config import load_sweep
+    from tl_core.config import ModelConfig
+    from tl_core.models import build_model
+
+    def warned(model):
+        caplog.clear()
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        with caplog.at_level(logging.WARNING, logger="jobs"):
+            check_run(load_config(write_config(folder, image_folder, model=model)), resume=False)
+        return [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+
+    assert warned({"backbone": "resnet18", "strategy": "linear_probe"}) == [
+        "config: model.strategy: linear_probe trains the head alone on a frozen backbone, and model.weights: null leaves it "
+        "at random weights, so the head learns from random features; give model.weights (imagenet, a file or a run of "
+        "ours), or train with model.strategy: full"]
+    assert "for model.lp_epochs" in warned({"backbone": "resnet18", "strategy": "lp_ft"})[0]
+    assert warned({"backbone": "resnet18", "strategy": "full"}) == []
+    source = tmp_path / "source.pt"
+    torch.save(build_model(ModelConfig(backbone="resnet18"), ["a", "b"], 16).state_dict(), source)
+    assert warned({"backbone": "resnet18", "strategy": "linear_probe", "weights": str(source)}) == []
+
+    (tmp_path / "sweep").mkdir()
+    sweep_file = yaml.safe_load(write_config(tmp_path / "sweep", image_folder, model={"backbone": "resnet18"}).read_text())
+    sweep_file["search"] = {"space": {"model.strategy": {"choice": ["full", "gradual_unfreeze"]}}, "num_samples": 1,
+                            "scheduler": {"max_t": 3}}
+    sweep_file["train"]["epochs"] = 3
+    (tmp_path / "sweep" / "sweep.yaml").write_text(yaml.safe_dump(sweep_file))
+    base, search = load_sweep(tmp_path / "sweep" / "sweep.yaml")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        check_run(base, resume=False, has_progress=sweep_has_progress, varied=search.varied_keys(),
+                  variants=search.variants(TRIAL_MODEL_KEYS))
+    assert [r.getMessage().split(", and")[0] for r in caplog.records if "random weights" in r.getMessage()] == [
+        "search.space: a trial with model.strategy 'gradual_unfreeze': model.strategy: gradual_unfreeze starts with the "
+        "backbone frozen"]
+
 
 @pytest.mark.parametrize("job,argv,message", [
     ("pack_data", ["", "{tmp}/runs/packed"], "SOURCE: empty; give a local path or s3://bucket/prefix"),
