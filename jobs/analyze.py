@@ -283,7 +283,7 @@ def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
         else:
             labels = sorted({config_text(v) for v in values})
             ax.scatter([labels.index(config_text(v)) for v in values], finals, c=colors)
-            ticks = {config_text(v): _tick(v) for v in values}
+            ticks = {config_text(v): _tick(v, width=max(10, 60 // len(labels))) for v in values}  # side by side in 4 in
             ax.set_xticks(range(len(labels)), [ticks[label] for label in labels],
                           fontsize=7 if any("\n" in tick for tick in ticks.values()) else None)
             ax.set_xlim(-0.5, len(labels) - 0.5)
@@ -296,10 +296,10 @@ def plot_params(trials: list[Trial], search: SearchConfig, path: Path) -> None:
     plt.close(fig)
 
 
-def _tick(value) -> str:
-    """A drawn value under its axis: a group's settings one per line, long text (a weights path) wrapped."""
+def _tick(value, width: int = 26) -> str:
+    """A drawn value under its axis: a group's settings one per line, long text (a weights path) wrapped at `width`."""
     lines = [f"{key}: {config_text(v)}" for key, v in value.items()] if isinstance(value, dict) else [config_text(value)]
-    return "\n".join(part for line in lines for part in textwrap.wrap(line, 26) or [line])
+    return "\n".join(part for line in lines for part in textwrap.wrap(line, width) or [line])
 
 
 def plot_confusion(meta: dict, path: Path) -> None:

@@ -25,7 +25,7 @@ def write(tmp_path, text: str) -> Path:
 def test_shipped_configs_leave_no_setting_unread(path):
     if "search:" in path.read_text():
         base, search = load_sweep(path)
-        assert left_unread(base, search.space) == {}
+        assert left_unread(base, search.varied_keys()) == {}
     else:
         assert left_unread(load_config(path)) == {}
 
