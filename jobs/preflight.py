@@ -95,9 +95,10 @@ def check_run(cfg: RunConfig, resume: bool, has_progress: Callable[[Location], b
     for named, model in [("config", cfg)] if own_model else \
             [(f"search.space: a trial with {named_values(v)}", with_values(cfg, v)) for v in variants]:
         if cfg.pretrain.method == "supervised" and (frozen := FROZEN_FIRST.get(model.model.strategy)) and model.model.weights is None:
+            sources = "pretrained" if is_text_backbone(model.model.backbone) else "imagenet, a file or a run of ours"
             log.warning("%s: model.strategy: %s %s, and model.weights: null leaves it at random weights, so the head "
-                        "learns from random features; give model.weights (imagenet, a file or a run of ours), or train "
-                        "with model.strategy: full", named, model.model.strategy, frozen)
+                        "learns from random features; give model.weights (%s), or train with model.strategy: full",
+                        named, model.model.strategy, frozen, sources)
     if manifest is None and not is_table_file(local.data.root):
         warn_unread_data(cfg, text=cfg.pretrain.method == "supervised" and kind == "text")
     return cfg

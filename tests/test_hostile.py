@@ -736,6 +736,13 @@ def test_a_frozen_backbone_left_at_random_weights_is_named(image_folder, tmp_pat
         "search.space: a trial with model.strategy 'gradual_unfreeze': model.strategy: gradual_unfreeze starts with the "
         "backbone frozen"]
 
+    from test_text import MINILM, sentiment_rows, write_csv
+
+    write_csv(tmp_path / "text" / "train.csv", sentiment_rows(16))
+    image_folder = tmp_path / "text"  # warned() reads it
+    assert warned({"backbone": MINILM, "strategy": "linear_probe"})[0].endswith(
+        "give model.weights (pretrained), or train with model.strategy: full")  # a text encoder's own word for its weights
+
 
 @pytest.mark.parametrize("job,argv,message", [
     ("pack_data", ["", "{tmp}/runs/packed"], "SOURCE: empty; give a local path or s3://bucket/prefix"),
