@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -275,6 +276,8 @@ def settings(entry: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _check_group(entry: str, kind: str, values: list[dict]) -> None:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", entry):  # it names trial folders and the report's column
+        raise ValueError(f"{entry!r}: a group's name takes letters, digits, '_' and '-', beginning with a letter")
     if kind not in ("choice", "grid"):
         raise ValueError(f"{entry}: draws several keys together from a choice or grid of mappings, not {kind}")
     for value in values:

@@ -560,6 +560,9 @@ SWEEP_BAD_INPUTS = {
     "a group drawn from a range": ({"space": {"source": {"uniform": [{"optim.lr": 0.1}, {"optim.lr": 0.2}]}}},
                                    "search.space: source: draws several keys together from a choice or grid of mappings, "
                                    "not uniform"),
+    "a group's name that would make a folder": ({"space": {"a/b": {"choice": [{"optim.lr": 0.1}]}}},
+                                                "search.space: 'a/b': a group's name takes letters, digits, '_' and '-', "
+                                                "beginning with a letter"),
     "a group's unknown key": ({"space": {"source": {"choice": [{"model.backbon": "resnet18"}]}}},
                               "search.space: source: model.backbon: not a config key (did you mean model.backbone?)"),
     "a group's value that is no mapping": ({"space": {"source": {"choice": [{"optim.lr": 0.1}, 4]}}},
