@@ -62,15 +62,17 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     from tl_core.recipes import RECIPES
 
     ray_private.hold_torch_to_assigned_cpus()
-    resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment, session.registered)
+    path, resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment,
+                                           session.registered) or (None, None)
+    if resume is not None and (session.registered is None or path != session.registered.path):
+        # Its epoch was stored, but the run stopped before Ray took the report (a driver killed in between): report
+        # that epoch now, so the results hold every epoch, Tune's scheduler judges a rung by the rung's own epoch (it
+        # judged a resumed trial by the epoch after), and a run that had finished ends on its last epoch.
+        session.report(resume.meta["metrics"], None)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
     local = localize(cfg, weights=resume is None)  # a resumed run takes every weight from its checkpoint
-    history = RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device,
-                                  mirror=session.mirror)
-    if not history and resume is not None:
-        # The run had finished, but was stopped before Ray took its last report (its checkpoint was already stored):
-        # report that epoch again, so Tune and Train end on it rather than on the epoch before.
-        session.report(resume.meta["metrics"], None)
+    RECIPES[recipe].fit(local, report, data=packed_data(local, session), resume_from=resume, device=session.device,
+                        mirror=session.mirror)
 
 
 def packed_data(cfg: RunConfig, session: WorkerSession):
@@ -101,8 +103,8 @@ def load_own_checkpoint(filesystem, path: str, experiment: str) -> Checkpoint:
     return checkpoint
 
 
-def latest_valid_checkpoint(filesystem, directory: str, experiment: str, registered=None) -> Checkpoint | None:
-    """The newest checkpoint of this run that verifies, or None for a fresh start.
+def latest_valid_checkpoint(filesystem, directory: str, experiment: str, registered=None) -> tuple[str, Checkpoint] | None:
+    """(path, checkpoint) of the newest checkpoint of this run that verifies, or None for a fresh start.
 
     Candidates are every checkpoint directory in the run's storage, not only the one Ray registered: a worker
     killed right after its upload finished leaves a complete checkpoint that Ray never heard of. A damaged or
@@ -120,7 +122,7 @@ def latest_valid_checkpoint(filesystem, directory: str, experiment: str, registe
             log.warning("skipping checkpoint %s: %s", Path(path).name, exc)
             continue
         log.info("resuming from %s (epoch %d)", Path(path).name, checkpoint.meta["epoch"])
-        return checkpoint
+        return path, checkpoint
     if paths:
         log.warning("no checkpoint of this run verifies; starting from the beginning")
     return None

@@ -140,8 +140,40 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     other = save_checkpoint(tmp_path / "runs" / "theirs" / "checkpoint_epoch_0005", {"w": torch.zeros(1)}, {"epoch": 5},
                             {"config": {"experiment": "theirs"}, "epoch": 5})
     (run / "checkpoint_epoch_0005").symlink_to(other)
-    found = latest_valid_checkpoint(pyarrow.fs.LocalFileSystem(), str(run), "mine")
-    assert found.meta["epoch"] == 1
+    path, found = latest_valid_checkpoint(pyarrow.fs.LocalFileSystem(), str(run), "mine")
+    assert found.meta["epoch"] == 1 and path == str(run / "checkpoint_epoch_0001")
+
+
+@pytest.mark.parametrize("registered", ["none", "older", "newest"])
+def test_a_resumed_run_reports_again_the_epoch_ray_never_took(registered, tmp_path, monkeypatch, image_folder):
+    """A checkpoint stored after Ray last registered one: its epoch never reached Ray (a sweep's driver was killed in
+    between). The resumed trial went on from it without reporting it, so the trial's results lacked that epoch and
+    ASHA judged its rung by the epoch after; it is reported again first. One Ray handed back is not."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from helpers import write_config
+
+    from jobs.runner import WorkerSession, run_recipe
+    from tl_core.config_file import load_config
+    from tl_core.recipes import RECIPES
+
+    cfg = load_config(write_config(tmp_path, image_folder))
+    run = tmp_path / "trial"
+    for epoch in (1, 2):
+        save_checkpoint(run / f"checkpoint_00000{epoch}", {"w": torch.ones(1)}, {"epoch": epoch},
+                        {"config": {"experiment": cfg.experiment}, "epoch": epoch, "metrics": {"epoch": epoch, "val/acc": epoch / 4}})
+    resumed = []
+    monkeypatch.setitem(RECIPES, "supervised", dataclasses.replace(
+        RECIPES["supervised"], fit=lambda cfg, report, resume_from, **_: resumed.append(resume_from.meta["epoch"]) or [{"epoch": 3}]))
+    reports = []
+    handed = {"none": None, "older": SimpleNamespace(path=str(run / "checkpoint_000001")),
+              "newest": SimpleNamespace(path=str(run / "checkpoint_000002"))}[registered]
+    run_recipe(cfg, "supervised", WorkerSession(lambda metrics, checkpoint: reports.append((metrics, checkpoint)),
+                                                pyarrow.fs.LocalFileSystem(), str(run), handed, torch.device("cpu")))
+    assert resumed == [2]
+    assert reports == ([] if registered == "newest" else [({"epoch": 2, "val/acc": 0.5}, None)])
 
 
 @pytest.mark.parametrize("stream_fails", [False, True])
