@@ -326,8 +326,10 @@ def kept_checkpoints(cfg: RunConfig, search: SearchConfig) -> int | None:
 def scheduler_and_searcher(search: SearchConfig):
     """Ray Tune's own scheduler and search algorithm for the sweep file's names, seeded from `search.seed`, the
     search algorithm holding `max_concurrent_trials` (Tune ignores TuneConfig's for a BasicVariantGenerator)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
+    from ray.tune.schedulers import FIFOScheduler, HyperBandForBOHB
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    from jobs.tune_results import ResumableASHA
 
     s = search.scheduler
     if s.name == "pbt":
@@ -337,7 +339,7 @@ def scheduler_and_searcher(search: SearchConfig):
                                             hyperparam_mutations=param_space(search),  # PBT_KEYS only (sweep_config)
                                             quantile_fraction=s.quantile_fraction, synch=s.synch)
     elif s.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        scheduler = ResumableASHA(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     elif s.name == "bohb":
         scheduler = HyperBandForBOHB(time_attr="epoch", max_t=s.max_t, reduction_factor=s.reduction_factor)
     else:

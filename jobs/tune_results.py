@@ -13,6 +13,11 @@
   staged copy while an earlier copy may still be reading it: a driver killed then leaves a file cut short (on a
   local or shared disk; an S3 object is whole or absent). Tune's restore then logged a traceback and went on as a
   new sweep (seen in a test: a sweep of 6 trials, resumed so, ran 1 more trial and ended with status 0).
+- ASHA's rungs: the score each trial reached at each rung. Tune saves no scheduler with the experiment (ray-project/
+  ray#30838): a resume rebuilds ASHA from tuner.pkl, written as the sweep began, with no rung recorded, and judged a
+  resumed trial again at a rung it had passed, against whichever trials reported first after the resume (a scratch
+  trial passed rung 4 in the sweep and was stopped there once resumed). ResumableASHA reads them back from each
+  trial's result.json.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from cluster import storage
 from cluster.storage import Location
@@ -55,6 +61,38 @@ class JsonResults(_KeepsTheDriversCopy, JsonLoggerCallback):
 
 def result_loggers() -> list:
     return [CSVResults(), JsonResults()]
+
+
+class ResumableASHA(ASHAScheduler):
+    """Ray Tune's ASHA, with the rungs of a resumed sweep's trials read back from their results: a trial added with
+    results (every trial of a restored sweep, finished ones too) has each of its reported scores replayed into its
+    bracket in order, recording what ASHA recorded as they came; the decisions are not taken again."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not trial.has_reported_at_least_once:
+            return  # a new trial (its storage has no folder yet)
+        bracket = self._trial_info[trial.trial_id]
+        for row in reported_rows(trial.storage.storage_filesystem, f"{trial.storage.trial_fs_path}/result.json"):
+            if self._time_attr in row and isinstance(row.get(self._metric), (int, float)):
+                bracket.on_result(trial, row[self._time_attr], self._metric_op * row[self._metric])
+
+
+def reported_rows(fs, path: str) -> list[dict]:
+    """The rows of a trial's result.json (one JSON object a line), none where it is missing; a line cut short by a
+    driver killed while writing it is left out."""
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return []
+    with fs.open_input_stream(path) as f:
+        lines = f.readall().decode("utf-8", errors="replace").splitlines()
+    rows = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            if isinstance(row := json.loads(line), dict):
+                rows.append(row)
+    return rows
 
 
 @contextlib.contextmanager

@@ -353,6 +353,46 @@ def test_killed_sweep_driver_then_resume_keeps_finished_trials(ray_cluster, tmp_
         assert all(epoch_metrics(row) == epoch_metrics(rows[-1]) for row in again)  # its epoch_time_s too: not retrained
 
 
+def test_asha_resumed_keeps_the_rungs_its_trials_passed(tmp_path):
+    """Tune saves no scheduler with a sweep: a resumed ASHA had no rung recorded, so the first trial to report after
+    the resume passed every rung, and the next was judged against it alone at rungs it had long passed (a scratch
+    trial, through rung 4 at 0.20 in the sweep, was stopped there once resumed, behind a trial at 0.63)."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from jobs.tune_results import ResumableASHA
+
+    histories = {"fast": [(4, 0.47), (8, 0.63), (12, 0.74)], "slow": [(4, 0.20), (8, 0.20), (12, 0.37)],
+                 "new": []}
+    trials = {}
+    for name, rows in histories.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text("".join(json.dumps({"epoch": e, "val/acc": v, "trial_id": name}) + "\n"
+                                                             for e, v in rows) + '{"epoch": 16, "val/ac')  # a line cut short
+        trials[name] = SimpleNamespace(trial_id=name, has_reported_at_least_once=bool(rows),
+                                       storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(),
+                                                               trial_fs_path=str(tmp_path / name)))
+
+    def resumed(scheduler_class):
+        scheduler = scheduler_class(time_attr="epoch", metric="val/acc", mode="max", max_t=20, grace_period=4, reduction_factor=3)
+        for trial in trials.values():
+            scheduler.on_trial_add(None, trial)
+        first = scheduler.on_trial_result(None, trials["fast"], {"epoch": 16, "val/acc": 0.75})
+        return first, scheduler.on_trial_result(None, trials["slow"], {"epoch": 16, "val/acc": 0.51})
+
+    assert resumed(ASHAScheduler) == (TrialScheduler.CONTINUE, TrialScheduler.STOP)  # Tune's own, resumed
+    assert resumed(ResumableASHA) == (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)
+    scheduler = ResumableASHA(time_attr="epoch", metric="val/acc", mode="max", max_t=20, grace_period=4, reduction_factor=3)
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    assert [dict(recorded) for _, recorded in scheduler._brackets[0]._rungs] == [{"fast": 0.74, "slow": 0.37},
+                                                                                  {"fast": 0.47, "slow": 0.20}]
+    # A new trial is judged against them: 0.30 at rung 4 is below the cutoff of 0.20 and 0.47 (0.38).
+    assert scheduler.on_trial_result(None, trials["new"], {"epoch": 4, "val/acc": 0.30}) == TrialScheduler.STOP
+
+
 def test_tunes_default_loggers_are_off_only_for_a_sweep_that_names_its_own(monkeypatch):
     """A sweep begun before it named Tune's CSV and JSON loggers resumes with Tune's defaults: turning them off there
     would leave its resumed trials without the results jobs.analyze reads."""
