@@ -64,10 +64,11 @@ def run_recipe(cfg: RunConfig, recipe: str, session: WorkerSession) -> None:
     ray_private.hold_torch_to_assigned_cpus()
     path, resume = latest_valid_checkpoint(session.filesystem, session.checkpoints_dir, cfg.experiment,
                                            session.registered) or (None, None)
-    if resume is not None and (session.registered is None or path != session.registered.path):
-        # Its epoch was stored, but the run stopped before Ray took the report (a driver killed in between): report
-        # that epoch now, so the results hold every epoch, Tune's scheduler judges a rung by the rung's own epoch (it
-        # judged a resumed trial by the epoch after), and a run that had finished ends on its last epoch.
+    if resume is not None and (session.registered is None or Path(path).name > Path(session.registered.path).name):
+        # Newer than any checkpoint Ray registered (they are numbered in order): its epoch was stored, but the run
+        # stopped before Ray took the report (a driver killed in between). Report that epoch now, so the results hold
+        # every epoch, Tune's scheduler judges a rung by the rung's own epoch (it judged a resumed trial by the epoch
+        # after), and a run that had finished ends on its last epoch. One before a damaged registered one was heard.
         session.report(resume.meta["metrics"], None)
     report = tracking.tracked(session.report, session.filesystem, session.checkpoints_dir, session.mlflow_run)
     local = localize(cfg, weights=resume is None)  # a resumed run takes every weight from its checkpoint

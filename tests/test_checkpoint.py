@@ -144,7 +144,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     assert found.meta["epoch"] == 1 and path == str(run / "checkpoint_epoch_0001")
 
 
-@pytest.mark.parametrize("registered", ["none", "older", "newest"])
+@pytest.mark.parametrize("registered", ["none", "older", "newest", "damaged"])
 def test_a_resumed_run_reports_again_the_epoch_ray_never_took(registered, tmp_path, monkeypatch, image_folder):
     """A checkpoint stored after Ray last registered one: its epoch never reached Ray (a sweep's driver was killed in
     between). The resumed trial went on from it without reporting it, so the trial's results lacked that epoch and
@@ -169,11 +169,12 @@ def test_a_resumed_run_reports_again_the_epoch_ray_never_took(registered, tmp_pa
         RECIPES["supervised"], fit=lambda cfg, report, resume_from, **_: resumed.append(resume_from.meta["epoch"]) or [{"epoch": 3}]))
     reports = []
     handed = {"none": None, "older": SimpleNamespace(path=str(run / "checkpoint_000001")),
-              "newest": SimpleNamespace(path=str(run / "checkpoint_000002"))}[registered]
+              "newest": SimpleNamespace(path=str(run / "checkpoint_000002")),
+              "damaged": SimpleNamespace(path=str(run / "checkpoint_000003"))}[registered]  # heard, then lost: not there
     run_recipe(cfg, "supervised", WorkerSession(lambda metrics, checkpoint: reports.append((metrics, checkpoint)),
                                                 pyarrow.fs.LocalFileSystem(), str(run), handed, torch.device("cpu")))
     assert resumed == [2]
-    assert reports == ([] if registered == "newest" else [({"epoch": 2, "val/acc": 0.5}, None)])
+    assert reports == ([] if registered in ("newest", "damaged") else [({"epoch": 2, "val/acc": 0.5}, None)])
 
 
 @pytest.mark.parametrize("stream_fails", [False, True])
