@@ -67,10 +67,9 @@ def with_absolute_space(base: RunConfig, search: SearchConfig) -> SearchConfig:
     """`search` with the local paths among its choice and grid values (`model.weights`, an `hf:` folder, ...) made
     absolute as with_absolute_paths makes the base's: trials do not run in the driver's working directory."""
     def absolute(entry: str, value: Any) -> Any:
-        if not search.is_group(entry):
-            return value_at(with_absolute_paths(with_values(base, ((entry, value),))), entry)
         drawn = with_absolute_paths(with_values(base, ((entry, value),)))
-        return {key: value_at(drawn, key) for key, _ in settings(entry, value)}  # a group's keys, flat
+        keys = {key: value_at(drawn, key) for key, _ in settings(entry, value)}
+        return keys if search.is_group(entry) else keys[entry]  # a group's keys, flat
 
     space = {key: {kind: [absolute(key, v) for v in values] if kind in ("choice", "grid") else values}
              for key, spec in search.space.items() for kind, values in spec.items()}

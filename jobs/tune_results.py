@@ -66,7 +66,8 @@ def result_loggers() -> list:
 class ResumableASHA(ASHAScheduler):
     """Ray Tune's ASHA, with the rungs of a resumed sweep's trials read back from their results: a trial added with
     results (every trial of a restored sweep, finished ones too) has each of its reported scores replayed into its
-    bracket in order, recording what ASHA recorded as they came; the decisions are not taken again."""
+    bracket in order, recording what ASHA recorded as they came; the decisions are not taken again. It reads ASHA's
+    private `_trial_info`, `_time_attr`, `_metric` and `_metric_op` (Ray 2.60): when upgrading Ray, check them here."""
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
