@@ -6,6 +6,10 @@ Ray start-up and worker-group start-up are reported separately, and the trainer 
 started without the dashboard (Train's own overhead; the target) and with it (its agent's sampling
 competes for the 2 cores here). Target: ratio (trainer / core) <= 1.10.
 
+Short epochs (the demo's 15 target digits, validated and checkpointed at the last epoch only, ~0.2 s an epoch) are
+timed too: there a worker's report waits for Ray Train's controller to poll, every 2 s by default, and the product
+polls every `jobs.ray_private.REPORT_POLL_S`. Both intervals run in the same session, against the core loop.
+
     python -m bench.trainer_overhead [--epochs 4]
 """
 
@@ -22,13 +26,42 @@ import torch
 
 from bench.common import argument_parser, digits_source, write_result
 from jobs.cli import count
+from jobs.ray_private import REPORT_POLL_S
 from tl_core.config import from_dict, with_overrides
+from tl_core.demo_data import write_digits
 from tl_core.loop import fit
 
 
 def steady_epoch(timestamps: list[float]) -> float:
     """Mean interval between epoch reports after the first (which includes start-up)."""
     return (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1)
+
+
+def short_trainer_epoch(cfg, poll: str) -> float:
+    """The steady epoch of a one-worker TorchTrainer whose controller polls its worker every `poll` seconds, from
+    the times its reports were made (Ray's result keeps only the reports with a checkpoint)."""
+    import os
+
+    import ray.train
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from jobs.runner import run_trainer
+
+    made = Path(tempfile.mkdtemp(prefix="tl-bench-reports-")) / "timestamps"
+
+    class ReportTimes(ray.train.UserCallback):  # runs in the controller
+        def after_report(self, run_context, metrics, checkpoint):
+            with made.open("a") as f:
+                f.write(f"{metrics[0]['timestamp']}\n")
+
+    os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = poll
+    try:
+        run_trainer(with_overrides(cfg, [f"experiment=bench-short-poll-{poll}"]), recipe="supervised", callbacks=[ReportTimes()])
+    finally:
+        del os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR]
+    timestamps = [float(line) for line in made.read_text().split()]
+    shutil.rmtree(made.parent)
+    return steady_epoch(timestamps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                      "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 2}},
                      "checkpoint": {"keep": None}, "storage": {"root": storage}})
 
-    def core_run() -> tuple[list[float], list[dict], float]:
+    short_epochs = 20
+    short = with_overrides(cfg, ["experiment=bench-short", f"data.root={write_digits(Path(digits_source()).parent)[1]}",
+                                 f"train.epochs={short_epochs}", f"train.val_every={short_epochs}", f"checkpoint.every={short_epochs}"])
+
+    def core_run(cfg=cfg) -> tuple[list[float], list[dict], float]:
         """The core loop alone, in this process, with the threads a one-worker trainer gets (2 CPUs). It keeps every
         checkpoint as the trainer does (checkpoint.keep is None): moved into the run directory, a rename like the
         trainer's local publish. Dropping them instead spares the disk their writeback, which slows each later save
@@ -56,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def keep(metrics: dict, checkpoint_dir: str | None) -> None:
             times.append(time.time())
-            shutil.move(checkpoint_dir, kept / f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+            if checkpoint_dir:  # epochs between checkpoints (the short runs) report metrics alone
+                shutil.move(checkpoint_dir, kept / f"checkpoint_epoch_{int(metrics['epoch']):04d}")
 
         start = time.perf_counter()
         history = fit(cfg, keep)
@@ -86,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 "worker_group_startup_s": timestamps[0] - start - (timestamps[1] - timestamps[0]),
                 "total_s": time.time() - start,
             }
+            if not dashboard:
+                trainer["short"] = {poll: short_trainer_epoch(short, poll) for poll in ("2.0", str(REPORT_POLL_S))}
             ray.shutdown()
         core_after = core_run()
+        core_short = steady_epoch(core_run(short)[0])
     finally:
         shutil.rmtree(storage, ignore_errors=True)
 
@@ -104,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         "core_compute_epoch_s": core_compute,
         "trainer": {"without_dashboard": trainer[False], "with_dashboard": trainer[True]},
         "core_total_s": statistics.mean([core_before[2], core_after[2]]),
+        "short_epochs": {"setup": {"train_images": 15, "epochs": short_epochs, "validated": "last epoch only"},
+                         "core_epoch_s": core_short,
+                         **{f"trainer_epoch_s_poll_{poll}_s": epoch for poll, epoch in trainer["short"].items()},
+                         "ratio_trainer_over_core_at_rays_default_poll": trainer["short"]["2.0"] / core_short,
+                         "ratio_trainer_over_core_at_the_products_poll": trainer["short"][str(REPORT_POLL_S)] / core_short},
     })
     return 0
 

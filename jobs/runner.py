@@ -284,6 +284,7 @@ def run_trainer(cfg: RunConfig, recipe: str, callbacks: list | None = None, extr
     root = root_location(cfg)
     packed = streaming.is_packed(cfg)
     mlflow = tracking.mlflow_run(cfg, experiment_location(cfg).uri, name=cfg.experiment, parent=mlflow_parent)
+    ray_private.take_reports_promptly()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "recipe": recipe, "extra_metrics": extra_metrics or {}, "packed": packed,

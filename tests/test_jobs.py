@@ -57,6 +57,38 @@ def test_finetune_with_two_ddp_workers_then_resume(ray_cluster, image_folder, tm
     assert adam_steps == {4 * steps_per_epoch}  # the optimizer state was restored, not restarted
 
 
+def controller_poll_interval_to(path: Path):
+    """A Ray Train callback (it runs in the controller) writing the controller's report poll interval to `path`."""
+    import ray.train
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    class PollInterval(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            path.write_text(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, "Ray's default"))
+
+    return PollInterval()
+
+
+@pytest.mark.integration
+def test_ray_trains_controller_takes_each_report_promptly_not_at_its_default_2_s_poll(ray_cluster, image_folder, tmp_path,
+                                                                                   monkeypatch):
+    """A worker's next report waits for the controller's poll (2 s by default), so short epochs took 2 s each: the
+    controller a run starts polls every REPORT_POLL_S, and at a user's own interval where one is set."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from jobs import ray_private
+    from jobs.runner import run_trainer
+
+    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, raising=False)
+    seen = tmp_path / "interval"
+    cfg = from_dict(yaml.safe_load(write_config(tmp_path, image_folder, train={"epochs": 1}, scaling={"num_workers": 1}).read_text()))
+    run_trainer(cfg, "supervised", callbacks=[controller_poll_interval_to(seen)])
+    assert float(seen.read_text()) == ray_private.REPORT_POLL_S < 1
+    monkeypatch.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, "1.5")
+    run_trainer(with_overrides(cfg, ["experiment=own-interval"]), "supervised", callbacks=[controller_poll_interval_to(seen)])
+    assert seen.read_text() == "1.5"
+
+
 @pytest.mark.integration
 def test_ctrl_c_stops_a_run_in_one_line_keeping_its_checkpoints_and_resume_finishes_it(ray_cluster, image_folder, tmp_path):
     """Ray Train's own SIGINT handler aborts the run and ends the driver's wait with SystemExit(1), which printed
