@@ -178,6 +178,28 @@ def is_benign(line: str) -> bool:
     return any(all(part in line for part in ((benign,) if isinstance(benign, str) else benign)) for benign in BENIGN_RAY_LINES)
 
 
+def without_stop_tracebacks(lines: list[str]) -> list[str]:
+    """`lines` less the traceback a Ray worker prints when the SIGTERM that stops it (a sweep's trial process, its work
+    done) lands while Python runs a weakref callback: Ray's SIGTERM handler raises SystemExit there, which Python can
+    only report, "Exception ignored in: <function WeakSet...>", then a traceback through Ray's `sigterm_handler` to
+    "SystemExit: 1" (seen once in a CI run, from a trial of a SimCLR sweep that passed). Nothing failed; the process
+    was being stopped. Another ignored exception, or a traceback cut off by the batch's end, is kept whole."""
+    kept: list[str] = []
+    block: list[str] | None = None  # an ignored exception's lines, until its last says what it was
+    for line in lines:
+        if line.startswith("Exception ignored in"):
+            kept += block or []
+            block = [line]
+        elif block is None:
+            kept.append(line)
+        else:
+            block.append(line)
+            if line.startswith("SystemExit"):
+                kept += [] if any("in sigterm_handler" in part for part in block) else block
+                block = None
+    return kept + (block or [])
+
+
 def worker_lines_as_they_come() -> None:
     """Ray folds lines that read alike but for their numbers, from different processes within 5 s, into the first
     one, marked " [repeated 3x across cluster]" and printed up to 5 s later: a sweep's concurrent trials' epoch lines,
@@ -204,14 +226,14 @@ def plain_repeat_notes_off_terminals() -> None:
 
 
 def drop_benign_ray_lines() -> None:
-    """Leave BENIGN_RAY_LINES out of the worker output Ray echoes to this driver. Ray prints worker lines through a
-    handler it registers, as "ray_print_logs", on a private dispatcher; there is no public filter, so that handler is
-    wrapped."""
+    """Leave BENIGN_RAY_LINES and a stopped worker's SIGTERM traceback (`without_stop_tracebacks`) out of the worker
+    output Ray echoes to this driver. Ray prints worker lines through a handler it registers, as "ray_print_logs", on
+    a private dispatcher; there is no public filter, so that handler is wrapped."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     def wrap(handler):
         def filtered(data: dict) -> None:
-            lines = [line for line in data.get("lines", []) if not is_benign(line)]
+            lines = [line for line in without_stop_tracebacks(data.get("lines", [])) if not is_benign(line)]
             if lines:
                 handler({**data, "lines": lines})
 

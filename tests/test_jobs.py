@@ -470,7 +470,8 @@ def test_alike_lines_of_concurrent_trials_are_each_printed_as_they_come(ray_clus
 
 def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd):
     """Ray Train's controller logs its PreemptionWatcher actor at error level on every run (ray-project/ray#53727);
-    a driver of ours leaves that line out and echoes every other worker line as Ray would."""
+    a driver of ours leaves that line out (and the others BENIGN_RAY_LINES names, and the traceback of a worker that
+    SIGTERM stopped in a weakref callback) and echoes every other worker line as Ray would."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from jobs import ray_private
@@ -496,7 +497,21 @@ def test_benign_ray_error_lines_are_not_echoed_to_the_driver(ray_cluster, capfd)
     dispatcher.emit({"pid": "gcs_server", "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "",
                      "lines": [kill + "Invalid: KillActor RPC failed for actor 9f36: RpcError: RPC error: Socket closed rpc_code: 14",
                                kill + "TimedOut: (a reason that matters)"]})
+    # a trial process stopped by SIGTERM inside a weakref callback; another ignored exception is shown whole
+    stop = ["Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f09a8096480>",
+            "Traceback (most recent call last):",
+            '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove', "    def _remove(item, selfref=ref(self)):", "",
+            '  File "/venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1063, in sigterm_handler',
+            "    raise_sys_exit_with_custom_error_message(",
+            '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit_with_custom_error_message', "SystemExit: 1"]
+    other = ["Exception ignored in: <function Loader.__del__ at 0x7f>", "Traceback (most recent call last):",
+             '  File "loader.py", line 3, in __del__', "OSError: the real cause"]
+    dispatcher.emit({"pid": 4245, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": True, "actor_name": "trial",
+                     "lines": ["epoch 2/2 (before)", *stop, *other, "epoch 2/2 (after)", *stop[:3]]})
     err = capfd.readouterr().err
+    assert "epoch 2/2 (before)" in err and "epoch 2/2 (after)" in err and "sigterm_handler" not in err.split("(after)")[0]
+    assert "OSError: the real cause" in err and "Loader.__del__" in err
+    assert err.split("(after)")[1].count("Exception ignored in") == 1  # cut off by the batch's end: kept
     assert "epoch 1/2  train/loss 0.5 (a real line)" in err and "PreemptionWatcher" not in err
     assert "Failed to query" not in err
     assert "Progress bars" not in err and "finished in" not in err and "dataset_035A_1 execution failed" in err
