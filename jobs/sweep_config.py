@@ -134,7 +134,7 @@ class SearchConfig(Section, MonitorsAMetric):
                 raise ValueError(f"{key}: {kind} needs at least one value")
         set_by: dict[str, str] = {}
         for entry, spec in space.items():
-            for key in keys_set(entry, next(iter(spec.values()))):
+            for key in keys_set(entry, spec):
                 if key in set_by:
                     raise ValueError(f"{set_by[key]} and {entry} both set {key}; draw it in one entry")
                 set_by[key] = entry
@@ -188,7 +188,7 @@ class SearchConfig(Section, MonitorsAMetric):
 
     def varied_keys(self) -> list[str]:
         """Every config key a trial's drawn values set: the entries' own, and each key a group entry draws."""
-        return list(dict.fromkeys(key for entry, spec in self.space.items() for key in keys_set(entry, next(iter(spec.values())))))
+        return list(dict.fromkeys(key for entry, spec in self.space.items() for key in keys_set(entry, spec)))
 
     def trial_values(self) -> list[tuple[str, Any]]:
         """(key, value) pairs that stand for everything the space can draw: every choice, the edges of a range, and
@@ -274,9 +274,10 @@ def settings(entry: str, value: Any) -> list[tuple[str, Any]]:
     return list(flat((), value))
 
 
-def keys_set(entry: str, values: list) -> list[str]:
-    """The config keys a space entry sets across its `values`, each once: the entry's own, or a group's keys."""
-    return list(dict.fromkeys(key for value in values for key, _ in settings(entry, value)))
+def keys_set(entry: str, spec: dict[str, Any]) -> list[str]:
+    """The config keys a space entry (`spec`: its one {kind: values}) sets across its values, each once: the entry's
+    own, or a group's keys."""
+    return list(dict.fromkeys(key for value in next(iter(spec.values())) for key, _ in settings(entry, value)))
 
 
 def _check_group(entry: str, kind: str, values: list[dict]) -> None:
@@ -329,7 +330,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except ValidationError as exc:
         raise ConfigError(f"{name}: {describe(exc, model=SearchConfig, prefix='search.')}") from None
     for key, spec in search.space.items():  # here, not in SearchConfig: a stored sweep file is read, not judged again
-        if resource := next((k for k in keys_set(key, next(iter(spec.values()))) if k in RESOURCE_KEYS), None):
+        if resource := next((k for k in keys_set(key, spec) if k in RESOURCE_KEYS), None):
             raise ConfigError(f"{name}: search.space: {key}: every trial holds the resources the run config's scaling section "
                               f"asks for, reserved once for the sweep, so they cannot vary between trials"
                               f"{'' if resource == key else f' ({resource})'}; run one sweep per value")
