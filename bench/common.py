@@ -20,11 +20,17 @@ def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(f"python -m {module}", description=doc.splitlines()[0])
 
 
-def digits_source(root: str | Path = "data/digits") -> Path:
-    """The demo's source task (digits 0-4, ~900 real images), written once."""
+def digits_tasks(root: str | Path = "data/digits") -> tuple[Path, Path]:
+    """The demo's source task (digits 0-4, ~900 real images) and target task (digits 5-9, 3 labelled images per
+    class in train/, the others in val/), written once."""
     from tl_core.demo_data import write_digits
 
-    return write_digits(root)[0]
+    return write_digits(root)
+
+
+def digits_source(root: str | Path = "data/digits") -> Path:
+    """The demo's source task (digits 0-4, ~900 real images), written once."""
+    return digits_tasks(root)[0]
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import argument_parser, digits_source, write_result
+from bench.common import argument_parser, digits_tasks, write_result
 from jobs.cli import count
 from jobs.ray_private import REPORT_POLL_S
 from tl_core.config import from_dict, with_overrides
-from tl_core.demo_data import write_digits
 from tl_core.loop import fit
 
 
@@ -72,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     storage = tempfile.mkdtemp(prefix="tl-bench-")
-    cfg = from_dict({"experiment": "bench-trainer", "data": {"root": str(digits_source()), "image_size": 32, "loader_workers": args.loader_workers,
+    source, target = digits_tasks()
+    cfg = from_dict({"experiment": "bench-trainer", "data": {"root": str(source), "image_size": 32, "loader_workers": args.loader_workers,
                                                             "hflip": False},
                      "model": {"backbone": "resnet18"}, "optim": {"name": "sgd", "lr": 0.05},
                      "train": {"epochs": args.epochs, "batch_size": 64},
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                      "checkpoint": {"keep": None}, "storage": {"root": storage}})
 
     short_epochs = 20
-    short = with_overrides(cfg, ["experiment=bench-short", f"data.root={write_digits(Path(digits_source()).parent)[1]}",
+    short = with_overrides(cfg, ["experiment=bench-short", f"data.root={target}",
                                  f"train.epochs={short_epochs}", f"train.val_every={short_epochs}", f"checkpoint.every={short_epochs}"])
 
     def core_run(cfg=cfg) -> tuple[list[float], list[dict], float]:
