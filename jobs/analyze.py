@@ -43,7 +43,7 @@ class Trial:
     epochs: list[int]
     curve: list[float]  # the sweep metric at each reported epoch
     best: float
-    status: str  # "max_t" | "stopped at rung N" | "error"
+    status: str  # "ran to max_t" | "stopped at rung N (epoch E)" | "stopped at epoch E" | "error"
     batch: dict
     rank: tuple[float, float]  # SearchConfig.ranking: higher wins
 
@@ -391,12 +391,15 @@ def publish(local: Path, target: storage.Location) -> str:
 
 
 def print_summary(trials: list[Trial], failed: list[Failed], winner: Trial, search: SearchConfig) -> None:
-    print(f"{'trial':<18}{'best ' + search.metric:>14}{'epochs':>8}  {'stopped':<28}values")
-    for t in sorted(trials, key=lambda t: t.rank, reverse=True):
-        mark = "*" if t is winner else " "
-        print(f"{mark}{t.name:<17}{t.best:>14.4f}{t.epochs[-1]:>8}  {t.status:<28}{listed_values(t.params)}")
+    """One row a trial, best first, in columns as wide as what they hold; the winner marked *, failed trials !."""
+    lines = [(" trial", f"best {search.metric}", "epochs", "stopped", "values")]
+    lines += [(("*" if t is winner else " ") + t.name, f"{t.best:.4f}", str(t.epochs[-1]), t.status, listed_values(t.params))
+              for t in sorted(trials, key=lambda t: t.rank, reverse=True)]
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    for name, best, epochs, status, values in lines:
+        print(f"{name:<{widths[0]}}  {best:>{widths[1]}}  {epochs:>{widths[2]}}  {status:<{widths[3]}}  {values}")
     for f in failed:
-        print(f"!{f.name:<17} failed before reporting ({listed_values(f.params)}): {f.error}")
+        print(f"!{f.name} failed before reporting ({listed_values(f.params)}): {f.error}")
     spent, full = sum(t.epochs[-1] for t in trials), len(trials) * search.scheduler.max_t
     print(f"epochs spent {spent} of {full} without early stopping ({spent / full:.0%})")
 

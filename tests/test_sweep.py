@@ -97,6 +97,28 @@ def test_analyze_counts_an_epoch_reported_again_after_a_resume_once():
     assert trial.epochs == [1, 2, 3] and trial.curve == [0.2, 0.4, 0.5] and trial.best == 0.5 and trial.status == "ran to max_t"
 
 
+def test_analyzes_table_keeps_its_columns_apart_however_wide_a_status_or_metric_name(capsys):
+    """The columns had fixed widths: "stopped at rung 2 (epoch 12)" ran into the values beside it, and a metric name
+    longer than val/acc pushed its header out of line."""
+    import pandas as pd
+
+    search = SearchConfig.model_validate({"metric": "val/precision", "scheduler": {"name": "asha", "max_t": 20, "grace_period": 4},
+                                          "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    epochs = {"t0": 20, "t1": 12, "t2": 4}
+    results = [type("Result", (), {"metrics_dataframe": pd.DataFrame([{"epoch": e, "val/precision": 0.5 + e / 100,
+                                                                       "trial_id": name} for e in range(1, last + 1)]),
+                                   "error": None, "config": {"optim.lr": 1e-3}, "path": f"/runs/sweep/trial_{name}"})()
+               for name, last in epochs.items()]
+    trials = analyze.summarize(results, search)
+    analyze.print_summary(trials, [], analyze.pick_best(trials), search)
+    table = capsys.readouterr().out.splitlines()[:4]
+    starts = {line.index("optim.lr=") for line in table[1:]} | {table[0].index("values")}
+    assert len(starts) == 1, table  # every row's values begin under the header's
+    assert "stopped at rung 2 (epoch 12)  optim.lr=" in table[2]
+    metric_end = {table[0].index("best val/precision") + len("best val/precision")}
+    assert metric_end == {line.index(f"{0.5 + epochs[name] / 100:.4f}") + 6 for line, name in zip(table[1:], epochs)}, table
+
+
 @pytest.mark.parametrize("metric,mode,winner", [("val/acc", "max", "t1"), ("val/loss", "min", "t2"), ("val/f1", "max", "t1")])
 def test_a_tie_on_the_sweeps_metric_goes_to_the_better_validation_loss(metric, mode, winner):
     """On 15 validation images accuracy moves in steps of 1/15, so trials tie; the winner was the first listed. Now the
