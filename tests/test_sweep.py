@@ -116,7 +116,7 @@ def test_analyzes_table_keeps_its_columns_apart_however_wide_a_status_or_metric_
     assert len(starts) == 1, table  # every row's values begin under the header's
     assert "stopped at rung 2 (epoch 12)  optim.lr=" in table[2]
     metric_end = {table[0].index("best val/precision") + len("best val/precision")}
-    assert metric_end == {line.index(f"{0.5 + epochs[name] / 100:.4f}") + 6 for line, name in zip(table[1:], epochs)}, table
+    assert metric_end == {line.index(f"{0.5 + epochs[name] / 100:.4f}") + 6 for line, name in zip(table[1:], epochs, strict=True)}, table
 
 
 @pytest.mark.parametrize("metric,mode,winner", [("val/acc", "max", "t1"), ("val/loss", "min", "t2"), ("val/f1", "max", "t1")])
