@@ -117,12 +117,17 @@ def tune_loggers(tuner) -> Iterator[None]:
 
 
 def state_saves(experiment: Location) -> list[tuple[str, list[str]]]:
-    """Tune's saves of the sweep's state in storage, newest first: (STAMP, the names of its files)."""
+    """Tune's saves of the sweep's state in storage, newest first: (STAMP, the names of its files).
+
+    Not Tune's temporary files (`.UUID-tmp-basic-variant-state-STAMP.json`, `tmp-...`): Tune writes a searcher's state
+    there and renames it, and the driver's upload of its staged files to storage, in a thread of its own, can copy one
+    in between, empty; that copy is never removed (a CI run's finished sweep then read as cut short), and Tune never
+    reads one."""
     import pyarrow.fs
 
     fs = storage.filesystem(experiment)
     names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(experiment.path, allow_not_found=True))
-             if info.type == pyarrow.fs.FileType.File]
+             if info.type == pyarrow.fs.FileType.File and not info.base_name.startswith((".", "tmp-"))]
     stamps = sorted((match[1] for name in names if (match := re.fullmatch(r"experiment_state-(.+)\.json", name))), reverse=True)
     return [(stamp, [name for name in names if re.fullmatch(rf".+-{re.escape(stamp)}\.(json|pkl)", name)]) for stamp in stamps]
 
